@@ -1,0 +1,34 @@
+# kiln: the two commands a newcomer runs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint demo clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned to the CPU wheel that lies on disk; a bare `torch` requirement
+# would otherwise pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check kiln tests
+	$(BIN)/ruff format --check kiln tests
+
+demo: install
+	$(BIN)/kiln demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
