@@ -1,0 +1,196 @@
+"""ModelConfig: the one description of a decoder-only transformer that every kiln path reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kiln.errors import KilnError
+
+PositionKind = Literal["learned", "rope", "alibi"]
+NormKind = Literal["layernorm", "rmsnorm"]
+MlpKind = Literal["plain", "gated"]
+Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+RopeScalingKind = Literal["linear", "llama3"]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RopeScaling:
+    """Context extension for RoPE. `linear` divides all frequencies by `factor`; `llama3` is Llama 3.1's
+    wavelength-dependent scheme (low frequencies scaled, high kept, smooth in between)."""
+
+    kind: RopeScalingKind
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "llama3"):
+            raise KilnError(f"rope scaling kind {self.kind!r} is not supported; use 'linear' or 'llama3'")
+        if self.factor <= 0:
+            raise KilnError(f"rope scaling factor must be > 0, got {self.factor}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Shape and flavour of a decoder-only transformer.
+
+    Attention kind follows from head counts: `num_kv_heads == num_heads` is multi-head,
+    `num_kv_heads == 1` multi-query, anything between grouped-query.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None = num_heads (multi-head attention)
+    head_dim: int | None = None  # None = hidden_size // num_heads
+    intermediate_size: int | None = None  # None = 4 * hidden (plain) or Llama's 8/3 rule rounded (gated)
+    max_position_embeddings: int = 2048
+
+    position: PositionKind = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # keys further back than this many tokens are not attended
+
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: MlpKind = "gated"
+    activation: Activation = "silu"
+
+    qkv_bias: bool = False
+    out_bias: bool = False  # attention output projection
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    embedding_norm: bool = False  # BLOOM normalises the token embeddings before the first block
+
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    # The Hugging Face family this model is saved as. kiln's own models use the Llama layout.
+    family: str = "llama"
+    # HF config keys kiln does not interpret, carried through load -> save unchanged.
+    extra_hf_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise KilnError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                    "pick sizes that divide or set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = _default_intermediate_size(self.hidden_size, self.mlp)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise KilnError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.intermediate_size <= 0 or self.max_position_embeddings <= 0:
+            raise KilnError("intermediate_size and max_position_embeddings must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise KilnError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads}) "
+                "for grouped-query attention"
+            )
+        _check_choice("position", self.position, ("learned", "rope", "alibi"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("mlp", self.mlp, ("plain", "gated"))
+        _check_choice("activation", self.activation, ("gelu", "gelu_tanh", "silu", "relu"))
+        if self.position == "rope":
+            if self.head_dim % 2:
+                raise KilnError(f"RoPE needs an even head_dim, got {self.head_dim}")
+            if self.rope_theta <= 0:
+                raise KilnError(f"rope_theta must be > 0, got {self.rope_theta}")
+        elif self.rope_scaling is not None:
+            raise KilnError(f"rope_scaling is set but position is {self.position!r}, not 'rope'")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise KilnError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.norm_eps <= 0:
+            raise KilnError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Exact parameter count of the model this config builds."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        norm = h * (2 if self.norm == "layernorm" else 1)
+        attn = h * (q + 2 * kv) + q * h
+        attn += (q + 2 * kv) * self.qkv_bias + h * self.out_bias
+        num_mlp_in = 2 if self.mlp == "gated" else 1
+        mlp = num_mlp_in * h * self.intermediate_size + self.intermediate_size * h
+        mlp += (num_mlp_in * self.intermediate_size + h) * self.mlp_bias
+        total = self.num_layers * (attn + mlp + 2 * norm) + norm
+        if include_embeddings:
+            total += self.vocab_size * h
+            total += 0 if self.tie_word_embeddings else self.vocab_size * h
+            total += self.max_position_embeddings * h if self.position == "learned" else 0
+            total += norm if self.embedding_norm else 0
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        values = dict(values)
+        if isinstance(values.get("rope_scaling"), dict):
+            values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KilnError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise KilnError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _default_intermediate_size(hidden_size: int, mlp: str) -> int:
+    if mlp == "plain":
+        return 4 * hidden_size
+    # Llama's rule: 2/3 of 4h keeps gated-MLP parameters equal to a plain 4h MLP; round up to 64.
+    return 64 * ((int(8 * hidden_size / 3) + 63) // 64)
+
+
+def _llama_preset(hidden: int, layers: int, heads: int, kv_heads: int, vocab: int = 8192) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+
+
+# Named presets: Llama layout (RMSNorm, RoPE, SwiGLU, GQA). Parameter counts include embeddings.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": _llama_preset(hidden=64, layers=2, heads=4, kv_heads=2, vocab=1024),  # ~0.2M: tests
+    "demo": _llama_preset(hidden=256, layers=6, heads=8, kv_heads=4),  # ~6M: the default demo model
+    "small": _llama_preset(hidden=512, layers=8, heads=8, kv_heads=4, vocab=32000),  # ~51M
+    "base": _llama_preset(hidden=1024, layers=16, heads=16, kv_heads=8, vocab=32000),  # ~221M
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset (see `PRESETS`), with fields overridden by keyword."""
+    if name not in PRESETS:
+        raise KilnError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,11 @@
+"""Hugging Face interop: one declarative map per family, and safetensors I/O."""
+
+from kiln.models.hf.bloom import BLOOM
+from kiln.models.hf.gpt2 import GPT2
+from kiln.models.hf.gpt_bigcode import GPT_BIGCODE
+from kiln.models.hf.llama import LLAMA, MISTRAL, QWEN2
+from kiln.models.hf.spec import Family
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, MISTRAL, QWEN2, BLOOM, GPT_BIGCODE)}
+
+__all__ = ["FAMILIES", "Family"]

@@ -1,0 +1,186 @@
+"""The parts of a decoder block: norms, positions (RoPE, ALiBi), attention and MLPs.
+
+Numerics follow the Hugging Face reference implementations of each family (fp32 RMSNorm statistics,
+RoPE with the `rotate_half` layout, BLOOM's ALiBi slopes) so logits match them to fp32 round-off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import ModelConfig, RopeScaling
+
+# ----------------------------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 even for half inputs; cast back before the scale, as Llama does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+# ------------------------------------------------------------------------------------------- positions
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """(head_dim / 2,) fp32 inverse frequencies, with optional context-extension scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths longer than the original context are stretched by `factor`, short ones kept,
+    # and the band between is interpolated smoothly.
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes cos/sin for given positions. Holds no state, so models can be built on the meta device."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.scaling = config.rope_scaling
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin each (B, T, head_dim) in `dtype`."""
+        inv_freq = self._inv_freq.get(positions.device)
+        if inv_freq is None:
+            inv_freq = rope_inverse_frequencies(self.head_dim, self.theta, self.scaling).to(positions.device)
+            self._inv_freq[positions.device] = inv_freq
+        freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """(num_heads,) fp32 ALiBi slopes: a geometric sequence, interleaved for non-powers of two (BLOOM)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        num_extra = min(closest, num_heads - closest)
+        slopes += [extra_base ** (2 * i + 1) for i in range(num_extra)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs for one forward pass; built once per pass by the model.
+
+    `mask` is None (plain causal or no masking, see `is_causal`), a bool tensor (B|1, 1, T, S) of
+    allowed key positions, or a float additive bias (B, H, T, S) when ALiBi is in use.
+    """
+
+    mask: torch.Tensor | None
+    is_causal: bool
+    cos: torch.Tensor | None = None  # (B, T, D) RoPE tables
+    sin: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(h, q, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, kv, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q, h, bias=config.out_bias)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if inputs.cos is not None:
+            q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=inputs.mask,
+            is_causal=inputs.is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,  # no materialised K/V repeat
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+# ------------------------------------------------------------------------------------------------- MLP
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    """`plain`: down(act(up(x))). `gated` (SwiGLU with silu): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, inner, bias=bias) if config.mlp == "gated" else None
+        self.up_proj = nn.Linear(h, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, h, bias=bias)
+        self.act = _ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))

@@ -1,0 +1,98 @@
+"""Tiny random Hugging Face models, built locally from config objects, for parity tests.
+
+Cases cover every family kiln reads, with odd head counts, GQA ratios 1/2/3/4, multi-query,
+tied and untied heads, biases, a sliding window and RoPE scaling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 101
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+
+def _configs():
+    import transformers as T
+
+    llama = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=128)
+    return {
+        "gpt2-heads3-tied": T.GPT2Config(n_embd=48, n_layer=2, n_head=3, n_positions=128, **COMMON),
+        "gpt2-heads4-untied": T.GPT2Config(
+            n_embd=32, n_layer=3, n_head=4, n_positions=128, tie_word_embeddings=False, **COMMON
+        ),
+        "llama-gqa3-untied": T.LlamaConfig(num_attention_heads=6, num_key_value_heads=2, **llama, **COMMON),
+        "llama-mha-bias-tied": T.LlamaConfig(
+            num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+            tie_word_embeddings=True, **llama, **COMMON,
+        ),
+        "llama-mqa-llama3-rope": T.LlamaConfig(
+            num_attention_heads=3, num_key_value_heads=1,
+            rope_parameters={
+                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+            },
+            **llama, **COMMON,
+        ),
+        "mistral-gqa4-window": T.MistralConfig(
+            num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=7, **llama, **COMMON
+        ),
+        "qwen2-gqa2-tied": T.Qwen2Config(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **llama, **COMMON
+        ),
+        "bloom-heads3": T.BloomConfig(hidden_size=48, n_layer=2, n_head=3, **COMMON),
+        "bloom-heads4-untied": T.BloomConfig(
+            hidden_size=32, n_layer=2, n_head=4, tie_word_embeddings=False, **COMMON
+        ),
+        "bigcode-mqa": T.GPTBigCodeConfig(
+            n_embd=48, n_layer=2, n_head=4, n_positions=128, multi_query=True, **COMMON
+        ),
+        "bigcode-mha-untied": T.GPTBigCodeConfig(
+            n_embd=48, n_layer=2, n_head=3, n_positions=128, multi_query=False, tie_word_embeddings=False,
+            **COMMON,
+        ),
+    }
+
+
+CASE_NAMES = [
+    "gpt2-heads3-tied",
+    "gpt2-heads4-untied",
+    "llama-gqa3-untied",
+    "llama-mha-bias-tied",
+    "llama-mqa-llama3-rope",
+    "mistral-gqa4-window",
+    "qwen2-gqa2-tied",
+    "bloom-heads3",
+    "bloom-heads4-untied",
+    "bigcode-mqa",
+    "bigcode-mha-untied",
+]
+
+
+def build_hf_model(case: str, directory: Path, seed: int = 0, dtype=torch.float32, **save_kwargs):
+    """Build the HF model for `case` with random weights, save it to `directory`, return it (eval)."""
+    import transformers as T
+
+    config = _configs()[case]
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    # Wider than HF's default init so logits are peaked and greedy choices are far from ties.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.2)
+    model.save_pretrained(directory, **save_kwargs)
+    return model
+
+
+def padded_batch(seed: int = 0, lengths=(12, 5, 9, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input ids (B, T) and attention mask for prompts of the given lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    ids = torch.randint(3, VOCAB, (len(lengths), longest), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, longest - length :] = 1
+    return ids.masked_fill(mask == 0, 0), mask
