@@ -25,16 +25,27 @@ def _configs():
         ),
         "llama-gqa3-untied": T.LlamaConfig(num_attention_heads=6, num_key_value_heads=2, **llama, **COMMON),
         "llama-mha-bias-tied": T.LlamaConfig(
-            num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True,
-            tie_word_embeddings=True, **llama, **COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            **llama,
+            **COMMON,
         ),
         "llama-mqa-llama3-rope": T.LlamaConfig(
-            num_attention_heads=3, num_key_value_heads=1,
+            num_attention_heads=3,
+            num_key_value_heads=1,
             rope_parameters={
-                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
             },
-            **llama, **COMMON,
+            **llama,
+            **COMMON,
         ),
         "mistral-gqa4-window": T.MistralConfig(
             num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=7, **llama, **COMMON
@@ -50,7 +61,12 @@ def _configs():
             n_embd=48, n_layer=2, n_head=4, n_positions=128, multi_query=True, **COMMON
         ),
         "bigcode-mha-untied": T.GPTBigCodeConfig(
-            n_embd=48, n_layer=2, n_head=3, n_positions=128, multi_query=False, tie_word_embeddings=False,
+            n_embd=48,
+            n_layer=2,
+            n_head=3,
+            n_positions=128,
+            multi_query=False,
+            tie_word_embeddings=False,
             **COMMON,
         ),
     }

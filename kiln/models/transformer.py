@@ -40,7 +40,9 @@ class Transformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         learned = config.position == "learned"
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
+        self.embed_positions = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
+        )
         self.embed_norm = make_norm(config) if config.embedding_norm else None
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = make_norm(config)
@@ -138,7 +140,9 @@ class Transformer(nn.Module):
         std = self.config.initializer_range
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.config.num_layers) if name.endswith(("o_proj", "down_proj")) else 1
+                scale = (
+                    1 / math.sqrt(2 * self.config.num_layers) if name.endswith(("o_proj", "down_proj")) else 1
+                )
                 nn.init.normal_(module.weight, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

@@ -91,5 +91,11 @@ def _to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 GPT2 = Family(
-    "gpt2", "GPT2LMHeadModel", _from_hf, _to_hf, WEIGHTS, "transformer.", ignore=(".attn.bias", ".attn.masked_bias")
+    "gpt2",
+    "GPT2LMHeadModel",
+    _from_hf,
+    _to_hf,
+    WEIGHTS,
+    "transformer.",
+    ignore=(".attn.bias", ".attn.masked_bias"),
 )

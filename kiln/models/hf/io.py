@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kiln.config import ModelConfig
-from kiln.errors import ModelLoadError
+from kiln.errors import KilnError, ModelLoadError
 from kiln.models.hf import FAMILIES, Family
 from kiln.models.hf.spec import ConfigReader
 from kiln.models.transformer import Transformer
@@ -71,7 +71,12 @@ def read_config(path: str | Path) -> tuple[ModelConfig, Family]:
             f"{config_path}: model_type {model_type!r} is not supported; kiln reads {', '.join(FAMILIES)}"
         )
     family = FAMILIES[model_type]
-    return family.config_from_hf(ConfigReader(values, str(config_path))), family
+    try:
+        return family.config_from_hf(ConfigReader(values, str(config_path))), family
+    except ModelLoadError:
+        raise
+    except KilnError as error:  # an invalid combination caught by ModelConfig's validation
+        raise ModelLoadError(f"{config_path}: {error}") from None
 
 
 class CheckpointFiles:
@@ -269,7 +274,20 @@ def save_model(
             os.replace(staging_dir / name, directory / name)
     if tokenizer is not None:
         tokenizer.save(directory)
+        _write_generation_config(directory, tokenizer)
     return directory
+
+
+def _write_generation_config(directory: Path, tokenizer) -> None:
+    """Stop tokens for generators (transformers, vLLM, kiln) that read generation_config.json."""
+    eos = sorted(tokenizer.eos_token_ids)
+    values = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text = json.dumps({k: v for k, v in values.items() if v is not None}, indent=2) + "\n"
+    (directory / "generation_config.json").write_text(text)
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: int) -> list[str]:

@@ -124,5 +124,7 @@ def _qwen2_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 _IGNORE = ("rotary_emb.inv_freq",)
 LLAMA = Family("llama", "LlamaForCausalLM", _llama_from_hf, _llama_to_hf, WEIGHTS, "model.", _IGNORE)
-MISTRAL = Family("mistral", "MistralForCausalLM", _mistral_from_hf, _mistral_to_hf, WEIGHTS, "model.", _IGNORE)
+MISTRAL = Family(
+    "mistral", "MistralForCausalLM", _mistral_from_hf, _mistral_to_hf, WEIGHTS, "model.", _IGNORE
+)
 QWEN2 = Family("qwen2", "Qwen2ForCausalLM", _qwen2_from_hf, _qwen2_to_hf, WEIGHTS, "model.", _IGNORE)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kiln.config import ModelConfig, RopeScaling
-from kiln.errors import KilnError
+from kiln.errors import KilnError, ModelLoadError
 
 Split = Callable[[torch.Tensor, ModelConfig], list[torch.Tensor]]
 Merge = Callable[[list[torch.Tensor], ModelConfig], torch.Tensor]
@@ -105,7 +105,14 @@ class ConfigReader:
     """Reads an HF config dict and remembers which keys were used; the rest ride along unchanged."""
 
     # Keys that describe a particular save, not the model; rewritten on every save.
-    TRANSIENT = ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures", "model_type")
+    TRANSIENT = (
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+        "architectures",
+        "model_type",
+    )
 
     def __init__(self, values: dict[str, Any], source: str) -> None:
         self.values = values
@@ -114,7 +121,9 @@ class ConfigReader:
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.values:
-            raise KilnError(f"{self.source}: config.json has no {key!r}, which a {self.model_type} model needs")
+            raise ModelLoadError(
+                f"{self.source}: config.json has no {key!r}, which a {self.model_type} model needs"
+            )
         self.used.add(key)
         return self.values[key]
 
@@ -130,7 +139,9 @@ class ConfigReader:
     def unsupported(self, key: str, bad: Callable[[Any], bool], why: str) -> None:
         """Refuse a config whose `key` holds a value kiln does not implement."""
         if key in self.values and bad(self.values[key]):
-            raise KilnError(f"{self.source}: {key}={self.values[key]!r} is not supported by kiln ({why})")
+            raise ModelLoadError(
+                f"{self.source}: {key}={self.values[key]!r} is not supported by kiln ({why})"
+            )
         self.used.add(key)
 
     def unused(self) -> dict[str, Any]:
@@ -144,7 +155,9 @@ class ConfigReader:
         if kind == "default":
             return theta, None
         if kind not in ("linear", "llama3"):
-            raise KilnError(f"{self.source}: RoPE scaling {kind!r} is not supported (kiln has linear, llama3)")
+            raise ModelLoadError(
+                f"{self.source}: RoPE scaling {kind!r} is not supported (kiln has linear, llama3)"
+            )
         optional = {
             k: params[k]
             for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -164,7 +177,7 @@ def activation_from_hf(name: str, source: str) -> str:
         "relu": "relu",
     }
     if name not in names:
-        raise KilnError(f"{source}: activation {name!r} is not supported; kiln has {', '.join(names)}")
+        raise ModelLoadError(f"{source}: activation {name!r} is not supported; kiln has {', '.join(names)}")
     return names[name]
 
 

@@ -1,0 +1,115 @@
+"""The CLI as a user meets it: --help everywhere, generate, convert, info, tokenizer train."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import kiln
+from kiln.cli import app
+from kiln.generation import GenerationConfig, generate
+from kiln.tokenizer import Tokenizer, train_bpe
+
+runner = CliRunner()
+CORPUS = [Path(os.__file__), Path(json.__file__)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    tokenizer = train_bpe(CORPUS, vocab_size=400, show_progress=False)
+    torch.manual_seed(0)
+    config = kiln.preset("tiny", vocab_size=tokenizer.vocab_size, initializer_range=0.3)
+    kiln.save_model(kiln.Transformer(config), directory, tokenizer=tokenizer)
+    return directory
+
+
+@pytest.mark.parametrize("verb", [[], ["generate"], ["convert"], ["info"], ["tokenizer", "train"], ["demo"]])
+def test_every_verb_explains_itself(verb):
+    result = runner.invoke(app, [*verb, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 5
+
+
+def test_generate_greedy_matches_the_library(model_dir):
+    prompt = "def main():\n"
+    result = runner.invoke(
+        app, ["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "16"]
+    )
+    assert result.exit_code == 0, result.output
+    tokenizer = Tokenizer.from_dir(model_dir)
+    ids = generate(
+        kiln.load_model(model_dir),
+        [tokenizer.encode(prompt)],
+        GenerationConfig(max_new_tokens=16, stop_token_ids=tuple(tokenizer.eos_token_ids)),
+    )[0]
+    assert result.output == prompt + tokenizer.decode(ids) + "\n"
+
+
+def test_generate_batch_and_sampling_and_chat(model_dir):
+    args = ["generate", "-m", str(model_dir), "-p", "import os", "-p", "x = 1", "--max-new-tokens", "8"]
+    result = runner.invoke(
+        app, [*args, "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "import os" in result.output and "x = 1" in result.output
+    again = runner.invoke(
+        app, [*args, "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "1"]
+    )
+    assert again.output == result.output
+    chat = runner.invoke(
+        app, ["generate", "-m", str(model_dir), "-p", "hello", "--chat", "--max-new-tokens", "4"]
+    )
+    assert chat.exit_code == 0, chat.output
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model(model_dir, tmp_path):
+    model = kiln.load_model(model_dir)
+    small = kiln.Transformer(model.config.replace(vocab_size=300))
+    kiln.save_model(small, tmp_path, tokenizer=Tokenizer.from_dir(model_dir))
+    result = runner.invoke(app, ["generate", "-m", str(tmp_path), "-p", "hi"])
+    assert result.exit_code != 0
+    assert "tokenizer has 400 tokens but the model only 300" in str(result.exception)
+
+
+def test_convert_to_bf16_and_sharded(model_dir, tmp_path):
+    result = runner.invoke(
+        app,
+        ["convert", str(model_dir), str(tmp_path / "out"), "--dtype", "bf16", "--max-shard-size", "100KB"],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    converted = kiln.load_model(out)
+    assert converted.embed_tokens.weight.dtype == torch.bfloat16
+    original = kiln.load_model(model_dir)
+    assert torch.equal(converted.embed_tokens.weight, original.embed_tokens.weight.bfloat16())
+
+
+def test_info_shows_parameters(model_dir):
+    result = runner.invoke(app, ["info", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"{kiln.load_model(model_dir).num_parameters():,}" in result.output
+
+
+def test_tokenizer_train(tmp_path):
+    result = runner.invoke(
+        app, ["tokenizer", "train", *map(str, CORPUS), "-o", str(tmp_path), "--vocab-size", "300"]
+    )
+    assert result.exit_code == 0, result.output
+    assert Tokenizer.from_dir(tmp_path).vocab_size == 300
+    missing = runner.invoke(app, ["tokenizer", "train", str(tmp_path / "nothing"), "-o", str(tmp_path)])
+    assert "no such file or directory" in str(missing.exception)
+
+
+def test_demo_builds_once_and_completes(tmp_path):
+    result = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert "def fibonacci(n):" in result.output and "tokens/s" in result.output
+    built = tmp_path / "demo-random"
+    assert kiln.read_config(built)[0].family == "llama"
+    second = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"])
+    assert "built" not in second.output and second.exit_code == 0
