@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kiln.data.cli import data_app
 from kiln.errors import KilnError
+from kiln.train.cli import plot_command, train_command
 
 app = typer.Typer(
     name="kiln",
@@ -22,6 +24,9 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
+app.command("train")(train_command)
+app.command("plot")(plot_command)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -185,14 +190,19 @@ def expand_text_files(paths: list[Path], suffixes=(".py", ".txt", ".md")) -> lis
 
 @app.command()
 def demo(
-    cache_dir: Annotated[Path | None, typer.Option(help="Where the demo model is cached.")] = None,
+    recipe: Annotated[
+        str, typer.Option(help="Recipe to train: demo (the default model) or tiny (seconds).")
+    ] = "demo",
+    cache_dir: Annotated[Path | None, typer.Option(help="Where trained demo models are cached.")] = None,
     prompt: Annotated[str, typer.Option(help="Python code to complete.")] = "def fibonacci(n):\n",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
 ) -> None:
-    """Build (once) and run the default demo model, then complete a Python prompt with it."""
+    """Train the default model once (about 10 minutes on 2 CPU cores, then cached) and complete a prompt."""
     from kiln.demo import run_demo
 
-    run_demo(cache_dir=cache_dir, prompt=prompt, max_new_tokens=max_new_tokens, console=console)
+    run_demo(
+        recipe=recipe, cache_dir=cache_dir, prompt=prompt, max_new_tokens=max_new_tokens, console=console
+    )
 
 
 def main() -> None:

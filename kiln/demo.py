@@ -1,27 +1,18 @@
-"""`make demo`: the default kiln model, built once and cached, completing a Python prompt.
+"""`make demo`: train the default kiln model once (cached), then complete a Python prompt with it.
 
-Until the trainer lands, the demo model has random weights (so its completion is noise) but every
-other part is real: a byte-level BPE tokenizer trained on the Python standard library's source, the
-`demo` preset saved as a Llama-layout HF directory, and generation through its KV cache.
+The first run prepares the Python standard library's source into token shards, trains the `demo` recipe
+(about 10 minutes on 2 CPU cores) and exports it as a Llama-layout HF directory under
+~/.cache/kiln/models/demo. Later runs reuse it. An interrupted training run resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import os
-import sysconfig
+import shutil
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
-
-from kiln.config import preset
-from kiln.generation import GenerationConfig, generate
-from kiln.models.hf.io import load_model, save_model
-from kiln.models.transformer import Transformer
-from kiln.tokenizer import Tokenizer, train_bpe
-
-DEMO_NAME = "demo-random"
 
 
 def cache_root() -> Path:
@@ -29,41 +20,52 @@ def cache_root() -> Path:
     return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
 
 
-def stdlib_sources(limit: int | None = None) -> list[Path]:
-    """The Python standard library's .py files: text every machine with Python has."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
-    return files[:limit] if limit else files
+def demo_model_dir(recipe: str = "demo", cache_dir: Path | None = None) -> Path:
+    return (cache_dir or cache_root() / "models") / recipe
 
 
-def build_demo_model(directory: Path, console: Console) -> None:
-    config = preset("demo")
-    with console.status("training the demo tokenizer on the standard library"):
-        tokenizer = train_bpe(stdlib_sources(limit=400), config.vocab_size, show_progress=False)
-    config = config.replace(eos_token_id=tokenizer.eos_token_id, vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    save_model(model, directory, tokenizer=tokenizer)
-    console.print(f"built {directory} ({model.num_parameters() / 1e6:.1f}M parameters, random weights)")
+def train_demo_model(recipe: str, target: Path, console: Console) -> Path:
+    """Train `recipe` (resuming an interrupted run) and copy its exported model to `target`."""
+    from kiln.train import checkpoint
+    from kiln.train.trainer import Trainer
+    from recipes import get_recipe
+
+    config = get_recipe(recipe)()
+    console.print(f"[bold]training the demo model[/] (once; cached at {target})")
+    trainer = Trainer(config, console=console)
+    if checkpoint.latest_checkpoint(trainer.checkpoint_dir):
+        console.print(f"resuming from {trainer.resume()}")
+    summary = trainer.train()
+    console.print(
+        f"trained {summary.steps} steps ({summary.tokens:,} tokens) in {summary.wall_seconds:.0f}s: "
+        f"{summary.tokens_per_second:,.0f} tokens/s, MFU {summary.mfu:.1%}, "
+        f"validation loss {summary.val_loss:.3f}"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(summary.export_dir, staging)
+    os.replace(staging, target)
+    return target
 
 
-def run_demo(cache_dir: Path | None, prompt: str, max_new_tokens: int, console: Console) -> str:
-    directory = (cache_dir or cache_root() / "models") / DEMO_NAME
+def run_demo(recipe: str, cache_dir: Path | None, prompt: str, max_new_tokens: int, console: Console) -> str:
+    from kiln.generation import GenerationConfig, generate
+    from kiln.models.hf.io import load_model
+    from kiln.tokenizer import Tokenizer
+
+    directory = demo_model_dir(recipe, cache_dir)
     if not (directory / "config.json").is_file():
-        build_demo_model(directory, console)
+        train_demo_model(recipe, directory, console)
     tokenizer = Tokenizer.from_dir(directory)
     model = load_model(directory, dtype="float32")
-    console.print(f"[dim]model: {directory} (random weights until `kiln train` produces the demo model)[/]")
+    console.print(f"[dim]model: {directory} ({model.num_parameters() / 1e6:.1f}M parameters)[/]")
     start = time.perf_counter()
     ids = generate(
         model,
         [tokenizer.encode(prompt)],
         GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=0.8,
-            top_k=50,
-            seed=0,
-            stop_token_ids=tuple(tokenizer.eos_token_ids),
+            max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(tokenizer.eos_token_ids)
         ),
     )[0]
     elapsed = time.perf_counter() - start

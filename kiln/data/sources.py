@@ -16,7 +16,9 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
+# Source code is text too: one document per file.
+CODE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".sh")
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", *CODE_SUFFIXES)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES

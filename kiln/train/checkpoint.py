@@ -49,7 +49,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 def _quiet():
     """DCP warns on every call made without a process group; one process is a supported layout here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
         yield
 
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -36,7 +36,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
-    precision: Precision = "fp32"  # bf16/fp16 autocast over fp32 master weights; fp16 adds loss scaling
+    # bf16/fp16 autocast over fp32 master weights (fp16 adds loss scaling); auto = bf16 on GPUs that have
+    # it and on CPUs where a bf16 matmul measures >= 1.5x faster than fp32, else fp32.
+    precision: Precision = "fp32"
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile the model
     device: str = "auto"
@@ -52,6 +54,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     tensorboard: bool = False
     export: bool = True  # write the final model as an HF directory to out_dir/model
+    max_minutes: float | None = None  # stop early (checkpoint + export) once training has run this long
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_every")
@@ -65,8 +68,10 @@ class TrainConfig:
             raise KilnError("keep_checkpoints and max_bad_steps must be >= 1")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise KilnError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise KilnError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise KilnError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise KilnError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
         if self.goldfish_k == 1 or self.goldfish_k < 0 or self.goldfish_h < 1:
             raise KilnError("goldfish_k must be 0 (off) or >= 2, and goldfish_h >= 1")
         if self.seq_len > self.model.max_position_embeddings:

@@ -28,7 +28,9 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params + attention
 
 
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+def measured_matmul_peak(
+    device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5
+) -> float:
     """FLOP/s of a square matmul on this device: the practical roofline used for MFU where no data
     sheet applies (CPUs). The best of `repeats` timings, so a briefly busy machine does not lower it."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -54,3 +56,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
             if key in name and dtype in peaks:
                 return peaks[dtype], f"{name} data sheet"
     return measured_matmul_peak(device, dtype), f"measured {str(dtype).removeprefix('torch.')} matmul"
+
+
+def choose_precision(device: torch.device) -> str:
+    """bf16 where it is fast: CUDA GPUs that support it, CPUs whose bf16 matmul measures >= 1.5x fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    ratio = measured_matmul_peak(device, torch.bfloat16) / measured_matmul_peak(device, torch.float32)
+    return "bf16" if ratio >= 1.5 else "fp32"

@@ -22,7 +22,9 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise KilnError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+                raise KilnError(
+                    "tensorboard=True needs the tensorboard package: pip install tensorboard"
+                ) from None
             self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
 
     def write(self, kind: str, step: int, **values: Any) -> None:

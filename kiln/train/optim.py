@@ -21,7 +21,9 @@ def build_optimizer(
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True
+    )
 
 
 def learning_rate(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:

@@ -8,7 +8,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -18,7 +17,7 @@ from kiln.errors import KilnError
 from kiln.models.transformer import Transformer
 from kiln.train import checkpoint as ckpt
 from kiln.train.config import TrainConfig
-from kiln.train.flops import peak_flops, training_flops_per_token
+from kiln.train.flops import choose_precision, peak_flops, training_flops_per_token
 from kiln.train.losses import language_model_loss
 from kiln.train.metrics import MetricsLog
 from kiln.train.optim import build_optimizer, learning_rate, set_learning_rate
@@ -60,7 +59,9 @@ class Trainer:
     """Runs one TrainConfig. `train_data`/`val_data` default to TokenLoaders over config.data_dir; any
     object with `batch(step) -> (inputs, targets)`, `state_dict()` and `load_state_dict()` will do."""
 
-    def __init__(self, config: TrainConfig, *, train_data=None, val_data=None, console: Console | None = None):
+    def __init__(
+        self, config: TrainConfig, *, train_data=None, val_data=None, console: Console | None = None
+    ):
         self.config = config
         self.console = console or Console(stderr=True)
         self.device = resolve_device(config.device)
@@ -77,8 +78,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.model, config.lr, config.weight_decay, (config.beta1, config.beta2)
         )
-        self.autocast_dtype = AUTOCAST_DTYPES.get(config.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        self.precision = choose_precision(self.device) if config.precision == "auto" else config.precision
+        self.autocast_dtype = AUTOCAST_DTYPES.get(self.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
@@ -130,7 +132,10 @@ class Trainer:
         resumed run sees exactly the batches an uninterrupted one would)."""
         config = self.config
         lr = learning_rate(
-            self.step, max_lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+            self.step,
+            max_lr=config.lr,
+            min_lr=config.min_lr,
+            warmup_steps=config.warmup_steps,
             total_steps=config.max_steps,
         )
         set_learning_rate(self.optimizer, lr)
@@ -208,7 +213,9 @@ class Trainer:
 
         target = Path(directory) if directory else self.out_dir / "model"
         tokenizer_dir = Path(self.config.data_dir) / "tokenizer"
-        tokenizer = Tokenizer.from_dir(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
+        tokenizer = (
+            Tokenizer.from_dir(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
+        )
         if tokenizer is not None and self.model.config.eos_token_id is None:
             self.model.config.eos_token_id = tokenizer.eos_token_id
         return save_model(self.model, target, tokenizer=tokenizer)
@@ -228,20 +235,36 @@ class Trainer:
         with self._progress() as progress:
             task = progress.add_task("train", total=config.max_steps, completed=self.step, info="")
             while self.step < config.max_steps:
+                if config.max_minutes and time.perf_counter() - start > 60 * config.max_minutes:
+                    progress.console.print(
+                        f"[yellow]stopping at step {self.step}: "
+                        f"the {config.max_minutes}-minute limit is reached[/]"
+                    )
+                    break
                 result = self.train_step()
                 losses.append(result.loss)
                 if result.skipped:
                     self._handle_bad_step(result, metrics)
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    tokens_per_second = (self.step - window_step) * config.tokens_per_step / max(elapsed, 1e-9)
+                    tokens_per_second = (
+                        (self.step - window_step) * config.tokens_per_step / max(elapsed, 1e-9)
+                    )
                     mfu = tokens_per_second * flops_per_token / peak
                     metrics.write(
-                        "train", self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                        tokens_per_second=tokens_per_second, mfu=mfu, tokens=self.tokens_seen,
+                        "train",
+                        self.step,
+                        loss=result.loss,
+                        lr=result.lr,
+                        grad_norm=result.grad_norm,
+                        tokens_per_second=tokens_per_second,
+                        mfu=mfu,
+                        tokens=self.tokens_seen,
                     )
                     info = f"loss {result.loss:.3f}  {tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}"
                     progress.update(task, info=info)
+                    if not self.console.is_terminal:  # logs and pipes get one plain line per log step
+                        self.console.print(f"step {self.step}/{config.max_steps}  {info}", highlight=False)
                     window_start, window_step = time.perf_counter(), self.step
                 progress.update(task, completed=self.step)
                 if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
@@ -256,9 +279,15 @@ class Trainer:
         tokens_per_second = (self.step - start_step) * config.tokens_per_step / max(wall, 1e-9)
         export_dir = self.export() if config.export else None
         summary = TrainSummary(
-            steps=self.step, tokens=self.tokens_seen, wall_seconds=wall, tokens_per_second=tokens_per_second,
-            mfu=tokens_per_second * flops_per_token / peak, final_loss=losses[-1] if losses else math.nan,
-            val_loss=val_loss, losses=losses, checkpoint=str(last_checkpoint),
+            steps=self.step,
+            tokens=self.tokens_seen,
+            wall_seconds=wall,
+            tokens_per_second=tokens_per_second,
+            mfu=tokens_per_second * flops_per_token / peak,
+            final_loss=losses[-1] if losses else math.nan,
+            val_loss=val_loss,
+            losses=losses,
+            checkpoint=str(last_checkpoint),
             export_dir=str(export_dir) if export_dir else None,
         )
         metrics.write("summary", self.step, **{k: v for k, v in vars(summary).items() if k != "losses"})
@@ -290,7 +319,7 @@ class Trainer:
     def _announce(self, peak: float, peak_source: str) -> None:
         config = self.config
         self.console.print(
-            f"model {self.model.num_parameters() / 1e6:.2f}M parameters on {self.device} ({config.precision}); "
+            f"model {self.model.num_parameters() / 1e6:.2f}M parameters on {self.device} ({self.precision}); "
             f"{config.tokens_per_step:,} tokens/step; MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})"
         )
 
@@ -303,5 +332,5 @@ class Trainer:
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
+            disable=not self.console.is_terminal,
         )
-

@@ -10,11 +10,15 @@ class MemoryData:
 
     def batch(self, step: int):
         if self.starts is not None:
-            picks = [self.starts[(step * self.batch_size + i) % len(self.starts)] for i in range(self.batch_size)]
+            picks = [
+                self.starts[(step * self.batch_size + i) % len(self.starts)] for i in range(self.batch_size)
+            ]
             starts = torch.tensor(picks)
         else:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=generator)
+            starts = torch.randint(
+                0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=generator
+            )
         rows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
         return rows[:, :-1], rows[:, 1:]
 

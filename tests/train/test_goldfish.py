@@ -37,8 +37,12 @@ def test_loss_ignores_dropped_targets():
     inputs = torch.randint(0, 11, (2, 64))
     loss, kept = language_model_loss(logits, targets, inputs, goldfish_k=3, goldfish_h=4)
     masked = targets.masked_fill(goldfish_mask(inputs, 3, 4), IGNORE_INDEX)
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), masked.flatten(), ignore_index=IGNORE_INDEX)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and kept == int((masked != IGNORE_INDEX).sum())
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), masked.flatten(), ignore_index=IGNORE_INDEX
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and kept == int(
+        (masked != IGNORE_INDEX).sum()
+    )
 
 
 def _memorization(tmp_path, goldfish_k: int) -> tuple[float, float]:
@@ -47,10 +51,21 @@ def _memorization(tmp_path, goldfish_k: int) -> tuple[float, float]:
     passages = [torch.randint(3, 1024, (64,), generator=generator) for _ in range(4)]
     tokens = torch.cat(passages)
     config = TrainConfig(
-        model=kiln.preset("tiny", hidden_size=96, num_heads=4, num_kv_heads=2), data_dir="-",
-        out_dir=str(tmp_path), max_steps=120, seq_len=63, batch_size=4, lr=1e-2, min_lr=1e-3,
-        warmup_steps=10, weight_decay=0.0, eval_every=0, checkpoint_every=0, export=False,
-        goldfish_k=goldfish_k, goldfish_h=8,
+        model=kiln.preset("tiny", hidden_size=96, num_heads=4, num_kv_heads=2),
+        data_dir="-",
+        out_dir=str(tmp_path),
+        max_steps=120,
+        seq_len=63,
+        batch_size=4,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=10,
+        weight_decay=0.0,
+        eval_every=0,
+        checkpoint_every=0,
+        export=False,
+        goldfish_k=goldfish_k,
+        goldfish_h=8,
     )
     trainer = Trainer(config, train_data=MemoryData(tokens, 63, 4, starts=[0, 64, 128, 192]))
     for _ in range(config.max_steps):
@@ -59,9 +74,13 @@ def _memorization(tmp_path, goldfish_k: int) -> tuple[float, float]:
     prompts = [p[:16].tolist() for p in passages]
     outputs = generate(model, prompts, GenerationConfig(max_new_tokens=48))
     verbatim = sum(out == p[16:].tolist() for out, p in zip(outputs, passages, strict=True)) / 4
-    matching = sum(
-        (torch.tensor(out) == p[16:]).float().mean().item() for out, p in zip(outputs, passages, strict=True)
-    ) / 4
+    matching = (
+        sum(
+            (torch.tensor(out) == p[16:]).float().mean().item()
+            for out, p in zip(outputs, passages, strict=True)
+        )
+        / 4
+    )
     return verbatim, matching
 
 
@@ -69,7 +88,9 @@ def test_goldfish_prevents_verbatim_memorization(tmp_path, capsys):
     plain = _memorization(tmp_path / "plain", goldfish_k=0)
     goldfish = _memorization(tmp_path / "goldfish", goldfish_k=4)
     with capsys.disabled():
-        print(f"\nmemorization: without goldfish verbatim {plain[0]:.0%}, tokens {plain[1]:.0%}; "
-              f"goldfish k=4 verbatim {goldfish[0]:.0%}, tokens {goldfish[1]:.0%}")
+        print(
+            f"\nmemorization: without goldfish verbatim {plain[0]:.0%}, tokens {plain[1]:.0%}; "
+            f"goldfish k=4 verbatim {goldfish[0]:.0%}, tokens {goldfish[1]:.0%}"
+        )
     assert plain[0] == 1.0  # every passage reproduced exactly
     assert goldfish[0] == 0.0 and goldfish[1] < plain[1] - 0.3

@@ -17,8 +17,17 @@ TOKENS = torch.randint(0, 1024, (600,), generator=torch.Generator().manual_seed(
 
 def make_trainer(tmp_path, **overrides):
     values = dict(
-        model=kiln.preset("tiny"), data_dir="-", out_dir=str(tmp_path), max_steps=20, seq_len=32,
-        batch_size=4, warmup_steps=3, eval_every=0, checkpoint_every=0, log_every=5, export=False,
+        model=kiln.preset("tiny"),
+        data_dir="-",
+        out_dir=str(tmp_path),
+        max_steps=20,
+        seq_len=32,
+        batch_size=4,
+        warmup_steps=3,
+        eval_every=0,
+        checkpoint_every=0,
+        log_every=5,
+        export=False,
     )
     config = TrainConfig(**(values | overrides))
     return Trainer(config, train_data=MemoryData(TOKENS, 32, 4), val_data=MemoryData(TOKENS, 32, 4, seed=1))
@@ -43,7 +52,9 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert resumed_losses == straight_losses
     after, expected = params(second), params(straight)
     assert all(torch.equal(after[k], expected[k]) for k in expected)
-    for group_a, group_b in zip(second.optimizer.state.values(), straight.optimizer.state.values(), strict=True):
+    for group_a, group_b in zip(
+        second.optimizer.state.values(), straight.optimizer.state.values(), strict=True
+    ):
         assert torch.equal(group_a["exp_avg_sq"], group_b["exp_avg_sq"])
 
 
@@ -112,8 +123,15 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
 
 def test_config_overrides_and_validation():
     config = TrainConfig(model=kiln.preset("tiny"), data_dir="d")
-    changed = config.override(["lr=3e-4", "max_steps=50", "precision=bf16", "model.num_layers=3", "compile=true"])
-    assert (changed.lr, changed.max_steps, changed.precision, changed.model.num_layers) == (3e-4, 50, "bf16", 3)
+    changed = config.override(
+        ["lr=3e-4", "max_steps=50", "precision=bf16", "model.num_layers=3", "compile=true"]
+    )
+    assert (changed.lr, changed.max_steps, changed.precision, changed.model.num_layers) == (
+        3e-4,
+        50,
+        "bf16",
+        3,
+    )
     assert changed.compile is True
     with pytest.raises(kiln.KilnError, match="unknown setting 'bogus'"):
         config.override(["bogus=1"])

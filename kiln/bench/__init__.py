@@ -1,0 +1,1 @@
+"""Benchmark drivers and the peer baselines they are compared against."""
