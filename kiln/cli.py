@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kiln.bench.cli import bench_app
 from kiln.data.cli import data_app
 from kiln.errors import KilnError
 from kiln.train.cli import plot_command, train_command
@@ -25,6 +26,7 @@ app = typer.Typer(
 tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
 app.command("plot")(plot_command)
 

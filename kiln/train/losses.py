@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.linear_cross_entropy import linear_cross_entropy
+
 IGNORE_INDEX = -100
 _HASH_PRIME = 2_147_483_647  # 2^31 - 1: products of token ids (< 2^20) and powers stay inside int64
 _HASH_BASE = 1_000_003
@@ -58,3 +60,19 @@ def language_model_loss(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss / max(kept, 1), kept
+
+
+def fused_language_model_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    inputs: torch.Tensor | None = None,
+    goldfish_k: int = 0,
+    goldfish_h: int = 13,
+) -> torch.Tensor:
+    """`language_model_loss` from final hidden states (B, T, H) and the LM head weight (V, H), through the
+    chunked linear + cross-entropy that never materialises the (B, T, V) logits."""
+    if goldfish_k:
+        assert inputs is not None, "goldfish needs the inputs to hash"
+        targets = targets.masked_fill(goldfish_mask(inputs, goldfish_k, goldfish_h), IGNORE_INDEX)
+    return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX)

@@ -18,7 +18,7 @@ from kiln.models.transformer import Transformer
 from kiln.train import checkpoint as ckpt
 from kiln.train.config import TrainConfig
 from kiln.train.flops import choose_precision, peak_flops, training_flops_per_token
-from kiln.train.losses import language_model_loss
+from kiln.train.losses import fused_language_model_loss
 from kiln.train.metrics import MetricsLog
 from kiln.train.optim import build_optimizer, learning_rate, set_learning_rate
 from kiln.train.parallel import apply_activation_checkpointing
@@ -74,7 +74,10 @@ class Trainer:
         self.model = Transformer(config.model).to(self.device)
         if config.activation_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        # The loss takes final hidden states: the fused LM head + cross-entropy never builds full logits.
+        self.hidden_states = (
+            torch.compile(self.model.hidden_states) if config.compile else self.model.hidden_states
+        )
         self.optimizer = build_optimizer(
             self.model, config.lr, config.weight_decay, (config.beta1, config.beta2)
         )
@@ -144,8 +147,10 @@ class Trainer:
         for micro in range(config.grad_accum_steps):
             inputs, targets = self._batch(self.train_data, self.step * config.grad_accum_steps + micro)
             with self._autocast():
-                logits = self.forward_model(inputs)
-            loss, _ = language_model_loss(logits, targets, inputs, config.goldfish_k, config.goldfish_h)
+                hidden = self.hidden_states(inputs)
+                loss = fused_language_model_loss(
+                    hidden, self.model.output_weight, targets, inputs, config.goldfish_k, config.goldfish_h
+                )
             scaled = loss / config.grad_accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total_loss += loss.item() / config.grad_accum_steps
@@ -179,8 +184,8 @@ class Trainer:
         for index in range(self.config.eval_batches):
             inputs, targets = self._batch(self.val_data, index)
             with self._autocast():
-                logits = self.forward_model(inputs)
-            losses.append(language_model_loss(logits, targets)[0].item())
+                hidden = self.hidden_states(inputs)
+                losses.append(fused_language_model_loss(hidden, self.model.output_weight, targets).item())
         return sum(losses) / len(losses)
 
     # ------------------------------------------------------------------------------------ checkpoints

@@ -1,0 +1,57 @@
+"""`kiln bench ...`: benchmarks against the tools users would otherwise pick, measured in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bench_app = typer.Typer(help="Benchmarks against peers (ratios measured in one run).", no_args_is_help=True)
+
+
+@bench_app.command("train")
+def train_command(
+    recipe: Annotated[str, typer.Option(help="Recipe whose model shape to benchmark.")] = "demo",
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    steps: Annotated[int, typer.Option(help="Timed steps per side (after warm-up).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per side first.")] = 3,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or auto, the same for both sides.")] = "fp32",
+    compile: Annotated[bool, typer.Option(help="torch.compile kiln's model.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "benchmarks/train.json"
+    ),
+) -> None:
+    """kiln's training step vs transformers' LlamaForCausalLM in a plain PyTorch AdamW loop: tokens/s."""
+    from kiln.bench.train import bench_train, write_result
+    from recipes import get_recipe
+
+    model = get_recipe(recipe)().model
+    result = bench_train(
+        model,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        steps=steps,
+        warmup=warmup,
+        precision=precision,
+        compile=compile,
+        device=device,
+        name=recipe,
+    )
+    write_result(result, output)
+    table = Table(title=f"training step, {recipe} model ({result.parameters / 1e6:.2f}M), {result.device}")
+    table.add_column("")
+    table.add_column("median step", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_row("kiln", f"{result.kiln_step_ms:.1f} ms", f"{result.kiln_tokens_per_second:,.0f}")
+    table.add_row(
+        f"transformers {result.transformers_version} + AdamW loop",
+        f"{result.peer_step_ms:.1f} ms",
+        f"{result.peer_tokens_per_second:,.0f}",
+    )
+    Console().print(table)
+    Console().print(f"kiln / peer = [bold]{result.speedup:.2f}x[/] ({result.precision}); wrote {output}")
