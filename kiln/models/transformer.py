@@ -97,9 +97,13 @@ class Transformer(nn.Module):
             kv_cache.advance(length)
         return self.norm(x)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's (vocab, hidden) weight: the token embedding when they are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
     def _attention_inputs(
         self, positions: torch.Tensor, attention_mask: torch.Tensor | None, offset: int, dtype: torch.dtype
