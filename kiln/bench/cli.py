@@ -19,7 +19,10 @@ def train_command(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     steps: Annotated[int, typer.Option(help="Timed steps per side (after warm-up).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps per side first.")] = 3,
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or auto, the same for both sides.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="kiln's precision: fp32, bf16 or auto.")] = "fp32",
+    peer_precision: Annotated[
+        str | None, typer.Option(help="The peer's precision (default: the same as kiln's).")
+    ] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile kiln's model.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
@@ -54,4 +57,7 @@ def train_command(
         f"{result.peer_tokens_per_second:,.0f}",
     )
     Console().print(table)
-    Console().print(f"kiln / peer = [bold]{result.speedup:.2f}x[/] ({result.precision}); wrote {output}")
+    Console().print(
+        f"kiln ({result.precision}) / peer ({result.peer_precision}) = [bold]{result.speedup:.2f}x[/]; "
+        f"wrote {output}"
+    )

@@ -29,6 +29,7 @@ class TrainBenchResult:
     batch_size: int
     seq_len: int
     precision: str
+    peer_precision: str
     compile: bool
     steps: int
     kiln_step_ms: float
@@ -101,6 +102,7 @@ def bench_train(
     steps: int = 20,
     warmup: int = 3,
     precision: str = "fp32",
+    peer_precision: str | None = None,
     compile: bool = False,
     device: str = "cpu",
     name: str = "demo",
@@ -129,15 +131,15 @@ def bench_train(
     peer = _peer_model(trainer)
     peer_optimizer = torch.optim.AdamW(peer.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     inputs, targets = data.inputs.to(trainer.device), data.targets.to(trainer.device)
+    peer_precision = peer_precision or trainer.precision  # default: the same numerics on both sides
+    peer_autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(peer_precision)
     kiln_times, peer_times = [], []
     kiln_loss = peer_loss = float("nan")
     for step in range(warmup + steps):
         start = time.perf_counter()
         kiln_loss = trainer.train_step().loss
         middle = time.perf_counter()
-        peer_loss = _peer_step(
-            peer, peer_optimizer, inputs, targets, trainer.autocast_dtype, config.grad_clip
-        )
+        peer_loss = _peer_step(peer, peer_optimizer, inputs, targets, peer_autocast, config.grad_clip)
         end = time.perf_counter()
         if step >= warmup:
             kiln_times.append(middle - start)

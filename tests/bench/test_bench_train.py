@@ -1,0 +1,20 @@
+"""`kiln bench train` runs end to end (a smoke test: timings are not asserted, only that both sides train
+the same model on the same batch)."""
+
+import json
+
+import pytest
+
+import kiln
+from kiln.bench.train import bench_train, write_result
+
+
+def test_bench_train_smoke(tmp_path):
+    model = kiln.preset("tiny", tie_word_embeddings=True)
+    result = bench_train(model, batch_size=2, seq_len=16, steps=2, warmup=1, name="tiny")
+    # Same weights, same batch, same optimizer settings: the two sides' losses agree.
+    assert result.kiln_final_loss == pytest.approx(result.peer_final_loss, rel=1e-3)
+    assert result.kiln_tokens_per_second > 0 and result.peer_tokens_per_second > 0
+    assert result.speedup == pytest.approx(result.peer_step_ms / result.kiln_step_ms)
+    saved = json.loads(write_result(result, tmp_path / "train.json").read_text())
+    assert saved["precision"] == saved["peer_precision"] == "fp32"
