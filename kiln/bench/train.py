@@ -152,6 +152,7 @@ def bench_train(
         batch_size=batch_size,
         seq_len=seq_len,
         precision=trainer.precision,
+        peer_precision=peer_precision,
         compile=compile,
         steps=steps,
         kiln_step_ms=kiln_ms,
