@@ -10,6 +10,7 @@ from kiln.models.hf.spec import (
     Family,
     interleaved_qkv,
     rename,
+    rename_pair,
     require,
     special_tokens,
 )
@@ -19,21 +20,17 @@ _KILN = "layers.{i}."
 _QKV = tuple(f"{_KILN}attn.{p}_proj." for p in "qkv")
 
 
-def _pair(hf: str, kiln: str) -> tuple:
-    return rename(hf + ".weight", kiln + ".weight"), rename(hf + ".bias", kiln + ".bias")
-
-
 WEIGHTS = (
     rename("transformer.word_embeddings.weight", "embed_tokens.weight"),
-    *_pair("transformer.word_embeddings_layernorm", "embed_norm"),
-    *_pair(_LAYER + "input_layernorm", _KILN + "attn_norm"),
+    *rename_pair("transformer.word_embeddings_layernorm", "embed_norm"),
+    *rename_pair(_LAYER + "input_layernorm", _KILN + "attn_norm"),
     interleaved_qkv(_LAYER + "self_attention.query_key_value.weight", tuple(p + "weight" for p in _QKV)),
     interleaved_qkv(_LAYER + "self_attention.query_key_value.bias", tuple(p + "bias" for p in _QKV)),
-    *_pair(_LAYER + "self_attention.dense", _KILN + "attn.o_proj"),
-    *_pair(_LAYER + "post_attention_layernorm", _KILN + "mlp_norm"),
-    *_pair(_LAYER + "mlp.dense_h_to_4h", _KILN + "mlp.up_proj"),
-    *_pair(_LAYER + "mlp.dense_4h_to_h", _KILN + "mlp.down_proj"),
-    *_pair("transformer.ln_f", "norm"),
+    *rename_pair(_LAYER + "self_attention.dense", _KILN + "attn.o_proj"),
+    *rename_pair(_LAYER + "post_attention_layernorm", _KILN + "mlp_norm"),
+    *rename_pair(_LAYER + "mlp.dense_h_to_4h", _KILN + "mlp.up_proj"),
+    *rename_pair(_LAYER + "mlp.dense_4h_to_h", _KILN + "mlp.down_proj"),
+    *rename_pair("transformer.ln_f", "norm"),
     rename("lm_head.weight", "lm_head.weight"),
 )
 

@@ -42,7 +42,10 @@ WEIGHTS = (
 )
 
 
-def _from_hf(hf: ConfigReader) -> ModelConfig:
+def gpt2_style_config(
+    hf: ConfigReader, family: str, default_activation: str, **overrides: Any
+) -> ModelConfig:
+    """GPT-2's config keys (n_embd, n_layer, ...), shared by GPT-BigCode."""
     hf.unsupported("scale_attn_by_inverse_layer_idx", bool, "per-layer attention scaling")
     hf.unsupported("scale_attn_weights", lambda v: not v, "unscaled attention")
     hidden = hf["n_embd"]
@@ -57,7 +60,7 @@ def _from_hf(hf: ConfigReader) -> ModelConfig:
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         mlp="plain",
-        activation=activation_from_hf(hf.get("activation_function", "gelu_new"), hf.source),
+        activation=activation_from_hf(hf.get("activation_function", default_activation), hf.source),
         qkv_bias=True,
         out_bias=True,
         mlp_bias=True,
@@ -66,15 +69,16 @@ def _from_hf(hf: ConfigReader) -> ModelConfig:
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
         initializer_range=hf.get("initializer_range", 0.02),
-        family="gpt2",
+        family=family,
+        **overrides,
         extra_hf_config=hf.unused(),
     )
 
 
-def _to_hf(config: ModelConfig) -> dict[str, Any]:
-    require(config, "gpt2", position="learned", norm="layernorm", mlp="plain", embedding_norm=False)
-    require(config, "gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, sliding_window=None)
-    require(config, "gpt2", num_kv_heads=config.num_heads, head_dim=config.hidden_size // config.num_heads)
+def gpt2_style_to_hf(config: ModelConfig, family: str, tanh_name: str) -> dict[str, Any]:
+    require(config, family, position="learned", norm="layernorm", mlp="plain", embedding_norm=False)
+    require(config, family, qkv_bias=True, out_bias=True, mlp_bias=True, sliding_window=None)
+    require(config, family, head_dim=config.hidden_size // config.num_heads)
     return {
         "vocab_size": config.vocab_size,
         "n_embd": config.hidden_size,
@@ -83,11 +87,21 @@ def _to_hf(config: ModelConfig) -> dict[str, Any]:
         "n_inner": config.intermediate_size,
         "n_positions": config.max_position_embeddings,
         "layer_norm_epsilon": config.norm_eps,
-        "activation_function": activation_to_hf(config.activation, "gelu_new"),
+        "activation_function": activation_to_hf(config.activation, tanh_name),
         "tie_word_embeddings": config.tie_word_embeddings,
         "initializer_range": config.initializer_range,
         **special_tokens(config),
     }
+
+
+def _from_hf(hf: ConfigReader) -> ModelConfig:
+    return gpt2_style_config(hf, "gpt2", "gelu_new")
+
+
+def _to_hf(config: ModelConfig) -> dict[str, Any]:
+    values = gpt2_style_to_hf(config, "gpt2", "gelu_new")
+    require(config, "gpt2", num_kv_heads=config.num_heads)
+    return values
 
 
 GPT2 = Family(

@@ -48,6 +48,11 @@ def rename(hf: str, kiln: str) -> WeightRule:
     return WeightRule(hf, (kiln,))
 
 
+def rename_pair(hf: str, kiln: str) -> tuple[WeightRule, WeightRule]:
+    """`.weight` and `.bias` of one layer (LayerNorm, biased Linear) under a new name."""
+    return rename(hf + ".weight", kiln + ".weight"), rename(hf + ".bias", kiln + ".bias")
+
+
 def transposed(hf: str, kiln: str) -> WeightRule:
     """GPT-2's Conv1D stores linear weights as (in, out); kiln's nn.Linear holds (out, in)."""
     return WeightRule(hf, (kiln,), to_kiln=lambda t, c: [t.t()], to_hf=lambda ts, c: ts[0].t())
