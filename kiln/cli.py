@@ -13,6 +13,7 @@ from rich.table import Table
 
 from kiln.bench.cli import bench_app
 from kiln.data.cli import data_app
+from kiln.engine.cli import Dtype, chat_command, generate_command
 from kiln.errors import KilnError
 from kiln.train.cli import plot_command, train_command
 
@@ -29,96 +30,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
 app.command("plot")(plot_command)
+app.command("generate")(generate_command)
+app.command("chat")(chat_command)
 
 console = Console()
 err_console = Console(stderr=True)
-
-ModelDir = Annotated[
-    Path, typer.Option("--model", "-m", help="Hugging Face model directory (config.json + *.safetensors).")
-]
-Dtype = Annotated[str, typer.Option(help="Weights dtype: auto (as stored), float32, bf16 or fp16.")]
-Device = Annotated[
-    str, typer.Option(help="Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-]
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KilnError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-@app.command()
-def generate(
-    model: ModelDir,
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
-    chat: Annotated[
-        bool, typer.Option(help="Wrap each prompt as a user message in the chat template.")
-    ] = False,
-    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (single prompt).")] = True,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-) -> None:
-    """Generate text from a model with its KV cache (greedy or sampled)."""
-    from kiln.generation import GenerationConfig
-    from kiln.generation import generate as run_generate
-    from kiln.models.hf.io import load_model
-    from kiln.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_dir(model)
-    network = load_model(model, dtype=dtype, device=resolve_device(device))
-    if tokenizer.vocab_size > network.config.vocab_size:
-        raise KilnError(
-            f"{model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{network.config.vocab_size}; they do not belong together"
-        )
-    if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompt]
-        prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    else:
-        prompts = [tokenizer.encode(p) for p in prompt]
-    stop = tuple(sorted(tokenizer.eos_token_ids | _config_eos(network.config.eos_token_id)))
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=stop,
-    )
-    streaming = stream and len(prompts) == 1
-    decoder = tokenizer.incremental_decoder()
-    if streaming:
-        console.print(prompt[0], end="", style="bold", markup=False, highlight=False)
-
-    def on_token(_: int, token: int) -> None:
-        sys.stdout.write(decoder.add(token))
-        sys.stdout.flush()
-
-    outputs = run_generate(network, prompts, config, on_token=on_token if streaming else None)
-    if streaming:
-        sys.stdout.write(decoder.flush() + "\n")
-        return
-    for text, output in zip(prompt, outputs, strict=True):
-        console.print(text, end="", style="bold", markup=False, highlight=False)
-        console.print(tokenizer.decode(output), markup=False, highlight=False)
-        console.rule()
-
-
-def _config_eos(eos: int | list[int] | None) -> set[int]:
-    if eos is None:
-        return set()
-    return {eos} if isinstance(eos, int) else set(eos)
-
 
 @app.command()
 def convert(

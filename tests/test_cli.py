@@ -46,7 +46,8 @@ def test_generate_greedy_matches_the_library(model_dir):
         [tokenizer.encode(prompt)],
         GenerationConfig(max_new_tokens=16, stop_token_ids=tuple(tokenizer.eos_token_ids)),
     )[0]
-    assert result.output == prompt + tokenizer.decode(ids) + "\n"
+    # stdout only: the engine's start-up summary (model size, KV capacity) goes to stderr.
+    assert result.stdout == prompt + tokenizer.decode(ids) + "\n"
 
 
 def test_generate_batch_and_sampling_and_chat(model_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -112,18 +113,33 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- attention
 
 
+class AttentionBackend(Protocol):
+    """Attention computed outside the model, e.g. the engine's paged KV cache.
+
+    Called by every layer with its index and the projected q (B, H, T, D), k and v (B, KVH, T, D), after
+    RoPE; returns the attention output (B, H, T, D). The backend stores k/v itself and applies causality,
+    sliding windows and ALiBi biases: the model hands it nothing else.
+    """
+
+    def __call__(
+        self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
 @dataclass
 class AttentionInputs:
     """What every layer's attention needs for one forward pass; built once per pass by the model.
 
     `mask` is None (plain causal or no masking, see `is_causal`), a bool tensor (B|1, 1, T, S) of
-    allowed key positions, or a float additive bias (B, H, T, S) when ALiBi is in use.
+    allowed key positions, or a float additive bias (B, H, T, S) when ALiBi is in use. A `backend`, when
+    set, replaces the built-in attention (and `mask`, `is_causal` and the KV cache are unused).
     """
 
     mask: torch.Tensor | None
     is_causal: bool
     cos: torch.Tensor | None = None  # (B, T, D) RoPE tables
     sin: torch.Tensor | None = None
+    backend: AttentionBackend | None = None
 
 
 class Attention(nn.Module):
@@ -150,16 +166,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if inputs.cos is not None:
             q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=inputs.mask,
-            is_causal=inputs.is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,  # no materialised K/V repeat
-        )
+        if inputs.backend is not None:
+            out = inputs.backend(self.layer_index, q, k, v)
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=inputs.mask,
+                is_causal=inputs.is_causal,
+                enable_gqa=self.num_kv_heads != self.num_heads,  # no materialised K/V repeat
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 

@@ -14,7 +14,15 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.models.kv_cache import KVCache
-from kiln.models.layers import MLP, Attention, AttentionInputs, RotaryEmbedding, alibi_slopes, make_norm
+from kiln.models.layers import (
+    MLP,
+    Attention,
+    AttentionBackend,
+    AttentionInputs,
+    RotaryEmbedding,
+    alibi_slopes,
+    make_norm,
+)
 
 
 class Block(nn.Module):
@@ -60,13 +68,16 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        attention: AttentionBackend | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
         attention_mask (B, S) marks real (1) and padding (0) tokens over the cached plus new tokens,
         as in Hugging Face; positions (B, T) default to the count of real tokens before each one.
+        `attention` replaces the built-in attention and KV cache (see `AttentionBackend`); positions
+        are then required, since only the backend knows which tokens precede which.
         """
-        return self.logits(self.hidden_states(input_ids, positions, attention_mask, kv_cache))
+        return self.logits(self.hidden_states(input_ids, positions, attention_mask, kv_cache, attention))
 
     def hidden_states(
         self,
@@ -74,8 +85,12 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        attention: AttentionBackend | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, hidden)."""
+        if attention is not None:
+            assert positions is not None and attention_mask is None and kv_cache is None
+            return self._run(input_ids, positions, self._backend_inputs(positions, attention))
         batch, length = input_ids.shape
         offset = kv_cache.length if kv_cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (batch, offset + length):
@@ -85,16 +100,27 @@ class Transformer(nn.Module):
             )
         if positions is None:
             positions = default_positions(batch, length, offset, attention_mask, input_ids.device)
+        dtype = self.embed_tokens.weight.dtype
+        inputs = self._attention_inputs(positions, attention_mask, offset, dtype)
+        hidden = self._run(input_ids, positions, inputs, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(length)
+        return hidden
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        inputs: AttentionInputs,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        inputs = self._attention_inputs(positions, attention_mask, offset, x.dtype)
         for block in self.layers:
             x = block(x, inputs, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(length)
         return self.norm(x)
 
     @property
@@ -104,6 +130,12 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.output_weight)
+
+    def _backend_inputs(self, positions: torch.Tensor, attention: AttentionBackend) -> AttentionInputs:
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(positions, self.embed_tokens.weight.dtype)
+        return AttentionInputs(mask=None, is_causal=False, cos=cos, sin=sin, backend=attention)
 
     def _attention_inputs(
         self, positions: torch.Tensor, attention_mask: torch.Tensor | None, offset: int, dtype: torch.dtype

@@ -1,0 +1,187 @@
+"""`kiln generate` and `kiln chat`: the engine from the command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from kiln.engine.llm import LLM
+
+ModelDir = Annotated[
+    Path, typer.Option("--model", "-m", help="Hugging Face model directory (config.json + *.safetensors).")
+]
+Dtype = Annotated[str, typer.Option(help="Weights dtype: auto (as stored), float32, bf16 or fp16.")]
+Device = Annotated[
+    str, typer.Option(help="Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
+TopK = Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
+MinP = Annotated[float, typer.Option(help="Drop tokens below min-p times the top probability (0 = off).")]
+RepetitionPenalty = Annotated[float, typer.Option(help="Discourage repeating tokens (1 = off).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string; repeat for several.")]
+MaxModelLen = Annotated[
+    int | None, typer.Option(help="Longest prompt + output in tokens (default: the model's context length).")
+]
+KVCacheMemory = Annotated[
+    str | None, typer.Option(help="KV cache size, e.g. 512MB (default: up to 2GiB on CPU, 80% of free GPU).")
+]
+
+console = Console(highlight=False)
+
+
+def _load(
+    model: Path,
+    dtype: str,
+    device: str,
+    max_model_len: int | None,
+    kv_cache_memory: str | None,
+    num_seqs: int,
+) -> LLM:
+    from kiln.engine.llm import LLM
+
+    return LLM(
+        model,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_model_len,
+        kv_cache_memory=kv_cache_memory,
+        max_num_seqs=num_seqs,  # the KV cache is sized for this many full-length sequences at most
+    )
+
+
+def generate_command(
+    model: ModelDir,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    chat: Annotated[
+        bool, typer.Option(help="Wrap each prompt as a user message in the chat template.")
+    ] = False,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (single prompt).")] = True,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    max_model_len: MaxModelLen = None,
+    kv_cache_memory: KVCacheMemory = None,
+) -> None:
+    """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
+    from kiln.engine.sampling import SamplingParams
+    from kiln.errors import KilnError
+
+    llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=len(prompt))
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop or (),
+    )
+    if llm.tokenizer is None:
+        raise KilnError(f"{model} has no tokenizer.json; kiln generate needs one to read text prompts")
+    inputs: list = list(prompt)
+    if chat:
+        inputs = [
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True) for p in prompt
+        ]
+    if stream and len(prompt) == 1:
+        console.print(prompt[0], end="", style="bold", markup=False)
+        for delta in llm.stream(inputs[0], params):
+            sys.stdout.write(delta.outputs[0].text if delta.outputs else "")
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for text, output in zip(prompt, llm.generate(inputs, params), strict=True):
+        console.print(text, end="", style="bold", markup=False)
+        console.print(output.outputs[0].text, markup=False)
+        console.rule()
+
+
+def chat_command(
+    model: ModelDir,
+    system: Annotated[str | None, typer.Option(help="System prompt that opens the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest reply in tokens.")] = 512,
+    temperature: Temperature = 0.7,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    max_model_len: MaxModelLen = None,
+    kv_cache_memory: KVCacheMemory = None,
+) -> None:
+    """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
+
+    Type /reset to start over and /exit (or Ctrl-D) to quit; Ctrl-C stops a reply.
+    """
+    from kiln.engine.sampling import SamplingParams
+    from kiln.errors import KilnError
+
+    llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=1)
+    if llm.tokenizer is None or llm.tokenizer.chat_template is None:
+        raise KilnError(f"{model} has no chat template (or no tokenizer); use kiln generate instead")
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    opening = [{"role": "system", "content": system}] if system else []
+    history = list(opening)
+    console.print("[dim]/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply[/]")
+    while (line := _read_line()) is not None:
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(opening)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _stream_reply(llm, history, params)
+        except KilnError as error:  # most likely the conversation outgrew the context
+            console.print(f"[red]error:[/] {error}; /reset starts a new conversation", markup=True)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def _read_line() -> str | None:
+    try:
+        return console.input("[bold green]> [/]")
+    except EOFError:
+        return None
+
+
+def _stream_reply(llm: LLM, history: list[dict[str, str]], params) -> str:
+    parts: list[str] = []
+    try:
+        for delta in llm.chat_stream(history, params):
+            for completion in delta.outputs:
+                parts.append(completion.text)
+                sys.stdout.write(completion.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:  # stop this reply, keep the conversation
+        pass
+    sys.stdout.write("\n")
+    return "".join(parts)

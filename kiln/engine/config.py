@@ -1,0 +1,86 @@
+"""EngineConfig: how the engine lays out its KV cache and how much work one step may do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.config import ModelConfig
+from kiln.errors import KilnError
+from kiln.models.hf.io import parse_size
+
+# Without an explicit kv_cache_memory: CPU takes at most this much RAM for the KV cache ...
+DEFAULT_CPU_KV_BYTES = 2 * 2**30
+# ... and CUDA this fraction of the memory still free after the weights are loaded (the rest holds
+# activations and the allocator's slack).
+DEFAULT_CUDA_KV_FRACTION = 0.8
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """Knobs of the engine. `kiln.LLM` and the CLI map their arguments onto this."""
+
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # sequences in flight per step
+    max_num_batched_tokens: int = 1024  # token budget of one step (decodes + prefill chunks)
+    max_model_len: int | None = None  # prompt + output tokens per sequence; None = the model's maximum
+    kv_cache_memory: int | str | None = None  # bytes or "512MB"; None = chosen from the device
+    num_kv_blocks: int | None = None  # exact KV block count; overrides kv_cache_memory (tests, benchmarks)
+    enable_prefix_caching: bool = True
+    seed: int = 0  # the engine's generator, used by requests that set no seed of their own
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise KilnError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise KilnError(f"max_model_len must be positive or None, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise KilnError(f"num_kv_blocks must be positive or None, got {self.num_kv_blocks}")
+        if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:
+            raise KilnError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    def resolve_max_model_len(self, model: ModelConfig) -> int:
+        """The context length sequences may reach: max_model_len, bounded by the model's positions."""
+        if self.max_model_len is None:
+            return model.max_position_embeddings
+        if model.position == "learned" and self.max_model_len > model.max_position_embeddings:
+            raise KilnError(
+                f"max_model_len {self.max_model_len} exceeds this model's "
+                f"{model.max_position_embeddings} learned positions; lower max_model_len"
+            )
+        return self.max_model_len
+
+
+def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of keys plus values one token occupies across all layers."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * element_size
+
+
+def num_kv_blocks(
+    config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int
+) -> int:
+    """How many KV blocks to preallocate, from num_kv_blocks, kv_cache_memory or the device's memory."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    block_bytes = kv_bytes_per_token(model, dtype) * config.block_size
+    if config.kv_cache_memory is not None:
+        return parse_size(config.kv_cache_memory) // block_bytes
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return int(free_bytes * DEFAULT_CUDA_KV_FRACTION) // block_bytes
+    # CPU: no more than every sequence slot at full length needs.
+    wanted = config.max_num_seqs * -(-max_model_len // config.block_size)
+    return min(wanted, DEFAULT_CPU_KV_BYTES // block_bytes)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device from a name; "auto" is cuda when a GPU is available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KilnError(f"device {str(device)!r} requested but no CUDA GPU is available; use device='cpu'")
+    return device

@@ -1,0 +1,54 @@
+"""`kiln chat` (a streaming REPL with history) and `kiln generate`, both on the engine."""
+
+from typer.testing import CliRunner
+
+from kiln.cli import app
+from kiln.engine import LLM, SamplingParams
+
+runner = CliRunner()
+
+
+def test_chat_streams_replies_and_keeps_the_history(text_model_dir):
+    args = [
+        "chat",
+        "-m",
+        str(text_model_dir),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--system",
+        "Be brief.",
+    ]
+    result = runner.invoke(app, args, input="hello\n\n/reset\nhello\nand then?\n/exit\nnever read\n")
+    assert result.exit_code == 0, result.output
+    llm = LLM(text_model_dir, verbose=False)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    first = llm.chat(history, params)[0].outputs[0].text
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "and then?"}]
+    second = llm.chat(history, params)[0].outputs[0].text
+    assert result.stdout.count(first + "\n") >= 2 and second + "\n" in result.stdout
+    assert "max concurrency" in result.stderr
+
+
+def test_chat_ends_on_end_of_input_and_needs_a_template(text_model_dir, hf_model_dir):
+    result = runner.invoke(app, ["chat", "-m", str(text_model_dir), "--max-new-tokens", "2"], input="hi\n")
+    assert result.exit_code == 0, result.output
+    missing = runner.invoke(app, ["chat", "-m", str(hf_model_dir("gpt2-heads3-tied"))], input="hi\n")
+    assert missing.exit_code != 0 and "no chat template" in str(missing.exception)
+
+
+def test_generate_batch_with_stop_strings(text_model_dir):
+    base = ["generate", "-m", str(text_model_dir), "-p", "import os", "-p", "x = 1", "--max-new-tokens", "12"]
+    free = runner.invoke(app, base)
+    assert free.exit_code == 0, free.output
+    stopped = runner.invoke(app, [*base, "--stop", "e", "--min-p", "0.05", "--repetition-penalty", "1.2"])
+    assert stopped.exit_code == 0, stopped.output
+    assert "import os" in stopped.stdout and "x = 1" in stopped.stdout
+
+
+def test_help(text_model_dir):
+    for verb in ("chat", "generate"):
+        result = runner.invoke(app, [verb, "--help"])
+        assert result.exit_code == 0 and "--kv-cache-memory" in result.output
