@@ -30,7 +30,8 @@ def train_command(
     ),
 ) -> None:
     """kiln's training step vs transformers' LlamaForCausalLM in a plain PyTorch AdamW loop: tokens/s."""
-    from kiln.bench.train import bench_train, write_result
+    from kiln.bench.results import write_result
+    from kiln.bench.train import bench_train
     from recipes import get_recipe
 
     model = get_recipe(recipe)().model
@@ -60,4 +61,58 @@ def train_command(
     Console().print(
         f"kiln ({result.precision}) / peer ({result.peer_precision}) = [bold]{result.speedup:.2f}x[/]; "
         f"wrote {output}"
+    )
+
+
+@bench_app.command("generate")
+def generate_command(
+    recipe: Annotated[
+        str, typer.Option(help="Recipe whose model shape to benchmark (random weights).")
+    ] = "demo",
+    num_prompts: Annotated[int, typer.Option(help="Prompts submitted together.")] = 32,
+    min_prompt: Annotated[int, typer.Option(help="Shortest prompt, tokens.")] = 8,
+    max_prompt: Annotated[int, typer.Option(help="Longest prompt, tokens.")] = 256,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (EOS ignored).")] = 64,
+    repeats: Annotated[int, typer.Option(help="Runs per side; the best counts.")] = 2,
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "benchmarks/generate.json"
+    ),
+) -> None:
+    """Offline batch generation: kiln.LLM vs transformers generate (and kiln's reference generator)."""
+    from kiln.bench.generate import bench_generate
+    from kiln.bench.results import write_result
+    from recipes import get_recipe
+
+    result = bench_generate(
+        get_recipe(recipe)().model,
+        name=recipe,
+        num_prompts=num_prompts,
+        min_prompt=min_prompt,
+        max_prompt=max_prompt,
+        new_tokens=new_tokens,
+        repeats=repeats,
+    )
+    write_result(result, output)
+    table = Table(
+        title=f"{num_prompts} prompts of {min_prompt}-{max_prompt} tokens, {new_tokens} new tokens each, "
+        f"{recipe} model ({result.parameters / 1e6:.2f}M), {result.threads} threads"
+    )
+    table.add_column("")
+    table.add_column("seconds", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_row("kiln.LLM", f"{result.kiln_seconds:.2f}", f"{result.kiln_tokens_per_second:,.0f}")
+    table.add_row(
+        f"transformers {result.transformers_version} generate",
+        f"{result.peer_seconds:.2f}",
+        f"{result.peer_tokens_per_second:,.0f}",
+    )
+    table.add_row(
+        "kiln reference generate",
+        f"{result.reference_seconds:.2f}",
+        f"{result.reference_tokens_per_second:,.0f}",
+    )
+    Console().print(table)
+    Console().print(
+        f"kiln.LLM / transformers = [bold]{result.speedup_vs_peer:.2f}x[/]; identical greedy outputs "
+        f"{result.identical_to_peer}/{result.num_prompts}; wrote {output}"
     )

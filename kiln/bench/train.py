@@ -8,11 +8,9 @@ both alike; the reported figure is each side's median step time.
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -167,10 +165,3 @@ def bench_train(
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
     )
-
-
-def write_result(result: TrainBenchResult, path: str | Path) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return target

@@ -6,7 +6,8 @@ import json
 import pytest
 
 import kiln
-from kiln.bench.train import bench_train, write_result
+from kiln.bench.results import write_result
+from kiln.bench.train import bench_train
 
 
 def test_bench_train_smoke(tmp_path):
@@ -18,3 +19,13 @@ def test_bench_train_smoke(tmp_path):
     assert result.speedup == pytest.approx(result.peer_step_ms / result.kiln_step_ms)
     saved = json.loads(write_result(result, tmp_path / "train.json").read_text())
     assert saved["precision"] == saved["peer_precision"] == "fp32"
+
+
+def test_bench_generate_smoke():
+    from kiln.bench.generate import bench_generate
+
+    result = bench_generate(
+        kiln.preset("tiny"), name="tiny", num_prompts=3, min_prompt=2, max_prompt=9, new_tokens=5, repeats=1
+    )
+    assert result.identical_to_peer == 3  # same weights, greedy: kiln.LLM equals transformers generate
+    assert result.kiln_tokens_per_second > 0 and result.peer_tokens_per_second > 0

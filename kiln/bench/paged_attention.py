@@ -1,23 +1,20 @@
-"""Engine benchmarks on CPU (not collected by pytest). Both sides run in one process, best of --repeats.
+"""How the torch paged-attention backend groups decodes, measured on CPU (best of --repeats):
 
-python tests/engine/bench_engine.py throughput   # kiln.LLM vs kiln.generation.generate: tokens/s
-python tests/engine/bench_engine.py attention    # decode grouping of the torch paged attention
+python -m kiln.bench.paged_attention
+
+Offline throughput against transformers is `kiln bench generate` (kiln/bench/generate.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import kiln
 import kiln.engine.attention as paged
-from kiln.engine import LLM, SamplingParams
-from kiln.generation import GenerationConfig, generate
 
 
 def best_of(repeats: int, run) -> tuple[float, object]:
@@ -27,34 +24,6 @@ def best_of(repeats: int, run) -> tuple[float, object]:
         result = run()
         best = min(best, time.perf_counter() - start)
     return best, result
-
-
-def throughput(args: argparse.Namespace) -> None:
-    directory = Path(tempfile.mkdtemp())
-    torch.manual_seed(0)
-    kiln.save_model(kiln.Transformer(kiln.preset(args.preset, initializer_range=0.3)), directory)
-    rng = random.Random(0)
-    lengths = [rng.randint(args.min_prompt, args.max_prompt) for _ in range(args.num_prompts)]
-    prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in lengths]
-    model = kiln.load_model(directory)
-    llm = LLM(directory, verbose=False, max_num_seqs=args.num_prompts)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    config = GenerationConfig(max_new_tokens=args.max_tokens)
-    llm.generate(prompts[:2], params)  # warm-up
-    reference_s, reference = best_of(args.repeats, lambda: generate(model, prompts, config))
-    engine_s, outputs = best_of(args.repeats, lambda: llm.generate(prompts, params))
-    num_tokens = args.num_prompts * args.max_tokens
-    same = sum(o.outputs[0].token_ids == r for o, r in zip(outputs, reference, strict=True))
-    print(
-        f"{args.preset} ({model.num_parameters() / 1e6:.1f}M), {args.num_prompts} prompts of "
-        f"{args.min_prompt}-{args.max_prompt} tokens, {args.max_tokens} new tokens each, "
-        f"{torch.get_num_threads()} threads"
-    )
-    print(
-        f"  reference generate (padded batch): {reference_s:.2f}s  {num_tokens / reference_s:,.0f} tokens/s"
-    )
-    print(f"  kiln.LLM (paged, continuous):      {engine_s:.2f}s  {num_tokens / engine_s:,.0f} tokens/s")
-    print(f"  identical greedy outputs: {same}/{args.num_prompts}; ratio {reference_s / engine_s:.2f}x")
 
 
 def attention(args: argparse.Namespace) -> None:
@@ -109,16 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["throughput", "attention"])
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--min-prompt", type=int, default=8)
-    parser.add_argument("--max-prompt", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    {"throughput": throughput, "attention": attention}[args.what](args)
+    attention(args)
 
 
 if __name__ == "__main__":
