@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Tests use tiny models, where one intra-op thread is fastest; it also keeps the subprocesses the tests
+# spawn (CLI runs, torchrun workers, a server) from oversubscribing a 2-core machine.
 test: install
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:logging -m "not slow and not gpu"
 
 test-all: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:logging
 
 lint: install
 	$(BIN)/ruff check kiln tests
