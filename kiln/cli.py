@@ -15,6 +15,7 @@ from kiln.bench.cli import bench_app
 from kiln.data.cli import data_app
 from kiln.engine.cli import Dtype, chat_command, generate_command
 from kiln.errors import KilnError
+from kiln.server.cli import serve_command
 from kiln.train.cli import plot_command, train_command
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.command("train")(train_command)
 app.command("plot")(plot_command)
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
+app.command("serve")(serve_command)
 
 console = Console()
 err_console = Console(stderr=True)

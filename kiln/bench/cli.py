@@ -9,7 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kiln.bench.serve import serve_command
+
 bench_app = typer.Typer(help="Benchmarks against peers (ratios measured in one run).", no_args_is_help=True)
+bench_app.command("serve")(serve_command)
 
 
 @bench_app.command("train")

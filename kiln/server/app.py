@@ -1,0 +1,201 @@
+"""The FastAPI app (routes) and `serve`, which loads a model and runs it behind uvicorn until SIGTERM.
+
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /tokenize, /detokenize, /health,
+/metrics, and the web UI at /. On SIGTERM the server stops accepting connections, lets in-flight requests
+finish (up to ServerConfig.drain_timeout_s, then aborts them), stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import FrameType
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from kiln.engine.async_engine import AsyncEngine
+from kiln.engine.config import EngineConfig
+from kiln.server.chat import create_chat_completion
+from kiln.server.completions import create_completion
+from kiln.server.config import ServerConfig
+from kiln.server.embeddings import create_embedding
+from kiln.server.errors import APIError, install_error_handlers
+from kiln.server.metrics import CONTENT_TYPE
+from kiln.server.middleware import RequestGuard
+from kiln.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from kiln.server.state import ServerState
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The HTTP app around a running engine; its lifespan shuts the engine down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.async_engine.shutdown()
+
+    app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.kiln = state
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=state.config.api_key, max_body_bytes=state.config.max_body_bytes)
+    _add_api_routes(app, state)
+    _add_service_routes(app, state)
+    return app
+
+
+def _add_api_routes(app: FastAPI, state: ServerState) -> None:
+    def model_card() -> ModelCard:
+        return ModelCard(
+            id=state.model_name,
+            created=state.created,
+            root=state.model_dir,
+            max_model_len=state.max_model_len,
+        )
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> ModelCard:
+        state.check_model(model)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(body, request, state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(body, request, state)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+        return await create_embedding(body, state)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        state.check_model(body.model)
+        if body.messages is not None:
+            messages = [message.template_message() for message in body.messages]
+            tokens = state.chat_token_ids(messages, body.add_generation_prompt)
+        else:
+            tokens = state.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        state.check_model(body.model)
+        vocab_size = state.engine.model.config.vocab_size
+        if any(token >= vocab_size for token in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+
+def _add_service_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.draining or not state.async_engine.is_running:
+            reason = "draining" if state.draining else "engine stopped"
+            return JSONResponse({"status": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def web_ui() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+# ------------------------------------------------------------------------------------------------ serve
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT marking the state as draining, and a drained shutdown exiting 0.
+
+    (uvicorn re-raises the signal after a graceful shutdown, which would kill the process with it.)
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.kiln_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.kiln_state.draining = True
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting connections first (uvicorn does it again, harmlessly)
+            server.close()
+        if not self.force_exit:
+            await self.kiln_state.drain(self.kiln_state.config.drain_timeout_s)
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def serve(
+    model_dir: str | Path,
+    config: ServerConfig | None = None,
+    *,
+    engine_config: EngineConfig | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+) -> None:
+    """Load `model_dir` and serve it (OpenAI API under /v1, web UI at /) until SIGTERM or Ctrl-C."""
+    config = config or ServerConfig()
+    engine = AsyncEngine.from_dir(model_dir, dtype=dtype, device=device, config=engine_config)
+    state = ServerState(engine, config, model_dir=model_dir)
+    print(f"kiln: {engine.engine.startup_summary()}", file=sys.stderr, flush=True)
+    server = _Server(
+        uvicorn.Config(
+            build_app(state),
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            access_log=config.access_log,
+            timeout_graceful_shutdown=5,  # a backstop: ServerState.drain has ended the streams by then
+            timeout_keep_alive=5,
+        ),
+        state,
+    )
+    url = f"http://{config.host}:{config.port}"
+    print(f"kiln: serving {state.model_name!r} at {url}/v1 (web UI: {url}/)", file=sys.stderr, flush=True)
+    server.run()

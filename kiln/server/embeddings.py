@@ -1,0 +1,48 @@
+"""POST /v1/embeddings: the normalised mean of the final hidden states over each input's tokens, as
+`kiln.LLM.embed` computes them, in floats or (as OpenAI's Python client asks by default) base64."""
+
+from __future__ import annotations
+
+import base64
+
+from kiln.server.errors import APIError
+from kiln.server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, UsageInfo, prompt_list
+from kiln.server.state import ServerState
+
+
+async def create_embedding(body: EmbeddingRequest, state: ServerState) -> EmbeddingResponse:
+    state.check_model(body.model)
+    inputs = prompt_list(body.input)
+    if not inputs:
+        raise APIError(400, "input is empty; give text, token ids, or a list of either", param="input")
+    ids = [state.prompt_token_ids(text, param="input") for text in inputs]
+    longest = max(len(tokens) for tokens in ids)
+    if longest > state.max_model_len:
+        raise APIError(
+            400,
+            f"an input has {longest} tokens, more than this model's maximum context length of "
+            f"{state.max_model_len}; shorten it",
+            param="input",
+            code="context_length_exceeded",
+        )
+    hidden_size = state.engine.model.config.hidden_size
+    if body.dimensions is not None and body.dimensions != hidden_size:
+        raise APIError(
+            400, f"this model's embeddings have {hidden_size} dimensions; omit dimensions", param="dimensions"
+        )
+    lease = state.admit(1)
+    try:
+        vectors = await state.async_engine.embed(ids)
+    finally:
+        lease.release()
+    data = [
+        EmbeddingData(
+            index=index,
+            embedding=vector.tolist()
+            if body.encoding_format == "float"
+            else base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode(),
+        )
+        for index, vector in enumerate(vectors)
+    ]
+    usage = UsageInfo.of(sum(len(tokens) for tokens in ids))
+    return EmbeddingResponse(data=data, model=state.model_name, usage=usage)
