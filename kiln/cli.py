@@ -116,12 +116,23 @@ def demo(
     cache_dir: Annotated[Path | None, typer.Option(help="Where trained demo models are cached.")] = None,
     prompt: Annotated[str, typer.Option(help="Python code to complete.")] = "def fibonacci(n):\n",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
+    serve: Annotated[
+        bool, typer.Option(help="Then serve the model (OpenAI API + web UI) until Ctrl-C.")
+    ] = True,
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
 ) -> None:
-    """Train the default model once (about 10 minutes on 2 CPU cores, then cached) and complete a prompt."""
+    """Train the default model once (about 10 minutes on 2 CPU cores, then cached), complete a prompt with
+    it, and serve it at http://127.0.0.1:8000/v1 with a web UI at http://127.0.0.1:8000/."""
     from kiln.demo import run_demo
 
     run_demo(
-        recipe=recipe, cache_dir=cache_dir, prompt=prompt, max_new_tokens=max_new_tokens, console=console
+        recipe=recipe,
+        cache_dir=cache_dir,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        console=console,
+        serve=serve,
+        port=port,
     )
 
 

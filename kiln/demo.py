@@ -49,28 +49,38 @@ def train_demo_model(recipe: str, target: Path, console: Console) -> Path:
     return target
 
 
-def run_demo(recipe: str, cache_dir: Path | None, prompt: str, max_new_tokens: int, console: Console) -> str:
-    from kiln.generation import GenerationConfig, generate
-    from kiln.models.hf.io import load_model
-    from kiln.tokenizer import Tokenizer
+def run_demo(
+    recipe: str,
+    cache_dir: Path | None,
+    prompt: str,
+    max_new_tokens: int,
+    console: Console,
+    serve: bool = False,
+    port: int = 8000,
+) -> str:
+    """Train the recipe's model once, complete `prompt` with it, then (optionally) serve it."""
+    from kiln.engine import LLM, SamplingParams
 
     directory = demo_model_dir(recipe, cache_dir)
     if not (directory / "config.json").is_file():
         train_demo_model(recipe, directory, console)
-    tokenizer = Tokenizer.from_dir(directory)
-    model = load_model(directory, dtype="float32")
-    console.print(f"[dim]model: {directory} ({model.num_parameters() / 1e6:.1f}M parameters)[/]")
+    llm = LLM(directory, dtype="float32", verbose=False)
+    console.print(f"[dim]model: {directory} ({llm.engine.model.num_parameters() / 1e6:.1f}M parameters)[/]")
     start = time.perf_counter()
-    ids = generate(
-        model,
-        [tokenizer.encode(prompt)],
-        GenerationConfig(
-            max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(tokenizer.eos_token_ids)
-        ),
-    )[0]
+    output = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))[0].outputs[0]
     elapsed = time.perf_counter() - start
-    text = tokenizer.decode(ids)
     console.print(prompt, end="", style="bold", markup=False, highlight=False)
-    console.print(text, markup=False, highlight=False)
-    console.print(f"[dim]{len(ids)} tokens in {elapsed:.2f}s ({len(ids) / elapsed:.0f} tokens/s)[/]")
-    return text
+    console.print(output.text, markup=False, highlight=False)
+    num_tokens = len(output.token_ids)
+    console.print(f"[dim]{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.0f} tokens/s)[/]")
+    if serve:
+        from kiln.server.app import serve as serve_model
+        from kiln.server.config import ServerConfig
+
+        del llm  # the server loads its own engine
+        console.print(
+            f"[bold]serving[/] the demo model: API http://127.0.0.1:{port}/v1, "
+            f"web UI http://127.0.0.1:{port}/ (Ctrl-C stops)"
+        )
+        serve_model(directory, ServerConfig(port=port, served_model_name=f"kiln-{recipe}"), dtype="float32")
+    return output.text

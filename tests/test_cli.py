@@ -109,7 +109,7 @@ def test_tokenizer_train(tmp_path):
 @pytest.mark.slow
 def test_demo_trains_once_and_completes(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_CACHE", str(tmp_path))
-    args = ["demo", "--recipe", "tiny", "--max-new-tokens", "8"]
+    args = ["demo", "--recipe", "tiny", "--max-new-tokens", "8", "--no-serve"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "training the demo model" in result.output and "def fibonacci(n):" in result.output
@@ -122,7 +122,7 @@ def test_demo_uses_a_cached_model(model_dir, tmp_path):
     import shutil
 
     shutil.copytree(model_dir, tmp_path / "demo")
-    result = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"])
+    result = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8", "--no-serve"])
     assert result.exit_code == 0, result.output
     assert (
         "def fibonacci(n):" in result.output
