@@ -16,7 +16,7 @@ from kiln.data.cli import data_app
 from kiln.engine.cli import Dtype, chat_command, generate_command
 from kiln.errors import KilnError
 from kiln.server.cli import serve_command
-from kiln.train.cli import plot_command, train_command
+from kiln.train.cli import export_command, plan_command, plot_command, train_command
 
 app = typer.Typer(
     name="kiln",
@@ -31,12 +31,15 @@ app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
 app.command("plot")(plot_command)
+app.command("plan")(plan_command)
+app.command("export")(export_command)
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
 app.command("serve")(serve_command)
 
 console = Console()
 err_console = Console(stderr=True)
+
 
 @app.command()
 def convert(

@@ -1,6 +1,12 @@
-"""Training checkpoints: model, optimizer and RNG through torch.distributed.checkpoint (DCP), plus a JSON
-record of the trainer's position. A checkpoint is written to a temporary folder and renamed into place
-only once complete, so a crash mid-write leaves the previous checkpoints untouched; the newest K are kept.
+"""Training checkpoints: model, optimizer and per-rank RNG through torch.distributed.checkpoint (DCP),
+plus a JSON record of the trainer's position.
+
+Each checkpoint is written to a temporary folder. Under torchrun every rank writes its own shards there
+and syncs them to disk; only after a barrier shows that all ranks have done so does rank 0 write the
+JSON record and the COMPLETE marker and rename the folder into place. A process that dies mid-write
+(any rank) therefore leaves the previous checkpoints untouched, and only complete ones are resumed from.
+DCP stores every tensor with its global shape and the pieces each rank held, so a checkpoint saved under
+one parallel layout loads under any other (FSDP -> one process, TP -> FSDP, ...). The newest K are kept.
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,11 +25,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from kiln.errors import KilnError
+from kiln.train import faults
+from kiln.train.distributed import Distributed
 
 STATE_NAME = "trainer_state.json"
 COMPLETE_NAME = "COMPLETE"
-# Fault injection for tests: SIGKILL this process halfway through writing the checkpoint of that step.
-CRASH_ENV = "KILN_TEST_CRASH_DURING_CHECKPOINT"
+CRASH_ENV = faults.CRASH_DURING_CHECKPOINT  # kept for callers of the single-process fault test
 
 
 def checkpoint_name(step: int) -> str:
@@ -69,25 +75,35 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    distributed: Distributed | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep` complete ones."""
+    """Write checkpoint `step` atomically (a collective under torchrun: every rank calls it) and delete
+    all but the newest `keep` complete ones. `trainer_state` is rank 0's."""
+    distributed = distributed or Distributed.single()
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     staging = root / f".tmp-{checkpoint_name(step)}"
-    shutil.rmtree(staging, ignore_errors=True)
+    if distributed.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # the remains of a save that died
+    distributed.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
+    # RNG states differ per rank in general, so each is its own entry (a shared key would be deduplicated).
+    rng = {f"rank{distributed.rank}": _rng_state()}
     with _quiet():
-        dcp.save({"model": model_state, "optim": optim_state, "rng": _rng_state()}, checkpoint_id=staging)
-    if os.environ.get(CRASH_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-    (staging / STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        dcp.save({"model": model_state, "optim": optim_state, "rng": rng}, checkpoint_id=staging)
+    faults.inject(faults.CRASH_DURING_CHECKPOINT, step, distributed.rank)
     _fsync_tree(staging)
-    (staging / COMPLETE_NAME).write_text("")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()  # every rank's shards are on disk: only now may the checkpoint become complete
+    if distributed.is_main:
+        (staging / STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        _fsync_tree(staging)
+        (staging / COMPLETE_NAME).write_text("")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -105,15 +121,40 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return json.loads(state_file.read_text())
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from checkpoint `path`; return the trainer's JSON state."""
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    distributed: Distributed | None = None,
+) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from checkpoint `path` into this layout (a collective under
+    torchrun); return the trainer's JSON state."""
+    distributed = distributed or Distributed.single()
     trainer_state = read_trainer_state(path)
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "rng": _rng_state()}
+    rng_key = _rng_key(Path(path), distributed.rank)
+    state = {"model": model_state, "optim": optim_state, "rng": {rng_key: _rng_state()}}
     with _quiet():
         dcp.load(state, checkpoint_id=Path(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    rng = state["rng"][rng_key]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return trainer_state
+
+
+def _rng_key(path: Path, rank: int) -> str:
+    """This rank's saved RNG entry, or rank 0's when the checkpoint came from fewer ranks."""
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return f"rank{rank}" if f"rng.rank{rank}.torch" in keys else "rank0"
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Only the model's weights (any saved layout) into an unsharded `model`; returns the JSON state."""
+    trainer_state = read_trainer_state(path)
+    state = {"model": model.state_dict()}
+    with _quiet():
+        dcp.load(state, checkpoint_id=Path(path))
+    model.load_state_dict(state["model"])
     return trainer_state

@@ -1,4 +1,4 @@
-"""`kiln train` and `kiln plot`."""
+"""`kiln train`, `kiln plan`, `kiln export` and `kiln plot`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,20 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any TrainConfig field: --set lr=3e-4 --set model.num_layers=6 (repeatable)."),
+]
+
+
+def _recipe_config(recipe: str, inputs: list[str] | None, data: Path | None, out_dir: Path | None):
+    from recipes import get_recipe
+
+    config = get_recipe(recipe)(
+        inputs=inputs, data_dir=str(data) if data else None, out_dir=str(out_dir) if out_dir else None
+    )
+    return dataclasses.replace(config, prepare=None) if data is not None else config
 
 
 def train_command(
@@ -39,31 +53,45 @@ def train_command(
     goldfish_h: Annotated[
         int | None, typer.Option(help="Goldfish loss: hash the H tokens before a target.")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="Any TrainConfig field: --set lr=3e-4 --set model.num_layers=6 (repeatable)."
-        ),
+    dp_shard: Annotated[
+        int | None,
+        typer.Option(help="FSDP2 shard degree under torchrun; -1 (default) = the processes left over."),
     ] = None,
+    dp_replicate: Annotated[
+        int | None, typer.Option(help="Data-parallel replicas: DDP (with --dp-shard 1) or HSDP.")
+    ] = None,
+    tp: Annotated[int | None, typer.Option(help="Tensor (+ sequence) parallel degree.")] = None,
+    collective_timeout_s: Annotated[
+        float | None, typer.Option(help="Fail the job when a collective waits this long (hung rank).")
+    ] = None,
+    set_: SetOption = None,
 ) -> None:
-    """Train a model from a recipe; every TrainConfig field can be overridden. Ends with an HF export."""
+    """Train a model from a recipe; every TrainConfig field can be overridden. Ends with an HF export.
+
+    Under torchrun (`torchrun --nproc-per-node N -m kiln.cli train ...`) the processes split the work as
+    --dp-replicate x --dp-shard x --tp; a restarted job (--max-restarts) resumes by itself."""
     from kiln.errors import KilnError
     from kiln.train import checkpoint
+    from kiln.train.distributed import restart_count
     from kiln.train.trainer import Trainer
-    from recipes import get_recipe
 
-    config = get_recipe(recipe)(
-        inputs=inputs, data_dir=str(data) if data else None, out_dir=str(out_dir) if out_dir else None
-    )
-    if data is not None:
-        config = dataclasses.replace(config, prepare=None)
+    config = _recipe_config(recipe, inputs, data, out_dir)
     flags = dict(
-        max_steps=max_steps, precision=precision, device=device, goldfish_k=goldfish_k, goldfish_h=goldfish_h
+        max_steps=max_steps,
+        precision=precision,
+        device=device,
+        goldfish_k=goldfish_k,
+        goldfish_h=goldfish_h,
+        dp_shard=dp_shard,
+        dp_replicate=dp_replicate,
+        tp=tp,
+        collective_timeout_s=collective_timeout_s,
     )
     config = config.override([f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or []))
-    console = Console(stderr=True)
-    trainer = Trainer(config, console=console)
-    if resume:
+    trainer = Trainer(config, console=Console(stderr=True))
+    console = trainer.console  # quiet on every rank but 0
+    # A job torchrun restarted after a failure resumes by itself (any rank's count, as nodes count apart).
+    if resume or trainer.distributed.any(restart_count() > 0):
         resumed = trainer.resume()
         console.print(
             f"resuming from {resumed}" if resumed else "no checkpoint to resume from; starting fresh"
@@ -74,6 +102,9 @@ def train_command(
             "or choose another --out-dir"
         )
     summary = trainer.train()
+    trainer.distributed.close()
+    if not trainer.distributed.is_main:
+        return
     table = Table(title=f"kiln train --recipe {recipe}", show_header=False)
     rows = {
         "steps": f"{summary.steps:,}",
@@ -89,6 +120,68 @@ def train_command(
     for key, value in rows.items():
         table.add_row(key, value)
     Console().print(table)
+
+
+def plan_command(
+    recipe: Annotated[str, typer.Option(help="Recipe from recipes/ whose model and batch to plan.")] = "demo",
+    dp_shard: Annotated[int, typer.Option(help="FSDP2 shard degree.")] = 1,
+    dp_replicate: Annotated[
+        int, typer.Option(help="Data-parallel replicas (DDP, or HSDP with sharding).")
+    ] = 1,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel degree.")] = 1,
+    set_: SetOption = None,
+) -> None:
+    """Estimate training memory per rank (parameters, gradients, optimizer state, activations) for a
+    recipe's model and batch under a parallel layout; the formulas are in docs/scaling.md."""
+    from kiln.train.layout import ParallelLayout
+    from kiln.train.plan import format_bytes, plan_memory
+
+    config = _recipe_config(recipe, None, None, None).override(list(set_ or []))
+    layout = ParallelLayout(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+    layout.check_model(config.model, config.seq_len)
+    precision = "bf16" if config.precision == "auto" else config.precision  # what GPUs choose for auto
+    plan = plan_memory(
+        config.model,
+        layout,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        precision=precision,
+        activation_checkpointing=config.activation_checkpointing,
+    )
+    processes = "1 process" if layout.world_size == 1 else f"{layout.world_size} processes"
+    console = Console()
+    console.print(
+        f"kiln plan --recipe {recipe}: {config.model.num_parameters() / 1e6:,.1f}M parameters, "
+        f"{layout.describe()} ({processes}), {precision}; micro-batch {config.batch_size} x "
+        f"{config.seq_len} tokens per data-parallel rank, global batch "
+        f"{config.batch_size * layout.dp_size} sequences"
+    )
+    table = Table()
+    table.add_column("per rank")
+    table.add_column("bytes", justify="right")
+    for name, value in plan.rows().items():
+        table.add_row(name, format_bytes(value))
+    table.add_row("[bold]peak[/]", f"[bold]{format_bytes(plan.peak)}[/]")
+    console.print(table)
+    if not plan.gradients_at_peak:
+        console.print("peak = parameters + optimizer state + activations + buffers (gradients come later)")
+
+
+def export_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint folder (OUT_DIR/checkpoints/step-N), or a run's OUT_DIR.")
+    ],
+    target: Annotated[Path, typer.Argument(help="HF model directory to write.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Data folder whose tokenizer to include (default: the run's).")
+    ] = None,
+) -> None:
+    """Turn a kiln checkpoint, saved under any parallel layout, into an HF model directory."""
+    from kiln.train.export import export_checkpoint, resolve_checkpoint
+
+    source = resolve_checkpoint(checkpoint)
+    written = export_checkpoint(source, target, data)
+    Console().print(f"exported {source} -> {written}")
 
 
 def plot_command(

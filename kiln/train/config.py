@@ -43,6 +43,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"
 
+    # Parallel layout under torchrun: dp_replicate x dp_shard x tp must equal the number of processes.
+    dp_shard: int = -1  # FSDP2 shard degree; -1 = the processes dp_replicate and tp leave (1 when alone)
+    dp_replicate: int = 1  # full replicas: plain DDP when dp_shard is 1, HSDP when it is > 1
+    tp: int = 1  # tensor (+ sequence) parallel degree
+    collective_timeout_s: float = 600.0  # a collective waiting longer (a hung or dead rank) fails the job
+
     goldfish_k: int = 0  # >= 2 enables Goldfish loss: drop ~1/k of targets by a hash of...
     goldfish_h: int = 13  # ...the h tokens before each target
 
@@ -70,6 +76,13 @@ class TrainConfig:
             raise KilnError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise KilnError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.dp_replicate < 1 or self.tp < 1 or (self.dp_shard < 1 and self.dp_shard != -1):
+            raise KilnError(
+                "dp_replicate and tp must be >= 1 and dp_shard >= 1 or -1 (the rest); got "
+                f"dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}, tp={self.tp}"
+            )
+        if self.collective_timeout_s <= 0:
+            raise KilnError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise KilnError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
         if self.goldfish_k == 1 or self.goldfish_k < 0 or self.goldfish_h < 1:
@@ -82,7 +95,12 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens one data-parallel rank consumes per optimizer step (the whole step in one process)."""
         return self.seq_len * self.batch_size * self.grad_accum_steps
+
+    @property
+    def layout_args(self) -> dict[str, int]:
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prepare"}
@@ -103,8 +121,22 @@ class TrainConfig:
                 raise KilnError(f"unknown setting {key!r}; see `kiln train --help` for the fields")
             value = _parse(text, getattr(target, name), key)
             (model_changes if target is self.model else changes)[name] = value
-        model = self.model.replace(**model_changes) if model_changes else self.model
+        model = self.model.replace(**_rederived(self.model, model_changes)) if model_changes else self.model
         return dataclasses.replace(self, model=model, **changes)
+
+
+def _rederived(model: ModelConfig, changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes`, plus head_dim/intermediate_size reset to None (recomputed) where the model's value
+    follows ModelConfig's default rule, so `model.hidden_size=1024` also resizes heads and MLP."""
+    try:
+        defaults = model.replace(head_dim=None, intermediate_size=None)
+    except KilnError:  # sizes that only an explicit head_dim makes valid: nothing follows the rule
+        return changes
+    changes = dict(changes)
+    for name in ("head_dim", "intermediate_size"):
+        if name not in changes and getattr(model, name) == getattr(defaults, name):
+            changes[name] = None
+    return changes
 
 
 def _parse(text: str, current: Any, key: str) -> Any:

@@ -13,8 +13,13 @@ METRICS_NAME = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, out_dir: str | Path, tensorboard: bool = False) -> None:
+    """`enabled=False` (ranks other than 0 under torchrun) makes every call a no-op."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = False, enabled: bool = True) -> None:
         self.path = Path(out_dir) / METRICS_NAME
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._writer = None
@@ -28,6 +33,8 @@ class MetricsLog:
             self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
 
     def write(self, kind: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
         record = {"kind": kind, "step": step, "time": time.time(), **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -37,6 +44,8 @@ class MetricsLog:
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._writer is not None:
             self._writer.close()

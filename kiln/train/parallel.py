@@ -1,11 +1,30 @@
-"""Transformations applied to a model from outside (the model code stays single-device and plain)."""
+"""Transformations applied to a model from outside (the model code stays single-device and plain):
+activation checkpointing, tensor + sequence parallelism (DTensor `parallelize_module`), FSDP2/HSDP
+(`fully_shard` per block) and DDP, in the order torchtitan applies them: TP, then checkpointing, then
+data parallelism."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.nn.parallel import DistributedDataParallel
 
 from kiln.models.transformer import Transformer
+from kiln.train.distributed import Distributed
+from kiln.train.objective import LanguageModelObjective
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
@@ -14,3 +33,103 @@ def apply_activation_checkpointing(model: Transformer) -> None:
     model.layers = nn.ModuleList(
         checkpoint_wrapper(block, preserve_rng_state=False) for block in model.layers
     )
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style tensor parallelism with sequence parallelism (Korthikanti et al. 2022).
+
+    q/k/v, gate and up projections are split by output features (column-wise), o_proj and down_proj by
+    input features (row-wise), so each block needs one all-gather in and one reduce-scatter out per
+    sublayer. Between them the residual stream and norms are split along the sequence (B, T/tp, H).
+    Embedding tables and the LM head are split along the vocabulary; the loss is then vocab-parallel
+    cross-entropy (see LanguageModelObjective). A tied embedding/head weight is one (V, H) table split
+    the same way (rows) in both uses.
+    """
+    tp = tp_mesh.size()
+    sequence_sharded_embedding = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    plan: dict[str, object] = {"embed_tokens": sequence_sharded_embedding, "norm": SequenceParallel()}
+    if model.embed_positions is not None:
+        plan["embed_positions"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.embed_norm is not None:
+        plan["embed_norm"] = SequenceParallel()
+    if model.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, plan)
+    for block in model.layers:
+        block_plan: dict[str, object] = {
+            "attn_norm": SequenceParallel(),
+            # Attention is called as attn(x, attention_inputs, kv_cache): only x is a tensor to lay out.
+            "attn": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp_norm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        if block.mlp.gate_proj is not None:
+            block_plan["mlp.gate_proj"] = ColwiseParallel()
+        parallelize_module(block, tp_mesh, block_plan)
+        # Each rank now projects to its own num_heads / tp heads; attention reshapes by these counts.
+        block.attn.num_heads //= tp
+        block.attn.num_kv_heads //= tp
+
+
+def apply_fsdp(
+    objective: LanguageModelObjective, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None
+) -> None:
+    """FSDP2: each block is its own all-gather / reduce-scatter group, so only one block's parameters
+    are unsharded at a time; the root group (embeddings, final norm, LM head) stays unsharded from the
+    forward until its gradients are reduced. A 2-D `dp_mesh` (replicate, shard) gives HSDP."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in objective.model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(objective, mesh=dp_mesh, mp_policy=policy)
+
+
+def parallelize(
+    objective: LanguageModelObjective,
+    distributed: Distributed,
+    *,
+    activation_checkpointing: bool,
+    compile_blocks: bool,
+    fsdp_param_dtype: torch.dtype | None,
+) -> nn.Module:
+    """Apply the run's layout to `objective` in place; returns the module to call for the loss (a DDP
+    wrapper under plain data parallelism, else `objective` itself)."""
+    layout, mesh, model = distributed.layout, distributed.mesh, objective.model
+    if layout.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+        objective.vocab_parallel = True
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile_blocks:  # block by block, inside FSDP's per-block hooks (as torchtitan does)
+        for block in model.layers:
+            block.compile()
+    if layout.uses_fsdp:
+        dp_mesh = mesh["dp_shard"] if layout.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
+        apply_fsdp(objective, dp_mesh, fsdp_param_dtype)
+    elif layout.uses_ddp:
+        device_ids = [distributed.device.index] if distributed.device.type == "cuda" else None
+        return DistributedDataParallel(
+            objective,
+            device_ids=device_ids,
+            process_group=mesh["dp_replicate"].get_group(),
+            gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
+        )
+    return objective
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, also for sharded (DTensor) gradients: their norm is reduced to
+    the full norm before the clip coefficient is applied, so every rank clips by the same factor."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, math.inf if max_norm <= 0 else max_norm, total)
+    return total

@@ -4,24 +4,30 @@ precision, evaluation, checkpoints that resume exactly, and an HF export at the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import time
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from kiln.errors import KilnError
 from kiln.models.transformer import Transformer
 from kiln.train import checkpoint as ckpt
+from kiln.train import distributed as dist
 from kiln.train.config import TrainConfig
-from kiln.train.flops import choose_precision, peak_flops, training_flops_per_token
-from kiln.train.losses import fused_language_model_loss
-from kiln.train.metrics import MetricsLog
+from kiln.train.export import save_with_tokenizer
+from kiln.train.flops import choose_precision
+from kiln.train.loop import TrainingLoop, TrainSummary
+from kiln.train.losses import IGNORE_INDEX, goldfish_mask
+from kiln.train.objective import LanguageModelObjective
 from kiln.train.optim import build_optimizer, learning_rate, set_learning_rate
-from kiln.train.parallel import apply_activation_checkpointing
+from kiln.train.parallel import apply_activation_checkpointing, clip_grad_norm, parallelize
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,18 +41,16 @@ class StepResult:
     skipped: bool = False
 
 
-@dataclass
-class TrainSummary:
-    steps: int
-    tokens: int
-    wall_seconds: float
-    tokens_per_second: float
-    mfu: float
-    final_loss: float
-    val_loss: float | None
-    losses: list[float] = field(default_factory=list)
-    checkpoint: str | None = None
-    export_dir: str | None = None
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (tensor parallelism's loss is one)."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a backend error: its first sentence, without gloo's source-file prefix."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())
+    text = text.splitlines()[0] if text else type(error).__name__
+    return text.split(". ")[0][:160]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,14 +61,26 @@ def resolve_device(name: str) -> torch.device:
 
 class Trainer:
     """Runs one TrainConfig. `train_data`/`val_data` default to TokenLoaders over config.data_dir; any
-    object with `batch(step) -> (inputs, targets)`, `state_dict()` and `load_state_dict()` will do."""
+    object with `batch(step) -> (inputs, targets)`, `state_dict()` and `load_state_dict()` will do.
+
+    Under torchrun, every process builds a Trainer: it joins the process group, applies the configured
+    layout (FSDP2 / HSDP / DDP / tensor parallel, see kiln.train.parallel) and takes its data-parallel
+    slice of each global batch; rank 0 alone logs and writes metrics. A `train_data` passed in must
+    then return this rank's rows (as TokenLoader does with rank=dp_rank, world_size=dp_size).
+    """
 
     def __init__(
         self, config: TrainConfig, *, train_data=None, val_data=None, console: Console | None = None
     ):
         self.config = config
+        self.distributed = dist.setup(
+            config.layout_args, resolve_device(config.device), config.collective_timeout_s
+        )
+        self.distributed.layout.check_model(config.model, config.seq_len)
+        self.device = self.distributed.device
         self.console = console or Console(stderr=True)
-        self.device = resolve_device(config.device)
+        if not self.distributed.is_main:
+            self.console = Console(stderr=True, quiet=True)
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         if train_data is None:
@@ -72,21 +88,49 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         torch.manual_seed(config.seed)
         self.model = Transformer(config.model).to(self.device)
-        if config.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
-        # The loss takes final hidden states: the fused LM head + cross-entropy never builds full logits.
-        self.hidden_states = (
-            torch.compile(self.model.hidden_states) if config.compile else self.model.hidden_states
-        )
+        precision = choose_precision(self.device) if config.precision == "auto" else config.precision
+        self.precision = self.distributed.broadcast(precision)  # ranks could measure differently
+        self.compute_dtype = AUTOCAST_DTYPES.get(self.precision)
+        self.objective, self.loss_module = self._parallelize()
         self.optimizer = build_optimizer(
             self.model, config.lr, config.weight_decay, (config.beta1, config.beta2)
         )
-        self.precision = choose_precision(self.device) if config.precision == "auto" else config.precision
-        self.autocast_dtype = AUTOCAST_DTYPES.get(self.precision)
+        # Autocast everywhere (the fused loss kernel relies on it for its matmuls); FSDP also all-gathers
+        # bf16 copies of the weights (its mixed-precision policy), halving that traffic.
+        self.autocast_dtype = self.compute_dtype
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.parameters = list(self.model.parameters())
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
+
+    def _parallelize(self) -> tuple[LanguageModelObjective, torch.nn.Module]:
+        """(the objective, the module to call for the loss: the objective or its DDP wrapper)."""
+        config, layout = self.config, self.distributed.layout
+        if not self.distributed.enabled:
+            if config.activation_checkpointing:
+                apply_activation_checkpointing(self.model)
+            # The loss takes final hidden states: the fused LM head + cross-entropy never builds logits.
+            compiled = torch.compile(self.model.hidden_states) if config.compile else None
+            objective = LanguageModelObjective(self.model, compiled)
+            return objective, objective
+        if self.precision == "fp16" and (layout.uses_fsdp or layout.tp > 1):
+            raise KilnError("fp16 loss scaling is not supported with FSDP or TP; use --precision bf16")
+        if config.compile and layout.tp > 1:  # DTensor's redistribute backward fails under torch.compile
+            raise KilnError("compile=true does not work with --tp > 1 yet; turn compile off for TP runs")
+        objective = LanguageModelObjective(self.model)
+        module = parallelize(
+            objective,
+            self.distributed,
+            activation_checkpointing=config.activation_checkpointing,
+            compile_blocks=config.compile,
+            fsdp_param_dtype=self.compute_dtype,
+        )
+        return objective, module
+
+    @property
+    def global_tokens_per_step(self) -> int:
+        return self.config.tokens_per_step * self.distributed.dp_size
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -102,9 +146,18 @@ class Trainer:
                 )
             from kiln.data.prepare import prepare
 
-            self.console.print(f"preparing data into {config.data_dir}")
-            prepare(config.prepare)
-        loader_args = dict(seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+            if self.distributed.is_main:  # one process prepares; the others wait for its manifest
+                self.console.print(f"preparing data into {config.data_dir}")
+                prepare(config.prepare)
+            self.distributed.barrier()
+        distributed = self.distributed
+        loader_args = dict(
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            rank=distributed.dp_rank,
+            world_size=distributed.dp_size,
+        )
         train = TokenLoader(config.data_dir, "train", **loader_args)
         vocab = train.manifest["vocab_size"]
         if vocab > config.model.vocab_size:
@@ -146,19 +199,14 @@ class Trainer:
         total_loss = 0.0
         for micro in range(config.grad_accum_steps):
             inputs, targets = self._batch(self.train_data, self.step * config.grad_accum_steps + micro)
-            with self._autocast():
-                hidden = self.hidden_states(inputs)
-                loss = fused_language_model_loss(
-                    hidden, self.model.output_weight, targets, inputs, config.goldfish_k, config.goldfish_h
-                )
-            scaled = loss / config.grad_accum_steps
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total_loss += loss.item() / config.grad_accum_steps
-        tokens = config.tokens_per_step
+            with self._gradient_sync(micro == config.grad_accum_steps - 1):
+                total_loss += self._forward_backward(inputs, targets) / config.grad_accum_steps
+        total_loss = self._global_mean(total_loss)
+        tokens = self.global_tokens_per_step
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = float(clip_grad_norm(self.parameters, config.grad_clip))
+        # Loss and norm are global, so every rank takes the same decision.
         finite = math.isfinite(total_loss) and (self.scaler is not None or math.isfinite(grad_norm))
         if finite:
             if self.scaler is not None:
@@ -174,6 +222,51 @@ class Trainer:
         self.tokens_seen += tokens
         return StepResult(total_loss, grad_norm, lr, tokens, skipped=not finite)
 
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Loss and gradients of one micro-batch; returns this rank's loss (its share of the global mean
+        under data parallelism)."""
+        config = self.config
+        if config.goldfish_k:
+            dropped = goldfish_mask(inputs, config.goldfish_k, config.goldfish_h)
+            targets = targets.masked_fill(dropped, IGNORE_INDEX)
+        share = self._target_share(targets)
+        with self.objective.loss_context():  # vocab-parallel cross-entropy needs it around backward too
+            with self._autocast():
+                loss = self.loss_module(inputs, targets)
+            if share is not None:
+                loss = loss * share
+            scaled = loss / config.grad_accum_steps
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return _local(loss).item()
+
+    def _target_share(self, targets: torch.Tensor) -> float | None:
+        """dp_size * this rank's kept targets / the global micro-batch's kept targets, or None alone.
+
+        Each rank's loss is a mean over its own kept targets and data parallelism averages gradients
+        over ranks; weighting by this share makes that average the global batch's mean, as one process
+        computes it, even when Goldfish drops different numbers of targets on different ranks. Without
+        dropped targets the share is exactly 1.
+        """
+        if self.distributed.dp_size == 1:
+            return None
+        kept = (targets != IGNORE_INDEX).sum().double()
+        total = self.distributed.sum(kept.clone()).item() / self.distributed.layout.tp  # tp ranks repeat
+        return kept.item() * self.distributed.dp_size / max(total, 1.0)
+
+    def _global_mean(self, value: float) -> float:
+        """The mean over data-parallel ranks of a per-rank value (tensor-parallel ranks hold equal ones)."""
+        if not self.distributed.enabled:
+            return value
+        total = self.distributed.sum(torch.tensor(value, dtype=torch.float64))
+        return total.item() / self.distributed.world_size
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """DDP all-reduces gradients only after the last micro-batch of a step (FSDP reduce-scatters
+        each one, which keeps only sharded gradients alive between micro-batches)."""
+        if last_micro_batch or not isinstance(self.loss_module, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.loss_module.no_sync()
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation loss over the first eval_batches batches of the val split (the same every time)."""
@@ -183,159 +276,118 @@ class Trainer:
         losses = []
         for index in range(self.config.eval_batches):
             inputs, targets = self._batch(self.val_data, index)
-            with self._autocast():
-                hidden = self.hidden_states(inputs)
-                losses.append(fused_language_model_loss(hidden, self.model.output_weight, targets).item())
-        return sum(losses) / len(losses)
+            with self.objective.loss_context(), self._autocast():
+                losses.append(_local(self.loss_module(inputs, targets)).item())
+        return self._global_mean(sum(losses) / len(losses))
 
     # ------------------------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (under torchrun, every rank must call this)."""
+        config, distributed = self.config, self.distributed
+        position = self.step * config.grad_accum_steps  # the loader's next micro-batch index
+        rows = [distributed.dp_rank * config.batch_size, (distributed.dp_rank + 1) * config.batch_size]
+        ranks = distributed.gather(
+            {"rank": distributed.rank, "dp_rank": distributed.dp_rank, "next_batch": position, "rows": rows}
+        )
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "loader": self.train_data.state_dict() | {"step": self.step * self.config.grad_accum_steps},
-            "config": self.config.to_dict(),
+            "loader": self.train_data.state_dict()
+            | {"step": position, "global_batch_size": config.batch_size * distributed.dp_size},
+            "layout": dataclasses.asdict(distributed.layout),
+            "ranks": ranks,  # which rows of every global batch each rank drew, from which batch on
+            "config": config.to_dict(),
         }
         return ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints
+            self.checkpoint_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            config.keep_checkpoints,
+            distributed,
         )
 
     def resume(self, path: str | Path | None = None) -> Path | None:
-        """Continue from checkpoint `path` (default: the newest complete one in out_dir/checkpoints)."""
+        """Continue from checkpoint `path` (default: the newest complete one in out_dir/checkpoints),
+        whatever parallel layout saved it."""
         path = Path(path) if path else ckpt.latest_checkpoint(self.checkpoint_dir)
+        path = self.distributed.broadcast(path)  # one choice, even if ranks see a shared disk differently
         if path is None:
             return None
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self._adopt_global_batch(ckpt.read_trainer_state(path))
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.distributed)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_data.load_state_dict(state["loader"])
         return path
 
-    def export(self, directory: str | Path | None = None) -> Path:
-        """Save the model as an HF directory (Llama layout) with the data's tokenizer beside it."""
-        from kiln.models.hf.io import save_model
-        from kiln.tokenizer import Tokenizer
+    def _adopt_global_batch(self, state: dict) -> None:
+        """Keep the checkpoint's global batch under this run's layout, so no sample is skipped or repeated.
 
-        target = Path(directory) if directory else self.out_dir / "model"
-        tokenizer_dir = Path(self.config.data_dir) / "tokenizer"
-        tokenizer = (
-            Tokenizer.from_dir(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
+        A step's samples depend only on the global batch (batch_size x data-parallel ranks, see
+        TokenLoader), so the loader's position (its next batch index) carries over unchanged; only the
+        rows each rank takes of every global batch change: with 2 ranks of 4 rows saved, one process
+        takes all 8 rows, and 4 ranks take 2 each.
+        """
+        saved_config = state["config"]
+        if saved_config["grad_accum_steps"] != self.config.grad_accum_steps:
+            raise KilnError(
+                f"the checkpoint was trained with grad_accum_steps={saved_config['grad_accum_steps']}; "
+                "resume with the same value (set batch_size/layout freely)"
+            )
+        saved_global = state["loader"].get("global_batch_size", saved_config["batch_size"])
+        dp_size = self.distributed.dp_size
+        if saved_global == self.config.batch_size * dp_size:
+            return
+        if saved_global % dp_size:
+            raise KilnError(
+                f"the checkpoint's global batch of {saved_global} sequences cannot be split evenly over "
+                f"{dp_size} data-parallel ranks; choose a layout whose dp_replicate x dp_shard divides it"
+            )
+        batch_size = saved_global // dp_size
+        takes = f"each of the {dp_size} data-parallel ranks takes {batch_size}"
+        if dp_size == 1:
+            takes = f"one data-parallel rank takes all {batch_size}"
+        self.console.print(
+            f"the checkpoint's global batch is {saved_global} sequences: {takes} "
+            f"(batch_size {self.config.batch_size} -> {batch_size})"
         )
-        if tokenizer is not None and self.model.config.eos_token_id is None:
-            self.model.config.eos_token_id = tokenizer.eos_token_id
-        return save_model(self.model, target, tokenizer=tokenizer)
+        self.config = dataclasses.replace(self.config, batch_size=batch_size)
+        for source in (self.train_data, self.val_data):
+            if source is not None:
+                source.batch_size = batch_size  # loaders draw each batch from (seed, index, batch_size)
+
+    def export(self, directory: str | Path | None = None) -> Path:
+        """Save the model as an HF directory (Llama layout) with the data's tokenizer beside it. Under
+        torchrun every rank must call this: the shards are gathered and rank 0 writes."""
+        target = Path(directory) if directory else self.out_dir / "model"
+        if not self.distributed.enabled:
+            return save_with_tokenizer(self.model, target, self.config.data_dir)
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.distributed.is_main:
+            with torch.device("meta"):
+                model = Transformer(self.config.model)
+            model.load_state_dict(full, assign=True)
+            save_with_tokenizer(model, target, self.config.data_dir)
+        self.distributed.barrier()
+        return target
 
     # ------------------------------------------------------------------------------------------- loop
 
     def train(self) -> TrainSummary:
-        config = self.config
-        metrics = MetricsLog(self.out_dir, config.tensorboard)
-        flops_per_token = training_flops_per_token(config.model, config.seq_len)
-        peak, peak_source = peak_flops(self.device, self.autocast_dtype or torch.float32)
-        self._announce(peak, peak_source)
-        losses: list[float] = []
-        val_loss, last_checkpoint = None, None
-        start = window_start = time.perf_counter()
-        start_step = window_step = self.step
-        with self._progress() as progress:
-            task = progress.add_task("train", total=config.max_steps, completed=self.step, info="")
-            while self.step < config.max_steps:
-                if config.max_minutes and time.perf_counter() - start > 60 * config.max_minutes:
-                    progress.console.print(
-                        f"[yellow]stopping at step {self.step}: "
-                        f"the {config.max_minutes}-minute limit is reached[/]"
-                    )
-                    break
-                result = self.train_step()
-                losses.append(result.loss)
-                if result.skipped:
-                    self._handle_bad_step(result, metrics)
-                if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_second = (
-                        (self.step - window_step) * config.tokens_per_step / max(elapsed, 1e-9)
-                    )
-                    mfu = tokens_per_second * flops_per_token / peak
-                    metrics.write(
-                        "train",
-                        self.step,
-                        loss=result.loss,
-                        lr=result.lr,
-                        grad_norm=result.grad_norm,
-                        tokens_per_second=tokens_per_second,
-                        mfu=mfu,
-                        tokens=self.tokens_seen,
-                    )
-                    info = f"loss {result.loss:.3f}  {tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}"
-                    progress.update(task, info=info)
-                    if not self.console.is_terminal:  # logs and pipes get one plain line per log step
-                        self.console.print(f"step {self.step}/{config.max_steps}  {info}", highlight=False)
-                    window_start, window_step = time.perf_counter(), self.step
-                progress.update(task, completed=self.step)
-                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
-                    val_loss = self._evaluate_and_log(metrics, progress)
-                checkpoint_due = config.checkpoint_every and self.step % config.checkpoint_every == 0
-                if checkpoint_due and self.bad_steps == 0:  # never checkpoint inside a non-finite streak
-                    last_checkpoint = self.save_checkpoint()
-        val_loss = self._evaluate_and_log(metrics, None)
-        if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(self.step):
-            last_checkpoint = self.save_checkpoint()
-        wall = time.perf_counter() - start
-        tokens_per_second = (self.step - start_step) * config.tokens_per_step / max(wall, 1e-9)
-        export_dir = self.export() if config.export else None
-        summary = TrainSummary(
-            steps=self.step,
-            tokens=self.tokens_seen,
-            wall_seconds=wall,
-            tokens_per_second=tokens_per_second,
-            mfu=tokens_per_second * flops_per_token / peak,
-            final_loss=losses[-1] if losses else math.nan,
-            val_loss=val_loss,
-            losses=losses,
-            checkpoint=str(last_checkpoint),
-            export_dir=str(export_dir) if export_dir else None,
-        )
-        metrics.write("summary", self.step, **{k: v for k, v in vars(summary).items() if k != "losses"})
-        metrics.close()
-        return summary
-
-    def _evaluate_and_log(self, metrics: MetricsLog, progress: Progress | None) -> float | None:
-        val_loss = self.evaluate()
-        if val_loss is not None:
-            metrics.write("eval", self.step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50)))
-            line = f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}"
-            (progress.console if progress else self.console).print(line)
-        return val_loss
-
-    def _handle_bad_step(self, result: StepResult, metrics: MetricsLog) -> None:
-        metrics.write("skipped", self.step, loss=result.loss, grad_norm=result.grad_norm)
-        self.console.print(
-            f"[yellow]step {self.step}: non-finite loss/gradient ({result.loss}, {result.grad_norm}); "
-            "update skipped[/]"
-        )
-        if self.bad_steps >= self.config.max_bad_steps:
-            latest = ckpt.latest_checkpoint(self.checkpoint_dir)
+        """Train to max_steps (or max_minutes), checkpointing and evaluating on schedule; under torchrun a
+        collective that fails (a rank died) or times out (a rank hung) ends this rank with a KilnError."""
+        try:
+            return TrainingLoop(self).run()
+        except Exception as error:
+            if not (self.distributed.enabled and dist.is_collective_failure(error)):
+                raise
             raise KilnError(
-                f"stopped after {self.bad_steps} non-finite steps in a row (at step {self.step}); "
-                f"the last good checkpoint is {latest or 'none (none was saved yet)'}. "
-                "Lower the learning rate, raise warmup, or use bf16 instead of fp16, then --resume."
-            )
-
-    def _announce(self, peak: float, peak_source: str) -> None:
-        config = self.config
-        self.console.print(
-            f"model {self.model.num_parameters() / 1e6:.2f}M parameters on {self.device} ({self.precision}); "
-            f"{config.tokens_per_step:,} tokens/step; MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})"
-        )
-
-    def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-            disable=not self.console.is_terminal,
-        )
+                f"rank {self.distributed.rank}: a collective failed after step {self.step} "
+                f"({_first_line(error)}); another rank died, or hung for more than "
+                f"collective_timeout_s={self.config.collective_timeout_s:g}. Under torchrun "
+                "--max-restarts=N the job restarts from the last complete checkpoint."
+            ) from error

@@ -141,3 +141,13 @@ def test_config_overrides_and_validation():
         TrainConfig(model=kiln.preset("tiny"), data_dir="d", goldfish_k=1)
     with pytest.raises(kiln.KilnError, match="seq_len 4096 exceeds"):
         TrainConfig(model=kiln.preset("tiny"), data_dir="d", seq_len=4096)
+
+
+def test_overriding_the_width_resizes_heads_and_mlp_that_follow_the_default_rule():
+    config = TrainConfig(model=kiln.preset("tiny"), data_dir="d")  # head_dim 16, intermediate 192: defaults
+    wider = config.override(["model.hidden_size=128"]).model
+    assert (wider.head_dim, wider.intermediate_size) == (32, 384)
+    explicit = config.override(["model.hidden_size=128", "model.head_dim=8"]).model
+    assert explicit.head_dim == 8
+    custom = TrainConfig(model=kiln.preset("tiny", intermediate_size=100), data_dir="d")
+    assert custom.override(["model.hidden_size=128"]).model.intermediate_size == 100  # chosen, so kept

@@ -1,0 +1,106 @@
+"""ParallelLayout: how a run's processes divide the work (data-parallel replicas and shards, tensor
+parallelism), resolved from the config's --dp-replicate/--dp-shard/--tp against the world size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.config import ModelConfig
+from kiln.errors import KilnError
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ParallelLayout:
+    """dp_replicate x dp_shard x tp processes, in that order on the device mesh (tp innermost, so a
+    tensor-parallel group shares a node's fast links).
+
+    dp_shard > 1 shards parameters, gradients and optimizer state over that many data-parallel ranks
+    (FSDP2, ZeRO-3-like); dp_replicate > 1 keeps full replicas (plain DDP when dp_shard == 1, HSDP when
+    both are > 1); tp > 1 splits every matmul across that many ranks (tensor + sequence parallel).
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "dp_shard", "tp"):
+            if getattr(self, name) < 1:
+                raise KilnError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def resolve(
+        cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1
+    ) -> ParallelLayout:
+        """The layout for `world_size` processes; dp_shard=-1 takes whatever dp_replicate * tp leaves."""
+        if dp_replicate < 1 or tp < 1 or (dp_shard < 1 and dp_shard != -1):
+            raise KilnError(
+                f"need dp_replicate >= 1, tp >= 1 and dp_shard >= 1 (or -1 for the rest); got "
+                f"dp_replicate={dp_replicate}, dp_shard={dp_shard}, tp={tp}"
+            )
+        automatic = dp_shard == -1
+        needed = dp_replicate * tp * (1 if automatic else dp_shard)
+        if automatic and world_size % needed == 0:
+            dp_shard = world_size // needed
+        if (automatic and dp_shard == -1) or dp_replicate * dp_shard * tp != world_size:
+            shard = "(the rest)" if automatic else str(dp_shard)
+            count = f"a multiple of {needed}" if automatic else str(needed)
+            raise KilnError(
+                f"the layout dp_replicate={dp_replicate} x dp_shard={shard} x tp={tp} needs {count} "
+                f"processes but {world_size} are running; launch with torchrun --nproc-per-node={needed} "
+                f"(on one node), or choose degrees whose product is {world_size}"
+            )
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: each draws its own slice of the global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def uses_fsdp(self) -> bool:
+        # With tensor parallelism, replicas are kept by HSDP (fully_shard on a 2-D mesh) rather than DDP.
+        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
+
+    @property
+    def uses_ddp(self) -> bool:
+        return self.dp_replicate > 1 and not self.uses_fsdp
+
+    def describe(self) -> str:
+        parts = []
+        if self.dp_shard > 1 or (self.uses_fsdp and self.dp_replicate > 1):
+            kind = "HSDP" if self.dp_replicate > 1 else "FSDP"
+            parts.append(
+                f"{kind} {self.dp_replicate}x{self.dp_shard}" if kind == "HSDP" else f"FSDP {self.dp_shard}"
+            )
+        elif self.uses_ddp:
+            parts.append(f"DDP {self.dp_replicate}")
+        if self.tp > 1:
+            parts.append(f"TP {self.tp}")
+        return " + ".join(parts) or "single process"
+
+    def check_model(self, model: ModelConfig, seq_len: int) -> None:
+        """Tensor parallelism splits heads, the MLP's inner width and the sequence evenly across ranks."""
+        if self.tp == 1:
+            return
+        if model.position == "alibi":
+            raise KilnError(
+                "tensor parallelism does not support ALiBi models; use --dp-shard instead of --tp"
+            )
+        sizes = {
+            "num_heads": model.num_heads,
+            "num_kv_heads": model.num_kv_heads,
+            "intermediate_size": model.intermediate_size,
+            "vocab_size": model.vocab_size,
+            "seq_len": seq_len,
+        }
+        uneven = [f"{name}={value}" for name, value in sizes.items() if value % self.tp]
+        if uneven:
+            raise KilnError(
+                f"tp={self.tp} must divide {', '.join(uneven)}; choose a tp that divides the head counts, "
+                "intermediate_size, vocab_size and seq_len"
+            )

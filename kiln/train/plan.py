@@ -1,0 +1,145 @@
+"""`kiln plan`: training memory per rank for a model, batch and parallel layout, before launching a run.
+
+The estimate counts what kiln's trainer keeps (docs/scaling.md states the formulas):
+  parameters  4 B x the rank's share of every weight (fp32 master weights)
+  gradients   as parameters (fp32, sharded like them; DDP allocates all of them up front as buckets)
+  optimizer   8 B x the rank's share (AdamW's two fp32 moments)
+  activations the tensors autograd saves for backward, per layer, for the rank's micro-batch
+  buffers     what is alive only around the peak: FSDP's unsharded root (embeddings, LM head) and
+              blocks, and the loss's working set (fused kernel: an fp32 (V, H) gradient and a temporary
+              of that size, and a (256, V) chunk of logits; vocab-parallel: three (N, V/tp) fp32 arrays)
+The peak is their sum, except that gradients are not yet allocated when activations peak (the start of
+backward) unless DDP holds them: peak = parameters + optimizer + activations + buffers (+ gradients, DDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.config import ModelConfig
+from kiln.models.transformer import Transformer
+from kiln.train.layout import ParallelLayout
+
+LOSS_CHUNK_TOKENS = 256  # kiln.kernels.linear_cross_entropy's default chunk
+FP32 = 4
+
+# Parameters that tensor parallelism keeps whole on every rank: norms, and biases added after the
+# row-parallel reduction. Everything else (matmul weights, embeddings, the LM head) is split tp ways.
+_TP_REPLICATED_SUFFIXES = ("norm.weight", "norm.bias", "o_proj.bias", "down_proj.bias")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    """Estimated bytes per rank. `peak` is what the rank needs at its busiest point."""
+
+    layout: ParallelLayout
+    tokens_per_rank: int  # tokens in one micro-batch on one rank
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    buffers: int
+    gradients_at_peak: bool  # DDP: gradient buckets exist for the whole run
+
+    @property
+    def peak(self) -> int:
+        peak = self.parameters + self.optimizer + self.activations + self.buffers
+        return peak + (self.gradients if self.gradients_at_peak else 0)
+
+    def rows(self) -> dict[str, int]:
+        return {
+            "parameters": self.parameters,
+            "gradients": self.gradients,
+            "optimizer state": self.optimizer,
+            "activations": self.activations,
+            "buffers (peak-time)": self.buffers,
+        }
+
+
+def _numel_per_rank(model: Transformer, layout: ParallelLayout) -> tuple[int, int, int]:
+    """(all parameters, root parameters (embeddings, final norm, head), one block's) on one rank, split
+    tp ways where tensor parallelism splits them; FSDP's dp_shard split is applied by the caller."""
+
+    def local(name: str, param: torch.Tensor) -> int:
+        replicated = name.endswith(_TP_REPLICATED_SUFFIXES)
+        return param.numel() // (1 if replicated else layout.tp)
+
+    total = sum(local(n, p) for n, p in model.named_parameters())
+    block = sum(local(n, p) for n, p in model.layers[0].named_parameters())
+    return total, total - block * len(model.layers), block
+
+
+def activation_bytes(
+    config: ModelConfig, tokens: int, tp: int, element_bytes: int, activation_checkpointing: bool
+) -> int:
+    """Bytes autograd saves for backward over `tokens` tokens of one rank's micro-batch.
+
+    Per layer, in elements per token: each RMSNorm keeps its input and output (2H, of the rank's
+    sequence shard under TP: 2H/tp); attention keeps rotated q and k, v and its output (2q + 2kv, split
+    by heads); the gated MLP keeps gate, act(gate), up and their product (4I; 2I for a plain MLP), split
+    by columns. Under TP the all-gathered inputs of attention and MLP (H each) are kept whole. The final
+    norm adds 2H. Activation checkpointing keeps only each block's input, plus one block's worth while
+    it is recomputed.
+    """
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    mlp = (4 if config.mlp == "gated" else 2) * intermediate
+    per_layer = 4 * hidden / tp + (2 * hidden if tp > 1 else 0) + (2 * q + 2 * kv + mlp) / tp
+    if activation_checkpointing:
+        saved = config.num_layers * hidden / tp + per_layer
+    else:
+        saved = config.num_layers * per_layer
+    return int((saved + 2 * hidden / tp) * tokens * element_bytes)
+
+
+def plan_memory(
+    config: ModelConfig,
+    layout: ParallelLayout,
+    *,
+    seq_len: int,
+    batch_size: int,
+    precision: str = "fp32",
+    activation_checkpointing: bool = False,
+) -> MemoryPlan:
+    """Estimate per-rank training memory for `batch_size` sequences of `seq_len` tokens per data-parallel
+    rank (TrainConfig.batch_size) under `layout`."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    total, root, block = _numel_per_rank(model, layout)
+    shard = layout.dp_shard if layout.uses_fsdp else 1
+    element_bytes = 2 if precision in ("bf16", "fp16") else FP32
+    tokens = batch_size * seq_len
+    parameters = FP32 * total // shard
+    activations = activation_bytes(config, tokens, layout.tp, element_bytes, activation_checkpointing)
+    buffers = _loss_buffers(config, tokens, layout.tp, element_bytes)
+    if layout.uses_fsdp:  # the root stays unsharded through forward and backward; blocks come two at a time
+        param_bytes = element_bytes if precision == "bf16" else FP32
+        buffers += param_bytes * (root + 2 * block)
+    return MemoryPlan(
+        layout=layout,
+        tokens_per_rank=tokens,
+        parameters=parameters,
+        gradients=parameters,
+        optimizer=2 * parameters,
+        activations=activations,
+        buffers=buffers,
+        gradients_at_peak=layout.uses_ddp,
+    )
+
+
+def _loss_buffers(config: ModelConfig, tokens: int, tp: int, element_bytes: int) -> int:
+    vocab, hidden = config.vocab_size, config.hidden_size
+    if tp > 1:  # vocab-parallel cross-entropy: logits, log-probabilities and their gradient, V/tp wide
+        return 3 * tokens * (vocab // tp) * FP32 + tokens * hidden * element_bytes
+    chunk = min(LOSS_CHUNK_TOKENS, tokens)
+    return 2 * vocab * hidden * FP32 + tokens * hidden * element_bytes + chunk * vocab * FP32
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
