@@ -119,3 +119,32 @@ def generate_command(
         f"kiln.LLM / transformers = [bold]{result.speedup_vs_peer:.2f}x[/]; identical greedy outputs "
         f"{result.identical_to_peer}/{result.num_prompts}; wrote {output}"
     )
+
+
+@bench_app.command("kernels")
+def kernels_command(
+    quick: Annotated[bool, typer.Option(help="One size per op instead of the full sweep.")] = False,
+    only: Annotated[
+        str | None, typer.Option(help="Only ops whose name contains this, e.g. attention.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "benchmarks/kernels.json"
+    ),
+) -> None:
+    """Each Triton kernel vs its torch reference (attention also vs SDPA): TFLOP/s or GB/s and the fraction
+    of the GPU's peak. Needs a CUDA GPU."""
+    from kiln.bench.kernels import bench_kernels, format_rows
+    from kiln.bench.results import write_result
+
+    result = bench_kernels(quick=quick, only=only)
+    write_result(result, output)
+    table = Table(
+        title=f"kernels on {result.device} (peaks {result.peak_tflops:.0f} TFLOP/s bf16, "
+        f"{result.peak_gbs:,.0f} GB/s), torch {result.torch_version}, triton {result.triton_version}"
+    )
+    for column in ("op", "shape", "implementation", "ms", "throughput", "of peak", "time / triton"):
+        table.add_column(column, justify="left" if column in ("op", "shape", "implementation") else "right")
+    for row in format_rows(result):
+        table.add_row(*row)
+    Console().print(table)
+    Console().print(f"wrote {output}")

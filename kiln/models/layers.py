@@ -2,6 +2,10 @@
 
 Numerics follow the Hugging Face reference implementations of each family (fp32 RMSNorm statistics,
 RoPE with the `rotate_half` layout, BLOOM's ALiBi slopes) so logits match them to fp32 round-off.
+
+Every module with a `kernels` attribute ("torch" | "triton" | "auto", see kiln.kernels.runtime) runs
+its fused Triton kernels from kiln/kernels/ when that selects Triton, and the plain torch code here
+otherwise; the torch code is the kernels' reference.
 """
 
 from __future__ import annotations
@@ -15,17 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig, RopeScaling
+from kiln.kernels.runtime import KernelChoice, check_kernels, use_triton
 
 # ----------------------------------------------------------------------------------------------- norms
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, kernels: KernelChoice = "torch") -> None:
         super().__init__()
         self.eps = eps
+        self.kernels = check_kernels(kernels)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernels, x):
+            from kiln.kernels.norms import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # Statistics in fp32 even for half inputs; cast back before the scale, as Llama does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -35,10 +45,27 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` with the `kernels` switch."""
+
+    def __init__(self, dim: int, eps: float, kernels: KernelChoice = "torch") -> None:
+        super().__init__(dim, eps=eps)
+        self.kernels = check_kernels(kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernels, x):
+            from kiln.kernels.norms import layer_norm
+
+            # CUDA autocast runs F.layer_norm in fp32; the kernel reads x as it is and writes fp32.
+            fp32 = x.is_cuda and torch.is_autocast_enabled("cuda")
+            return layer_norm(x, self.weight, self.bias, self.eps, torch.float32 if fp32 else None)
+        return super().forward(x)
+
+
+def make_norm(config: ModelConfig, kernels: KernelChoice = "torch") -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.hidden_size, config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        return RMSNorm(config.hidden_size, config.norm_eps, kernels)
+    return LayerNorm(config.hidden_size, config.norm_eps, kernels)
 
 
 # ------------------------------------------------------------------------------------------- positions
@@ -140,12 +167,16 @@ class AttentionInputs:
     cos: torch.Tensor | None = None  # (B, T, D) RoPE tables
     sin: torch.Tensor | None = None
     backend: AttentionBackend | None = None
+    # (H,) ALiBi slopes, set when `mask` is exactly causal ALiBi (no padding, window or cache offset), so
+    # a fused kernel can compute the bias instead of reading `mask`.
+    alibi_slopes: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, kernels: KernelChoice = "torch") -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.kernels = check_kernels(kernels)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -160,6 +191,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, h, bias=config.out_bias)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
+        if use_triton(self.kernels, x):
+            return self._forward_fused(x, inputs, kv_cache)
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -181,6 +214,36 @@ class Attention(nn.Module):
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
+    def _forward_fused(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache) -> torch.Tensor:
+        """`forward` with the Triton kernels: RoPE in place on the projections, flash attention wherever
+        no mask tensor is needed and the head dim fits its tiles (else SDPA, as in `forward`)."""
+        from kiln.kernels.flash_attention import MAX_HEAD_DIM, flash_attention
+        from kiln.kernels.rope import apply_rope_
+
+        batch, length, hidden = x.shape
+        rows = x.reshape(-1, hidden)  # (N, hidden): 2-D projections are not views, so RoPE may overwrite them
+        q, k, v = self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)  # (N, H|KVH * D)
+        if inputs.cos is not None:
+            cos, sin = inputs.cos.reshape(-1, self.head_dim), inputs.sin.reshape(-1, self.head_dim)
+            q, k = apply_rope_(q, k, cos, sin)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if inputs.backend is not None:
+            out = inputs.backend(self.layer_index, q, k, v)
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D)
+            no_mask_needed = inputs.mask is None or inputs.alibi_slopes is not None
+            if no_mask_needed and self.head_dim <= MAX_HEAD_DIM:
+                causal = inputs.is_causal or inputs.alibi_slopes is not None
+                out = flash_attention(q, k, v, causal=causal, alibi_slopes=inputs.alibi_slopes)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=inputs.mask, enable_gqa=self.num_kv_heads != self.num_heads
+                )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
 
 # ------------------------------------------------------------------------------------------------- MLP
 
@@ -195,8 +258,10 @@ _ACTIVATIONS = {
 class MLP(nn.Module):
     """`plain`: down(act(up(x))). `gated` (SwiGLU with silu): down(act(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: KernelChoice = "torch") -> None:
         super().__init__()
+        self.kernels = check_kernels(kernels)
+        self.swiglu = config.mlp == "gated" and config.activation == "silu"
         h, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(h, inner, bias=bias) if config.mlp == "gated" else None
         self.up_proj = nn.Linear(h, inner, bias=bias)
@@ -204,6 +269,10 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu and use_triton(self.kernels, x):
+            from kiln.kernels.swiglu import swiglu
+
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         if self.gate_proj is not None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))

@@ -1,6 +1,7 @@
 """The single-device decoder: embeddings -> blocks -> final norm -> LM head.
 
-Parallelism, activation checkpointing and kernels are applied from outside; this file stays plain.
+Parallelism and activation checkpointing are applied from outside; this file stays plain. The `kernels`
+switch only picks, layer by layer, the fused Triton kernels of kiln/kernels/ over the torch code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels.runtime import KernelChoice, check_kernels
 from kiln.models.kv_cache import KVCache
 from kiln.models.layers import (
     MLP,
@@ -28,12 +30,12 @@ from kiln.models.layers import (
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, kernels: KernelChoice = "torch") -> None:
         super().__init__()
-        self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer_index)
-        self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.attn_norm = make_norm(config, kernels)
+        self.attn = Attention(config, layer_index, kernels)
+        self.mlp_norm = make_norm(config, kernels)
+        self.mlp = MLP(config, kernels)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None):
         x = x + self.attn(self.attn_norm(x), inputs, kv_cache)
@@ -41,19 +43,24 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only language model described by a `ModelConfig`."""
+    """A decoder-only language model described by a `ModelConfig`.
 
-    def __init__(self, config: ModelConfig) -> None:
+    `kernels` picks the fused Triton kernels (norms, RoPE, flash attention, SwiGLU) or the plain torch
+    code: "torch" (the default), "triton", or "auto" (Triton on CUDA). See `set_kernels`.
+    """
+
+    def __init__(self, config: ModelConfig, kernels: KernelChoice = "torch") -> None:
         super().__init__()
         self.config = config
+        self.kernels = check_kernels(kernels)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         learned = config.position == "learned"
         self.embed_positions = (
             nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
         )
-        self.embed_norm = make_norm(config) if config.embedding_norm else None
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = make_norm(config)
+        self.embed_norm = make_norm(config, kernels) if config.embedding_norm else None
+        self.layers = nn.ModuleList(Block(config, i, kernels) for i in range(config.num_layers))
+        self.norm = make_norm(config, kernels)
         tied = config.tie_word_embeddings
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
@@ -165,7 +172,8 @@ class Transformer(nn.Module):
         slopes = alibi_slopes(config.num_heads).to(positions.device)
         bias = slopes[None, :, None, None] * key_positions[:, None, None, :].float()  # (B, H, 1, S)
         bias = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (B, H, T, S)
-        return AttentionInputs(mask=bias, is_causal=False)
+        plain_causal = attention_mask is None and window is None and offset == 0
+        return AttentionInputs(mask=bias, is_causal=False, alibi_slopes=slopes if plain_causal else None)
 
     # ------------------------------------------------------------------------------------- set-up
 
@@ -186,6 +194,13 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
+
+    def set_kernels(self, kernels: KernelChoice) -> None:
+        """Switch every layer between the Triton kernels and torch ("triton" | "torch" | "auto")."""
+        self.kernels = check_kernels(kernels)
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
