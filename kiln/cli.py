@@ -117,7 +117,7 @@ def demo(
         str, typer.Option(help="Recipe to train: demo (the default model) or tiny (seconds).")
     ] = "demo",
     cache_dir: Annotated[Path | None, typer.Option(help="Where trained demo models are cached.")] = None,
-    prompt: Annotated[str, typer.Option(help="Python code to complete.")] = "def fibonacci(n):\n",
+    prompt: Annotated[str, typer.Option(help="Python code to complete.")] = "def fibonacci(n):\n    ",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
     serve: Annotated[
         bool, typer.Option(help="Then serve the model (OpenAI API + web UI) until Ctrl-C.")

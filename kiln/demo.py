@@ -67,7 +67,9 @@ def run_demo(
     llm = LLM(directory, dtype="float32", verbose=False)
     console.print(f"[dim]model: {directory} ({llm.engine.model.num_parameters() / 1e6:.1f}M parameters)[/]")
     start = time.perf_counter()
-    output = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))[0].outputs[0]
+    # Greedy, with a mild repetition penalty: a 3M-parameter model otherwise falls into loops quickly.
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=max_new_tokens)
+    output = llm.generate(prompt, params)[0].outputs[0]
     elapsed = time.perf_counter() - start
     console.print(prompt, end="", style="bold", markup=False, highlight=False)
     console.print(output.text, markup=False, highlight=False)

@@ -45,6 +45,7 @@ def train_command(
         steps=steps,
         warmup=warmup,
         precision=precision,
+        peer_precision=peer_precision,
         compile=compile,
         device=device,
         name=recipe,
