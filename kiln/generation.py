@@ -56,6 +56,17 @@ def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu", pad_id: int = 0):
+    """One left-padded batch: input ids (B, T) and attention mask (B, T), 1 on real tokens."""
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, longest - len(prompt) :] = 1
+    return input_ids, mask
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -81,11 +92,7 @@ def generate(
             f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds this model's "
             f"{model.config.max_position_embeddings} learned positions; shorten one of them"
         )
-    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
-        mask[row, longest - len(prompt) :] = 1
+    input_ids, mask = left_pad(prompts, device)
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -112,3 +112,21 @@ def padded_batch(seed: int = 0, lengths=(12, 5, 9, 1)) -> tuple[torch.Tensor, to
     for row, length in enumerate(lengths):
         mask[row, longest - length :] = 1
     return ids.masked_fill(mask == 0, 0), mask
+
+
+def build_text_model(directory: Path) -> Path:
+    """The `tiny` preset (RoPE, GQA, 1024 positions) with a 400-token byte-level BPE (trained on two stdlib
+    files) and its ChatML template, saved as an HF directory: the test model for CLI, engine and server."""
+    import json
+    import os
+
+    import kiln
+    from kiln.tokenizer import train_bpe
+
+    tokenizer = train_bpe([Path(os.__file__), Path(json.__file__)], vocab_size=400, show_progress=False)
+    torch.manual_seed(0)
+    config = kiln.preset(
+        "tiny", vocab_size=tokenizer.vocab_size, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id
+    )
+    kiln.save_model(kiln.Transformer(config), directory, tokenizer=tokenizer)
+    return directory

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 import kiln
 from kiln.cli import app
 from kiln.generation import GenerationConfig, generate
-from kiln.tokenizer import Tokenizer, train_bpe
+from kiln.tokenizer import Tokenizer
+from tests.hf_cases import build_text_model
 
 runner = CliRunner()
 CORPUS = [Path(os.__file__), Path(json.__file__)]
@@ -19,12 +20,7 @@ CORPUS = [Path(os.__file__), Path(json.__file__)]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("model")
-    tokenizer = train_bpe(CORPUS, vocab_size=400, show_progress=False)
-    torch.manual_seed(0)
-    config = kiln.preset("tiny", vocab_size=tokenizer.vocab_size, initializer_range=0.3)
-    kiln.save_model(kiln.Transformer(config), directory, tokenizer=tokenizer)
-    return directory
+    return build_text_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.mark.parametrize("verb", [[], ["generate"], ["convert"], ["info"], ["tokenizer", "train"], ["demo"]])

@@ -49,12 +49,9 @@ def _best_of(repeats: int, run):
 
 
 def _peer_generate(peer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-        mask[row, longest - len(prompt) :] = 1
+    from kiln.generation import left_pad
+
+    ids, mask = left_pad(prompts)
     out = peer.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -63,7 +60,7 @@ def _peer_generate(peer, prompts: list[list[int]], new_tokens: int) -> list[list
         do_sample=False,
         pad_token_id=0,
     )
-    return out[:, longest:].tolist()
+    return out[:, ids.shape[1] :].tolist()
 
 
 @torch.no_grad()

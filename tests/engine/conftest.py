@@ -7,12 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kiln
 from kiln.engine.outputs import RequestMetrics
 from kiln.engine.sampling import SamplingParams
 from kiln.engine.sequence import Request, Sequence
-from kiln.tokenizer import train_bpe
-from tests.hf_cases import VOCAB, build_hf_model
+from tests.hf_cases import VOCAB, build_hf_model, build_text_model
 
 CORPUS = [Path(os.__file__), Path(json.__file__)]
 
@@ -20,14 +18,7 @@ CORPUS = [Path(os.__file__), Path(json.__file__)]
 @pytest.fixture(scope="session")
 def text_model_dir(tmp_path_factory) -> Path:
     """The `tiny` preset (RoPE, GQA, 1024 positions) with a byte-level BPE tokenizer and a chat template."""
-    directory = tmp_path_factory.mktemp("text-model")
-    tokenizer = train_bpe(CORPUS, vocab_size=400, show_progress=False)
-    torch.manual_seed(0)
-    config = kiln.preset(
-        "tiny", vocab_size=tokenizer.vocab_size, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id
-    )
-    kiln.save_model(kiln.Transformer(config), directory, tokenizer=tokenizer)
-    return directory
+    return build_text_model(tmp_path_factory.mktemp("text-model"))
 
 
 @pytest.fixture(scope="session")

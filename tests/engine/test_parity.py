@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kiln.engine import LLM, SamplingParams
+from kiln.generation import left_pad
 from tests.engine.conftest import random_prompts
 from tests.hf_cases import CASE_NAMES, build_hf_model
 
@@ -17,17 +18,12 @@ MAX_TOKENS = 16
 
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate over one left-padded batch."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-        mask[row, longest - len(prompt) :] = 1
+    ids, mask = left_pad(prompts)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
         )
-    return out[:, longest:].tolist()
+    return out[:, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-import kiln
-from kiln.tokenizer import train_bpe
+from tests.hf_cases import build_text_model
 
 CORPUS = [Path(os.__file__), Path(json.__file__)]
 REPO = Path(__file__).resolve().parents[2]
@@ -27,14 +25,7 @@ API_KEY = "test-key-123"
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """The `tiny` preset (RoPE, GQA, 1024 positions) with a byte-level BPE tokenizer and a ChatML template."""
-    directory = tmp_path_factory.mktemp("server-model")
-    tokenizer = train_bpe(CORPUS, vocab_size=400, show_progress=False)
-    torch.manual_seed(0)
-    config = kiln.preset(
-        "tiny", vocab_size=tokenizer.vocab_size, initializer_range=0.3, eos_token_id=tokenizer.eos_token_id
-    )
-    kiln.save_model(kiln.Transformer(config), directory, tokenizer=tokenizer)
-    return directory
+    return build_text_model(tmp_path_factory.mktemp("server-model"))
 
 
 def free_port() -> int:
