@@ -8,7 +8,7 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
-from kiln.models.hf.io import parse_size
+from kiln.parsing import parse_size
 
 # Without an explicit kv_cache_memory: CPU takes at most this much RAM for the KV cache ...
 DEFAULT_CPU_KV_BYTES = 2 * 2**30
@@ -74,13 +74,3 @@ def num_kv_blocks(
     # CPU: no more than every sequence slot at full length needs.
     wanted = config.max_num_seqs * -(-max_model_len // config.block_size)
     return min(wanted, DEFAULT_CPU_KV_BYTES // block_bytes)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device from a name; "auto" is cuda when a GPU is available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KilnError(f"device {str(device)!r} requested but no CUDA GPU is available; use device='cpu'")
-    return device

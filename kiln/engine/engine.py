@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kiln.engine.block_manager import BlockManager
-from kiln.engine.config import EngineConfig, kv_bytes_per_token, num_kv_blocks, resolve_device
+from kiln.engine.config import EngineConfig, kv_bytes_per_token, num_kv_blocks
 from kiln.engine.detokenizer import Detokenizer
 from kiln.engine.model_runner import ModelRunner, RunnerOutput
 from kiln.engine.outputs import Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -23,6 +23,7 @@ from kiln.engine.scheduler import Scheduler, SchedulerOutput
 from kiln.engine.sequence import Request, Sequence
 from kiln.errors import KilnError
 from kiln.models.transformer import Transformer
+from kiln.parsing import resolve_device
 from kiln.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
