@@ -77,7 +77,7 @@ def generate_command(
     kv_cache_memory: KVCacheMemory = None,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
-    from kiln.engine.sampling import SamplingParams
+    from kiln.engine.sampling_params import SamplingParams
     from kiln.errors import KilnError
 
     llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=len(prompt))
@@ -130,7 +130,7 @@ def chat_command(
 
     Type /reset to start over and /exit (or Ctrl-D) to quit; Ctrl-C stops a reply.
     """
-    from kiln.engine.sampling import SamplingParams
+    from kiln.engine.sampling_params import SamplingParams
     from kiln.errors import KilnError
 
     llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=1)
