@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import ModelConfig
+from kiln.engine.config import EngineConfig
 
 
 @dataclass
@@ -73,7 +74,10 @@ def bench_generate(
     max_prompt: int = 256,
     new_tokens: int = 64,
     repeats: int = 2,
+    engine_config: EngineConfig | None = None,
 ) -> GenerateBenchResult:
+    """`engine_config` sets kiln's engine (kernels, block size, token budget, ...); it runs all prompts
+    at once (max_num_seqs = num_prompts) in float32, as the peer does."""
     import transformers
 
     from kiln.engine import LLM, SamplingParams
@@ -88,7 +92,8 @@ def bench_generate(
     lengths = [rng.randint(min_prompt, max_prompt) for _ in range(num_prompts)]
     prompts = [[rng.randrange(3, model.vocab_size) for _ in range(n)] for n in lengths]
 
-    llm = LLM(directory, verbose=False, max_num_seqs=num_prompts, dtype="float32")
+    engine_config = (engine_config or EngineConfig()).replace(max_num_seqs=num_prompts, dtype="float32")
+    llm = LLM(directory, engine_config, verbose=False)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     peer = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     reference_model = load_model(directory, dtype="float32")

@@ -9,16 +9,21 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from kiln.engine.options import (
+    DEFAULT,
+    Device,
+    Dtype,
+    Kernels,
+    KVCacheMemory,
+    MaxModelLen,
+    ModelDir,
+    engine_config_from_flags,
+)
+
 if TYPE_CHECKING:
+    from kiln.engine.config import EngineConfig
     from kiln.engine.llm import LLM
 
-ModelDir = Annotated[
-    Path, typer.Option("--model", "-m", help="Hugging Face model directory (config.json + *.safetensors).")
-]
-Dtype = Annotated[str, typer.Option(help="Weights dtype: auto (as stored), float32, bf16 or fp16.")]
-Device = Annotated[
-    str, typer.Option(help="Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
@@ -26,34 +31,14 @@ MinP = Annotated[float, typer.Option(help="Drop tokens below min-p times the top
 RepetitionPenalty = Annotated[float, typer.Option(help="Discourage repeating tokens (1 = off).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string; repeat for several.")]
-MaxModelLen = Annotated[
-    int | None, typer.Option(help="Longest prompt + output in tokens (default: the model's context length).")
-]
-KVCacheMemory = Annotated[
-    str | None, typer.Option(help="KV cache size, e.g. 512MB (default: up to 2GiB on CPU, 80% of free GPU).")
-]
 
 console = Console(highlight=False)
 
 
-def _load(
-    model: Path,
-    dtype: str,
-    device: str,
-    max_model_len: int | None,
-    kv_cache_memory: str | None,
-    num_seqs: int,
-) -> LLM:
+def _load(model: Path, config: EngineConfig) -> LLM:
     from kiln.engine.llm import LLM
 
-    return LLM(
-        model,
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        kv_cache_memory=kv_cache_memory,
-        max_num_seqs=num_seqs,  # the KV cache is sized for this many full-length sequences at most
-    )
+    return LLM(model, config)
 
 
 def generate_command(
@@ -71,16 +56,25 @@ def generate_command(
         bool, typer.Option(help="Wrap each prompt as a user message in the chat template.")
     ] = False,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (single prompt).")] = True,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    max_model_len: MaxModelLen = None,
-    kv_cache_memory: KVCacheMemory = None,
+    dtype: Dtype = DEFAULT.dtype,
+    device: Device = DEFAULT.device,
+    max_model_len: MaxModelLen = DEFAULT.max_model_len,
+    kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
+    kernels: Kernels = DEFAULT.kernels,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
     from kiln.engine.sampling_params import SamplingParams
     from kiln.errors import KilnError
 
-    llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=len(prompt))
+    config = engine_config_from_flags(
+        dtype=dtype,
+        device=device,
+        max_model_len=max_model_len,
+        kv_cache_memory=kv_cache_memory,
+        max_num_seqs=len(prompt),  # the KV cache is sized for this many full-length sequences at most
+        kernels=kernels,
+    )
+    llm = _load(model, config)
     params = SamplingParams(
         max_tokens=max_new_tokens,
         temperature=temperature,
@@ -121,10 +115,11 @@ def chat_command(
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    max_model_len: MaxModelLen = None,
-    kv_cache_memory: KVCacheMemory = None,
+    dtype: Dtype = DEFAULT.dtype,
+    device: Device = DEFAULT.device,
+    max_model_len: MaxModelLen = DEFAULT.max_model_len,
+    kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
+    kernels: Kernels = DEFAULT.kernels,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
 
@@ -133,7 +128,15 @@ def chat_command(
     from kiln.engine.sampling_params import SamplingParams
     from kiln.errors import KilnError
 
-    llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=1)
+    config = engine_config_from_flags(
+        dtype=dtype,
+        device=device,
+        max_model_len=max_model_len,
+        kv_cache_memory=kv_cache_memory,
+        max_num_seqs=1,  # one conversation: the KV cache is sized for one full-length sequence at most
+        kernels=kernels,
+    )
+    llm = _load(model, config)
     if llm.tokenizer is None or llm.tokenizer.chat_template is None:
         raise KilnError(f"{model} has no chat template (or no tokenizer); use kiln generate instead")
     params = SamplingParams(
