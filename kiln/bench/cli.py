@@ -97,17 +97,11 @@ def generate_command(
     ),
 ) -> None:
     """Offline batch generation: kiln.LLM vs transformers generate (and kiln's reference generator)."""
+    engine_config = engine_config_from_flags(locals())
     from kiln.bench.generate import bench_generate
     from kiln.bench.results import write_result
     from recipes import get_recipe
 
-    engine_config = engine_config_from_flags(
-        kv_cache_memory=kv_cache_memory,
-        max_num_batched_tokens=max_num_batched_tokens,
-        block_size=block_size,
-        prefix_caching=prefix_caching,
-        kernels=kernels,
-    )
     result = bench_generate(
         get_recipe(recipe)().model,
         name=recipe,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kiln.bench.timing import best_of
 from kiln.config import ModelConfig
 from kiln.engine.config import EngineConfig
 
@@ -38,15 +38,6 @@ class GenerateBenchResult:
     device: str
     threads: int
     transformers_version: str
-
-
-def _best_of(repeats: int, run):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def _peer_generate(peer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -98,10 +89,10 @@ def bench_generate(
     peer = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     reference_model = load_model(directory, dtype="float32")
     llm.generate(prompts[:2], params)  # warm-up
-    kiln_s, outputs = _best_of(repeats, lambda: llm.generate(prompts, params))
-    peer_s, peer_out = _best_of(repeats, lambda: _peer_generate(peer, prompts, new_tokens))
+    kiln_s, outputs = best_of(repeats, lambda: llm.generate(prompts, params))
+    peer_s, peer_out = best_of(repeats, lambda: _peer_generate(peer, prompts, new_tokens))
     config = GenerationConfig(max_new_tokens=new_tokens)
-    reference_s, _ = _best_of(repeats, lambda: generate(reference_model, prompts, config))
+    reference_s, _ = best_of(repeats, lambda: generate(reference_model, prompts, config))
     total = num_prompts * new_tokens
     identical = sum(o.outputs[0].token_ids == p for o, p in zip(outputs, peer_out, strict=True))
     return GenerateBenchResult(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from kiln.engine.options import (
 if TYPE_CHECKING:
     from kiln.engine.config import EngineConfig
     from kiln.engine.llm import LLM
+    from kiln.engine.sampling_params import SamplingParams
 
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")]
@@ -33,6 +34,16 @@ Seed = Annotated[int | None, typer.Option(help="Random seed for reproducible sam
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string; repeat for several.")]
 
 console = Console(highlight=False)
+
+
+def _sampling_params(flags: dict[str, Any], **fields: Any) -> SamplingParams:
+    """The SamplingParams of generate's and chat's sampling flags (`flags`: the command's parameters)."""
+    from kiln.engine.sampling_params import SamplingParams
+
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    return SamplingParams(
+        max_tokens=flags["max_new_tokens"], **{name: flags[name] for name in names}, **fields
+    )
 
 
 def _load(model: Path, config: EngineConfig) -> LLM:
@@ -63,28 +74,12 @@ def generate_command(
     kernels: Kernels = DEFAULT.kernels,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
-    from kiln.engine.sampling_params import SamplingParams
+    flags = dict(locals())  # the parameters, before any other local exists
     from kiln.errors import KilnError
 
-    config = engine_config_from_flags(
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        kv_cache_memory=kv_cache_memory,
-        max_num_seqs=len(prompt),  # the KV cache is sized for this many full-length sequences at most
-        kernels=kernels,
-    )
-    llm = _load(model, config)
-    params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=stop or (),
-    )
+    # The KV cache is sized for this many full-length sequences at most.
+    llm = _load(model, engine_config_from_flags(flags, max_num_seqs=len(prompt)))
+    params = _sampling_params(flags, stop=stop or ())
     if llm.tokenizer is None:
         raise KilnError(f"{model} has no tokenizer.json; kiln generate needs one to read text prompts")
     inputs: list = list(prompt)
@@ -125,29 +120,14 @@ def chat_command(
 
     Type /reset to start over and /exit (or Ctrl-D) to quit; Ctrl-C stops a reply.
     """
-    from kiln.engine.sampling_params import SamplingParams
+    flags = dict(locals())  # the parameters, before any other local exists
     from kiln.errors import KilnError
 
-    config = engine_config_from_flags(
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        kv_cache_memory=kv_cache_memory,
-        max_num_seqs=1,  # one conversation: the KV cache is sized for one full-length sequence at most
-        kernels=kernels,
-    )
-    llm = _load(model, config)
+    # One conversation: the KV cache is sized for one full-length sequence at most.
+    llm = _load(model, engine_config_from_flags(flags, max_num_seqs=1))
     if llm.tokenizer is None or llm.tokenizer.chat_template is None:
         raise KilnError(f"{model} has no chat template (or no tokenizer); use kiln generate instead")
-    params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    params = _sampling_params(flags)
     opening = [{"role": "system", "content": system}] if system else []
     history = list(opening)
     console.print("[dim]/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply[/]")

@@ -3,13 +3,14 @@
 map them onto an EngineConfig with `engine_config_from_flags`.
 
 Typer reads each command's own signature, so a command still names the options it has; what each means,
-how it is spelled and what it defaults to lives here and in EngineConfig.
+how it is spelled, what it defaults to and which field it sets lives here and in EngineConfig.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,29 +46,25 @@ Kernels = Annotated[
 ]
 
 
-def engine_config_from_flags(
-    *,
-    dtype: str = DEFAULT.dtype,
-    device: str = DEFAULT.device,
-    max_model_len: int | None = DEFAULT.max_model_len,
-    kv_cache_memory: str | None = DEFAULT.kv_cache_memory,
-    max_num_seqs: int = DEFAULT.max_num_seqs,
-    max_num_batched_tokens: int = DEFAULT.max_num_batched_tokens,
-    block_size: int = DEFAULT.block_size,
-    prefix_caching: bool = DEFAULT.enable_prefix_caching,
-    seed: int = DEFAULT.seed,
-    kernels: str = DEFAULT.kernels,
-) -> EngineConfig:
-    """The EngineConfig the engine flags describe (each keyword is the flag of that name)."""
-    return EngineConfig(
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        kv_cache_memory=kv_cache_memory,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        block_size=block_size,
-        enable_prefix_caching=prefix_caching,
-        seed=seed,
-        kernels=kernels,
-    )
+# A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
+# parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
+ENGINE_FLAGS = {
+    "dtype": "dtype",
+    "device": "device",
+    "max_model_len": "max_model_len",
+    "kv_cache_memory": "kv_cache_memory",
+    "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "block_size": "block_size",
+    "prefix_caching": "enable_prefix_caching",
+    "engine_seed": "seed",
+    "kernels": "kernels",
+}
+
+
+def engine_config_from_flags(flags: Mapping[str, Any], **fields: Any) -> EngineConfig:
+    """The EngineConfig of a command's engine flags. `flags` maps parameter names to values (a command
+    passes its `locals()` on entry; names that are no engine flag are ignored); `fields` are EngineConfig
+    fields the command sets itself, such as kiln generate's max_num_seqs (one per prompt)."""
+    values = {field: flags[name] for name, field in ENGINE_FLAGS.items() if name in flags}
+    return EngineConfig(**{**values, **fields})

@@ -45,7 +45,7 @@ class Sequence:
     # The sample that computes the shared prompt first; this one waits for it to hit the prefix cache.
     leader: Sequence | None = None
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache (the engine writes it)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks' tokens
     num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache

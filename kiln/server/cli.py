@@ -47,7 +47,7 @@ def serve_command(
     kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
     dtype: Dtype = DEFAULT.dtype,
     device: Device = DEFAULT.device,
-    seed: EngineSeed = DEFAULT.seed,
+    engine_seed: EngineSeed = DEFAULT.seed,
     block_size: BlockSize = DEFAULT.block_size,
     prefix_caching: PrefixCaching = DEFAULT.enable_prefix_caching,
     kernels: Kernels = DEFAULT.kernels,
@@ -60,6 +60,7 @@ def serve_command(
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1 (completions, chat, embeddings; streaming),
     /tokenize, /detokenize, /health, Prometheus /metrics, and a chat playground at /."""
+    flags = dict(locals())  # the parameters, before any other local exists
     try:
         from kiln.server.app import serve
     except ImportError as error:
@@ -81,16 +82,5 @@ def serve_command(
         log_level=log_level,
         access_log=access_log,
     )
-    engine_config = engine_config_from_flags(
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        kv_cache_memory=kv_cache_memory,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        block_size=block_size,
-        prefix_caching=prefix_caching,
-        seed=seed,
-        kernels=kernels,
-    )
+    engine_config = engine_config_from_flags(flags)
     serve(model, config, engine_config=engine_config, dtype=engine_config.dtype, device=engine_config.device)
