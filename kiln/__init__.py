@@ -1,7 +1,7 @@
 """kiln: pretrain, finetune and serve decoder-only transformer language models from one codebase."""
 
 from kiln.config import ModelConfig, preset
-from kiln.engine import LLM, AsyncEngine, SamplingParams
+from kiln.engine import LLM, AsyncEngine, EngineConfig, SamplingParams
 from kiln.errors import KilnError
 from kiln.models.hf.io import load_model, read_config, save_model
 from kiln.models.transformer import Transformer
@@ -18,6 +18,7 @@ def load_tokenizer(path) -> Tokenizer:
 __all__ = [
     "LLM",
     "AsyncEngine",
+    "EngineConfig",
     "KilnError",
     "ModelConfig",
     "SamplingParams",

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from kiln.bench.cli import bench_app
 from kiln.data.cli import data_app
-from kiln.engine.cli import Dtype, chat_command, generate_command
+from kiln.engine.cli import chat_command, generate_command
+from kiln.engine.options import Dtype
 from kiln.errors import KilnError
 from kiln.server.cli import serve_command
 from kiln.train.cli import export_command, plan_command, plot_command, train_command

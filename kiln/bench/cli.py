@@ -10,6 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.bench.serve import serve_command
+from kiln.engine.options import (
+    DEFAULT,
+    BlockSize,
+    Kernels,
+    KVCacheMemory,
+    MaxNumBatchedTokens,
+    PrefixCaching,
+    engine_config_from_flags,
+)
 
 bench_app = typer.Typer(help="Benchmarks against peers (ratios measured in one run).", no_args_is_help=True)
 bench_app.command("serve")(serve_command)
@@ -78,11 +87,17 @@ def generate_command(
     max_prompt: Annotated[int, typer.Option(help="Longest prompt, tokens.")] = 256,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (EOS ignored).")] = 64,
     repeats: Annotated[int, typer.Option(help="Runs per side; the best counts.")] = 2,
+    kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
+    max_num_batched_tokens: MaxNumBatchedTokens = DEFAULT.max_num_batched_tokens,
+    block_size: BlockSize = DEFAULT.block_size,
+    prefix_caching: PrefixCaching = DEFAULT.enable_prefix_caching,
+    kernels: Kernels = DEFAULT.kernels,
     output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
         "benchmarks/generate.json"
     ),
 ) -> None:
     """Offline batch generation: kiln.LLM vs transformers generate (and kiln's reference generator)."""
+    engine_config = engine_config_from_flags(locals())
     from kiln.bench.generate import bench_generate
     from kiln.bench.results import write_result
     from recipes import get_recipe
@@ -95,6 +110,7 @@ def generate_command(
         max_prompt=max_prompt,
         new_tokens=new_tokens,
         repeats=repeats,
+        engine_config=engine_config,
     )
     write_result(result, output)
     table = Table(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kiln.bench.timing import best_of
 from kiln.config import ModelConfig
+from kiln.engine.config import EngineConfig
 
 
 @dataclass
@@ -37,15 +38,6 @@ class GenerateBenchResult:
     device: str
     threads: int
     transformers_version: str
-
-
-def _best_of(repeats: int, run):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def _peer_generate(peer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -73,7 +65,10 @@ def bench_generate(
     max_prompt: int = 256,
     new_tokens: int = 64,
     repeats: int = 2,
+    engine_config: EngineConfig | None = None,
 ) -> GenerateBenchResult:
+    """`engine_config` sets kiln's engine (kernels, block size, token budget, ...); it runs all prompts
+    at once (max_num_seqs = num_prompts) in float32, as the peer does."""
     import transformers
 
     from kiln.engine import LLM, SamplingParams
@@ -88,15 +83,16 @@ def bench_generate(
     lengths = [rng.randint(min_prompt, max_prompt) for _ in range(num_prompts)]
     prompts = [[rng.randrange(3, model.vocab_size) for _ in range(n)] for n in lengths]
 
-    llm = LLM(directory, verbose=False, max_num_seqs=num_prompts, dtype="float32")
+    engine_config = (engine_config or EngineConfig()).replace(max_num_seqs=num_prompts, dtype="float32")
+    llm = LLM(directory, engine_config, verbose=False)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     peer = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     reference_model = load_model(directory, dtype="float32")
     llm.generate(prompts[:2], params)  # warm-up
-    kiln_s, outputs = _best_of(repeats, lambda: llm.generate(prompts, params))
-    peer_s, peer_out = _best_of(repeats, lambda: _peer_generate(peer, prompts, new_tokens))
+    kiln_s, outputs = best_of(repeats, lambda: llm.generate(prompts, params))
+    peer_s, peer_out = best_of(repeats, lambda: _peer_generate(peer, prompts, new_tokens))
     config = GenerationConfig(max_new_tokens=new_tokens)
-    reference_s, _ = _best_of(repeats, lambda: generate(reference_model, prompts, config))
+    reference_s, _ = best_of(repeats, lambda: generate(reference_model, prompts, config))
     total = num_prompts * new_tokens
     identical = sum(o.outputs[0].token_ids == p for o, p in zip(outputs, peer_out, strict=True))
     return GenerateBenchResult(

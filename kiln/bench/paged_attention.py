@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
 import kiln
 import kiln.engine.attention as paged
-
-
-def best_of(repeats: int, run) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+from kiln.bench.timing import best_of
 
 
 def attention(args: argparse.Namespace) -> None:

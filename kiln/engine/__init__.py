@@ -8,7 +8,7 @@ from kiln.engine.config import EngineConfig
 from kiln.engine.engine import Engine, EngineCounters
 from kiln.engine.llm import LLM
 from kiln.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kiln.engine.sampling import SamplingParams
+from kiln.engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",

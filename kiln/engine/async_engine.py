@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from kiln.engine.config import EngineConfig
-from kiln.engine.engine import Engine, Prompt
+from kiln.engine.engine import Engine
 from kiln.engine.llm import embed_token_ids
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.sampling import SamplingParams
-from kiln.engine.sequence import Request
+from kiln.engine.request_factory import Prompt
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sequence import EngineRequest
 from kiln.errors import KilnError
 
 _STOP = object()
@@ -39,14 +40,10 @@ class AsyncEngine:
 
     @classmethod
     def from_dir(
-        cls,
-        model_dir: str | Path,
-        *,
-        dtype: str | torch.dtype = "auto",
-        device: str = "auto",
-        config: EngineConfig | None = None,
+        cls, model_dir: str | Path, config: EngineConfig | None = None, **overrides: Any
     ) -> AsyncEngine:
-        return cls(Engine.from_dir(model_dir, dtype=dtype, device=device, config=config))
+        """`Engine.from_dir` (`overrides` are EngineConfig fields), run in a background thread."""
+        return cls(Engine.from_dir(model_dir, config, **overrides))
 
     async def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -56,7 +53,7 @@ class AsyncEngine:
         Leaving the iteration early (break, cancellation, a closed connection) aborts the request.
         """
         self._check_alive()
-        request: Request = self.engine.make_request(prompt, params, request_id)  # errors raise here
+        request: EngineRequest = self.engine.make_request(prompt, params, request_id)  # errors raise here
         sink: asyncio.Queue = asyncio.Queue()
         self._commands.put(("add", request, asyncio.get_running_loop(), sink))
         finished = False

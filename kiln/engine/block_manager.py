@@ -80,19 +80,24 @@ class BlockManager:
 
     # ------------------------------------------------------------------------------------ allocation
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
-        """Extend `seq`'s block table to hold its computed tokens plus `num_new_tokens`; False (and no
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None
+    ) -> int | None:
+        """Extend `seq`'s block table to hold its computed tokens plus `num_new_tokens`; None (and no
         change) if too few blocks are free. `cached_blocks` (a `cached_prefix`) become a new sequence's
-        first blocks and count as computed."""
+        first blocks. Returns how many prefix-cached tokens those blocks hold (0 without them): the engine,
+        which alone advances `num_computed_tokens`, counts them as computed."""
         cached_blocks = cached_blocks or []
         if cached_blocks:
             assert not seq.block_table and seq.num_computed_tokens == 0
-        num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
+        num_cached_tokens = len(cached_blocks) * self.block_size
         num_owned = len(seq.block_table) + len(cached_blocks)
-        num_needed = max(self.blocks_for(num_computed + num_new_tokens) - num_owned, 0)
+        num_needed = max(
+            self.blocks_for(seq.num_computed_tokens + num_cached_tokens + num_new_tokens) - num_owned, 0
+        )
         num_revived = sum(1 for block in cached_blocks if self._ref_counts[block] == 0)
         if num_needed + num_revived > len(self._free):
-            return False
+            return None
         for block in cached_blocks:
             if self._ref_counts[block] == 0:
                 del self._free[block]
@@ -100,12 +105,12 @@ class BlockManager:
         if cached_blocks:
             seq.block_table = list(cached_blocks)
             seq.num_cached_blocks = len(cached_blocks)
-            seq.num_computed_tokens = num_computed
         seq.block_table.extend(self._take_free_block() for _ in range(num_needed))
-        return True
+        return num_cached_tokens
 
     def free(self, seq: Sequence) -> None:
-        """Release `seq`'s blocks (its computed tokens are forgotten; cached blocks stay findable)."""
+        """Release `seq`'s blocks (cached blocks stay findable). Its KV is gone: a preempted sequence
+        recomputes from scratch, which the engine records by resetting its `num_computed_tokens`."""
         # Last blocks first, so a prefix outlives its continuations in the eviction order.
         for block in reversed(seq.block_table):
             self._ref_counts[block] -= 1
@@ -115,7 +120,6 @@ class BlockManager:
                     self._free.move_to_end(block, last=False)
         seq.block_table = []
         seq.num_cached_blocks = 0
-        seq.num_computed_tokens = 0
 
     def _take_free_block(self) -> int:
         block, _ = self._free.popitem(last=False)

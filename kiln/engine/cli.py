@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-if TYPE_CHECKING:
-    from kiln.engine.llm import LLM
+from kiln.engine.options import (
+    DEFAULT,
+    Device,
+    Dtype,
+    Kernels,
+    KVCacheMemory,
+    MaxModelLen,
+    ModelDir,
+    engine_config_from_flags,
+)
 
-ModelDir = Annotated[
-    Path, typer.Option("--model", "-m", help="Hugging Face model directory (config.json + *.safetensors).")
-]
-Dtype = Annotated[str, typer.Option(help="Weights dtype: auto (as stored), float32, bf16 or fp16.")]
-Device = Annotated[
-    str, typer.Option(help="Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-]
+if TYPE_CHECKING:
+    from kiln.engine.config import EngineConfig
+    from kiln.engine.llm import LLM
+    from kiln.engine.sampling_params import SamplingParams
+
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option(help="Keep only the k most likely tokens (0 = off).")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
@@ -26,34 +32,24 @@ MinP = Annotated[float, typer.Option(help="Drop tokens below min-p times the top
 RepetitionPenalty = Annotated[float, typer.Option(help="Discourage repeating tokens (1 = off).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string; repeat for several.")]
-MaxModelLen = Annotated[
-    int | None, typer.Option(help="Longest prompt + output in tokens (default: the model's context length).")
-]
-KVCacheMemory = Annotated[
-    str | None, typer.Option(help="KV cache size, e.g. 512MB (default: up to 2GiB on CPU, 80% of free GPU).")
-]
 
 console = Console(highlight=False)
 
 
-def _load(
-    model: Path,
-    dtype: str,
-    device: str,
-    max_model_len: int | None,
-    kv_cache_memory: str | None,
-    num_seqs: int,
-) -> LLM:
+def _sampling_params(flags: dict[str, Any], **fields: Any) -> SamplingParams:
+    """The SamplingParams of generate's and chat's sampling flags (`flags`: the command's parameters)."""
+    from kiln.engine.sampling_params import SamplingParams
+
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    return SamplingParams(
+        max_tokens=flags["max_new_tokens"], **{name: flags[name] for name in names}, **fields
+    )
+
+
+def _load(model: Path, config: EngineConfig) -> LLM:
     from kiln.engine.llm import LLM
 
-    return LLM(
-        model,
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
-        kv_cache_memory=kv_cache_memory,
-        max_num_seqs=num_seqs,  # the KV cache is sized for this many full-length sequences at most
-    )
+    return LLM(model, config)
 
 
 def generate_command(
@@ -71,26 +67,19 @@ def generate_command(
         bool, typer.Option(help="Wrap each prompt as a user message in the chat template.")
     ] = False,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (single prompt).")] = True,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    max_model_len: MaxModelLen = None,
-    kv_cache_memory: KVCacheMemory = None,
+    dtype: Dtype = DEFAULT.dtype,
+    device: Device = DEFAULT.device,
+    max_model_len: MaxModelLen = DEFAULT.max_model_len,
+    kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
+    kernels: Kernels = DEFAULT.kernels,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
-    from kiln.engine.sampling import SamplingParams
+    flags = dict(locals())  # the parameters, before any other local exists
     from kiln.errors import KilnError
 
-    llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=len(prompt))
-    params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=stop or (),
-    )
+    # The KV cache is sized for this many full-length sequences at most.
+    llm = _load(model, engine_config_from_flags(flags, max_num_seqs=len(prompt)))
+    params = _sampling_params(flags, stop=stop or ())
     if llm.tokenizer is None:
         raise KilnError(f"{model} has no tokenizer.json; kiln generate needs one to read text prompts")
     inputs: list = list(prompt)
@@ -121,30 +110,24 @@ def chat_command(
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    max_model_len: MaxModelLen = None,
-    kv_cache_memory: KVCacheMemory = None,
+    dtype: Dtype = DEFAULT.dtype,
+    device: Device = DEFAULT.device,
+    max_model_len: MaxModelLen = DEFAULT.max_model_len,
+    kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
+    kernels: Kernels = DEFAULT.kernels,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
 
     Type /reset to start over and /exit (or Ctrl-D) to quit; Ctrl-C stops a reply.
     """
-    from kiln.engine.sampling import SamplingParams
+    flags = dict(locals())  # the parameters, before any other local exists
     from kiln.errors import KilnError
 
-    llm = _load(model, dtype, device, max_model_len, kv_cache_memory, num_seqs=1)
+    # One conversation: the KV cache is sized for one full-length sequence at most.
+    llm = _load(model, engine_config_from_flags(flags, max_num_seqs=1))
     if llm.tokenizer is None or llm.tokenizer.chat_template is None:
         raise KilnError(f"{model} has no chat template (or no tokenizer); use kiln generate instead")
-    params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    params = _sampling_params(flags)
     opening = [{"role": "system", "content": system}] if system else []
     history = list(opening)
     console.print("[dim]/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply[/]")

@@ -1,14 +1,18 @@
-"""EngineConfig: how the engine lays out its KV cache and how much work one step may do."""
+"""EngineConfig: where the engine loads a model, how it lays out its KV cache, how much work one step
+may do, and which kernels run. `kiln.LLM`, the CLI flags (kiln.engine.options) and the server map onto it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
-from kiln.models.hf.io import parse_size
+from kiln.kernels.runtime import KernelChoice, check_kernels
+from kiln.parsing import parse_dtype, parse_size
 
 # Without an explicit kv_cache_memory: CPU takes at most this much RAM for the KV cache ...
 DEFAULT_CPU_KV_BYTES = 2 * 2**30
@@ -21,6 +25,10 @@ DEFAULT_CUDA_KV_FRACTION = 0.8
 class EngineConfig:
     """Knobs of the engine. `kiln.LLM` and the CLI map their arguments onto this."""
 
+    # Read when the engine loads a model directory (Engine.from_dir); a model handed to Engine directly
+    # stays where it is.
+    dtype: str | torch.dtype = "auto"  # weights dtype: auto (as stored), float32, bf16, fp16
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # sequences in flight per step
     max_num_batched_tokens: int = 1024  # token budget of one step (decodes + prefill chunks)
@@ -29,8 +37,12 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact KV block count; overrides kv_cache_memory (tests, benchmarks)
     enable_prefix_caching: bool = True
     seed: int = 0  # the engine's generator, used by requests that set no seed of their own
+    # Paged attention and the model's fused ops: torch, triton, or auto (Triton on CUDA, else torch).
+    kernels: KernelChoice = "auto"
 
     def __post_init__(self) -> None:
+        check_kernels(self.kernels)
+        parse_dtype(self.dtype)  # an unknown name fails here, before any weights are read
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise KilnError(f"{name} must be positive, got {getattr(self, name)}")
@@ -40,6 +52,14 @@ class EngineConfig:
             raise KilnError(f"num_kv_blocks must be positive or None, got {self.num_kv_blocks}")
         if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:
             raise KilnError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A copy with some fields changed; an unknown field name is refused with the valid ones."""
+        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        if unknown:
+            valid = ", ".join(field.name for field in dataclasses.fields(self))
+            raise KilnError(f"unknown engine option(s) {', '.join(unknown)}; the options are: {valid}")
+        return dataclasses.replace(self, **changes)
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The context length sequences may reach: max_model_len, bounded by the model's positions."""
@@ -74,13 +94,3 @@ def num_kv_blocks(
     # CPU: no more than every sequence slot at full length needs.
     wanted = config.max_num_seqs * -(-max_model_len // config.block_size)
     return min(wanted, DEFAULT_CPU_KV_BYTES // block_bytes)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device from a name; "auto" is cuda when a GPU is available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KilnError(f"device {str(device)!r} requested but no CUDA GPU is available; use device='cpu'")
-    return device

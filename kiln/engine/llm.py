@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from kiln.engine.config import EngineConfig
-from kiln.engine.engine import Engine, Prompt
+from kiln.engine.engine import Engine
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.sampling import SamplingParams
-from kiln.engine.sequence import Request
+from kiln.engine.request_factory import Prompt
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sequence import EngineRequest
 from kiln.errors import KilnError
 from kiln.models.transformer import Transformer
 
@@ -30,32 +31,15 @@ class LLM:
     def __init__(
         self,
         model: str | Path,
+        config: EngineConfig | None = None,
         *,
-        dtype: str | torch.dtype = "auto",
-        device: str = "auto",
-        kv_cache_memory: int | str | None = None,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 1024,
-        enable_prefix_caching: bool = True,
-        num_kv_blocks: int | None = None,
-        seed: int = 0,
         verbose: bool = True,
+        **overrides: Any,
     ) -> None:
-        """Load `model` (an HF model directory). See `EngineConfig` for the engine's knobs; `verbose`
-        prints the model size and KV capacity to stderr."""
-        config = EngineConfig(
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            kv_cache_memory=kv_cache_memory,
-            num_kv_blocks=num_kv_blocks,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=seed,
-        )
-        self.engine = Engine.from_dir(model, dtype=dtype, device=device, config=config)
+        """Load `model` (an HF model directory) under `config` (EngineConfig; the defaults without one).
+        `overrides` are EngineConfig fields (dtype="bf16", kv_cache_memory="1GB", kernels="triton", ...)
+        replacing the config's; `verbose` prints the model size and KV capacity to stderr."""
+        self.engine = Engine.from_dir(model, config, **overrides)
         if verbose:
             from rich.console import Console
 
@@ -128,7 +112,7 @@ class LLM:
             messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
         )
 
-    def _run(self, requests: list[Request]) -> list[RequestOutput]:
+    def _run(self, requests: list[EngineRequest]) -> list[RequestOutput]:
         for request in requests:
             self.engine.add_request(request)
         try:

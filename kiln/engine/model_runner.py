@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
-from kiln.engine.sampling import TopLogprobs, top_logprobs
+from kiln.engine.sampler import TopLogprobs, top_logprobs
 from kiln.engine.scheduler import ScheduledSequence
 from kiln.engine.sequence import Sequence
 from kiln.models.transformer import Transformer

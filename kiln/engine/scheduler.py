@@ -21,14 +21,16 @@ from kiln.engine.sequence import Sequence, SequenceStatus
 @dataclass(kw_only=True, slots=True)
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens from seq.num_computed_tokens on that this step computes
-    num_cached_tokens: int = 0  # prefix-cache hits found when the sequence was admitted this step
+    num_new_tokens: int  # tokens this step computes, after those already computed or cached
+    # Prefix-cache hits found when the sequence was admitted this step; the engine counts them as
+    # computed before the forward pass.
+    num_cached_tokens: int = 0
 
 
 @dataclass(kw_only=True, slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # blocks freed; the engine resets their progress
 
     @property
     def num_batched_tokens(self) -> int:
@@ -68,7 +70,7 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, num_new_tokens: int, preempted: list[Sequence]) -> bool:
         """Allocate `seq`'s blocks, preempting the newest sequences until they fit; False if `seq` was."""
-        while not self.block_manager.allocate(seq, num_new_tokens):
+        while self.block_manager.allocate(seq, num_new_tokens) is None:
             victim = self.running.pop()
             self.block_manager.free(victim)
             victim.status = SequenceStatus.WAITING
@@ -89,7 +91,7 @@ class Scheduler:
             cached = [] if seq.wants_prompt_logprobs else self.block_manager.cached_prefix(seq)
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new_tokens = min(seq.num_tokens - num_cached_tokens, budget)
-            if not self.block_manager.allocate(seq, num_new_tokens, cached):
+            if self.block_manager.allocate(seq, num_new_tokens, cached) is None:
                 break  # first come, first served: nothing overtakes the head of the queue
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

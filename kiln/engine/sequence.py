@@ -1,9 +1,11 @@
-"""Request and Sequence: a request is one prompt with its SamplingParams; each of its n samples is a
-Sequence that the scheduler runs, with its own tokens, KV blocks and progress."""
+"""EngineRequest and Sequence: a request is one prompt with its SamplingParams; each of its n samples is a
+Sequence that the scheduler runs, with its own tokens, KV blocks and progress. `sampling_batch` gathers
+what the sampler needs of the sequences that sample in a step."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +18,8 @@ from kiln.engine.outputs import (
     RequestMetrics,
     RequestOutput,
 )
-from kiln.engine.sampling import SamplingParams
+from kiln.engine.sampler import SamplingBatch
+from kiln.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -31,7 +34,7 @@ class Sequence:
 
     seq_id: int
     index: int  # which of the request's n samples
-    request: Request
+    request: EngineRequest
     token_ids: list[int]  # prompt, then output
     num_prompt_tokens: int
     params: SamplingParams
@@ -42,7 +45,7 @@ class Sequence:
     # The sample that computes the shared prompt first; this one waits for it to hit the prefix cache.
     leader: Sequence | None = None
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the KV cache (the engine writes it)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks' tokens
     num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
@@ -118,7 +121,7 @@ class Sequence:
 
 
 @dataclass(kw_only=True, slots=True, eq=False)
-class Request:
+class EngineRequest:
     """A prompt and its SamplingParams, with the n sequences sampling it."""
 
     request_id: str
@@ -162,3 +165,30 @@ class Request:
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=self.num_cached_tokens,
         )
+
+
+def sampling_batch(seqs: SequenceOf[Sequence]) -> SamplingBatch:
+    """The sampler's per-row settings for `seqs` (one logits row each), gathered once per step."""
+    params = [seq.params for seq in seqs]
+    return SamplingBatch(
+        temperatures=[p.temperature for p in params],
+        top_ks=[p.top_k for p in params],
+        top_ps=[p.top_p for p in params],
+        min_ps=[p.min_p for p in params],
+        generators=[seq.generator for seq in seqs],
+        num_logprobs=[p.logprobs for p in params],
+        repetition_penalties=[p.repetition_penalty for p in params],
+        presence_penalties=[p.presence_penalty for p in params],
+        frequency_penalties=[p.frequency_penalty for p in params],
+        seen_token_ids=[
+            sorted(set(seq.token_ids)) if seq.params.repetition_penalty != 1 else [] for seq in seqs
+        ],
+        output_token_ids=[
+            seq.output_token_ids if seq.params.presence_penalty or seq.params.frequency_penalty else []
+            for seq in seqs
+        ],
+        banned_token_ids=[
+            sorted(seq.stop_token_ids) if seq.num_output_tokens < seq.params.min_tokens else []
+            for seq in seqs
+        ],
+    )

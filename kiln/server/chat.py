@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from kiln.engine.outputs import CompletionOutput, RequestOutput
-from kiln.engine.sampling import SamplingParams
+from kiln.engine.sampling_params import SamplingParams
 from kiln.server.choices import chat_logprobs, collect
 from kiln.server.protocol import (
     AssistantMessage,

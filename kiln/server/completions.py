@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from kiln.engine.outputs import PositionLogprobs, RequestOutput
-from kiln.engine.sampling import SamplingParams
+from kiln.engine.sampling_params import SamplingParams
 from kiln.server.choices import collect, completion_logprobs
 from kiln.server.errors import APIError
 from kiln.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo, random_id

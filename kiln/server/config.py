@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiln.errors import KilnError
-from kiln.models.hf.io import parse_size
+from kiln.parsing import parse_size
 
 
 @dataclass(kw_only=True, slots=True)

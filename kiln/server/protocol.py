@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kiln.engine.sampling import SamplingParams
+from kiln.engine.sampling_params import SamplingParams
 
 MAX_N = 128  # samples per prompt
 MAX_LOGPROBS = 20  # top candidates per position, as OpenAI's top_logprobs allows

@@ -11,7 +11,7 @@ from typing import Any
 
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.sampling import SamplingParams
+from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import KilnError
 from kiln.server.config import ServerConfig
 from kiln.server.errors import APIError

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kiln.errors import KilnError
 from kiln.models.transformer import Transformer
+from kiln.parsing import resolve_device
 from kiln.train import checkpoint as ckpt
 from kiln.train import distributed as dist
 from kiln.train.config import TrainConfig
@@ -51,12 +52,6 @@ def _first_line(error: BaseException) -> str:
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())
     text = text.splitlines()[0] if text else type(error).__name__
     return text.split(". ")[0][:160]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Trainer:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kiln.engine.outputs import RequestMetrics
-from kiln.engine.sampling import SamplingParams
-from kiln.engine.sequence import Request, Sequence
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sequence import EngineRequest, Sequence
 from tests.hf_cases import VOCAB, build_hf_model, build_text_model
 
 CORPUS = [Path(os.__file__), Path(json.__file__)]
@@ -43,7 +43,7 @@ def random_prompts(lengths, seed: int = 0, vocab_size: int = VOCAB) -> list[list
 def make_seq(token_ids: list[int], seq_id: int = 0, params: SamplingParams | None = None) -> Sequence:
     """A bare sequence (no model, no tokenizer) for block manager, scheduler and sampler tests."""
     params = params or SamplingParams(max_tokens=4)
-    request = Request(
+    request = EngineRequest(
         request_id=str(seq_id),
         prompt=None,
         prompt_token_ids=token_ids,

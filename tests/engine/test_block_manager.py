@@ -8,8 +8,9 @@ from tests.engine.conftest import make_seq
 
 
 def compute(manager: BlockManager, seq: Sequence, num_tokens: int, cached: list[int] | None = None) -> None:
-    assert manager.allocate(seq, num_tokens, cached)
-    seq.num_computed_tokens += num_tokens
+    num_cached_tokens = manager.allocate(seq, num_tokens, cached)
+    assert num_cached_tokens is not None
+    seq.num_computed_tokens += num_cached_tokens + num_tokens  # what the engine does
     manager.cache_full_blocks(seq)
 
 
@@ -19,7 +20,7 @@ def test_allocation_grows_block_tables_and_refuses_without_changing_anything():
     compute(manager, seq, 10)
     assert len(seq.block_table) == 3 and manager.num_free_blocks == 1
     other = make_seq(list(range(100, 109)), seq_id=1)
-    assert not manager.allocate(other, 9)
+    assert manager.allocate(other, 9) is None
     assert other.block_table == [] and manager.num_free_blocks == 1
     manager.free(seq)
     assert manager.num_free_blocks == 4 and manager.usage == 0
@@ -51,7 +52,7 @@ def test_freed_blocks_stay_cached_until_reused_least_recently_freed_first():
     assert manager.num_free_blocks == 4
     assert manager.cached_prefix(make_seq([1, 2, 5], seq_id=2)) == [old_full]
     # Three new blocks: the two unhashed partial blocks go first, then `old`'s block, freed before `new`'s.
-    assert manager.allocate(make_seq([50, 51, 52, 53, 54, 55], seq_id=3), 6)
+    assert manager.allocate(make_seq([50, 51, 52, 53, 54, 55], seq_id=3), 6) == 0
     assert manager.cached_prefix(make_seq([1, 2, 5], seq_id=4)) == []
     assert manager.cached_prefix(make_seq([7, 8, 5], seq_id=5)) == [new_full]
 

@@ -52,3 +52,19 @@ def test_help(text_model_dir):
     for verb in ("chat", "generate"):
         result = runner.invoke(app, [verb, "--help"])
         assert result.exit_code == 0 and "--kv-cache-memory" in result.output
+
+
+def test_engine_flags_are_shared_and_mapped_once(text_model_dir):
+    from kiln.engine.options import engine_config_from_flags
+
+    for verb in (["generate"], ["chat"], ["serve"], ["bench", "generate"]):
+        result = runner.invoke(app, [*verb, "--help"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "--kernels" in result.output and "--kv-cache-memory" in result.output, verb
+    # Parameters that are no engine flag (generate's sampling `seed`, `temperature`) are ignored.
+    flags = dict(prefix_caching=False, kernels="torch", engine_seed=5, seed=9, temperature=0.5)
+    config = engine_config_from_flags(flags, max_num_seqs=3)
+    assert (config.enable_prefix_caching, config.kernels, config.seed) == (False, "torch", 5)
+    assert config.max_num_seqs == 3
+    bad = runner.invoke(app, ["generate", "-m", str(text_model_dir), "-p", "x", "--kernels", "cuda"])
+    assert bad.exit_code != 0 and "kernels must be one of torch, triton, auto" in str(bad.exception)

@@ -131,3 +131,20 @@ def test_models_without_a_tokenizer_take_token_ids(hf_model_dir):
         llm.generate("hello")
     with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
         llm.generate([[5], [6]], [SamplingParams()])
+
+
+def test_a_config_and_overrides_of_its_fields(text_model_dir):
+    from kiln.engine import EngineConfig
+
+    config = EngineConfig(block_size=8, max_model_len=64, seed=3)
+    llm = LLM(text_model_dir, config, max_model_len=32, verbose=False)
+    assert (llm.engine.config.block_size, llm.engine.config.max_model_len) == (8, 32)
+    assert llm.engine.max_model_len == 32 and llm.engine.config.seed == 3
+    assert config.max_model_len == 64  # the caller's config is not changed
+
+
+def test_unknown_engine_options_are_refused_with_the_valid_ones(text_model_dir):
+    with pytest.raises(
+        kiln.KilnError, match=r"unknown engine option\(s\) blok_size; the options are: .*block_size"
+    ):
+        LLM(text_model_dir, blok_size=4, verbose=False)

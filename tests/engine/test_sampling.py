@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kiln.engine import LLM, SamplingParams
-from kiln.engine.sampling import Sampler, apply_penalties, filter_logits
+from kiln.engine.sampler import Sampler, apply_penalties, filter_logits
+from kiln.engine.sequence import sampling_batch
 from tests.engine.conftest import make_seq, random_prompts
 
 LOGITS = torch.tensor([[4.0, 3.0, 2.0, -1.0, -2.0]])  # softmax ~ [.66, .24, .09, .004, .002]
@@ -21,7 +22,12 @@ def seqs_with(params: SamplingParams, count: int = 1, output: list[int] = ()):
 
 
 def kept(params: SamplingParams) -> set[int]:
-    return set(torch.isfinite(filter_logits(LOGITS.clone(), [params])[0]).nonzero().flatten().tolist())
+    return set(
+        torch.isfinite(filter_logits(LOGITS.clone(), sampling_batch(seqs_with(params)))[0])
+        .nonzero()
+        .flatten()
+        .tolist()
+    )
 
 
 def test_filters_keep_what_they_should():
@@ -37,7 +43,9 @@ def test_filters_keep_what_they_should():
 def test_samples_follow_the_filtered_distribution():
     params = SamplingParams(temperature=1.0, top_k=3)
     seqs = seqs_with(params, count=4000)
-    picked = torch.tensor(Sampler(torch.device("cpu"), seed=0)(LOGITS.repeat(4000, 1), seqs).token_ids)
+    picked = torch.tensor(
+        Sampler(torch.device("cpu"), seed=0)(LOGITS.repeat(4000, 1), sampling_batch(seqs)).token_ids
+    )
     frequencies = torch.bincount(picked, minlength=5).float() / 4000
     expected = LOGITS[0, :3].softmax(-1)
     assert frequencies[3:].sum() == 0
@@ -46,10 +54,10 @@ def test_samples_follow_the_filtered_distribution():
 
 def test_a_seeded_row_does_not_depend_on_its_neighbours():
     seeded = SamplingParams(temperature=1.0, seed=5)
-    alone = Sampler(torch.device("cpu"), seed=0)(LOGITS, seqs_with(seeded))
+    alone = Sampler(torch.device("cpu"), seed=0)(LOGITS, sampling_batch(seqs_with(seeded)))
     others = seqs_with(SamplingParams(temperature=1.0), count=6)
     mixed = Sampler(torch.device("cpu"), seed=1)(
-        LOGITS.repeat(7, 1), others[:3] + seqs_with(seeded) + others[3:]
+        LOGITS.repeat(7, 1), sampling_batch(others[:3] + seqs_with(seeded) + others[3:])
     )
     assert mixed.token_ids[3] == alone.token_ids[0]
 
@@ -58,7 +66,7 @@ def test_penalties():
     params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     (seq,) = seqs_with(params, output=[0, 0, 3])  # prompt [7, 8] is outside the 5-token vocabulary here
     seq.token_ids[:2] = [1, 1]
-    penalised = apply_penalties(LOGITS.clone(), [seq])[0]
+    penalised = apply_penalties(LOGITS.clone(), sampling_batch([seq]))[0]
     # token 0: 4 / 2 - 0.5 - 2 * 0.25; token 1 (prompt only): 3 / 2; token 3: -1 * 2 - 0.5 - 0.25
     assert penalised.tolist() == pytest.approx([1.0, 1.5, 2.0, -2.75, -2.0])
 
@@ -67,9 +75,9 @@ def test_min_tokens_holds_back_stop_tokens():
     params = SamplingParams(temperature=0, min_tokens=2)
     (seq,) = seqs_with(params)
     seq.stop_token_ids = frozenset({0})
-    assert Sampler(torch.device("cpu"), seed=0)(LOGITS, [seq]).token_ids == [1]
+    assert Sampler(torch.device("cpu"), seed=0)(LOGITS, sampling_batch([seq])).token_ids == [1]
     seq.token_ids.extend([5, 6])
-    assert Sampler(torch.device("cpu"), seed=0)(LOGITS, [seq]).token_ids == [0]
+    assert Sampler(torch.device("cpu"), seed=0)(LOGITS, sampling_batch([seq])).token_ids == [0]
 
 
 @pytest.mark.parametrize(

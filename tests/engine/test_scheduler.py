@@ -14,11 +14,21 @@ def make_scheduler(num_blocks=16, block_size=4, **config) -> Scheduler:
 def run(scheduler: Scheduler) -> list[tuple[int, int]]:
     """Schedule a step and pretend it ran: computed tokens advance, finished prompts get a new token."""
     plan = scheduler.schedule()
+    apply(plan)
     for item in plan.scheduled:
         item.seq.num_computed_tokens += item.num_new_tokens
         if item.seq.num_computed_tokens == item.seq.num_tokens:
             item.seq.token_ids.append(0)
     return [(item.seq.seq_id, item.num_new_tokens) for item in plan.scheduled]
+
+
+def apply(plan) -> None:
+    """What the engine does with a plan before the forward pass (Engine._apply_schedule)."""
+    for seq in plan.preempted:
+        seq.num_computed_tokens = 0
+    for item in plan.scheduled:
+        if item.num_cached_tokens:
+            item.seq.num_computed_tokens = item.num_cached_tokens
 
 
 def test_long_prompt_is_chunked_while_running_sequences_keep_decoding():
@@ -51,6 +61,7 @@ def test_out_of_blocks_preempts_the_newest_and_resumes_it_first():
     assert run(scheduler) == [(0, 8), (1, 7)]
     # `old` needs a third block for its 9th token; the only way is to take `new`'s.
     plan = scheduler.schedule()
+    apply(plan)
     assert [item.seq.seq_id for item in plan.scheduled] == [0] and plan.preempted == [new]
     assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0 and new.block_table == []
     assert scheduler.waiting[0] is new

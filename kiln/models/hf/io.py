@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,31 +21,10 @@ from kiln.errors import KilnError, ModelLoadError
 from kiln.models.hf import FAMILIES, Family
 from kiln.models.hf.spec import ConfigReader
 from kiln.models.transformer import Transformer
+from kiln.parsing import parse_dtype, parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A torch dtype from a name such as 'bf16'; None and 'auto' mean: keep the checkpoint's dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 # -------------------------------------------------------------------------------------------- reading
 
 
@@ -200,17 +178,6 @@ def _refuse_unknown_tensors(files: CheckpointFiles, used: set[str], family: Fami
 
 
 # -------------------------------------------------------------------------------------------- writing
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as '5GB', '500MB', '64KiB'."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise ModelLoadError(f"cannot read size {size!r}; write it like 5GB, 500MB or 1048576")
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match.group(1)) * units[(match.group(2) or "b").lower()])
 
 
 def hf_state_dict(
