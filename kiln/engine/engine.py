@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ from kiln.engine.model_runner import ModelRunner
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.request_factory import Prompt, RequestFactory
-from kiln.engine.sampler import Sampler
+from kiln.engine.sampler import Sampler, TopLogprobs
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerOutput
-from kiln.engine.sequence import EngineRequest, sampling_batch
+from kiln.engine.sequence import EngineRequest, Sequence, sampling_batch
 from kiln.errors import KilnError
 from kiln.kernels.runtime import KernelChoice, use_triton
 from kiln.models.transformer import Transformer
@@ -178,7 +179,12 @@ class Engine:
     # ----------------------------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return a delta for every request that gained tokens or finished."""
+        """Run one forward pass; return a delta for every request that gained tokens or finished.
+
+        A fault in one request's sampling or output processing fails that request alone (finish_reason
+        "error", RequestOutput.error says why) and the others carry on. A fault in scheduling or the
+        forward pass touches shared state (the KV pool, the block tables) and propagates.
+        """
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
         self.counters.num_preemptions += len(plan.preempted)
@@ -188,18 +194,21 @@ class Engine:
         self.counters.num_steps += 1
         self._apply_schedule(plan)
         result = self.runner.execute(plan.scheduled)
-        sampled = self.sampler(result.logits, sampling_batch(result.sampling_seqs))
+        failed: dict[int, tuple[EngineRequest, Exception]] = {}
+        picks = self._sample(result.logits, result.sampling_seqs, failed)
         now = time.monotonic()
         self._record_progress(plan, now)
         for seq, entries in result.prompt_logprobs:
-            self.output_processor.record_prompt_logprobs(seq, entries)
-        for seq, token_id, logprobs in zip(
-            result.sampling_seqs, sampled.token_ids, sampled.logprobs, strict=True
-        ):
+            self._isolated(seq, failed, self.output_processor.record_prompt_logprobs, seq, entries)
+        for seq, pick in zip(result.sampling_seqs, picks, strict=True):
+            if pick is None or id(seq.request) in failed:
+                continue
             self.counters.num_generation_tokens += 1
             if seq.request.metrics.first_token_time is None:
                 seq.request.metrics.first_token_time = now
-            self.output_processor.append_token(seq, token_id, logprobs)
+            self._isolated(seq, failed, self.output_processor.append_token, seq, *pick)
+        for request, error in failed.values():
+            self._fail(request, error)
         self.scheduler.remove_finished()
         touched = {id(item.seq.request): item.seq.request for item in plan.scheduled}
         for request in touched.values():
@@ -210,6 +219,46 @@ class Engine:
             if request.is_finished or any(seq.has_news for seq in request.sequences):
                 outputs.append(request.output(delta=True))
         return outputs
+
+    # ------------------------------------------------------------------------------ fault isolation
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[int, tuple[EngineRequest, Exception]]
+    ) -> list[tuple[int, TopLogprobs | None] | None]:
+        """The (token, logprobs) of each row. When the batched pick fails, every row is picked alone so
+        that only the requests whose rows fail are failed (None for those rows)."""
+        try:
+            sampled = self.sampler(logits, sampling_batch(seqs))
+            return list(zip(sampled.token_ids, sampled.logprobs, strict=True))
+        except Exception:  # find the culprit rows below; the others keep their step
+            logger.warning("batched sampling failed; sampling the %d rows one by one", len(seqs))
+        picks: list[tuple[int, TopLogprobs | None] | None] = []
+        for row, seq in enumerate(seqs):
+            try:
+                one = self.sampler(logits[row : row + 1], sampling_batch([seq]))
+                picks.append((one.token_ids[0], one.logprobs[0]))
+            except Exception as error:
+                failed.setdefault(id(seq.request), (seq.request, error))
+                picks.append(None)
+        return picks
+
+    @staticmethod
+    def _isolated(seq: Sequence, failed: dict, function: Callable[..., None], *args: Any) -> None:
+        """Run one sequence's share of the step's bookkeeping; a fault fails its request only."""
+        if id(seq.request) in failed:
+            return
+        try:
+            function(*args)
+        except Exception as error:
+            failed[id(seq.request)] = (seq.request, error)
+
+    def _fail(self, request: EngineRequest, error: Exception) -> None:
+        """Finish every sample of `request` with "error"; its blocks are freed with the step's finished."""
+        logger.error("request %s failed in the engine: %r", request.request_id, error, exc_info=error)
+        request.error = f"{type(error).__name__}: {error}"
+        for seq in request.sequences:
+            if not seq.is_finished:
+                seq.finish("error")
 
     # `num_computed_tokens` (the tokens whose keys and values are in the KV cache) is written only here:
     # the scheduler and the block manager decide, the engine applies.

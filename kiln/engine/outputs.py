@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+# "error": the request failed inside the engine (RequestOutput.error says why); others kept running.
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -72,3 +73,4 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # first prompt token: None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # why the request failed (its samples finished with "error"); None if it did not

@@ -47,8 +47,7 @@ class RequestFactory:
     ) -> EngineRequest:
         """Tokenize and validate a request (safe to call from any thread)."""
         params = params or SamplingParams()
-        if params.stop and self.tokenizer is None:
-            raise KilnError("stop strings need a tokenizer; use stop_token_ids with this model")
+        self.check_params(params)
         text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.prompt_token_ids(prompt)
         if len(prompt_ids) >= self.max_model_len:
@@ -67,6 +66,31 @@ class RequestFactory:
         for index in range(params.n):
             request.sequences.append(self._sequence(request, index))
         return request
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse what this model cannot do: token ids outside its vocabulary, top-k or logprobs past it,
+        stop strings without a tokenizer. (Checked here, once per request, so that the sampler never meets
+        a value that would fail a whole step.)"""
+        vocab_size = self.vocab_size
+        if params.stop and self.tokenizer is None:
+            raise KilnError("stop strings need a tokenizer; use stop_token_ids with this model", param="stop")
+        outside = [token for token in params.stop_token_ids if not 0 <= token < vocab_size]
+        if outside:
+            raise KilnError(
+                f"stop_token_ids must be in [0, {vocab_size}), this model's vocabulary; got {outside[0]}",
+                param="stop_token_ids",
+            )
+        if params.top_k > vocab_size:
+            raise KilnError(
+                f"top_k must be at most the vocabulary size {vocab_size} (0 or -1 = off); got {params.top_k}",
+                param="top_k",
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > vocab_size:
+                raise KilnError(
+                    f"{name} must be at most the vocabulary size {vocab_size}; got {value}", param=name
+                )
 
     def _sequence(self, request: EngineRequest, index: int) -> Sequence:
         params, prompt_ids = request.params, request.prompt_token_ids
@@ -100,10 +124,11 @@ class RequestFactory:
         else:
             prompt_ids = [int(token) for token in prompt]
         if not prompt_ids:
-            raise KilnError("the prompt is empty; give at least one token")
+            raise KilnError("the prompt is empty; give at least one token", param="prompt")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise KilnError(
-                f"prompt token ids must be in [0, {self.vocab_size}); is the tokenizer for this model?"
+                f"prompt token ids must be in [0, {self.vocab_size}); is the tokenizer for this model?",
+                param="prompt",
             )
         return prompt_ids
 

@@ -135,6 +135,7 @@ class EngineRequest:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     prompt_logprobs_emitted: bool = False
+    error: str | None = None  # set when the engine failed this request (its sequences finish "error")
 
     @property
     def is_finished(self) -> bool:
@@ -164,6 +165,7 @@ class EngineRequest:
             metrics=self.metrics,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=self.num_cached_tokens,
+            error=self.error,
         )
 
 
