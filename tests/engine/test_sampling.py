@@ -85,7 +85,7 @@ def test_min_tokens_holds_back_stop_tokens():
     [
         (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(top_p=0.0), "top_p must be in"),
-        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(top_k=-2), "top_k must be >= 0"),
         (dict(min_p=1.5), "min_p must be in"),
         (dict(n=0), "n must be >= 1"),
         (dict(max_tokens=0), "max_tokens must be >= 1"),
