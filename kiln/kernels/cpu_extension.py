@@ -1,0 +1,80 @@
+"""kiln's C++ CPU ops: every kiln/kernels/csrc/*.cpp compiled into one library with
+torch.utils.cpp_extension, registering its ops under `torch.ops.kiln.*` (TORCH_LIBRARY_FRAGMENT(kiln, m)).
+
+The library is built once per machine and source version (about a minute; `make install` builds it) and
+cached under $KILN_CACHE/cpu_ops (default ~/.cache/kiln/cpu_ops). Without a C++ compiler or OpenMP, or
+when the build fails, `cpu_ops_available()` is False, one line says why, and every caller runs its torch
+reference instead. `KILN_CPU_OPS=0` switches the ops off (to compare against the references).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-std=c++17"]
+
+
+def _build_dir() -> Path:
+    """A folder per source version, compiler flags and torch build, so a stale library is never loaded."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(" ".join(FLAGS).encode() + torch.__version__.encode())
+    root = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+    return root / "cpu_ops" / digest.hexdigest()[:16]
+
+
+@functools.cache
+def cpu_ops_available() -> bool:
+    """Build (once) and load the library; False, with one line on stderr saying why, when it can't be."""
+    if os.environ.get("KILN_CPU_OPS", "1") == "0":
+        return False
+    reason = _load()
+    if reason is not None:
+        print(f"kiln: C++ CPU ops unavailable ({reason}); using the torch reference path", file=sys.stderr)
+        return False
+    return True
+
+
+def _load() -> str | None:
+    """Load the library, building it if needed; the reason it could not be, or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} is not on PATH"
+    sources = sorted(str(path) for path in CSRC.glob("*.cpp"))
+    if not sources:
+        return f"no sources in {CSRC}"
+    build_dir = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="kiln_cpu_ops",
+            sources=sources,
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # a compiler error, no ninja, no OpenMP: fall back, say why in one line
+        first = str(error).strip().splitlines()
+        return f"build failed: {first[0] if first else type(error).__name__}; see {build_dir}"
+    return None
+
+
+if __name__ == "__main__":  # `python -m kiln.kernels.cpu_extension`: build now (make install runs it)
+    ok = cpu_ops_available()
+    print(f"kiln: C++ CPU ops {'ready' if ok else 'not built'} ({_build_dir()})")
