@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig, RopeScaling
+from kiln.kernels.rope import apply_rope
 from kiln.kernels.runtime import KernelChoice, check_kernels, use_triton
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -114,17 +115,6 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """(num_heads,) fp32 ALiBi slopes: a geometric sequence, interleaved for non-powers of two (BLOOM)."""
     closest = 2 ** math.floor(math.log2(num_heads))
@@ -217,7 +207,8 @@ class Attention(nn.Module):
     def _forward_fused(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache) -> torch.Tensor:
         """`forward` with the Triton kernels: RoPE in place on the projections, flash attention wherever
         no mask tensor is needed and the head dim fits its tiles (else SDPA, as in `forward`)."""
-        from kiln.kernels.flash_attention import MAX_HEAD_DIM, flash_attention
+        from kiln.kernels.flash_attention import flash_attention
+        from kiln.kernels.flash_attention_common import MAX_HEAD_DIM
         from kiln.kernels.rope import apply_rope_
 
         batch, length, hidden = x.shape
