@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,22 +22,13 @@ from kiln.train import distributed as dist
 from kiln.train.config import TrainConfig
 from kiln.train.export import save_with_tokenizer
 from kiln.train.flops import choose_precision
-from kiln.train.loop import TrainingLoop, TrainSummary
+from kiln.train.loop import RunInfo, StepResult, TrainingLoop, TrainSummary
 from kiln.train.losses import IGNORE_INDEX, goldfish_mask
 from kiln.train.objective import LanguageModelObjective
 from kiln.train.optim import build_optimizer, learning_rate, set_learning_rate
 from kiln.train.parallel import apply_activation_checkpointing, clip_grad_norm, parallelize
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: int
-    skipped: bool = False
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
@@ -377,11 +367,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- loop
 
+    def _run_info(self) -> RunInfo:
+        return RunInfo(
+            config=self.config,
+            distributed=self.distributed,
+            console=self.console,
+            device=self.device,
+            precision=self.precision,
+            compute_dtype=self.compute_dtype,
+            global_tokens_per_step=self.global_tokens_per_step,
+            checkpoint_dir=self.checkpoint_dir,
+        )
+
     def train(self) -> TrainSummary:
         """Train to max_steps (or max_minutes), checkpointing and evaluating on schedule; under torchrun a
         collective that fails (a rank died) or times out (a rank hung) ends this rank with a KilnError."""
         try:
-            return TrainingLoop(self).run()
+            return TrainingLoop(self, self._run_info()).run()
         except Exception as error:
             if not (self.distributed.enabled and dist.is_collective_failure(error)):
                 raise
