@@ -47,6 +47,10 @@ def train_command(
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides the recipe).")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ...")] = None,
+    kernels: Annotated[
+        str | None,
+        typer.Option(help="Fused Triton kernels or torch: torch, triton, or auto (Triton on CUDA)."),
+    ] = None,
     goldfish_k: Annotated[
         int | None, typer.Option(help="Goldfish loss: drop 1 in K targets (0 = off).")
     ] = None,
@@ -80,6 +84,7 @@ def train_command(
         max_steps=max_steps,
         precision=precision,
         device=device,
+        kernels=kernels,
         goldfish_k=goldfish_k,
         goldfish_h=goldfish_h,
         dp_shard=dp_shard,

@@ -27,6 +27,7 @@ from kiln.train.losses import IGNORE_INDEX, goldfish_mask
 from kiln.train.objective import LanguageModelObjective
 from kiln.train.optim import build_optimizer, learning_rate, set_learning_rate
 from kiln.train.parallel import apply_activation_checkpointing, clip_grad_norm, parallelize
+from kiln.train.token_data import open_token_data
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,10 +75,11 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         if train_data is None:
-            train_data, val_data = self._open_data()
+            train_data, val_data = open_token_data(config, self.distributed, self.console)
         self.train_data, self.val_data = train_data, val_data
         torch.manual_seed(config.seed)
-        self.model = Transformer(config.model).to(self.device)
+        self.kernels = self._kernel_choice()
+        self.model = Transformer(config.model, kernels=self.kernels).to(self.device)
         precision = choose_precision(self.device) if config.precision == "auto" else config.precision
         self.precision = self.distributed.broadcast(precision)  # ranks could measure differently
         self.compute_dtype = AUTOCAST_DTYPES.get(self.precision)
@@ -102,13 +104,13 @@ class Trainer:
                 apply_activation_checkpointing(self.model)
             # The loss takes final hidden states: the fused LM head + cross-entropy never builds logits.
             compiled = torch.compile(self.model.hidden_states) if config.compile else None
-            objective = LanguageModelObjective(self.model, compiled)
+            objective = LanguageModelObjective(self.model, compiled, kernels=self.kernels)
             return objective, objective
         if self.precision == "fp16" and (layout.uses_fsdp or layout.tp > 1):
             raise KilnError("fp16 loss scaling is not supported with FSDP or TP; use --precision bf16")
         if config.compile and layout.tp > 1:  # DTensor's redistribute backward fails under torch.compile
             raise KilnError("compile=true does not work with --tp > 1 yet; turn compile off for TP runs")
-        objective = LanguageModelObjective(self.model)
+        objective = LanguageModelObjective(self.model, kernels=self.kernels)
         module = parallelize(
             objective,
             self.distributed,
@@ -118,49 +120,20 @@ class Trainer:
         )
         return objective, module
 
+    def _kernel_choice(self) -> str:
+        """config.kernels for the model and the fused loss; tensor-parallel runs use torch, since their
+        sequence-parallel norms see DTensors, which the Triton kernels do not take."""
+        if self.distributed.layout.tp == 1:
+            return self.config.kernels
+        if self.config.kernels == "triton":
+            raise KilnError("kernels=triton does not work with --tp > 1 yet; use --kernels auto or torch")
+        return "torch"
+
     @property
     def global_tokens_per_step(self) -> int:
         return self.config.tokens_per_step * self.distributed.dp_size
 
     # ------------------------------------------------------------------------------------------ data
-
-    def _open_data(self):
-        from kiln.data.loader import TokenLoader
-        from kiln.data.shards import MANIFEST_NAME
-
-        config = self.config
-        if not (Path(config.data_dir) / MANIFEST_NAME).is_file():
-            if config.prepare is None:
-                raise KilnError(
-                    f"{config.data_dir} has no {MANIFEST_NAME}; run `kiln data prepare` first or pass --data"
-                )
-            from kiln.data.prepare import prepare
-
-            if self.distributed.is_main:  # one process prepares; the others wait for its manifest
-                self.console.print(f"preparing data into {config.data_dir}")
-                prepare(config.prepare)
-            self.distributed.barrier()
-        distributed = self.distributed
-        loader_args = dict(
-            seq_len=config.seq_len,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            rank=distributed.dp_rank,
-            world_size=distributed.dp_size,
-        )
-        train = TokenLoader(config.data_dir, "train", **loader_args)
-        vocab = train.manifest["vocab_size"]
-        if vocab > config.model.vocab_size:
-            raise KilnError(
-                f"the data's tokenizer has {vocab} tokens but the model's vocab_size is "
-                f"{config.model.vocab_size}; set model.vocab_size >= {vocab}"
-            )
-        try:
-            val = TokenLoader(config.data_dir, "val", **loader_args)
-        except KilnError:
-            self.console.print("[yellow]no usable validation split; evaluation is skipped[/]")
-            val = None
-        return train, val
 
     def _batch(self, source, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = source.batch(index)

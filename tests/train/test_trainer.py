@@ -141,6 +141,9 @@ def test_config_overrides_and_validation():
         TrainConfig(model=kiln.preset("tiny"), data_dir="d", goldfish_k=1)
     with pytest.raises(kiln.KilnError, match="seq_len 4096 exceeds"):
         TrainConfig(model=kiln.preset("tiny"), data_dir="d", seq_len=4096)
+    with pytest.raises(kiln.KilnError, match="kernels must be one of torch, triton, auto"):
+        TrainConfig(model=kiln.preset("tiny"), data_dir="d", kernels="cuda")
+    assert config.kernels == "auto" and config.override(["kernels=triton"]).kernels == "triton"
 
 
 def test_overriding_the_width_resizes_heads_and_mlp_that_follow_the_default_rule():
