@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "kiln.config": 0,
     "kiln.parsing": 0,
     "kiln.tokenizer": 0,
+    "kiln.paths": 0,
     "kiln.kernels": 1,
     "kiln.quant": 2,
     "kiln.models": 3,
@@ -133,7 +134,9 @@ def _cycle_path(graph: dict[str, set[str]], members: list[str]) -> list[str]:
 
 def test_the_checker_sees_cycles_and_lazy_imports(tmp_path):
     source = tmp_path / "kiln_fake.py"
-    source.write_text("def f():\n    from kiln.models import layers\nif TYPE_CHECKING:\n    import kiln.engine\n")
+    source.write_text(
+        "def f():\n    from kiln.models import layers\nif TYPE_CHECKING:\n    import kiln.engine\n"
+    )
     modules = {"kiln.models": source, "kiln.models.layers": source, "kiln.engine": source}
     assert imported_modules("kiln.x", source, modules) == {"kiln.models.layers", "kiln.engine"}
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

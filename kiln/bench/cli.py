@@ -35,7 +35,7 @@ def train_command(
     """kiln's training step vs transformers' LlamaForCausalLM in a plain PyTorch AdamW loop: tokens/s."""
     from kiln.bench.results import write_result
     from kiln.bench.train import bench_train
-    from recipes import get_recipe
+    from kiln.recipes import get_recipe
 
     model = get_recipe(recipe)().model
     result = bench_train(
@@ -85,7 +85,7 @@ def generate_command(
     """Offline batch generation: kiln.LLM vs transformers generate (and kiln's reference generator)."""
     from kiln.bench.generate import bench_generate
     from kiln.bench.results import write_result
-    from recipes import get_recipe
+    from kiln.recipes import get_recipe
 
     result = bench_generate(
         get_recipe(recipe)().model,

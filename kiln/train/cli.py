@@ -17,7 +17,7 @@ SetOption = Annotated[
 
 
 def _recipe_config(recipe: str, inputs: list[str] | None, data: Path | None, out_dir: Path | None):
-    from recipes import get_recipe
+    from kiln.recipes import get_recipe
 
     config = get_recipe(recipe)(
         inputs=inputs, data_dir=str(data) if data else None, out_dir=str(out_dir) if out_dir else None
@@ -27,7 +27,7 @@ def _recipe_config(recipe: str, inputs: list[str] | None, data: Path | None, out
 
 def train_command(
     recipe: Annotated[
-        str, typer.Option(help="Recipe from recipes/: demo (the default model) or tiny.")
+        str, typer.Option(help="Recipe from kiln/recipes/: demo (the default model) or tiny.")
     ] = "demo",
     data: Annotated[
         Path | None, typer.Option(help="Prepared data folder (manifest.json) to train on.")
@@ -128,7 +128,9 @@ def train_command(
 
 
 def plan_command(
-    recipe: Annotated[str, typer.Option(help="Recipe from recipes/ whose model and batch to plan.")] = "demo",
+    recipe: Annotated[
+        str, typer.Option(help="Recipe from kiln/recipes/ whose model and batch to plan.")
+    ] = "demo",
     dp_shard: Annotated[int, typer.Option(help="FSDP2 shard degree.")] = 1,
     dp_replicate: Annotated[
         int, typer.Option(help="Data-parallel replicas (DDP, or HSDP with sharding).")
