@@ -121,8 +121,8 @@ class Trainer:
         return objective, module
 
     def _kernel_choice(self) -> str:
-        """config.kernels for the model and the fused loss; tensor-parallel runs use torch, since their
-        sequence-parallel norms see DTensors, which the Triton kernels do not take."""
+        """config.kernels for the model and the fused loss. Tensor-parallel runs use torch: their
+        sequence-parallel norms see DTensors, which the Triton kernels are not written (or tested) for."""
         if self.distributed.layout.tp == 1:
             return self.config.kernels
         if self.config.kernels == "triton":
