@@ -14,10 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-
-def cache_root() -> Path:
-    """~/.cache/kiln, or $KILN_CACHE."""
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+from kiln.paths import cache_root
 
 
 def demo_model_dir(recipe: str = "demo", cache_dir: Path | None = None) -> Path:
@@ -26,9 +23,9 @@ def demo_model_dir(recipe: str = "demo", cache_dir: Path | None = None) -> Path:
 
 def train_demo_model(recipe: str, target: Path, console: Console) -> Path:
     """Train `recipe` (resuming an interrupted run) and copy its exported model to `target`."""
+    from kiln.recipes import get_recipe
     from kiln.train import checkpoint
     from kiln.train.trainer import Trainer
-    from recipes import get_recipe
 
     config = get_recipe(recipe)()
     console.print(f"[bold]training the demo model[/] (once; cached at {target})")

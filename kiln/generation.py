@@ -1,7 +1,8 @@
 """Reference generation: a batch of prompts decoded with the model's contiguous KV cache.
 
-This is the simple, exact path (tests and `kiln generate` before the engine lands); the serving
-engine with paged KV cache and continuous batching lives in kiln/engine/.
+This is the simple, exact path the engine is checked against (tests/engine, `kiln bench generate`); the
+serving engine, with its paged KV cache and continuous batching, lives in kiln/engine/ and is what
+`kiln generate`, `kiln chat` and `kiln serve` run.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def train_command(
     """kiln's training step vs transformers' LlamaForCausalLM in a plain PyTorch AdamW loop: tokens/s."""
     from kiln.bench.results import write_result
     from kiln.bench.train import bench_train
-    from recipes import get_recipe
+    from kiln.recipes import get_recipe
 
     model = get_recipe(recipe)().model
     result = bench_train(
@@ -100,7 +100,7 @@ def generate_command(
     engine_config = engine_config_from_flags(locals())
     from kiln.bench.generate import bench_generate
     from kiln.bench.results import write_result
-    from recipes import get_recipe
+    from kiln.recipes import get_recipe
 
     result = bench_generate(
         get_recipe(recipe)().model,

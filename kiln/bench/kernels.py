@@ -266,8 +266,7 @@ def _loss_cases(device: torch.device, quick: bool) -> Iterator[_Case]:
 
 def _decode_cases(device: torch.device, quick: bool) -> Iterator[_Case]:
     from kiln.config import ModelConfig
-    from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
-    from kiln.kernels.paged_attention import TritonPagedAttention
+    from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention, TritonPagedAttention
 
     heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
     config = ModelConfig(vocab_size=8, hidden_size=heads * head_dim, num_layers=1, num_heads=heads,

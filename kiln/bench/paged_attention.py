@@ -12,13 +12,13 @@ import random
 
 import torch
 
-import kiln
 import kiln.engine.attention as paged
 from kiln.bench.timing import best_of
+from kiln.config import ModelConfig
 
 
 def attention(args: argparse.Namespace) -> None:
-    config = kiln.ModelConfig(vocab_size=100, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2)
+    config = ModelConfig(vocab_size=100, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2)
     rng = random.Random(0)
     budgets = {"one call per decode": 0, "default": paged.DECODE_PADDING_BUDGET, "one padded call": 10**12}
     for low, high in [(16, 512), (200, 260), (16, 2048)]:
@@ -32,7 +32,7 @@ def attention(args: argparse.Namespace) -> None:
         )
 
 
-def _time_decodes(config: kiln.ModelConfig, lengths: list[int], budget: int, repeats: int) -> float:
+def _time_decodes(config: ModelConfig, lengths: list[int], budget: int, repeats: int) -> float:
     block_size = 16
     tables, next_block = [], 0
     for length in lengths:

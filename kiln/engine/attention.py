@@ -1,9 +1,11 @@
-"""Paged attention: the KV pool every sequence's blocks live in, and the torch reference backend.
+"""Paged attention: the KV pool every sequence's blocks live in, and the two engine backends over it.
 
 The model hands each layer's q/k/v to an attention backend (`kiln.models.layers.AttentionBackend`). A
 paged backend is built per step from a `PagedBatch` (where each sequence's new tokens sit in the
 flattened batch and in the KV pool): it writes the new keys/values to their slots, then attends each
-sequence's queries over its own blocks. A Triton backend takes the same `PagedBatch` and pool.
+sequence's queries over its own blocks. `TorchPagedAttention` is the reference; `TritonPagedAttention`
+runs the decodes on the kernel of kiln/kernels/paged_attention.py; `paged_attention_backend` picks one
+by the `kernels` switch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import ModelConfig
+from kiln.kernels.paged_attention import paged_decode_attention
+from kiln.kernels.runtime import use_triton
 from kiln.models.layers import alibi_slopes
 
 
@@ -63,7 +67,7 @@ class _Group:
 
 # A decode joins the previous decodes' SDPA call when the padding that adds costs at most this many key
 # elements (KVH * D per padded token); else it gets a call of its own. On a 2-core CPU one more call
-# costs about as much as gathering ~6k key elements (python tests/engine/bench_engine.py attention).
+# costs about as much as gathering ~6k key elements (python -m kiln.bench.paged_attention).
 DECODE_PADDING_BUDGET = 8192
 
 
@@ -185,3 +189,70 @@ def _group_members(batch: PagedBatch, elements_per_token: int) -> list[list[int]
         groups.append([index])
         longest = total = length
     return groups
+
+
+class TritonPagedAttention:
+    """The engine's paged attention with decodes on the Triton kernel (see `TorchPagedAttention`).
+
+    Prefill chunks (more than one new token) go through the torch reference backend, which also writes
+    every new token's key/value to the pool; the decodes then read their whole context from the pool.
+    """
+
+    def __init__(self, pool: KVPool, batch: PagedBatch, config: ModelConfig) -> None:
+        self.pool = pool
+        self.slot_mapping = batch.slot_mapping
+        device = batch.slot_mapping.device
+        decodes = [i for i, n in enumerate(batch.query_lens) if n == 1]
+        prefills = [i for i, n in enumerate(batch.query_lens) if n != 1]
+        self.prefill = None
+        if prefills:
+            pick = lambda values: [values[i] for i in prefills]  # noqa: E731
+            sub_batch = PagedBatch(
+                slot_mapping=batch.slot_mapping,  # all new tokens: this backend writes them all
+                query_starts=pick(batch.query_starts),
+                query_lens=pick(batch.query_lens),
+                context_lens=pick(batch.context_lens),
+                block_tables=pick(batch.block_tables),
+            )
+            self.prefill = TorchPagedAttention(pool, sub_batch, config)
+        rows = [batch.query_starts[i] for i in decodes]
+        self.decode_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.all_decodes = not prefills and rows == list(range(len(rows)))
+        context_lens = [batch.context_lens[i] for i in decodes]
+        self.max_context = max(context_lens, default=0)
+        self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+        width = max((len(batch.block_tables[i]) for i in decodes), default=1)
+        tables = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in decodes]
+        self.block_tables = torch.tensor(tables, dtype=torch.int32, device=device).reshape(
+            len(decodes), width
+        )
+        self.slopes = alibi_slopes(config.num_heads).to(device) if config.position == "alibi" else None
+        self.window = config.sliding_window
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""
+        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
+        if self.prefill is not None:
+            out = self.prefill(layer_index, q, k, v)
+        else:
+            keys.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
+            values.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
+            out = torch.empty_like(q)
+        if self.decode_rows.numel() == 0:
+            return out
+        q_rows = q[0].transpose(0, 1)  # (N, H, D)
+        q_decode = q_rows if self.all_decodes else q_rows.index_select(0, self.decode_rows)
+        result = paged_decode_attention(
+            q_decode, keys, values, self.block_tables, self.context_lens, self.pool.block_size,
+            self.max_context, alibi_slopes=self.slopes, sliding_window=self.window,
+        )  # fmt: skip
+        if self.all_decodes:
+            return result.transpose(0, 1)[None]
+        out[0].transpose(0, 1).index_copy_(0, self.decode_rows, result)
+        return out
+
+
+def paged_attention_backend(kernels: str, weight: torch.Tensor):
+    """The engine backend class (`ModelRunner(attention=...)`) the switch picks for weights on `weight`'s
+    device: TritonPagedAttention under "triton" (or "auto" on CUDA), else TorchPagedAttention."""
+    return TritonPagedAttention if use_triton(kernels, weight) else TorchPagedAttention

@@ -315,6 +315,6 @@ def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:
     """The paged attention backend class that `kernels` picks for weights on `weight`'s device."""
     if not use_triton(kernels, weight):  # the torch backend: triton stays unimported
         return TorchPagedAttention
-    from kiln.kernels.paged_attention import paged_attention_backend
+    from kiln.engine.attention import paged_attention_backend
 
     return paged_attention_backend(kernels, weight)

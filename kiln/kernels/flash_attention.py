@@ -17,10 +17,16 @@ from __future__ import annotations
 import torch
 
 from kiln.errors import KilnError
-from kiln.kernels.jit import DOT_IN_FP32, autotuned, dot_precision, tl, triton
-
-LOG2_E = 1.4426950408889634
-MAX_HEAD_DIM = 256  # larger heads would not fit the tiles in shared memory; callers fall back to SDPA
+from kiln.kernels.flash_attention_backward import attention_backward
+from kiln.kernels.flash_attention_common import (
+    LOG2_E,
+    AttentionProblem,
+    contiguous_last,
+    launch,
+    load_tile,
+    sequence_bounds,
+)
+from kiln.kernels.jit import autotuned, tl, triton
 
 # ---------------------------------------------------------------------------------------- torch reference
 
@@ -63,35 +69,6 @@ def _dense_reference(q, k, v, causal, softmax_scale, alibi_slopes):
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
-# ------------------------------------------------------------------------------------------ shared parts
-
-
-@triton.jit
-def _sequence_bounds(CuSeqlens, batch, seqlen, VARLEN: tl.constexpr):
-    """(first row, length) of sequence `batch`: packed by cu_seqlens, or padded to `seqlen`."""
-    if VARLEN:
-        start = tl.load(CuSeqlens + batch).to(tl.int32)
-        end = tl.load(CuSeqlens + batch + 1).to(tl.int32)
-        return start, end - start
-    else:
-        return batch * 0, seqlen
-
-
-@triton.jit
-def _load(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """A tile load masked only along the axes that can run past the data (masks broadcast to ptrs)."""
-    if CHECK_ROWS:
-        if CHECK_COLS:
-            return tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
-        else:
-            return tl.load(ptrs, mask=row_ok, other=0.0)
-    else:
-        if CHECK_COLS:
-            return tl.load(ptrs, mask=col_ok, other=0.0)
-        else:
-            return tl.load(ptrs)
-
-
 # ---------------------------------------------------------------------------------------------- forward
 
 
@@ -108,10 +85,10 @@ def _attend_key_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < num_keys
-        k_t = _load(K + offs_n[None, :] * stride_kt + offs_d[:, None], key_ok[None, :], col_ok[:, None],
-                    MASKED, HEAD_DIM != BLOCK_D)  # fmt: skip  # (D, N)
-        v = _load(V + offs_n[:, None] * stride_vt + offs_d[None, :], key_ok[:, None], col_ok[None, :],
-                  MASKED, HEAD_DIM != BLOCK_D)  # fmt: skip  # (N, D)
+        k_t = load_tile(K + offs_n[None, :] * stride_kt + offs_d[:, None], key_ok[None, :], col_ok[:, None],
+                        MASKED, HEAD_DIM != BLOCK_D)  # fmt: skip  # (D, N)
+        v = load_tile(V + offs_n[:, None] * stride_vt + offs_d[None, :], key_ok[:, None], col_ok[None, :],
+                      MASKED, HEAD_DIM != BLOCK_D)  # fmt: skip  # (N, D)
         if DOT_F32:
             k_t, v = k_t.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2  # (M, N)
@@ -147,8 +124,8 @@ def _forward_kernel(
     batch = tl.program_id(1) // NUM_HEADS
     head = tl.program_id(1) % NUM_HEADS
     kv_head = head // GROUP_SIZE
-    q_start, num_queries = _sequence_bounds(CuSeqlens, batch, seqlen_q, VARLEN)
-    k_start, num_keys = _sequence_bounds(CuSeqlens, batch, seqlen_k, VARLEN)
+    q_start, num_queries = sequence_bounds(CuSeqlens, batch, seqlen_q, VARLEN)
+    k_start, num_keys = sequence_bounds(CuSeqlens, batch, seqlen_k, VARLEN)
     if start_m >= num_queries:
         return
     key_offset = num_keys - num_queries  # causal alignment: queries are the last positions
@@ -161,8 +138,8 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < num_queries
     col_ok = offs_d < HEAD_DIM
-    q = _load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok[:, None], col_ok[None, :],
-              True, HEAD_DIM != BLOCK_D)  # fmt: skip
+    q = load_tile(Q + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok[:, None], col_ok[None, :],
+                  True, HEAD_DIM != BLOCK_D)  # fmt: skip
     if DOT_F32:
         q = q.to(tl.float32)
     slope = 0.0
@@ -206,83 +183,10 @@ def _forward_configs():
 
 
 _forward_tuned = autotuned(_forward_kernel, _forward_configs(), ["HEAD_DIM", "CAUSAL", "seqlen_bucket"])
-INTERPRETED_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # few, big numpy steps: the interpreter's sweet spot
-
-
-def launch(tuned, kernel, grid: tuple[int, int], args: list, constants: dict, block: str = "BLOCK_M"):
-    """Run `tuned` (the autotuner) on a GPU, or `kernel` with INTERPRETED_BLOCKS under the interpreter.
-    grid = (rows, programs): the first grid axis is rows split into tiles of size `block`."""
-    rows, programs = grid
-    if tuned is None:
-        blocks = INTERPRETED_BLOCKS
-        kernel[(triton.cdiv(rows, blocks[block]), programs)](*args, **constants, **blocks)
-    else:
-        tuned[lambda meta: (triton.cdiv(rows, meta[block]), programs)](*args, **constants)
-
-
 # ----------------------------------------------------------------------------------------- the function
 
 
-class _Problem:
-    """Shapes and strides of one call, batched (B, H, T, D) or packed (N, H, D) with cu_seqlens."""
-
-    def __init__(self, q, k, v, causal, softmax_scale, alibi_slopes, cu_seqlens, max_seqlen):
-        self.varlen = cu_seqlens is not None
-        self.num_heads, self.num_kv_heads = q.shape[1], k.shape[1]
-        self.head_dim = q.shape[-1]
-        if self.varlen:
-            self.batch = cu_seqlens.numel() - 1
-            self.seqlen_q = self.seqlen_k = max_seqlen or int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            self.total_q = q.shape[0]
-        else:
-            self.batch, self.seqlen_q, self.seqlen_k = q.shape[0], q.shape[2], k.shape[2]
-            self.total_q = self.batch * self.seqlen_q
-        if self.head_dim > MAX_HEAD_DIM:
-            raise KilnError(f"flash attention supports head dims up to {MAX_HEAD_DIM}, got {self.head_dim}")
-        if self.num_heads % self.num_kv_heads:
-            raise KilnError(
-                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
-            )
-        if causal and not self.varlen and self.seqlen_q > self.seqlen_k:
-            raise KilnError(f"causal attention needs queries <= keys, got {self.seqlen_q} > {self.seqlen_k}")
-        self.causal = causal
-        self.scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
-        self.slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
-        self.cu_seqlens = cu_seqlens.to(torch.int32) if self.varlen else None
-        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
-
-    def strides(self, x: torch.Tensor) -> tuple[int, int, int]:
-        """(batch, head, token) strides; the last dimension is contiguous."""
-        if self.varlen:
-            return 0, x.stride(1), x.stride(0)
-        return x.stride(0), x.stride(1), x.stride(2)
-
-    def constants(self, dtype: torch.dtype) -> dict:
-        return dict(
-            NUM_HEADS=self.num_heads,
-            GROUP_SIZE=self.num_heads // self.num_kv_heads,
-            HEAD_DIM=self.head_dim,
-            CAUSAL=self.causal,
-            HAS_ALIBI=self.slopes is not None,
-            VARLEN=self.varlen,
-            DOT_F32=DOT_IN_FP32,
-            PRECISION=dot_precision(dtype),
-            BLOCK_D=self.block_d,
-        )
-
-    def pointers(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (cu_seqlens, slopes) arguments; an unused one points at q (never read)."""
-        return (
-            self.cu_seqlens if self.varlen else q,
-            self.slopes if self.slopes is not None else q,
-        )
-
-
-def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _forward(problem: _Problem, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(problem: AttentionProblem, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     if problem.varlen:
         out = torch.empty_like(q)
     else:  # (B, T, H, D) memory seen as (B, H, T, D): the model's next reshape is then free
@@ -308,8 +212,8 @@ def _forward(problem: _Problem, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, alibi_slopes, cu_seqlens, max_seqlen):
-        problem = _Problem(q, k, v, causal, softmax_scale, alibi_slopes, cu_seqlens, max_seqlen)
-        q, k, v = (_contiguous_last(x) for x in (q, k, v))
+        problem = AttentionProblem(q, k, v, causal, softmax_scale, alibi_slopes, cu_seqlens, max_seqlen)
+        q, k, v = (contiguous_last(x) for x in (q, k, v))
         out, lse = _forward(problem, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem = problem
@@ -317,10 +221,8 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from kiln.kernels.flash_attention_backward import attention_backward
-
         q, k, v, out, lse = ctx.saved_tensors
-        grads = attention_backward(ctx.problem, q, k, v, out, lse, _contiguous_last(grad_out))
+        grads = attention_backward(ctx.problem, q, k, v, out, lse, contiguous_last(grad_out))
         return *grads, None, None, None, None, None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels.flash_attention import _load, _Problem, _sequence_bounds, launch
+from kiln.kernels.flash_attention_common import AttentionProblem, launch, load_tile, sequence_bounds
 from kiln.kernels.jit import autotuned, tl, triton
 
 
@@ -27,10 +27,10 @@ def _accumulate_dkdv(
     for start_m in range(first_query, num_queries, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < num_queries
-        q = _load(
+        q = load_tile(
             Q + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok[:, None], col_ok[None, :], True, PAD_D
         )
-        do = _load(
+        do = load_tile(
             DO + offs_m[:, None] * stride_ot + offs_d[None, :], row_ok[:, None], col_ok[None, :], True, PAD_D
         )
         if DOT_F32:
@@ -67,8 +67,8 @@ def _dkdv_kernel(
     num_kv_heads: tl.constexpr = NUM_HEADS // GROUP_SIZE
     batch = tl.program_id(1) // num_kv_heads
     kv_head = tl.program_id(1) % num_kv_heads
-    q_start, num_queries = _sequence_bounds(CuSeqlens, batch, seqlen_q, VARLEN)
-    k_start, num_keys = _sequence_bounds(CuSeqlens, batch, seqlen_k, VARLEN)
+    q_start, num_queries = sequence_bounds(CuSeqlens, batch, seqlen_q, VARLEN)
+    k_start, num_keys = sequence_bounds(CuSeqlens, batch, seqlen_k, VARLEN)
     if start_n >= num_keys:
         return
     key_offset = num_keys - num_queries
@@ -83,10 +83,10 @@ def _dkdv_kernel(
     key_ok = offs_n < num_keys
     col_ok = offs_d < HEAD_DIM
     pad_d: tl.constexpr = HEAD_DIM != BLOCK_D
-    k = _load(
+    k = load_tile(
         K + offs_n[:, None] * stride_kt + offs_d[None, :], key_ok[:, None], col_ok[None, :], True, pad_d
     )
-    v = _load(
+    v = load_tile(
         V + offs_n[:, None] * stride_vt + offs_d[None, :], key_ok[:, None], col_ok[None, :], True, pad_d
     )
     if DOT_F32:
@@ -131,10 +131,10 @@ def _accumulate_dq(
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < num_keys
-        k = _load(
+        k = load_tile(
             K + offs_n[:, None] * stride_kt + offs_d[None, :], key_ok[:, None], col_ok[None, :], True, PAD_D
         )
-        v = _load(
+        v = load_tile(
             V + offs_n[:, None] * stride_vt + offs_d[None, :], key_ok[:, None], col_ok[None, :], True, PAD_D
         )
         if DOT_F32:
@@ -168,8 +168,8 @@ def _dq_kernel(
     batch = tl.program_id(1) // NUM_HEADS
     head = tl.program_id(1) % NUM_HEADS
     kv_head = head // GROUP_SIZE
-    q_start, num_queries = _sequence_bounds(CuSeqlens, batch, seqlen_q, VARLEN)
-    k_start, num_keys = _sequence_bounds(CuSeqlens, batch, seqlen_k, VARLEN)
+    q_start, num_queries = sequence_bounds(CuSeqlens, batch, seqlen_q, VARLEN)
+    k_start, num_keys = sequence_bounds(CuSeqlens, batch, seqlen_k, VARLEN)
     if start_m >= num_queries:
         return
     key_offset = num_keys - num_queries
@@ -183,9 +183,9 @@ def _dq_kernel(
     row_ok = offs_m < num_queries
     col_ok = offs_d < HEAD_DIM
     pad_d: tl.constexpr = HEAD_DIM != BLOCK_D
-    q = _load(Q + q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok[:, None], col_ok[None, :],
-              True, pad_d)  # fmt: skip
-    do = _load(
+    q = load_tile(Q + q_base + offs_m[:, None] * stride_qt + offs_d[None, :], row_ok[:, None],
+                  col_ok[None, :], True, pad_d)  # fmt: skip
+    do = load_tile(
         DO + offs_m[:, None] * stride_ot + offs_d[None, :], row_ok[:, None], col_ok[None, :], True, pad_d
     )
     if DOT_F32:
@@ -236,7 +236,7 @@ def _with_gradient_buffer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x, grad
 
 
-def attention_backward(problem: _Problem, q, k, v, out, lse, grad_out):
+def attention_backward(problem: AttentionProblem, q, k, v, out, lse, grad_out):
     """(dq, dk, dv) for the saved forward; every tensor has a contiguous last dimension."""
     delta = (out.float() * grad_out.float()).sum(-1)  # (B, H, T) or (N, H): rowsum(dO * O)
     delta = delta.t() if problem.varlen else delta.transpose(0, 1).reshape(problem.num_heads, -1)

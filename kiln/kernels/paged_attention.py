@@ -1,23 +1,17 @@
-"""Paged decode attention: one new query token per sequence, attending its keys where the engine's KV pool
-holds them (`kiln.engine.attention.KVPool`: slot = block * block_size + offset, found through each
-sequence's block table).
+"""Paged decode attention: one new query token per sequence, attending its keys where a paged KV pool
+holds them (slot = block * block_size + offset, found through each sequence's block table).
 
 The Triton kernel is GQA-aware (a program loads each key/value tile once for all the query heads that
 share it) and splits long contexts over several programs (split-K, as flash-decoding does): each split
-writes a partial output and its log-sum-exp, and a second kernel combines them. `TritonPagedAttention`
-is the engine backend: the same interface as `TorchPagedAttention`, with the decodes of a step on the
-kernel and any prefill chunks on the torch reference path.
+writes a partial output and its log-sum-exp, and a second kernel combines them. The engine's backend
+around it is `kiln.engine.attention.TritonPagedAttention`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.config import ModelConfig
-from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
 from kiln.kernels.jit import DOT_IN_FP32, dot_precision, tl, triton
-from kiln.kernels.runtime import use_triton
-from kiln.models.layers import alibi_slopes as make_alibi_slopes
 
 LOG2_E = 1.4426950408889634
 KEY_TILE = 64  # keys per loop step, gathered token by token, so any page size works
@@ -218,70 +212,3 @@ def paged_decode_attention(
             BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
         )  # fmt: skip
     return out
-
-
-class TritonPagedAttention:
-    """The engine's paged attention with decodes on the Triton kernel (see `TorchPagedAttention`).
-
-    Prefill chunks (more than one new token) go through the torch reference backend, which also writes
-    every new token's key/value to the pool; the decodes then read their whole context from the pool.
-    """
-
-    def __init__(self, pool: KVPool, batch: PagedBatch, config: ModelConfig) -> None:
-        self.pool = pool
-        self.slot_mapping = batch.slot_mapping
-        device = batch.slot_mapping.device
-        decodes = [i for i, n in enumerate(batch.query_lens) if n == 1]
-        prefills = [i for i, n in enumerate(batch.query_lens) if n != 1]
-        self.prefill = None
-        if prefills:
-            pick = lambda values: [values[i] for i in prefills]  # noqa: E731
-            sub_batch = PagedBatch(
-                slot_mapping=batch.slot_mapping,  # all new tokens: this backend writes them all
-                query_starts=pick(batch.query_starts),
-                query_lens=pick(batch.query_lens),
-                context_lens=pick(batch.context_lens),
-                block_tables=pick(batch.block_tables),
-            )
-            self.prefill = TorchPagedAttention(pool, sub_batch, config)
-        rows = [batch.query_starts[i] for i in decodes]
-        self.decode_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.all_decodes = not prefills and rows == list(range(len(rows)))
-        context_lens = [batch.context_lens[i] for i in decodes]
-        self.max_context = max(context_lens, default=0)
-        self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
-        width = max((len(batch.block_tables[i]) for i in decodes), default=1)
-        tables = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in decodes]
-        self.block_tables = torch.tensor(tables, dtype=torch.int32, device=device).reshape(
-            len(decodes), width
-        )
-        self.slopes = make_alibi_slopes(config.num_heads).to(device) if config.position == "alibi" else None
-        self.window = config.sliding_window
-
-    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""
-        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
-        if self.prefill is not None:
-            out = self.prefill(layer_index, q, k, v)
-        else:
-            keys.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
-            values.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
-            out = torch.empty_like(q)
-        if self.decode_rows.numel() == 0:
-            return out
-        q_rows = q[0].transpose(0, 1)  # (N, H, D)
-        q_decode = q_rows if self.all_decodes else q_rows.index_select(0, self.decode_rows)
-        result = paged_decode_attention(
-            q_decode, keys, values, self.block_tables, self.context_lens, self.pool.block_size,
-            self.max_context, alibi_slopes=self.slopes, sliding_window=self.window,
-        )  # fmt: skip
-        if self.all_decodes:
-            return result.transpose(0, 1)[None]
-        out[0].transpose(0, 1).index_copy_(0, self.decode_rows, result)
-        return out
-
-
-def paged_attention_backend(kernels: str, weight: torch.Tensor):
-    """The engine backend class (`ModelRunner(attention=...)`) the switch picks for weights on `weight`'s
-    device: TritonPagedAttention under "triton" (or "auto" on CUDA), else TorchPagedAttention."""
-    return TritonPagedAttention if use_triton(kernels, weight) else TorchPagedAttention

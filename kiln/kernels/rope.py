@@ -1,7 +1,8 @@
 """Fused rotary position embedding, applied in place to q and k in one launch (forward and backward).
 
-The reference is `kiln.models.layers.apply_rope` (Llama's `rotate_half` layout: the first and second
-halves of each head are the two coordinates of every rotated pair). The kernel reads both halves of
+The torch reference is `apply_rope` below, which the models run when the switch picks torch (Llama's
+`rotate_half` layout: the first and second halves of each head are the two coordinates of every rotated
+pair). The kernel reads both halves of
 cos/sin, so it matches the reference for any tables, not only ones whose halves repeat. The backward is
 the inverse rotation: the same kernel with the sines negated and swapped between the halves.
 
@@ -17,10 +18,19 @@ from kiln.kernels.jit import tl, triton
 from kiln.kernels.runtime import interpreted
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D). The torch reference, out of place."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q (N, H * D), k (N, KVH * D), cos/sin (N, D) -> rotated (q, k), out of place."""
-    from kiln.models.layers import apply_rope
-
     head_dim = cos.shape[-1]
     rows = q.shape[0]
     # apply_rope takes (B, H, T, D) and (B, T, D): here B = 1, T = N

@@ -4,8 +4,8 @@ Numerics follow the Hugging Face reference implementations of each family (fp32 
 RoPE with the `rotate_half` layout, BLOOM's ALiBi slopes) so logits match them to fp32 round-off.
 
 Every module with a `kernels` attribute ("torch" | "triton" | "auto", see kiln.kernels.runtime) runs
-its fused Triton kernels from kiln/kernels/ when that selects Triton, and the plain torch code here
-otherwise; the torch code is the kernels' reference.
+its fused Triton kernels from kiln/kernels/ when that selects Triton, and the plain torch code otherwise
+(here, or the reference beside a kernel, as RoPE's `apply_rope`); the torch code is the kernels' reference.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig, RopeScaling
+from kiln.kernels.flash_attention_common import MAX_HEAD_DIM
+from kiln.kernels.rope import apply_rope, apply_rope_
 from kiln.kernels.runtime import KernelChoice, check_kernels, use_triton
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -114,17 +116,6 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """(num_heads,) fp32 ALiBi slopes: a geometric sequence, interleaved for non-powers of two (BLOOM)."""
     closest = 2 ** math.floor(math.log2(num_heads))
@@ -173,12 +164,17 @@ class AttentionInputs:
 
 
 class Attention(nn.Module):
+    """Projections, RoPE, then attention through the backend, or SDPA / flash attention over the KV cache.
+
+    Head counts come from the projections' widths (head_dim is fixed), so the same code runs the local
+    heads of a tensor-parallel shard. With Triton kernels, RoPE rotates the projections in place and
+    flash attention runs wherever no mask tensor is needed and the head dim fits its tiles.
+    """
+
     def __init__(self, config: ModelConfig, layer_index: int, kernels: KernelChoice = "torch") -> None:
         super().__init__()
         self.layer_index = layer_index
         self.kernels = check_kernels(kernels)
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         h, q, kv = (
             config.hidden_size,
@@ -191,58 +187,54 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, h, bias=config.out_bias)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
-        if use_triton(self.kernels, x):
-            return self._forward_fused(x, inputs, kv_cache)
+        fused = use_triton(self.kernels, x)
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if inputs.cos is not None:
-            q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        q, k, v = self._project(x, inputs, fused)
         if inputs.backend is not None:
             out = inputs.backend(self.layer_index, q, k, v)
         else:
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D)
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=inputs.mask,
-                is_causal=inputs.is_causal,
-                enable_gqa=self.num_kv_heads != self.num_heads,  # no materialised K/V repeat
-            )
+            out = self._attend(q, k, v, inputs, fused)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-    def _forward_fused(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache) -> torch.Tensor:
-        """`forward` with the Triton kernels: RoPE in place on the projections, flash attention wherever
-        no mask tensor is needed and the head dim fits its tiles (else SDPA, as in `forward`)."""
-        from kiln.kernels.flash_attention import MAX_HEAD_DIM, flash_attention
-        from kiln.kernels.rope import apply_rope_
-
+    def _project(
+        self, x: torch.Tensor, inputs: AttentionInputs, fused: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, KVH, T, D), with RoPE applied."""
         batch, length, hidden = x.shape
-        rows = x.reshape(-1, hidden)  # (N, hidden): 2-D projections are not views, so RoPE may overwrite them
-        q, k, v = self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)  # (N, H|KVH * D)
-        if inputs.cos is not None:
-            cos, sin = inputs.cos.reshape(-1, self.head_dim), inputs.sin.reshape(-1, self.head_dim)
-            q, k = apply_rope_(q, k, cos, sin)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if inputs.backend is not None:
-            out = inputs.backend(self.layer_index, q, k, v)
+        if fused:
+            # (N, hidden): 2-D projections are not views, so RoPE may overwrite them in place
+            rows = x.reshape(-1, hidden)
+            q, k, v = self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)  # (N, H|KVH * D)
+            if inputs.cos is not None:
+                cos, sin = inputs.cos.reshape(-1, self.head_dim), inputs.sin.reshape(-1, self.head_dim)
+                q, k = apply_rope_(q, k, cos, sin)
         else:
-            if kv_cache is not None:
-                k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D)
-            no_mask_needed = inputs.mask is None or inputs.alibi_slopes is not None
-            if no_mask_needed and self.head_dim <= MAX_HEAD_DIM:
-                causal = inputs.is_causal or inputs.alibi_slopes is not None
-                out = flash_attention(q, k, v, causal=causal, alibi_slopes=inputs.alibi_slopes)
-            else:
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=inputs.mask, enable_gqa=self.num_kv_heads != self.num_heads
-                )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H|KVH * D)
+        q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if not fused and inputs.cos is not None:
+            q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        return q, k, v
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, fused: bool
+    ) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, KVH, S, D) -> (B, H, T, D)."""
+        no_mask_needed = inputs.mask is None or inputs.alibi_slopes is not None
+        if fused and no_mask_needed and self.head_dim <= MAX_HEAD_DIM:
+            from kiln.kernels.flash_attention import flash_attention
+
+            causal = inputs.is_causal or inputs.alibi_slopes is not None
+            return flash_attention(q, k, v, causal=causal, alibi_slopes=inputs.alibi_slopes)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=inputs.mask,
+            is_causal=inputs.is_causal,
+            enable_gqa=q.shape[1] != k.shape[1],  # no materialised K/V repeat
+        )
 
 
 # ------------------------------------------------------------------------------------------------- MLP

@@ -7,7 +7,6 @@ switch only picks, layer by layer, the fused Triton kernels of kiln/kernels/ ove
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -208,12 +207,6 @@ class Transformer(nn.Module):
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
         weight = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_length, dtype=weight.dtype, device=weight.device)
-
-    def save_pretrained(self, path: str | Path, **kwargs) -> None:
-        """Write a Hugging Face model directory (config.json + safetensors). See `kiln.save_model`."""
-        from kiln.models.hf.io import save_model
-
-        save_model(self, path, **kwargs)
 
 
 def default_positions(

@@ -17,7 +17,7 @@ SetOption = Annotated[
 
 
 def _recipe_config(recipe: str, inputs: list[str] | None, data: Path | None, out_dir: Path | None):
-    from recipes import get_recipe
+    from kiln.recipes import get_recipe
 
     config = get_recipe(recipe)(
         inputs=inputs, data_dir=str(data) if data else None, out_dir=str(out_dir) if out_dir else None
@@ -27,7 +27,7 @@ def _recipe_config(recipe: str, inputs: list[str] | None, data: Path | None, out
 
 def train_command(
     recipe: Annotated[
-        str, typer.Option(help="Recipe from recipes/: demo (the default model) or tiny.")
+        str, typer.Option(help="Recipe from kiln/recipes/: demo (the default model) or tiny.")
     ] = "demo",
     data: Annotated[
         Path | None, typer.Option(help="Prepared data folder (manifest.json) to train on.")
@@ -47,6 +47,10 @@ def train_command(
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides the recipe).")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ...")] = None,
+    kernels: Annotated[
+        str | None,
+        typer.Option(help="Fused Triton kernels or torch: torch, triton, or auto (Triton on CUDA)."),
+    ] = None,
     goldfish_k: Annotated[
         int | None, typer.Option(help="Goldfish loss: drop 1 in K targets (0 = off).")
     ] = None,
@@ -80,6 +84,7 @@ def train_command(
         max_steps=max_steps,
         precision=precision,
         device=device,
+        kernels=kernels,
         goldfish_k=goldfish_k,
         goldfish_h=goldfish_h,
         dp_shard=dp_shard,
@@ -123,7 +128,9 @@ def train_command(
 
 
 def plan_command(
-    recipe: Annotated[str, typer.Option(help="Recipe from recipes/ whose model and batch to plan.")] = "demo",
+    recipe: Annotated[
+        str, typer.Option(help="Recipe from kiln/recipes/ whose model and batch to plan.")
+    ] = "demo",
     dp_shard: Annotated[int, typer.Option(help="FSDP2 shard degree.")] = 1,
     dp_replicate: Annotated[
         int, typer.Option(help="Data-parallel replicas (DDP, or HSDP with sharding).")

@@ -1,4 +1,4 @@
-"""TrainConfig: everything one `kiln train` run needs. Recipes (recipes/) are functions returning one."""
+"""TrainConfig: everything one `kiln train` run needs. Recipes (kiln/recipes/) are functions returning one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
+from kiln.kernels.runtime import check_kernels
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -42,6 +43,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile the model
     device: str = "auto"
+    # The fused Triton kernels (norms, RoPE, flash attention, SwiGLU, the LM-head loss) or torch: "torch",
+    # "triton", or "auto" = Triton on CUDA, torch elsewhere (see kiln.kernels.runtime).
+    kernels: str = "auto"
 
     # Parallel layout under torchrun: dp_replicate x dp_shard x tp must equal the number of processes.
     dp_shard: int = -1  # FSDP2 shard degree; -1 = the processes dp_replicate and tp leave (1 when alone)
@@ -74,6 +78,7 @@ class TrainConfig:
             raise KilnError("keep_checkpoints and max_bad_steps must be >= 1")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
             raise KilnError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        check_kernels(self.kernels)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise KilnError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.dp_replicate < 1 or self.tp < 1 or (self.dp_shard < 1 and self.dp_shard != -1):

@@ -1,5 +1,8 @@
 """TrainingLoop: one `Trainer.train()` call: steps to max_steps (or max_minutes), logging, evaluation and
-checkpoints on schedule, the final checkpoint and export, and the run's summary."""
+checkpoints on schedule, the final checkpoint and export, and the run's summary.
+
+The loop sees the trainer only through `Steps` (the four actions it schedules and the counters they
+advance) and the fixed facts of the run in `RunInfo`; it never reaches into the trainer otherwise."""
 
 from __future__ import annotations
 
@@ -7,19 +10,58 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kiln.errors import KilnError
 from kiln.train import checkpoint as ckpt
 from kiln.train import faults
+from kiln.train.config import TrainConfig
+from kiln.train.distributed import Distributed
 from kiln.train.flops import peak_flops, training_flops_per_token
 from kiln.train.metrics import MetricsLog
 
-if TYPE_CHECKING:
-    from kiln.train.trainer import StepResult, Trainer
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    skipped: bool = False
+
+
+class Steps(Protocol):
+    """What the loop drives (a Trainer): the actions it schedules and the counters they advance."""
+
+    step: int  # optimizer steps taken
+    tokens_seen: int
+    bad_steps: int  # consecutive non-finite steps
+
+    def train_step(self) -> StepResult: ...
+
+    def evaluate(self) -> float | None: ...
+
+    def save_checkpoint(self) -> Path: ...
+
+    def export(self) -> Path: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunInfo:
+    """The facts of a run the loop schedules, logs and reports with; fixed while it runs."""
+
+    config: TrainConfig
+    distributed: Distributed
+    console: Console
+    device: torch.device
+    precision: str
+    compute_dtype: torch.dtype | None
+    global_tokens_per_step: int
+    checkpoint_dir: Path
 
 
 @dataclass
@@ -37,67 +79,67 @@ class TrainSummary:
 
 
 class TrainingLoop:
-    """Drives a Trainer; under torchrun every rank runs it, and only rank 0's metrics are written."""
+    """Drives a Trainer's steps; under torchrun every rank runs it, and only rank 0's metrics are written."""
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        config = trainer.config
-        self.metrics = MetricsLog(trainer.out_dir, config.tensorboard, enabled=trainer.distributed.is_main)
+    def __init__(self, steps: Steps, info: RunInfo) -> None:
+        self.steps, self.info = steps, info
+        config, distributed = info.config, info.distributed
+        self.metrics = MetricsLog(config.out_dir, config.tensorboard, enabled=distributed.is_main)
         self.flops_per_token = training_flops_per_token(config.model, config.seq_len)
-        peak, self.peak_source = peak_flops(trainer.device, trainer.compute_dtype or torch.float32)
-        self.peak = peak * trainer.distributed.world_size  # MFU of the whole job: over all its devices
+        peak, self.peak_source = peak_flops(info.device, info.compute_dtype or torch.float32)
+        self.peak = peak * distributed.world_size  # MFU of the whole job: over all its devices
         self.window_start = time.perf_counter()
-        self.window_step = trainer.step
+        self.window_step = steps.step
 
     def run(self) -> TrainSummary:
-        trainer, config = self.trainer, self.trainer.config
+        steps, config = self.steps, self.info.config
         self._announce()
         losses: list[float] = []
         val_loss, last_checkpoint = None, None
         start = time.perf_counter()
-        start_step = trainer.step
+        start_step = steps.step
         with self._progress() as progress:
-            task = progress.add_task("train", total=config.max_steps, completed=trainer.step, info="")
-            while trainer.step < config.max_steps:
+            task = progress.add_task("train", total=config.max_steps, completed=steps.step, info="")
+            while steps.step < config.max_steps:
                 if self._out_of_time(start):
                     progress.console.print(
-                        f"[yellow]stopping at step {trainer.step}: "
+                        f"[yellow]stopping at step {steps.step}: "
                         f"the {config.max_minutes}-minute limit is reached[/]"
                     )
                     break
-                result = trainer.train_step()
-                faults.inject(faults.CRASH_AFTER_STEP, trainer.step, trainer.distributed.rank)
-                faults.inject(faults.HANG_AFTER_STEP, trainer.step, trainer.distributed.rank)
+                result = steps.train_step()
+                faults.inject(faults.CRASH_AFTER_STEP, steps.step, self.info.distributed.rank)
+                faults.inject(faults.HANG_AFTER_STEP, steps.step, self.info.distributed.rank)
                 losses.append(result.loss)
                 if result.skipped:
                     self._handle_bad_step(result)
-                if trainer.step % config.log_every == 0 or trainer.step == config.max_steps:
+                if steps.step % config.log_every == 0 or steps.step == config.max_steps:
                     progress.update(task, info=self._log_step(result))
-                progress.update(task, completed=trainer.step)
+                progress.update(task, completed=steps.step)
                 if (
                     config.eval_every
-                    and trainer.step % config.eval_every == 0
-                    and trainer.step < config.max_steps
+                    and steps.step % config.eval_every == 0
+                    and steps.step < config.max_steps
                 ):
                     val_loss = self._evaluate_and_log(progress)
-                checkpoint_due = config.checkpoint_every and trainer.step % config.checkpoint_every == 0
-                if checkpoint_due and trainer.bad_steps == 0:  # never checkpoint inside a non-finite streak
-                    last_checkpoint = trainer.save_checkpoint()
+                checkpoint_due = config.checkpoint_every and steps.step % config.checkpoint_every == 0
+                if checkpoint_due and steps.bad_steps == 0:  # never checkpoint inside a non-finite streak
+                    last_checkpoint = steps.save_checkpoint()
         val_loss = self._evaluate_and_log(None)
-        if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(trainer.step):
-            last_checkpoint = trainer.save_checkpoint()
+        if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(steps.step):
+            last_checkpoint = steps.save_checkpoint()
         return self._finish(start, start_step, losses, val_loss, last_checkpoint)
 
     def _finish(
         self, start: float, start_step: int, losses: list[float], val_loss: float | None, checkpoint: Path
     ) -> TrainSummary:
-        trainer = self.trainer
+        steps = self.steps
         wall = time.perf_counter() - start
-        tokens_per_second = (trainer.step - start_step) * trainer.global_tokens_per_step / max(wall, 1e-9)
-        export_dir = trainer.export() if trainer.config.export else None
+        tokens_per_second = (steps.step - start_step) * self.info.global_tokens_per_step / max(wall, 1e-9)
+        export_dir = steps.export() if self.info.config.export else None
         summary = TrainSummary(
-            steps=trainer.step,
-            tokens=trainer.tokens_seen,
+            steps=steps.step,
+            tokens=steps.tokens_seen,
             wall_seconds=wall,
             tokens_per_second=tokens_per_second,
             mfu=tokens_per_second * self.flops_per_token / self.peak,
@@ -108,75 +150,75 @@ class TrainingLoop:
             export_dir=str(export_dir) if export_dir else None,
         )
         values = {k: v for k, v in vars(summary).items() if k != "losses"}
-        self.metrics.write("summary", trainer.step, **values)
+        self.metrics.write("summary", steps.step, **values)
         self.metrics.close()
         return summary
 
     def _log_step(self, result: StepResult) -> str:
         """Write the train metrics of this log step; returns the progress line."""
-        trainer = self.trainer
+        steps = self.steps
         elapsed = time.perf_counter() - self.window_start
         tokens_per_second = (
-            (trainer.step - self.window_step) * trainer.global_tokens_per_step / max(elapsed, 1e-9)
+            (steps.step - self.window_step) * self.info.global_tokens_per_step / max(elapsed, 1e-9)
         )
         mfu = tokens_per_second * self.flops_per_token / self.peak
         self.metrics.write(
             "train",
-            trainer.step,
+            steps.step,
             loss=result.loss,
             lr=result.lr,
             grad_norm=result.grad_norm,
             tokens_per_second=tokens_per_second,
             mfu=mfu,
-            tokens=trainer.tokens_seen,
+            tokens=steps.tokens_seen,
         )
-        info = f"loss {result.loss:.3f}  {tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}"
-        if not trainer.console.is_terminal:  # logs and pipes get one plain line per log step
-            trainer.console.print(f"step {trainer.step}/{trainer.config.max_steps}  {info}", highlight=False)
-        self.window_start, self.window_step = time.perf_counter(), trainer.step
-        return info
+        line = f"loss {result.loss:.3f}  {tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}"
+        console = self.info.console
+        if not console.is_terminal:  # logs and pipes get one plain line per log step
+            console.print(f"step {steps.step}/{self.info.config.max_steps}  {line}", highlight=False)
+        self.window_start, self.window_step = time.perf_counter(), steps.step
+        return line
 
     def _out_of_time(self, start: float) -> bool:
         """Past max_minutes? Rank 0's clock decides for all, so every rank stops at the same step."""
-        max_minutes, distributed = self.trainer.config.max_minutes, self.trainer.distributed
+        max_minutes, distributed = self.info.config.max_minutes, self.info.distributed
         if not max_minutes:
             return False
         over = time.perf_counter() - start > 60 * max_minutes
         return bool(distributed.broadcast(over)) if distributed.enabled else over
 
     def _evaluate_and_log(self, progress: Progress | None) -> float | None:
-        trainer = self.trainer
-        val_loss = trainer.evaluate()
+        steps = self.steps
+        val_loss = steps.evaluate()
         if val_loss is not None:
             perplexity = math.exp(min(val_loss, 50))
-            self.metrics.write("eval", trainer.step, val_loss=val_loss, val_perplexity=perplexity)
-            line = f"step {trainer.step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
-            (progress.console if progress else trainer.console).print(line)
+            self.metrics.write("eval", steps.step, val_loss=val_loss, val_perplexity=perplexity)
+            line = f"step {steps.step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
+            (progress.console if progress else self.info.console).print(line)
         return val_loss
 
     def _handle_bad_step(self, result: StepResult) -> None:
-        trainer = self.trainer
-        self.metrics.write("skipped", trainer.step, loss=result.loss, grad_norm=result.grad_norm)
-        trainer.console.print(
-            f"[yellow]step {trainer.step}: non-finite loss/gradient ({result.loss}, {result.grad_norm}); "
+        steps = self.steps
+        self.metrics.write("skipped", steps.step, loss=result.loss, grad_norm=result.grad_norm)
+        self.info.console.print(
+            f"[yellow]step {steps.step}: non-finite loss/gradient ({result.loss}, {result.grad_norm}); "
             "update skipped[/]"
         )
-        if trainer.bad_steps >= trainer.config.max_bad_steps:
-            latest = ckpt.latest_checkpoint(trainer.checkpoint_dir)
+        if steps.bad_steps >= self.info.config.max_bad_steps:
+            latest = ckpt.latest_checkpoint(self.info.checkpoint_dir)
             raise KilnError(
-                f"stopped after {trainer.bad_steps} non-finite steps in a row (at step {trainer.step}); "
+                f"stopped after {steps.bad_steps} non-finite steps in a row (at step {steps.step}); "
                 f"the last good checkpoint is {latest or 'none (none was saved yet)'}. "
                 "Lower the learning rate, raise warmup, or use bf16 instead of fp16, then --resume."
             )
 
     def _announce(self) -> None:
-        trainer = self.trainer
-        distributed = trainer.distributed
-        where = f"{distributed.layout.describe()} on {trainer.device.type}" if distributed.enabled else None
-        self.trainer.console.print(
-            f"model {trainer.config.model.num_parameters() / 1e6:.2f}M parameters on "
-            f"{where or trainer.device} ({trainer.precision}); "
-            f"{trainer.global_tokens_per_step:,} tokens/step; "
+        distributed = self.info.distributed
+        where = f"{distributed.layout.describe()} on {self.info.device.type}" if distributed.enabled else None
+        self.info.console.print(
+            f"model {self.info.config.model.num_parameters() / 1e6:.2f}M parameters on "
+            f"{where or self.info.device} ({self.info.precision}); "
+            f"{self.info.global_tokens_per_step:,} tokens/step; "
             f"MFU against {self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})"
         )
 
@@ -187,7 +229,7 @@ class TrainingLoop:
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
-            console=self.trainer.console,
+            console=self.info.console,
             transient=False,
-            disable=not self.trainer.console.is_terminal,
+            disable=not self.info.console.is_terminal,
         )

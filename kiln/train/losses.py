@@ -69,10 +69,12 @@ def fused_language_model_loss(
     inputs: torch.Tensor | None = None,
     goldfish_k: int = 0,
     goldfish_h: int = 13,
+    kernels: str = "torch",
 ) -> torch.Tensor:
     """`language_model_loss` from final hidden states (B, T, H) and the LM head weight (V, H), through the
-    chunked linear + cross-entropy that never materialises the (B, T, V) logits."""
+    chunked linear + cross-entropy that never materialises the (B, T, V) logits (its Triton kernel when
+    `kernels` picks it)."""
     if goldfish_k:
         assert inputs is not None, "goldfish needs the inputs to hash"
         targets = targets.masked_fill(goldfish_mask(inputs, goldfish_k, goldfish_h), IGNORE_INDEX)
-    return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX)
+    return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, kernels=kernels)

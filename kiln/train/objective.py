@@ -29,16 +29,22 @@ class LanguageModelObjective(nn.Module):
     chunked linear + cross-entropy kernel is used, which never materialises the logits at all.
     """
 
-    def __init__(self, model: Transformer, hidden_states: Callable[..., torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        hidden_states: Callable[..., torch.Tensor] | None = None,
+        kernels: str = "torch",
+    ):
         super().__init__()
         self.model = model
         self.hidden_states = hidden_states or model.hidden_states  # possibly a torch.compile'd one
+        self.kernels = kernels  # of the fused loss; the model has its own switch
         self.vocab_parallel = False
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden_states(inputs)
         if not self.vocab_parallel:
-            return fused_language_model_loss(hidden, self.model.output_weight, targets)
+            return fused_language_model_loss(hidden, self.model.output_weight, targets, kernels=self.kernels)
         hidden = hidden.redistribute(placements=[Replicate()])  # (B, T/tp, H) -> (B, T, H) on each rank
         logits = F.linear(hidden, self.model.output_weight)  # DTensor (B, T, V) sharded on V
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -45,7 +45,6 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
     cross-entropy (see LanguageModelObjective). A tied embedding/head weight is one (V, H) table split
     the same way (rows) in both uses.
     """
-    tp = tp_mesh.size()
     sequence_sharded_embedding = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     plan: dict[str, object] = {"embed_tokens": sequence_sharded_embedding, "norm": SequenceParallel()}
     if model.embed_positions is not None:
@@ -73,10 +72,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
         }
         if block.mlp.gate_proj is not None:
             block_plan["mlp.gate_proj"] = ColwiseParallel()
+        # Each rank now projects to its own num_heads / tp heads: attention counts them from its q/k/v widths.
         parallelize_module(block, tp_mesh, block_plan)
-        # Each rank now projects to its own num_heads / tp heads; attention reshapes by these counts.
-        block.attn.num_heads //= tp
-        block.attn.num_kv_heads //= tp
 
 
 def apply_fsdp(

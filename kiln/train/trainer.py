@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,22 +23,14 @@ from kiln.train import distributed as dist
 from kiln.train.config import TrainConfig
 from kiln.train.export import save_with_tokenizer
 from kiln.train.flops import choose_precision
-from kiln.train.loop import TrainingLoop, TrainSummary
+from kiln.train.loop import RunInfo, StepResult, TrainingLoop, TrainSummary
 from kiln.train.losses import IGNORE_INDEX, goldfish_mask
 from kiln.train.objective import LanguageModelObjective
 from kiln.train.optim import build_optimizer, learning_rate, set_learning_rate
 from kiln.train.parallel import apply_activation_checkpointing, clip_grad_norm, parallelize
+from kiln.train.token_data import open_token_data
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: int
-    skipped: bool = False
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
@@ -79,10 +70,11 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         if train_data is None:
-            train_data, val_data = self._open_data()
+            train_data, val_data = open_token_data(config, self.distributed, self.console)
         self.train_data, self.val_data = train_data, val_data
         torch.manual_seed(config.seed)
-        self.model = Transformer(config.model).to(self.device)
+        self.kernels = self._kernel_choice()
+        self.model = Transformer(config.model, kernels=self.kernels).to(self.device)
         precision = choose_precision(self.device) if config.precision == "auto" else config.precision
         self.precision = self.distributed.broadcast(precision)  # ranks could measure differently
         self.compute_dtype = AUTOCAST_DTYPES.get(self.precision)
@@ -107,13 +99,13 @@ class Trainer:
                 apply_activation_checkpointing(self.model)
             # The loss takes final hidden states: the fused LM head + cross-entropy never builds logits.
             compiled = torch.compile(self.model.hidden_states) if config.compile else None
-            objective = LanguageModelObjective(self.model, compiled)
+            objective = LanguageModelObjective(self.model, compiled, kernels=self.kernels)
             return objective, objective
         if self.precision == "fp16" and (layout.uses_fsdp or layout.tp > 1):
             raise KilnError("fp16 loss scaling is not supported with FSDP or TP; use --precision bf16")
         if config.compile and layout.tp > 1:  # DTensor's redistribute backward fails under torch.compile
             raise KilnError("compile=true does not work with --tp > 1 yet; turn compile off for TP runs")
-        objective = LanguageModelObjective(self.model)
+        objective = LanguageModelObjective(self.model, kernels=self.kernels)
         module = parallelize(
             objective,
             self.distributed,
@@ -123,49 +115,20 @@ class Trainer:
         )
         return objective, module
 
+    def _kernel_choice(self) -> str:
+        """config.kernels for the model and the fused loss. Tensor-parallel runs use torch: their
+        sequence-parallel norms see DTensors, which the Triton kernels are not written (or tested) for."""
+        if self.distributed.layout.tp == 1:
+            return self.config.kernels
+        if self.config.kernels == "triton":
+            raise KilnError("kernels=triton does not work with --tp > 1 yet; use --kernels auto or torch")
+        return "torch"
+
     @property
     def global_tokens_per_step(self) -> int:
         return self.config.tokens_per_step * self.distributed.dp_size
 
     # ------------------------------------------------------------------------------------------ data
-
-    def _open_data(self):
-        from kiln.data.loader import TokenLoader
-        from kiln.data.shards import MANIFEST_NAME
-
-        config = self.config
-        if not (Path(config.data_dir) / MANIFEST_NAME).is_file():
-            if config.prepare is None:
-                raise KilnError(
-                    f"{config.data_dir} has no {MANIFEST_NAME}; run `kiln data prepare` first or pass --data"
-                )
-            from kiln.data.prepare import prepare
-
-            if self.distributed.is_main:  # one process prepares; the others wait for its manifest
-                self.console.print(f"preparing data into {config.data_dir}")
-                prepare(config.prepare)
-            self.distributed.barrier()
-        distributed = self.distributed
-        loader_args = dict(
-            seq_len=config.seq_len,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            rank=distributed.dp_rank,
-            world_size=distributed.dp_size,
-        )
-        train = TokenLoader(config.data_dir, "train", **loader_args)
-        vocab = train.manifest["vocab_size"]
-        if vocab > config.model.vocab_size:
-            raise KilnError(
-                f"the data's tokenizer has {vocab} tokens but the model's vocab_size is "
-                f"{config.model.vocab_size}; set model.vocab_size >= {vocab}"
-            )
-        try:
-            val = TokenLoader(config.data_dir, "val", **loader_args)
-        except KilnError:
-            self.console.print("[yellow]no usable validation split; evaluation is skipped[/]")
-            val = None
-        return train, val
 
     def _batch(self, source, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = source.batch(index)
@@ -372,11 +335,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- loop
 
+    def _run_info(self) -> RunInfo:
+        return RunInfo(
+            config=self.config,
+            distributed=self.distributed,
+            console=self.console,
+            device=self.device,
+            precision=self.precision,
+            compute_dtype=self.compute_dtype,
+            global_tokens_per_step=self.global_tokens_per_step,
+            checkpoint_dir=self.checkpoint_dir,
+        )
+
     def train(self) -> TrainSummary:
         """Train to max_steps (or max_minutes), checkpointing and evaluating on schedule; under torchrun a
         collective that fails (a rank died) or times out (a rank hung) ends this rank with a KilnError."""
         try:
-            return TrainingLoop(self).run()
+            return TrainingLoop(self, self._run_info()).run()
         except Exception as error:
             if not (self.distributed.enabled and dist.is_collective_failure(error)):
                 raise

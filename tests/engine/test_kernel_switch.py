@@ -30,7 +30,7 @@ def test_unknown_kernels_are_refused():
 @pytest.mark.parametrize("case", ["llama-gqa3-untied", "bloom-heads3"])
 def test_triton_kernels_give_the_torch_greedy_tokens(hf_model_dir, case):
     pytest.importorskip("triton")
-    from kiln.kernels.paged_attention import TritonPagedAttention
+    from kiln.engine.attention import TritonPagedAttention
 
     directory = hf_model_dir(case)
     prompts = random_prompts([3, 11, 30, 7], seed=4)

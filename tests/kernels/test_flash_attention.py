@@ -13,7 +13,7 @@ from tests.kernels.helpers import DEVICE, SCALED_TOLERANCE, assert_scaled_close,
 
 needs_triton()
 
-from kiln.kernels import flash_attention as fa  # noqa: E402
+from kiln.kernels import flash_attention_common as common  # noqa: E402
 from kiln.kernels.flash_attention import attention_flops, attention_reference, flash_attention  # noqa: E402
 
 
@@ -97,8 +97,8 @@ def test_matches_reference_half(shape, dtype):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_many_small_blocks(blocks, causal, monkeypatch):
     """Tiles smaller than the sequence: the unmasked/diagonal split and the backward loops' bounds."""
-    monkeypatch.setitem(fa.INTERPRETED_BLOCKS, "BLOCK_M", blocks[0])
-    monkeypatch.setitem(fa.INTERPRETED_BLOCKS, "BLOCK_N", blocks[1])
+    monkeypatch.setitem(common.INTERPRETED_BLOCKS, "BLOCK_M", blocks[0])
+    monkeypatch.setitem(common.INTERPRETED_BLOCKS, "BLOCK_N", blocks[1])
     _check(*_inputs(1, 4, 2, 45, 45, 16, torch.float32), causal=causal)
 
 
@@ -158,7 +158,7 @@ def test_sequence_1000():
     blocks = {"BLOCK_M": 128, "BLOCK_N": 128}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in blocks.items():
-            patch.setitem(fa.INTERPRETED_BLOCKS, key, value)
+            patch.setitem(common.INTERPRETED_BLOCKS, key, value)
         _check(*_inputs(1, 2, 1, 1000, 1000, 16, torch.float32), causal=True)
 
 

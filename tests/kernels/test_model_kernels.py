@@ -13,6 +13,9 @@ import kiln
 from kiln.errors import KilnError
 from kiln.kernels.linear_cross_entropy import linear_cross_entropy
 from kiln.models.transformer import Transformer
+from kiln.train import losses
+from kiln.train.config import TrainConfig
+from kiln.train.trainer import Trainer
 from tests.kernels.helpers import DEVICE, assert_scaled_close, needs_triton
 from tests.train.memory_data import MemoryData
 
@@ -134,6 +137,36 @@ def test_training_with_triton_kernels_tracks_torch(steps):
         # order of a sum) drift as far: 3e-3 by step 50.
         tolerance = 1e-5 if step < 10 else 1e-2
         assert abs(g - e) <= tolerance * abs(e), f"step {step}: triton {g:.6f} vs torch {e:.6f}"
+
+
+def _trainer_losses(tmp_path, kernels: str, steps: int) -> list[float]:
+    model = kiln.preset("tiny", vocab_size=96, hidden_size=32, num_heads=2, num_kv_heads=1, num_layers=2)
+    config = TrainConfig(model=model, data_dir="-", out_dir=str(tmp_path / kernels), max_steps=steps,
+                         seq_len=16, batch_size=2, warmup_steps=1, lr=1e-2, eval_every=0, checkpoint_every=0,
+                         export=False, device=DEVICE.type, kernels=kernels)  # fmt: skip
+    tokens = torch.randint(0, 96, (200,), generator=torch.Generator().manual_seed(0)).repeat(20)
+    trainer = Trainer(config, train_data=MemoryData(tokens, seq_len=16, batch_size=2))
+    assert {m.kernels for m in trainer.model.modules() if hasattr(m, "kernels")} == {kernels}
+    return [trainer.train_step().loss for _ in range(steps)]
+
+
+def test_trainer_runs_the_kernels_its_config_names(tmp_path, monkeypatch):
+    """TrainConfig.kernels reaches the model the trainer builds and its fused LM-head loss: 5 steps with
+    every Triton kernel give the torch losses to 1e-5 relative (as `_train` above)."""
+    loss_kernels = []
+    fused_loss = losses.linear_cross_entropy
+
+    def spy(*args, kernels, **kwargs):
+        loss_kernels.append(kernels)
+        return fused_loss(*args, kernels=kernels, **kwargs)
+
+    monkeypatch.setattr(losses, "linear_cross_entropy", spy)
+    expected = _trainer_losses(tmp_path, "torch", 5)
+    got = _trainer_losses(tmp_path, "triton", 5)
+    assert loss_kernels == ["torch"] * 5 + ["triton"] * 5
+    assert expected[-1] < expected[0]
+    for step, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert abs(g - e) <= 1e-5 * abs(e), f"step {step}: triton {g:.6f} vs torch {e:.6f}"
 
 
 @pytest.mark.gpu

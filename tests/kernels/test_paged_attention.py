@@ -11,13 +11,14 @@ from tests.kernels.helpers import DEVICE, SCALED_TOLERANCE, assert_scaled_close,
 
 needs_triton()
 
-from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention  # noqa: E402
-from kiln.kernels.paged_attention import (  # noqa: E402
+from kiln.engine.attention import (  # noqa: E402
+    KVPool,
+    PagedBatch,
+    TorchPagedAttention,
     TritonPagedAttention,
     paged_attention_backend,
-    paged_decode_attention,
-    paged_decode_reference,
 )
+from kiln.kernels.paged_attention import paged_decode_attention, paged_decode_reference  # noqa: E402
 
 
 def _cache(lengths, heads, kv_heads, head_dim, page_size, dtype, seed=0):

@@ -25,7 +25,7 @@ def test_kiln_save_loads_in_transformers_with_identical_logits(case, tmp_path):
 
     build_hf_model(case, tmp_path / "hf")
     model = kiln.load_model(tmp_path / "hf")
-    model.save_pretrained(tmp_path / "kiln")
+    kiln.save_model(model, tmp_path / "kiln")
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "kiln").eval()
     ids, mask = padded_batch(seed=3)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -39,7 +39,7 @@ def test_kiln_save_loads_in_transformers_with_identical_logits(case, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transformers_save_kiln_load_save_is_byte_identical(case, dtype, tmp_path):
     build_hf_model(case, tmp_path / "hf", dtype=dtype)
-    kiln.load_model(tmp_path / "hf").save_pretrained(tmp_path / "kiln")
+    kiln.save_model(kiln.load_model(tmp_path / "hf"), tmp_path / "kiln")
     original, resaved = _tensors(tmp_path / "hf"), _tensors(tmp_path / "kiln")
     assert sorted(original) == sorted(resaved)
     for name, tensor in original.items():
@@ -52,7 +52,7 @@ def test_sharded_checkpoints_load_and_save(tmp_path):
     build_hf_model("llama-gqa3-untied", tmp_path / "hf", max_shard_size="20KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     model = kiln.load_model(tmp_path / "hf")
-    model.save_pretrained(tmp_path / "kiln", max_shard_size="20KB")
+    kiln.save_model(model, tmp_path / "kiln", max_shard_size="20KB")
     index = json.loads((tmp_path / "kiln" / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((tmp_path / "kiln" / s).is_file() for s in shards)
@@ -61,7 +61,7 @@ def test_sharded_checkpoints_load_and_save(tmp_path):
     ids = torch.randint(0, 101, (1, 9))
     assert torch.equal(model(ids), again(ids))
     # Re-saving unsharded removes the old shards and index.
-    again.save_pretrained(tmp_path / "kiln")
+    kiln.save_model(again, tmp_path / "kiln")
     assert sorted(p.name for p in (tmp_path / "kiln").glob("*.safetensors*")) == ["model.safetensors"]
 
 

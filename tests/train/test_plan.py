@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 import kiln
+from kiln.recipes import get_recipe
 from kiln.train.config import TrainConfig
 from kiln.train.layout import ParallelLayout
 from kiln.train.plan import format_bytes, plan_memory
 from kiln.train.trainer import Trainer
-from recipes import get_recipe
 from tests.train.memory_data import MemoryData
 
 WORKER = Path(__file__).with_name("memory_worker.py")

@@ -113,12 +113,29 @@ def test_mixed_precision_trains(tmp_path, precision):
     assert trainer.model.embed_tokens.weight.dtype == torch.float32  # master weights stay fp32
 
 
+def _gradients(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient for the micro-batch of the trainer's next step, by state-dict name."""
+    inputs, targets = trainer._batch(trainer.train_data, trainer.step)
+    trainer._forward_backward(inputs, targets)
+    names = [name.replace("_checkpoint_wrapped_module.", "") for name, _ in trainer.model.named_parameters()]
+    grads = {name: p.grad.clone() for name, p in zip(names, trainer.model.parameters(), strict=True)}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     plain = make_trainer(tmp_path / "a")
     checkpointed = make_trainer(tmp_path / "b", activation_checkpointing=True)
+    assert any(type(m).__name__ == "CheckpointWrapper" for m in checkpointed.model.modules())
     for _ in range(3):
+        expected, got = _gradients(plain), _gradients(checkpointed)
+        assert got.keys() == expected.keys() == params(plain).keys()
+        for name, grad in expected.items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
         assert plain.train_step().loss == pytest.approx(checkpointed.train_step().loss, rel=1e-6)
-    assert params(plain).keys() == params(checkpointed).keys()
+    for name, value in params(plain).items():
+        torch.testing.assert_close(params(checkpointed)[name], value, rtol=1e-5, atol=1e-7)
 
 
 def test_config_overrides_and_validation():
@@ -141,6 +158,9 @@ def test_config_overrides_and_validation():
         TrainConfig(model=kiln.preset("tiny"), data_dir="d", goldfish_k=1)
     with pytest.raises(kiln.KilnError, match="seq_len 4096 exceeds"):
         TrainConfig(model=kiln.preset("tiny"), data_dir="d", seq_len=4096)
+    with pytest.raises(kiln.KilnError, match="kernels must be one of torch, triton, auto"):
+        TrainConfig(model=kiln.preset("tiny"), data_dir="d", kernels="cuda")
+    assert config.kernels == "auto" and config.override(["kernels=triton"]).kernels == "triton"
 
 
 def test_overriding_the_width_resizes_heads_and_mlp_that_follow_the_default_rule():

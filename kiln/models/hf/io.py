@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError, ModelLoadError
+from kiln.kernels.runtime import KernelChoice
 from kiln.models.hf import FAMILIES, Family
 from kiln.models.hf.spec import ConfigReader
 from kiln.models.transformer import Transformer
@@ -119,19 +120,24 @@ class CheckpointFiles:
 
 
 def load_model(
-    path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device = "cpu",
+    kernels: KernelChoice = "torch",
 ) -> Transformer:
     """Load an HF model directory of a supported family into a kiln `Transformer` (in eval mode).
 
     dtype: 'auto' keeps the checkpoint's dtype; or float32/bf16/fp16. Weights are read with safetensors
-    straight into the model's parameters; no randomly initialised copy is ever built.
+    straight into the model's parameters; no randomly initialised copy is ever built. kernels: the
+    model's switch between torch and the fused Triton kernels ("torch", "triton", or "auto" = Triton on
+    CUDA), as `Transformer(kernels=)` takes it.
     """
     directory = Path(path)
     config, family = read_config(directory)
     target_dtype = parse_dtype(dtype)
     files = CheckpointFiles(directory)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, kernels=kernels)
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()

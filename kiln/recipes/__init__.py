@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kiln.errors import KilnError
+from kiln.recipes.demo import demo, tiny
 from kiln.train.config import TrainConfig
-from recipes.demo import demo, tiny
 
 RECIPES: dict[str, Callable[..., TrainConfig]] = {"demo": demo, "tiny": tiny}
 

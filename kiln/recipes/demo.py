@@ -13,7 +13,7 @@ from pathlib import Path
 from kiln.config import ModelConfig
 from kiln.data.filters import FilterConfig
 from kiln.data.prepare import PrepareConfig
-from kiln.demo import cache_root
+from kiln.paths import cache_root
 from kiln.train.config import TrainConfig
 
 
