@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+# "error": the engine failed this request alone (RequestOutput.error says why) and kept serving the others.
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -72,3 +73,7 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # first prompt token: None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # with finish_reason "error": what failed, in words a client can act on
+    error_from_input: bool = (
+        False  # the request's own input caused the error (a server answers 400, else 500)
+    )
