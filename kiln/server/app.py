@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import uvicorn
@@ -178,12 +180,22 @@ class _Server(uvicorn.Server):
             server.close()
         if not self.force_exit:
             state = self.kiln_state
-            await state.drain(state.config.drain_timeout_s, is_busy=lambda: bool(self._busy_connections()))
+            await state.drain(
+                state.config.drain_timeout_s,
+                is_busy=lambda: bool(self._busy_connections()),
+                is_delivering=lambda: any(not self._stalled(c) for c in self._busy_connections()),
+            )
             # What is still sending now has a client that stopped reading: cut it off, so that neither
             # its handler nor uvicorn's own shutdown waits on it (and no task needs cancelling).
-            for connection in self._busy_connections():
+            for connection in self._stalled_connections():
                 connection.transport.abort()
         await super().shutdown(sockets)
+
+    def _stalled_connections(self) -> list:
+        """Busy connections, and those whose bytes the client has not taken (closing one of those would
+        wait for it to read them)."""
+        busy = self._busy_connections()
+        return busy + [c for c in self.server_state.connections if c not in busy and self._stalled(c)]
 
     def _busy_connections(self) -> list:
         """Connections with a response under way (uvicorn's HTTP protocols: a cycle not yet complete)."""
@@ -193,6 +205,11 @@ class _Server(uvicorn.Server):
             if cycle is not None and not cycle.response_complete:
                 busy.append(connection)
         return busy
+
+    @staticmethod
+    def _stalled(connection: Any) -> bool:
+        """Whether a connection has bytes its client has not taken yet (a full socket buffer)."""
+        return connection.transport.get_write_buffer_size() > 0
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -236,5 +253,8 @@ def serve(
     url = f"http://{config.host}:{config.port}"
     print(f"kiln: serving {state.model_name!r} at {url}/v1 (web UI: {url}/)", file=sys.stderr, flush=True)
     server.run()
+    # About to exit: spare the interpreter's final collection the model's and torch's objects, which
+    # takes over a second on a busy 2-core machine and would overrun the drain timeout's promise.
+    gc.freeze()
     if server.exit_code:
         raise SystemExit(server.exit_code)

@@ -200,16 +200,26 @@ class ServerState:
             await outputs.aclose()  # aborts the request if it has not finished
             tracker.close()
 
-    async def drain(self, timeout_s: float, is_busy: Callable[[], bool] = lambda: False) -> None:
+    async def drain(
+        self,
+        timeout_s: float,
+        is_busy: Callable[[], bool] | None = None,
+        is_delivering: Callable[[], bool] | None = None,
+    ) -> None:
         """Wait up to `timeout_s` for in-flight requests (and, per `is_busy`, responses still being
-        sent) to finish, then abort the rest: their streams end with finish_reason "abort" and [DONE]
-        for every client still reading, within ABORT_GRACE_S."""
+        sent) to finish, then abort the rest: their streams end with finish_reason "abort" and [DONE].
+        Then wait up to ABORT_GRACE_S while `is_delivering` (default: requests are in flight), so that
+        clients still reading get that ending; the server passes "a response under way whose client
+        takes its bytes", so one that stopped reading costs no grace."""
+        is_busy = is_busy or (lambda: False)
+        is_delivering = is_delivering or (lambda: bool(self.num_in_flight))
         deadline = time.monotonic() + timeout_s
         while (self.num_in_flight or is_busy()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for request_id in list(self.active_request_ids):
             self.async_engine.abort(request_id)
-        while (self.num_in_flight or is_busy()) and time.monotonic() < deadline + ABORT_GRACE_S:
+        grace_end = time.monotonic() + ABORT_GRACE_S
+        while is_delivering() and time.monotonic() < grace_end:
             await asyncio.sleep(0.02)
 
 
