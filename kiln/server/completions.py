@@ -50,7 +50,6 @@ async def prepare(body: CompletionRequest, state: ServerState) -> CompletionJob:
     state.check_request_size(len(prompts) * body.n, param="n" if body.n > 1 else "prompt")
     size = sum(len(prompt) for prompt in prompts)
     prompt_ids, echo_texts = await state.off_loop(size, _tokenize, body, prompts, state)
-    state.check_prompt_tokens(sum(len(ids) for ids in prompt_ids))
     echo_logprobs = body.logprobs if body.echo else None
     params = [
         body.sampling_params(
@@ -60,6 +59,7 @@ async def prepare(body: CompletionRequest, state: ServerState) -> CompletionJob:
         )
         for ids in prompt_ids
     ]
+    state.check_prompt_tokens(sum(len(ids) for ids in prompt_ids))
     return CompletionJob(
         body=body, request_id=random_id("cmpl"), prompt_ids=prompt_ids, params=params, echo_texts=echo_texts
     )

@@ -84,9 +84,19 @@ class ServerState:
 
     def prompt_token_ids(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
         try:
-            return self.engine.prompt_token_ids(prompt if isinstance(prompt, str) else list(prompt))
+            if isinstance(prompt, str):
+                prompt = self.encode(prompt)
+            return self.engine.prompt_token_ids(list(prompt))
         except KilnError as error:
             raise APIError(400, str(error), param=param) from error
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids of `text`. A long text goes through the batch encoder, which (unlike the
+        single one) releases the GIL while it works, so that encoding it in a worker thread leaves the
+        event loop running."""
+        if len(text) < OFFLOAD_MIN_SIZE:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def chat_token_ids(
         self,
@@ -95,15 +105,13 @@ class ServerState:
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                **(template_kwargs or {}),
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
             )
         except (KilnError, TypeError) as error:
             raise APIError(400, str(error), param="messages") from error
-        return self.prompt_token_ids(ids, param="messages")
+        # The template writes the special tokens itself.
+        return self.prompt_token_ids(self.encode(text, add_special_tokens=False), param="messages")
 
     def resolve_max_tokens(self, num_prompt_tokens: int, requested: int | None, param: str = "prompt") -> int:
         """The tokens a request may generate: `requested`, or (None) what the context has room for. A
