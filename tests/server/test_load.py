@@ -282,3 +282,23 @@ def test_chunked_embeddings_equal_offline(model_dir):
             await engine.shutdown()
 
     torch.testing.assert_close(asyncio.run(main()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fairness_bench_smoke(server):
+    from kiln.bench.fairness import run_fairness
+
+    result = run_fairness(
+        server.url,
+        num_requests=3,
+        num_prompts=10,
+        n=64,
+        big_prompt_bytes=100_000,
+        num_embedding_inputs=20,
+        embedding_input_tokens=20,
+    )
+    for phase in ("idle", "loaded"):
+        assert 0 < result[phase]["p50_ms"] <= result[phase]["p99_ms"] <= result[phase]["max_ms"]
+    answers = result["hostile_answers"]
+    assert set(answers["many_sequences"]) == {"400"}  # 640 sequences: more than the server admits
+    assert set(answers["big_embedding"]) == {"200"}
+    assert result["p99_ratio"] > 0 and isinstance(result["meets_target"], bool)
