@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# "error": the request failed inside the engine (RequestOutput.error says why); others kept running.
+# "error": the engine failed this request alone (RequestOutput.error says why) and kept serving the others.
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -73,4 +73,7 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # first prompt token: None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    error: str | None = None  # why the request failed (its samples finished with "error"); None if it did not
+    error: str | None = None  # with finish_reason "error": what failed, in words a client can act on
+    error_from_input: bool = (
+        False  # the request's own input caused the error (a server answers 400, else 500)
+    )

@@ -7,7 +7,9 @@ finish (up to ServerConfig.drain_timeout_s, then aborts them), stops the engine 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -15,8 +17,8 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -137,7 +139,8 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, with SIGTERM/SIGINT marking the state as draining, and a drained shutdown exiting 0.
+    """uvicorn, with SIGTERM/SIGINT marking the state as draining, a drained shutdown exiting 0 within the
+    drain timeout whatever clients do, and an engine failure shutting the server down with exit code 1.
 
     (uvicorn re-raises the signal after a graceful shutdown, which would kill the process with it.)
     """
@@ -145,6 +148,27 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.kiln_state = state
+        self.exit_code = 0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_fatal(_: BaseException) -> None:  # in the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting anyway
+                loop.call_soon_threadsafe(self.engine_failed)
+
+        self.kiln_state.async_engine.on_fatal = on_fatal
+        if self.kiln_state.async_engine.error is not None:  # it failed before we listened
+            self.engine_failed()
+        await super().startup(sockets)
+
+    def engine_failed(self) -> None:
+        """Shut down and exit 1, so a supervisor restarts the server instead of it answering 503 forever.
+        (/health answers 503 until the listening socket closes.)"""
+        error = self.kiln_state.async_engine.error
+        print(f"kiln: the engine failed ({error!r}); shutting down with exit code 1", file=sys.stderr)
+        self.exit_code = 1
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.kiln_state.draining = True
@@ -154,8 +178,37 @@ class _Server(uvicorn.Server):
         for server in self.servers:  # stop accepting connections first (uvicorn does it again, harmlessly)
             server.close()
         if not self.force_exit:
-            await self.kiln_state.drain(self.kiln_state.config.drain_timeout_s)
+            state = self.kiln_state
+            await state.drain(
+                state.config.drain_timeout_s,
+                is_busy=lambda: bool(self._busy_connections()),
+                is_delivering=lambda: any(not self._stalled(c) for c in self._busy_connections()),
+            )
+            # What is still sending now has a client that stopped reading: cut it off, so that neither
+            # its handler nor uvicorn's own shutdown waits on it (and no task needs cancelling).
+            for connection in self._stalled_connections():
+                connection.transport.abort()
         await super().shutdown(sockets)
+
+    def _stalled_connections(self) -> list:
+        """Busy connections, and those whose bytes the client has not taken (closing one of those would
+        wait for it to read them)."""
+        busy = self._busy_connections()
+        return busy + [c for c in self.server_state.connections if c not in busy and self._stalled(c)]
+
+    def _busy_connections(self) -> list:
+        """Connections with a response under way (uvicorn's HTTP protocols: a cycle not yet complete)."""
+        busy = []
+        for connection in self.server_state.connections:
+            cycle = getattr(connection, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                busy.append(connection)
+        return busy
+
+    @staticmethod
+    def _stalled(connection: Any) -> bool:
+        """Whether a connection has bytes its client has not taken yet (a full socket buffer)."""
+        return connection.transport.get_write_buffer_size() > 0
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -176,12 +229,11 @@ def serve(
     config: ServerConfig | None = None,
     *,
     engine_config: EngineConfig | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str = "auto",
 ) -> None:
-    """Load `model_dir` and serve it (OpenAI API under /v1, web UI at /) until SIGTERM or Ctrl-C."""
+    """Load `model_dir` as `engine_config` says (dtype, device, KV cache, ...) and serve it (OpenAI API
+    under /v1, web UI at /) until SIGTERM or Ctrl-C."""
     config = config or ServerConfig()
-    engine = AsyncEngine.from_dir(model_dir, dtype=dtype, device=device, config=engine_config)
+    engine = AsyncEngine.from_dir(model_dir, engine_config)
     state = ServerState(engine, config, model_dir=model_dir)
     print(f"kiln: {engine.engine.startup_summary()}", file=sys.stderr, flush=True)
     server = _Server(
@@ -191,7 +243,7 @@ def serve(
             port=config.port,
             log_level=config.log_level,
             access_log=config.access_log,
-            timeout_graceful_shutdown=5,  # a backstop: ServerState.drain has ended the streams by then
+            timeout_graceful_shutdown=1,  # a backstop: _Server.shutdown has ended every response by then
             timeout_keep_alive=5,
         ),
         state,
@@ -199,3 +251,8 @@ def serve(
     url = f"http://{config.host}:{config.port}"
     print(f"kiln: serving {state.model_name!r} at {url}/v1 (web UI: {url}/)", file=sys.stderr, flush=True)
     server.run()
+    # About to exit: spare the interpreter's final collection the model's and torch's objects, which
+    # takes over a second on a busy 2-core machine and would overrun the drain timeout's promise.
+    gc.freeze()
+    if server.exit_code:
+        raise SystemExit(server.exit_code)

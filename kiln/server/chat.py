@@ -25,7 +25,7 @@ from kiln.server.protocol import (
     UsageInfo,
     random_id,
 )
-from kiln.server.state import ServerState
+from kiln.server.state import ServerState, input_size
 from kiln.server.streaming import (
     DONE,
     ClientDisconnected,
@@ -49,10 +49,17 @@ class ChatJob:
         return self.body.top_logprobs or 0
 
 
-def prepare(body: ChatCompletionRequest, state: ServerState) -> ChatJob:
+async def prepare(body: ChatCompletionRequest, state: ServerState) -> ChatJob:
     state.check_model(body.model)
+    state.check_request_size(body.n)
     messages = [message.template_message() for message in body.messages]
-    prompt_ids = state.chat_token_ids(messages, body.add_generation_prompt, body.chat_template_kwargs)
+    prompt_ids = await state.off_loop(
+        input_size(messages),
+        state.chat_token_ids,
+        messages,
+        body.add_generation_prompt,
+        body.chat_template_kwargs,
+    )
     max_tokens = state.resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = body.sampling_params(max_tokens, logprobs=logprobs)  # a KilnError here answers 400
@@ -62,9 +69,9 @@ def prepare(body: ChatCompletionRequest, state: ServerState) -> ChatJob:
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: ServerState
 ) -> Response:
-    job = prepare(body, state)
-    lease = state.admit(1)
-    stream = state.generate(job.prompt_ids, job.params, job.request_id)
+    job = await prepare(body, state)
+    lease = state.admit(body.n)
+    stream = state.generate(job.prompt_ids, job.params, job.request_id, stream=body.stream)
     if body.stream:
         return EventStream(chat_events(job, stream, state), on_close=lease.release)
     try:

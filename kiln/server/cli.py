@@ -55,6 +55,10 @@ def serve_command(
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,
     max_body_size: Annotated[str, typer.Option(help="Largest request body; larger ones get 413.")] = "4MB",
+    max_stream_buffer: Annotated[
+        int,
+        typer.Option(help="Outputs a stream may keep waiting for a slow reader; past that it is aborted."),
+    ] = 256,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: debug, info, warning, error.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
@@ -79,8 +83,9 @@ def serve_command(
         max_queue=max_queue,
         drain_timeout_s=drain_timeout,
         max_body_size=max_body_size,
+        max_stream_buffer=max_stream_buffer,
         log_level=log_level,
         access_log=access_log,
     )
     engine_config = engine_config_from_flags(flags)
-    serve(model, config, engine_config=engine_config, dtype=engine_config.dtype, device=engine_config.device)
+    serve(model, config, engine_config=engine_config)

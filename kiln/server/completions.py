@@ -42,12 +42,14 @@ class CompletionJob:
         return sum(len(ids) for ids in self.prompt_ids)
 
 
-def prepare(body: CompletionRequest, state: ServerState) -> CompletionJob:
+async def prepare(body: CompletionRequest, state: ServerState) -> CompletionJob:
     state.check_model(body.model)
     prompts = body.prompts()
     if not prompts:
         raise APIError(400, "prompt is empty; give text, token ids, or a list of either", param="prompt")
-    prompt_ids = [state.prompt_token_ids(prompt) for prompt in prompts]
+    state.check_request_size(len(prompts) * body.n, param="n" if body.n > 1 else "prompt")
+    size = sum(len(prompt) for prompt in prompts)
+    prompt_ids, echo_texts = await state.off_loop(size, _tokenize, body, prompts, state)
     echo_logprobs = body.logprobs if body.echo else None
     params = [
         body.sampling_params(
@@ -57,19 +59,28 @@ def prepare(body: CompletionRequest, state: ServerState) -> CompletionJob:
         )
         for ids in prompt_ids
     ]
-    echo_texts = [""] * len(prompts)
-    if body.echo:
-        echo_texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
+    state.check_prompt_tokens(sum(len(ids) for ids in prompt_ids))
     return CompletionJob(
         body=body, request_id=random_id("cmpl"), prompt_ids=prompt_ids, params=params, echo_texts=echo_texts
     )
 
 
+def _tokenize(
+    body: CompletionRequest, prompts: list[str | list[int]], state: ServerState
+) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids, and the text echo would show (empty without echo)."""
+    prompt_ids = [state.prompt_token_ids(prompt) for prompt in prompts]
+    echo_texts = [""] * len(prompts)
+    if body.echo:
+        echo_texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
+    return prompt_ids, echo_texts
+
+
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState) -> Response:
-    job = prepare(body, state)
-    lease = state.admit(len(job.prompt_ids))
+    job = await prepare(body, state)
+    lease = state.admit(len(job.prompt_ids) * body.n)
     streams = [
-        state.generate(ids, params, f"{job.request_id}-{index}")
+        state.generate(ids, params, f"{job.request_id}-{index}", stream=body.stream)
         for index, (ids, params) in enumerate(zip(job.prompt_ids, job.params, strict=True))
     ]
     if body.stream:

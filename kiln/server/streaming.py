@@ -1,5 +1,10 @@
 """Streaming plumbing: server-sent events, merging the streams of a batched request, and noticing that a
-client has gone away so its requests are aborted (and their KV blocks freed) instead of running on."""
+client has gone away so its requests are aborted (and their KV blocks freed) instead of running on.
+
+Back-pressure: nothing here buffers without bound. A stream's events are produced only as the socket
+takes them (Starlette awaits each send), the merge of a batched request holds at most one item per
+stream, and the engine's per-stream buffer aborts the request when its reader falls
+ServerConfig.max_stream_buffer outputs behind (AsyncEngine's StreamOverflow)."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from kiln.server.errors import error_body
+from kiln.server.errors import APIError, error_body
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
@@ -27,6 +32,8 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 def sse_error(error: BaseException) -> str:
     """An error after the 200 header went out: OpenAI's clients raise it from the stream."""
+    if isinstance(error, APIError):
+        return sse(error_body(error.message, type=error.type, param=error.param, code=error.code))
     return sse(error_body(f"generation failed: {error}", type="server_error"))
 
 
@@ -60,17 +67,21 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
         finally:
             await streams[0].aclose()  # type: ignore[attr-defined]
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: while the consumer waits on its socket, the pumps wait here, and what piles up piles up in
+    # the engine's per-stream buffers, which abort a request that falls too far behind.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
-            async for item in stream:
-                queue.put_nowait((index, item))
-        except Exception as error:
-            queue.put_nowait((index, error))
+            try:
+                async for item in stream:
+                    await queue.put((index, item))
+            except Exception as error:
+                await queue.put((index, error))
+                return
+            await queue.put((index, _END))
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
-            queue.put_nowait((index, _END))
 
     tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
     try:

@@ -35,14 +35,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m kiln.cli serve` in a subprocess, stopped with SIGTERM."""
+    """`python -m kiln.cli serve` (or `python -m MODULE serve`, a test's wrapper of the CLI) in a
+    subprocess, stopped with SIGTERM."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *args: str, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        log_path: Path,
+        *args: str,
+        api_key: str | None = None,
+        module: str = "kiln.cli",
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
-        command = [sys.executable, "-m", "kiln.cli", "serve", "--model", str(model_dir)]
+        command = [sys.executable, "-m", module, "serve", "--model", str(model_dir)]
         command += ["--port", str(self.port), "--log-level", "warning", "--no-access-log", *args]
         env = {**os.environ, "KILN_API_KEY": api_key or ""}
         if api_key is None:
@@ -98,12 +106,13 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def start_server(model_dir, tmp_path_factory):
-    """start_server(*flags, api_key=None) -> a running ServerProcess; all are stopped after the module."""
+    """start_server(*flags, api_key=None, module="kiln.cli") -> a running ServerProcess; all are stopped
+    after the module."""
     servers: list[ServerProcess] = []
 
-    def start(*args: str, api_key: str | None = None) -> ServerProcess:
+    def start(*args: str, api_key: str | None = None, module: str = "kiln.cli") -> ServerProcess:
         log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
-        server = ServerProcess(model_dir, log_path, *args, api_key=api_key)
+        server = ServerProcess(model_dir, log_path, *args, api_key=api_key, module=module)
         servers.append(server)
         return server
 

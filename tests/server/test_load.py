@@ -1,5 +1,7 @@
 """Load: 200 streamed requests at concurrency 32 all complete with [DONE] and exactly the offline greedy
-text; then 50 clients disconnect mid-stream and the KV cache drains to zero. Also `kiln bench serve`."""
+text; then 50 clients disconnect mid-stream and the KV cache drains to zero. Also `kiln bench serve`.
+Fairness: a request larger than the server is refused, a disconnected batch leaves the queue at once, a
+huge prompt is tokenized off the event loop, and a big embedding request is interleaved with generation."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kiln.bench.serve import ServeBenchConfig, run_benchmark
@@ -166,3 +169,136 @@ def test_disconnect_during_a_non_streamed_request_aborts_it(server):
         time.sleep(0.05)
     assert server.metric("kiln:requests_aborted_total") == aborted_before + 1
     assert server.metric("kiln:kv_cache_usage_perc") == 0
+
+
+# ------------------------------------------------------------------------------------ fairness
+
+
+def test_a_request_larger_than_the_server_is_refused_not_queued(server):
+    # 1000 prompts x n=64 = 64,000 sequences; this server admits 64 + 256 at once.
+    start = time.monotonic()
+    huge = httpx.post(
+        server.url + "/v1/completions", json={"prompt": ["a"] * 1000, "n": 64, "max_tokens": 16}, timeout=30
+    )
+    elapsed = time.monotonic() - start
+    assert huge.status_code == 400, huge.text
+    error = huge.json()["error"]
+    assert (
+        error["param"] == "n"
+        and error["code"] == "request_too_large"
+        and "64000 sequences" in error["message"]
+    )
+    assert elapsed < 2
+    many = httpx.post(
+        server.url + "/v1/completions", json={"prompt": ["a"] * 321, "max_tokens": 1}, timeout=30
+    )
+    assert many.status_code == 400 and many.json()["error"]["param"] == "prompt"
+    inputs = httpx.post(server.url + "/v1/embeddings", json={"input": ["a"] * 2049}, timeout=30)
+    assert inputs.status_code == 400 and inputs.json()["error"]["param"] == "input"
+    fits = httpx.post(
+        server.url + "/v1/completions", json={"prompt": ["a"] * 320, "max_tokens": 1}, timeout=60
+    )
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 320
+    assert server.metric("kiln:num_requests_waiting") == 0
+
+
+def test_a_disconnected_batch_leaves_the_queue_at_once(server):
+    body = {"prompt": ["def main():"] * 300, "max_tokens": 500, "ignore_eos": True, "stream": True}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.aiter_lines()
+                while not (await anext(lines)).startswith("data: "):
+                    pass
+                queued = server.metric("kiln:num_requests_waiting") + server.metric(
+                    "kiln:num_requests_running"
+                )
+        return queued, time.monotonic()
+
+    queued, closed = asyncio.run(main())
+    assert queued > 64  # more than one step's worth were waiting
+    while time.monotonic() < closed + 10 and server.metric("kiln:kv_cache_usage_perc") > 0:
+        time.sleep(0.05)
+    assert server.metric("kiln:num_requests_waiting") + server.metric("kiln:num_requests_running") == 0
+    assert time.monotonic() - closed < 2
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_the_event_loop(server):
+    prompt = "the quick brown fox " * 195_000  # 3.9 MB
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            big = asyncio.create_task(
+                client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4})
+            )
+            await asyncio.sleep(0.3)  # the body is sent and being tokenized
+            gaps = []
+            while not big.done():
+                start = time.monotonic()
+                assert (await client.get("/health")).status_code == 200
+                gaps.append(time.monotonic() - start)
+                await asyncio.sleep(0.05)
+            return await big, gaps
+
+    big, gaps = asyncio.run(main())
+    assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
+    assert len(gaps) >= 3 and max(gaps) < 1, gaps  # it used to answer nothing for 4-5 s
+
+
+def test_a_big_embedding_request_is_interleaved_with_generation(server):
+    inputs = [[1 + (i % 50)] * 250 for i in range(2000)]  # 500,000 tokens, 1.5 MB
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            embedding = asyncio.create_task(client.post("/v1/embeddings", json={"input": inputs}))
+            await asyncio.sleep(0.5)
+            start = time.monotonic()
+            completion = await client.post(
+                "/v1/completions", json={"prompt": "def main():", "max_tokens": 16, "temperature": 0}
+            )
+            completion_s, still_embedding = time.monotonic() - start, not embedding.done()
+            return await embedding, completion, completion_s, still_embedding
+
+    embedding, completion, completion_s, still_embedding = asyncio.run(main())
+    assert completion.status_code == 200 and embedding.status_code == 200
+    assert still_embedding, f"the completion ({completion_s:.1f}s) waited for the whole embedding request"
+    data = embedding.json()["data"]
+    assert len(data) == 2000 and data[0]["embedding"] == data[50]["embedding"]
+
+
+def test_chunked_embeddings_equal_offline(model_dir):
+    from kiln.engine.async_engine import AsyncEngine, embedding_chunks
+
+    assert embedding_chunks([5, 1, 3, 9, 2], token_budget=10) == [[1, 4, 2], [0], [3]]
+    texts = [f"item {i}: " + "word " * (i % 7) for i in range(20)]
+    expected = LLM(model_dir, verbose=False).embed(texts)
+
+    async def main():
+        engine = AsyncEngine.from_dir(model_dir)
+        try:
+            return await engine.embed(texts, token_budget=24)  # several chunks of a few inputs each
+        finally:
+            await engine.shutdown()
+
+    torch.testing.assert_close(asyncio.run(main()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fairness_bench_smoke(server):
+    from kiln.bench.fairness import run_fairness
+
+    result = run_fairness(
+        server.url,
+        num_requests=3,
+        num_prompts=10,
+        n=64,
+        big_prompt_bytes=100_000,
+        num_embedding_inputs=20,
+        embedding_input_tokens=20,
+    )
+    for phase in ("idle", "loaded"):
+        assert 0 < result[phase]["p50_ms"] <= result[phase]["p99_ms"] <= result[phase]["max_ms"]
+    answers = result["hostile_answers"]
+    assert set(answers["many_sequences"]) == {"400"}  # 640 sequences: more than the server admits
+    assert set(answers["big_embedding"]) == {"200"}
+    assert result["p99_ratio"] > 0 and isinstance(result["meets_target"], bool)
