@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from kiln.server.errors import error_response
+from kiln.server.fields import MAX_INT64, MIN_INT64
 from kiln.server.middleware import PROTECTED_PREFIXES
 from kiln.server.protocol import ErrorResponse
 
@@ -85,10 +86,25 @@ def install_openapi(app: FastAPI, *, api_key_required: bool) -> None:
                 components.get("schemas", {}).pop(name, None)
             if api_key_required:
                 components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            app.openapi_schema = schema
+            app.openapi_schema = _exact_int64_bounds(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _exact_int64_bounds(value: Any) -> Any:
+    """FastAPI's OpenAPI model types bounds as floats, so the seed's 2**63 - 1 comes out as 2**63 (the
+    nearest float): put the exact integers back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("minimum", "maximum") and isinstance(item, float) and abs(item) == 2.0**63:
+                value[key] = MIN_INT64 if item < 0 else MAX_INT64
+            else:
+                _exact_int64_bounds(item)
+    elif isinstance(value, list):
+        for item in value:
+            _exact_int64_bounds(item)
+    return value
 
 
 def swagger_assets() -> Path | None:

@@ -94,3 +94,38 @@ def test_schema_fuzz_finds_no_5xx_and_the_engine_is_unchanged(server, capsys):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert greedy_text(server) == before
     assert "Traceback" not in server.log()
+
+
+def test_the_schema_documents_what_the_server_answers(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    operations = {(method, path): op for path, ops in schema["paths"].items() for method, op in ops.items()}
+    for (method, path), operation in operations.items():
+        assert "422" not in operation["responses"], (method, path)  # kiln answers 400, never 422
+        guarded = path.startswith(("/v1/", "/tokenize", "/detokenize"))
+        assert ("401" in operation["responses"]) == guarded, (method, path)
+        assert (operation.get("security") == [{"bearer": []}]) == guarded, (method, path)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = operations["post", path]["responses"]
+        assert set(responses) == {"200", "400", "401", "404", "413", "503"}
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert responses["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+    assert set(operations["get", "/metrics"]["responses"]["200"]["content"]) == {"text/plain"}
+    fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    top_k = next(branch for branch in fields["top_k"]["anyOf"] if branch.get("type") == "integer")
+    assert (top_k["minimum"], top_k["maximum"]) == (-1, 2**31 - 1)
+    seed = next(branch for branch in fields["seed"]["anyOf"] if branch.get("type") == "integer")
+    assert (seed["minimum"], seed["maximum"]) == (-(2**63), 2**63 - 1)
+    assert "oneOf" in schema["components"]["schemas"]["TokenizeRequest"]  # prompt xor messages
+
+
+def test_docs_work_offline(server):
+    page = httpx.get(server.url + "/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert assets and all(url.startswith("/docs/assets/") for url in assets), assets  # no CDN
+    for url in assets:
+        assert httpx.get(server.url + url).status_code == 200, url
+    assert "/openapi.json" in page.text
