@@ -16,7 +16,7 @@ from kiln.server.errors import error_response
 # (put the port behind a network policy where even those are private); the web UI and its static files
 # (it asks for the key itself when a request answers 401); and /openapi.json and /docs, the public API shape.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-UNAUTHORIZED = "invalid or missing API key; send the header 'Authorization: Bearer <key>'"
+UNAUTHORIZED = "invalid or missing API key; send one header 'Authorization: Bearer <key>'"
 
 
 class RequestGuard:
