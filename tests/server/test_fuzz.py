@@ -64,20 +64,25 @@ def greedy_text(server) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def run_schemathesis(server, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json"]
+def run_schemathesis(server, config_dir, *args: str) -> subprocess.CompletedProcess[str]:
+    # No crash cache: it would replay earlier runs' failures and leave .schemathesis/ in the repository.
+    config = config_dir / "schemathesis.toml"
+    config.write_text("[cache]\nenabled = false\n")
+    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run"]
+    command += [server.url + "/openapi.json"]
     command += ["--header", f"Authorization: Bearer {API_KEY}", "--seed", str(SEED), "--workers", "1"]
     command += ["--phases", "examples,coverage,fuzzing", "--no-shrink", "--request-timeout", "120", *args]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.server.test_fuzz", "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_schema_fuzz_finds_no_5xx_and_the_engine_is_unchanged(server, capsys):
+def test_schema_fuzz_finds_no_5xx_and_the_engine_is_unchanged(server, capsys, tmp_path):
     before = greedy_text(server)
     # Every check, kiln's two included, but positive_data_acceptance: a valid body may still get a 400
     # the schema cannot state (a prompt longer than the context, a model name this server does not serve).
     result = run_schemathesis(
         server,
+        tmp_path,
         "--checks",
         "all",
         "--exclude-checks",
