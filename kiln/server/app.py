@@ -1,8 +1,9 @@
 """The FastAPI app (routes) and `serve`, which loads a model and runs it behind uvicorn until SIGTERM.
 
 Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /tokenize, /detokenize, /health,
-/metrics, and the web UI at /. On SIGTERM the server stops accepting connections, lets in-flight requests
-finish (up to ServerConfig.drain_timeout_s, then aborts them), stops the engine and exits 0.
+/metrics, the web UI at /, and the schema at /openapi.json (Swagger UI at /docs, served offline). On SIGTERM
+the server stops accepting connections, lets in-flight requests finish (up to ServerConfig.drain_timeout_s,
+then aborts them), stops the engine and exits 0.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from kiln.engine.async_engine import AsyncEngine
@@ -33,9 +34,12 @@ from kiln.server.embeddings import create_embedding
 from kiln.server.errors import APIError, install_error_handlers
 from kiln.server.metrics import CONTENT_TYPE
 from kiln.server.middleware import RequestGuard
+from kiln.server.openapi import HEALTH_RESPONSES, METRICS_RESPONSES, install_docs, install_openapi, responses
 from kiln.server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
@@ -48,6 +52,9 @@ from kiln.server.protocol import (
 from kiln.server.state import ServerState
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The error statuses each kind of route answers (documented in /openapi.json).
+GENERATION_ERRORS = (400, 401, 404, 413, 503)
+TOKENIZER_ERRORS = (400, 401, 404, 413)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -58,9 +65,11 @@ def build_app(state: ServerState) -> FastAPI:
         yield
         await state.async_engine.shutdown()
 
-    app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kiln = state
     install_error_handlers(app)
+    install_openapi(app, api_key_required=state.config.api_key is not None)
+    install_docs(app)
     app.add_middleware(RequestGuard, api_key=state.config.api_key, max_body_bytes=state.config.max_body_bytes)
     _add_api_routes(app, state)
     _add_service_routes(app, state)
@@ -76,28 +85,31 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
             max_model_len=state.max_model_len,
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=responses(401))
     async def list_models() -> ModelList:
         return ModelList(data=[model_card()])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=responses(401, 404))
     async def get_model(model: str) -> ModelCard:
         state.check_model(model)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=responses(*GENERATION_ERRORS, ok=CompletionResponse, stream=True))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(body, request, state)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        responses=responses(*GENERATION_ERRORS, ok=ChatCompletionResponse, stream=True),
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(body, request, state)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=responses(*GENERATION_ERRORS))
     async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
         return await create_embedding(body, state)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=responses(*TOKENIZER_ERRORS))
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         state.check_model(body.model)
         if body.messages is not None:
@@ -107,7 +119,7 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
             tokens = state.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=responses(*TOKENIZER_ERRORS))
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         state.check_model(body.model)
         vocab_size = state.engine.model.config.vocab_size
@@ -117,14 +129,14 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_service_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         if state.draining or not state.async_engine.is_running:
             reason = "draining" if state.draining else "engine stopped"
             return JSONResponse({"status": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 

@@ -66,14 +66,18 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON ({detail})", None
+    if first.get("type") == "field_invalid":  # from a model validator (protocol.field_error)
+        return first.get("msg", "invalid value"), first["ctx"]["param"]
     params = [_param(error) for error in errors]
     param = params[0]
+    if params.count(param) > 1:  # every branch of a union failed: a value error beats "wrong type"
+        first = next((e for e in errors if _param(e) == param and not _is_type_error(e)), first)
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
         message = "this field is required"
     elif first.get("type") in ("model_attributes_type", "dict_type") and param is None:
         message = "the request body must be a JSON object"
-    elif params.count(param) > 1:  # every branch of a union failed
+    elif params.count(param) > 1 and _is_type_error(first):
         message = f"{_short(first.get('input'))} is none of the accepted types"
     num_others = len(set(params) - {param})
     plural = "s" if num_others > 1 else ""
@@ -81,11 +85,16 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 
+def _is_type_error(error: Mapping[str, Any]) -> bool:
+    kind = str(error.get("type", ""))
+    return kind.endswith("_type") or kind in ("literal_error", "is_instance_of", "union_tag_invalid")
+
+
 def _param(error: Mapping[str, Any]) -> str | None:
     # Unions report each branch as a location part ("str", "list[int]"); name the field that has them.
     parts = []
     for part in (str(part) for part in error.get("loc", ()) if part != "body"):
-        if "[" in part or part in ("str", "int", "float", "bool"):
+        if "[" in part or part.startswith("constrained-") or part in ("str", "int", "float", "bool"):
             break
         parts.append(part)
     return ".".join(parts) or None
@@ -108,7 +117,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(KilnError)
     async def kiln_error(_: Request, error: KilnError) -> JSONResponse:
-        return error_response(400, str(error))
+        # A KilnError that knows the request field at fault (the engine's vocabulary checks set
+        # `param`, e.g. "top_k" or "stop_token_ids") names it, as pydantic's errors do.
+        param = getattr(error, "param", None)
+        return error_response(400, str(error), param=param, code="invalid_value" if param else None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

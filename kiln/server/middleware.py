@@ -9,8 +9,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.server.errors import error_response
 
-# Paths that need the API key when one is set; /health, /metrics and the web UI stay open.
+# Paths that need the API key when one is set: everything that reads the model or its tokenizer (and the
+# batch and file routes under /v1 when they land). Left open, as vLLM leaves them: /health, which load
+# balancers and orchestrators probe without credentials and which says only "ok"/"draining"; /metrics,
+# which Prometheus scrapes without credentials and which holds counts and latencies, no prompts or text
+# (put the port behind a network policy where even those are private); the web UI and its static files
+# (it asks for the key itself when a request answers 401); and /openapi.json and /docs, the public API shape.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+UNAUTHORIZED = "invalid or missing API key; send one header 'Authorization: Bearer <key>'"
 
 
 class RequestGuard:
@@ -26,10 +32,7 @@ class RequestGuard:
         if self.expected is not None and scope["path"].startswith(PROTECTED_PREFIXES):
             if not self._authorized(scope):
                 response = error_response(
-                    401,
-                    "invalid or missing API key; send the header 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
+                    401, UNAUTHORIZED, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
                 )
                 await response(scope, receive, send)
                 return
@@ -47,8 +50,10 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
+        headers = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(headers) != 1:  # none, or several: which one a proxy or a framework reads differs, so refuse
+            return False
+        scheme, _, token = headers[0].partition(b" ")
         # compare_digest takes as long whatever the key's first wrong byte: no timing oracle.
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected or b"")
 

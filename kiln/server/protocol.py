@@ -3,7 +3,9 @@ clients parse them. Names and defaults follow OpenAI's API reference; the extra 
 min_p, repetition_penalty, ignore_eos, ...) follow vLLM's extensions, which clients send via `extra_body`.
 
 Unknown request fields are ignored (clients add their own, e.g. `user` or `service_tier`); fields kiln
-declares are validated, and a violation becomes a 400 error naming the field.
+declares are validated strictly (no booleans as numbers, no numbers as booleans or strings, finite floats,
+integers bounded to what the engine holds), every string anywhere in a body must be valid Unicode, and a
+violation becomes a 400 error naming the field. /openapi.json states the same bounds.
 """
 
 from __future__ import annotations
@@ -15,30 +17,42 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln.engine.sampling_params import SamplingParams
+from kiln.server.fields import (
+    MAX_INT32,
+    MAX_INT64,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MIN_INT64,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    NonEmptyText,
+    NonNegative,
+    Penalty,
+    Positive,
+    PromptInput,
+    TokenId,
+    field_error,
+    invalid_unicode_path,
+    prompt_list,
+)
 
-MAX_N = 128  # samples per prompt
-MAX_LOGPROBS = 20  # top candidates per position, as OpenAI's top_logprobs allows
-
-NonNegative = Annotated[int, Field(ge=0)]
-Positive = Annotated[int, Field(ge=1)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-# A prompt: text, token ids, or a batch of either.
-PromptInput = str | list[str] | list[NonNegative] | list[list[NonNegative]]
-
-
-def prompt_list(prompt: PromptInput) -> list[str | list[int]]:
-    """The prompts of a (possibly batched) input, each text or token ids."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        return [prompt]  # type: ignore[list-item]
-    return list(prompt)  # type: ignore[arg-type]
+# Values of an unsupported field that mean "not used", so clients that always send them still work.
+UNUSED = (None, "", [], {}, {"type": "text"}, "none")
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class OpenAIRequest(BaseModel):
+    """The base of every request body (and of the objects nested in one)."""
+
+    # strict: `max_tokens: true`, `n: 1.0` or `stream: 1` are type errors, not quietly converted.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     # OpenAI fields kiln does not implement. Set, they get a 400 rather than a silently different answer.
     unsupported: ClassVar[tuple[str, ...]] = ()
 
@@ -47,36 +61,59 @@ class Request(BaseModel):
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name in cls.unsupported:
-                if data.get(name) not in (None, "", [], {}, {"type": "text"}):
-                    raise ValueError(f"{name} is not supported by kiln; leave it out")
+                if data.get(name) not in UNUSED:
+                    raise field_error(name, "this field is not supported by kiln; leave it out")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_invalid_unicode(cls, data: Any) -> Any:
+        path = invalid_unicode_path(data)
+        if path is not None:
+            raise field_error(
+                path.removeprefix("."),
+                "the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                "valid Unicode; send UTF-8 text or paired surrogates",
+            )
         return data
 
 
-class StreamOptions(Request):
+class StreamOptions(OpenAIRequest):
     include_usage: bool = False
 
 
-class SamplingRequest(Request):
+class SamplingRequest(OpenAIRequest):
     """The fields completions and chat completions share: the model, sampling and streaming."""
 
     model: str | None = None  # None: the served model
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # honoured only as n (no reranking)
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: NonNegative | None = None
+    top_p: Annotated[float, Field(ge=MIN_TOP_P, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_INT32)] | None = None  # 0 or -1: off
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[NonNegative] | None = None
+    repetition_penalty: (
+        Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None
+    ) = None
+    seed: Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64)] | None = None
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     min_tokens: NonNegative = 0
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> SamplingRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise field_error(
+                "best_of", "best_of other than n is not supported by kiln; omit it or set it to n"
+            )
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -86,11 +123,12 @@ class SamplingRequest(Request):
         self, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
         """SamplingParams for one prompt; `max_tokens` is already resolved against the context length."""
+        temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            top_k=max(self.top_k or 0, 0),
             min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
@@ -121,12 +159,12 @@ class CompletionRequest(SamplingRequest):
         return prompt_list(self.prompt)
 
 
-class TextPart(Request):
+class TextPart(OpenAIRequest):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(Request):
+class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -144,7 +182,9 @@ class ChatMessage(Request):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    unsupported = ("tools", "functions", "logit_bias", "response_format", "audio", "prediction")
+    unsupported = tuple(
+        "tools tool_choice functions function_call logit_bias response_format audio prediction".split()
+    )
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Positive | None = None  # None: up to the context length
     max_completion_tokens: Positive | None = None  # OpenAI's newer name for max_tokens; wins over it
@@ -164,7 +204,7 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class EmbeddingRequest(Request):
+class EmbeddingRequest(OpenAIRequest):
     model: str | None = None
     input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
@@ -172,9 +212,18 @@ class EmbeddingRequest(Request):
     user: str | None = None
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(OpenAIRequest):
     """vLLM's /tokenize: text (`prompt`) or a conversation (`messages`, through the chat template)."""
 
+    # Exactly one of the two, non-null: the schema's statement of _one_input.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        }
+    )
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
@@ -188,9 +237,9 @@ class TokenizeRequest(Request):
         return self
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(OpenAIRequest):
     model: str | None = None
-    tokens: list[NonNegative]
+    tokens: list[TokenId]
 
 
 # ----------------------------------------------------------------------------------------- responses

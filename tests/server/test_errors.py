@@ -7,6 +7,11 @@ import asyncio
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from kiln.errors import KilnError
+from kiln.server.errors import install_error_handlers
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -27,7 +32,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "x", "temperature": -0.1}, 400, "temperature"),
     (COMPLETIONS, {"prompt": "x", "top_p": 0}, 400, "top_p"),
     (COMPLETIONS, {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
-    (COMPLETIONS, {"prompt": "x", "stop": [""]}, 400, None),
+    (COMPLETIONS, {"prompt": "x", "stop": [""]}, 400, "stop"),
     (COMPLETIONS, {"prompt": "x", "stream": "yes please"}, 400, "stream"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": 4, "min_tokens": 9}, 400, None),
     (COMPLETIONS, {"prompt": "def main():", "max_tokens": 1020}, 400, "prompt"),
@@ -41,9 +46,11 @@ BAD_REQUESTS = [
     (CHAT, {"messages": USER, "max_tokens": 5000}, 400, "messages"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, None),
     (CHAT, {"messages": USER, "model": "nope"}, 404, "model"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None),
-    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, None),
-    (COMPLETIONS, {"prompt": "x", "suffix": "y"}, 400, None),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (COMPLETIONS, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
     ("/v1/embeddings", {"input": "x", "dimensions": 3}, 400, "dimensions"),
     ("/v1/embeddings", {"input": []}, 400, "input"),
     ("/v1/embeddings", {"input": "x" * 5000}, 400, "input"),
@@ -134,3 +141,24 @@ def test_full_queue_answers_503_with_retry_after(server):
         assert response.headers["Retry-After"] == "1"
     assert accepted.status_code == 200
     assert server.metric("kiln:requests_rejected_total") == 2
+
+
+def test_a_kiln_error_that_names_its_field_answers_400_naming_it():
+    # The engine's vocabulary checks raise KilnError with `param` set; the server names it.
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/named")
+    async def named() -> None:
+        error = KilnError("top_k must be at most the vocabulary size, 400")
+        error.param = "top_k"
+        raise error
+
+    @app.get("/plain")
+    async def plain() -> None:
+        raise KilnError("min_tokens must be in [0, max_tokens]")
+
+    client = TestClient(app)
+    error = assert_error_object(client.get("/named"), 400)
+    assert error["param"] == "top_k" and "vocabulary" in error["message"]
+    assert assert_error_object(client.get("/plain"), 400)["param"] is None

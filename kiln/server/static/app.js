@@ -31,14 +31,29 @@ function headers() {
   return h;
 }
 
+// The server was started with --api-key and this one is missing or wrong: show the field and ask for it.
+// Returns true when a new key was entered (the caller retries once with it).
+function askForKey() {
+  ui.apiKeyField.classList.remove("hidden");
+  setStatus("API key needed", "bad");
+  const key = window.prompt("This server needs an API key (its --api-key):", ui.apiKey.value);
+  if (!key || key === ui.apiKey.value) return false;
+  ui.apiKey.value = key;
+  localStorage.setItem("kiln-api-key", key);
+  return true;
+}
+
+// fetch, with the key sent; a 401 asks for the key and retries once.
+async function authorizedFetch(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: headers() });
+  if (response.status !== 401 || !askForKey()) return response;
+  return fetch(url, { ...options, headers: headers() });
+}
+
 async function loadModel() {
   try {
-    const response = await fetch("/v1/models", { headers: headers() });
-    if (response.status === 401) {
-      ui.apiKeyField.classList.remove("hidden");
-      setStatus("API key needed", "bad");
-      return;
-    }
+    const response = await authorizedFetch("/v1/models");
+    if (response.status === 401) return; // still no valid key: the field stays open
     const body = await response.json();
     model = body.data[0].id;
     setStatus(`${model} · ${body.data[0].max_model_len} ctx`, "ok");
@@ -132,9 +147,8 @@ async function send(text) {
   let content = "";
   let finish = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await authorizedFetch("/v1/chat/completions", {
       method: "POST",
-      headers: headers(),
       signal: controller.signal,
       body: JSON.stringify({
         model, messages, stream: true, stream_options: { include_usage: true },
