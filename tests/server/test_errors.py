@@ -34,7 +34,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     (COMPLETIONS, {"prompt": "x", "stop": [""]}, 400, "stop"),
     (COMPLETIONS, {"prompt": "x", "stream": "yes please"}, 400, "stream"),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": 4, "min_tokens": 9}, 400, None),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 4, "min_tokens": 9}, 400, "min_tokens"),
     (COMPLETIONS, {"prompt": "def main():", "max_tokens": 1020}, 400, "prompt"),
     (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     (COMPLETIONS, {"prompt": []}, 400, "prompt"),

@@ -24,6 +24,7 @@ from kiln.server.state import ServerState
 PROMPTS = ["def main():", "import os\n", "class Tree:", "x = [", "for i in", "# sort", "while True:", "y ="]
 GREEDY = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
 INJECTED = "injected fault: the sampler raised"
+POISON_SEED = 666
 
 
 @pytest.fixture
@@ -101,6 +102,56 @@ def test_a_failed_request_leaves_the_others_token_identical(state, model_dir):
     assert caused.status_code == 400 and caused.json()["error"]["message"] == INJECTED
     assert after == (expected[0].outputs[0].text, []) and health.status_code == 200
     assert state.engine.kv_usage == 0 and state.async_engine.is_running
+
+
+class PoisonedSampler:
+    """The engine's real sampler, raising on any batch that holds a row of seed POISON_SEED: the engine's
+    own isolation (Engine.step) must then fail that request alone."""
+
+    def __init__(self, sampler, poisoned_generators: set[int]) -> None:
+        self.sampler, self.poisoned = sampler, poisoned_generators
+
+    def __call__(self, logits, batch):
+        if any(id(generator) in self.poisoned for generator in batch.generators if generator is not None):
+            raise RuntimeError("injected sampler fault")
+        return self.sampler(logits, batch)
+
+
+def test_a_sampler_fault_in_one_request_fails_it_alone_through_the_real_engine(state, model_dir):
+    expected = LLM(model_dir, verbose=False).generate(PROMPTS, SamplingParams(**GREEDY))
+    engine = state.engine
+    poisoned: set[int] = set()
+    make_request = engine.request_factory.make_request
+
+    def recording_make_request(prompt, params=None, request_id=None):
+        request = make_request(prompt, params, request_id)
+        if params is not None and params.seed == POISON_SEED:
+            poisoned.update(id(seq.generator) for seq in request.sequences)
+        return request
+
+    engine.request_factory.make_request = recording_make_request
+    engine.sampler = PoisonedSampler(engine.sampler, poisoned)
+    app = build_app(state)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kiln", timeout=60) as client:
+            streams = [stream_text(client, prompt) for prompt in PROMPTS]
+            bad = {"prompt": "x = [", "stream": True, "max_tokens": 12, "seed": POISON_SEED}
+            response = client.post("/v1/completions", json=bad)
+            *results, response = await asyncio.gather(*streams, response)
+            metrics = (await client.get("/metrics")).text
+            return results, response, metrics
+
+    results, response, metrics = asyncio.run(main())
+    for (text, errors), output in zip(results, expected, strict=True):
+        assert text == output.outputs[0].text and not errors
+    error_chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    errors = [chunk["error"] for chunk in error_chunks if "error" in chunk]
+    assert len(errors) == 1 and "injected sampler fault" in errors[0]["message"]
+    usage = [line for line in metrics.splitlines() if line.startswith("kiln:kv_cache_usage_perc")]
+    assert usage and float(usage[0].rsplit(" ", 1)[1]) == 0.0
+    assert state.async_engine.is_running
 
 
 def test_a_model_forward_fault_stops_the_engine_and_health_says_so(state):
