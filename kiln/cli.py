@@ -91,7 +91,7 @@ def tokenizer_train(
     min_frequency: Annotated[int, typer.Option(help="Merge only pairs seen at least this often.")] = 2,
 ) -> None:
     """Train a byte-level BPE tokenizer (with a ChatML chat template) on text files."""
-    from kiln.tokenizer import train_bpe
+    from kiln.tokenizer_training import train_bpe
 
     paths = expand_text_files(files)
     tokenizer = train_bpe(paths, vocab_size, output, min_frequency=min_frequency)

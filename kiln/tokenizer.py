@@ -1,4 +1,5 @@
-"""Tokenizer: a typed wrapper around HF `tokenizers`, with chat templates, streaming decode and BPE training.
+"""Tokenizer: a typed wrapper around HF `tokenizers`, with chat templates and streaming decode (BPE
+training is in kiln/tokenizer_training.py).
 
 Loading follows transformers 5.x so that kiln and HF agree token for token:
 - tokenizer.json's post-processor alone decides whether BOS/EOS are added. transformers drops
@@ -13,7 +14,7 @@ Loading follows transformers 5.x so that kiln and HF agree token for token:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +25,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
 from kiln.errors import KilnError
@@ -85,7 +86,7 @@ class Tokenizer:
             raise KilnError(
                 f"{directory} has no tokenizer.json; kiln needs a Hugging Face fast-tokenizer file there. "
                 "Save one with transformers' `tokenizer.save_pretrained(dir)` or train one with "
-                "`kiln.tokenizer.train_bpe`."
+                "`kiln.tokenizer_training.train_bpe`."
             )
         try:
             backend = BackendTokenizer.from_file(str(tokenizer_file))
@@ -304,102 +305,6 @@ class IncrementalDecoder:
 
     def _decode(self, start: int, end: int) -> str:
         return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special_tokens)
-
-
-def train_bpe(
-    files: Sequence[str | Path],
-    vocab_size: int,
-    output_dir: str | Path | None = None,
-    *,
-    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
-    min_frequency: int = 2,
-    show_progress: bool = True,
-) -> Tokenizer:
-    """Train a byte-level BPE tokenizer (GPT-2 style, every byte encodable) on text files.
-
-    `special_tokens` take the first ids and must include "<|endoftext|>", the EOS token. When "<|im_start|>"
-    and "<|im_end|>" are among them the tokenizer gets a ChatML chat template. Saved to `output_dir` if given.
-    """
-    paths = [Path(file) for file in files]
-    if not paths:
-        raise KilnError("train_bpe needs at least one text file; pass the paths of the training corpus.")
-    missing = [str(path) for path in paths if not path.is_file()]
-    if missing:
-        raise KilnError(f"training files not found: {', '.join(missing)}; check the paths.")
-    if all(path.stat().st_size == 0 for path in paths):
-        raise KilnError(f"all {len(paths)} training files are empty; pass files that contain text.")
-    backend, trainer = _new_bpe(vocab_size, special_tokens, min_frequency, show_progress)
-    backend.train([str(path) for path in paths], trainer)
-    return _finish_bpe(backend, special_tokens, output_dir)
-
-
-def train_bpe_from_iterator(
-    texts: Iterable[str],
-    vocab_size: int,
-    output_dir: str | Path | None = None,
-    *,
-    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
-    min_frequency: int = 2,
-    show_progress: bool = True,
-    length: int | None = None,
-) -> Tokenizer:
-    """Like `train_bpe`, from an iterable of documents; `length` (the number of texts) only feeds the
-    progress bar."""
-    backend, trainer = _new_bpe(vocab_size, special_tokens, min_frequency, show_progress)
-    num_chars = 0
-
-    def counted() -> Iterator[str]:
-        nonlocal num_chars
-        for text in texts:
-            num_chars += len(text)
-            yield text
-
-    backend.train_from_iterator(counted(), trainer, length=length)
-    if num_chars == 0:
-        raise KilnError("train_bpe_from_iterator got no text; pass an iterable of non-empty documents.")
-    return _finish_bpe(backend, special_tokens, output_dir)
-
-
-def _new_bpe(
-    vocab_size: int, special_tokens: Sequence[str], min_frequency: int, show_progress: bool
-) -> tuple[BackendTokenizer, trainers.BpeTrainer]:
-    if ENDOFTEXT not in special_tokens:
-        raise KilnError(f"special_tokens must include {ENDOFTEXT!r}, the end-of-text (EOS) token.")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    smallest = len(alphabet) + len(special_tokens)
-    if vocab_size < smallest:
-        raise KilnError(
-            f"vocab_size={vocab_size} is too small: byte-level BPE needs {len(alphabet)} byte tokens plus "
-            f"{len(special_tokens)} special tokens; use at least {smallest}."
-        )
-    backend = BackendTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(special_tokens),
-        initial_alphabet=alphabet,  # every byte gets a token even if the corpus never uses it
-        show_progress=show_progress,
-    )
-    return backend, trainer
-
-
-def _finish_bpe(
-    backend: BackendTokenizer, special_tokens: Sequence[str], output_dir: str | Path | None
-) -> Tokenizer:
-    has_chatml = "<|im_start|>" in special_tokens and "<|im_end|>" in special_tokens
-    tokenizer = Tokenizer(
-        backend,
-        special_tokens={"eos_token": ENDOFTEXT},
-        chat_template=CHATML_TEMPLATE if has_chatml else None,
-        # A chat turn ends with <|im_end|>; generation must stop there too.
-        extra_eos_token_ids=[backend.token_to_id("<|im_end|>")] if has_chatml else (),
-    )
-    if output_dir is not None:
-        tokenizer.save(output_dir)
-    return tokenizer
 
 
 def _read_json(path: Path) -> dict[str, Any]:

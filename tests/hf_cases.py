@@ -121,7 +121,7 @@ def build_text_model(directory: Path) -> Path:
     import os
 
     import kiln
-    from kiln.tokenizer import train_bpe
+    from kiln.tokenizer_training import train_bpe
 
     tokenizer = train_bpe([Path(os.__file__), Path(json.__file__)], vocab_size=400, show_progress=False)
     torch.manual_seed(0)

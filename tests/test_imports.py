@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "kiln.config": 0,
     "kiln.parsing": 0,
     "kiln.tokenizer": 0,
+    "kiln.tokenizer_training": 0,
     "kiln.paths": 0,
     "kiln.kernels": 1,
     "kiln.quant": 2,

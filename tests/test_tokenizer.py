@@ -10,7 +10,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from kiln.errors import KilnError
-from kiln.tokenizer import Tokenizer, train_bpe, train_bpe_from_iterator
+from kiln.tokenizer import Tokenizer
+from kiln.tokenizer_training import train_bpe, train_bpe_from_iterator
 
 transformers = pytest.importorskip("transformers")
 

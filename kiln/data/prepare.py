@@ -57,7 +57,8 @@ from kiln.data.shards import (
 )
 from kiln.data.sources import Document, iter_source, resolve_sources
 from kiln.errors import KilnError
-from kiln.tokenizer import Tokenizer, train_bpe_from_iterator
+from kiln.tokenizer import Tokenizer
+from kiln.tokenizer_training import train_bpe_from_iterator
 
 FORMAT_VERSION = 1
 PROGRESS_NAME = "progress.json"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.tokenizer import train_bpe_from_iterator
+from kiln.tokenizer_training import train_bpe_from_iterator
 
 from .corpus import prose
 

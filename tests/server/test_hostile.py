@@ -205,6 +205,7 @@ def test_the_server_is_healthy_and_unchanged_after_the_table(server, baseline):
 
 # ------------------------------------------------- token ids past the vocabulary: the engine's check
 
+
 @pytest.fixture(scope="module")
 def vocab_server(start_server, model_dir):
     # Its own server: before the engine checked stop token ids, these requests killed its engine thread.
