@@ -14,7 +14,7 @@ Loading follows transformers 5.x so that kiln and HF agree token for token:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
