@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -94,12 +95,35 @@ def generate_command(
     block_size: BlockSize = DEFAULT.block_size,
     prefix_caching: PrefixCaching = DEFAULT.enable_prefix_caching,
     kernels: Kernels = DEFAULT.kernels,
-    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
-        "benchmarks/generate.json"
-    ),
+    shape: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead: the model-size benchmark on this shape (gpt2-small: 134M Llama layout): batch-1 "
+            "decode with its bandwidth roofline, offline 64 x (128, 128), 1024-token prefill; fp32 and bf16."
+        ),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Intra-op threads, with --shape.")] = 2,
+    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, with --shape.")] = "float32,bfloat16",
+    output: Annotated[Path | None, typer.Option(help="Where to write the JSON result.")] = None,
 ) -> None:
     """Offline batch generation: kiln.LLM vs transformers generate (and kiln's reference generator)."""
     engine_config = engine_config_from_flags(locals())
+    if shape is not None:
+        from kiln.bench.engine_speed import bench_engine_speed, print_engine_speed
+
+        speed = bench_engine_speed(
+            shape,
+            dtypes=tuple(dtypes.split(",")),
+            threads=threads,
+            repeats=repeats,
+            engine_config=engine_config,
+        )
+        output = output or Path(f"benchmarks/generate-{shape}.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(speed.to_json(), indent=2) + "\n")
+        print_engine_speed(speed, output)
+        return
+    output = output or Path("benchmarks/generate.json")
     from kiln.bench.generate import bench_generate
     from kiln.bench.results import write_result
     from kiln.recipes import get_recipe

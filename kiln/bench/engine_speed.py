@@ -1,0 +1,316 @@
+"""`kiln bench generate --shape gpt2-small`: the engine at the 124M size against transformers, in one process.
+
+The shape (issue 12): a Llama-layout model with hidden 768, 12 layers, 12 heads, SwiGLU 2048, vocab 32000,
+untied embeddings (134M parameters), random weights built here. For fp32 and bf16, both sides run:
+- batch 1: a 16-token prompt, then 128 greedy tokens (EOS ignored); tokens/s over the whole call, and the
+  weight bytes/s that implies (every weight but the embedding table is read once per token) as a fraction
+  of the read bandwidth measured in this run with a GEMV over a weight larger than the last-level cache;
+- offline: 64 requests of 128 prompt + 128 output tokens (transformers in left-padded batches of 16; all
+  prompts are 128 tokens, so nothing is padded); output tokens/s;
+- prefill: one 1024-token prompt, 1 output token, against a plain forward pass of kiln's own model.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.bench.timing import best_of
+from kiln.config import ModelConfig
+from kiln.engine.config import EngineConfig
+
+GPT2_SMALL = ModelConfig(
+    vocab_size=32000,
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=12,
+    intermediate_size=2048,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    eos_token_id=None,
+)
+SHAPES = {"gpt2-small": GPT2_SMALL}
+
+
+@dataclass
+class Side:
+    """One system's figures on one workload."""
+
+    seconds: float
+    tokens_per_second: float
+
+
+@dataclass
+class DtypeResult:
+    dtype: str
+    weight_bytes_per_token: int
+    batch1_kiln: Side
+    batch1_peer: Side
+    batch1_kiln_roofline_fraction: float
+    batch1_peer_roofline_fraction: float
+    offline_kiln: Side
+    offline_peer: Side
+    prefill_kiln_tokens_per_second: float
+    prefill_forward_tokens_per_second: float
+    identical_offline: int  # kiln outputs equal to transformers' (of 64)
+
+    @property
+    def batch1_ratio(self) -> float:
+        return self.batch1_kiln.tokens_per_second / self.batch1_peer.tokens_per_second
+
+    @property
+    def offline_ratio(self) -> float:
+        return self.offline_kiln.tokens_per_second / self.offline_peer.tokens_per_second
+
+    @property
+    def prefill_fraction(self) -> float:
+        return self.prefill_kiln_tokens_per_second / self.prefill_forward_tokens_per_second
+
+
+@dataclass
+class EngineSpeedResult:
+    shape: str
+    parameters: int
+    threads: int
+    read_bandwidth_gb_s: float  # GEMV-like read of a weight larger than the last-level cache, fp32
+    read_bandwidth_bf16_gb_s: float  # the same GEMV in bf16 (torch's own kernel)
+    transformers_version: str
+    torch_version: str
+    results: list[DtypeResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for entry, result in zip(out["results"], self.results, strict=True):
+            entry.update(
+                batch1_ratio=result.batch1_ratio,
+                offline_ratio=result.offline_ratio,
+                prefill_fraction=result.prefill_fraction,
+            )
+        return out
+
+
+def read_bandwidth(dtype: torch.dtype, num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """GB/s of a matrix-vector product over a (rows, 4096) weight of `num_bytes`: a decode step's read."""
+    columns = 4096
+    rows = num_bytes // (columns * torch.empty((), dtype=dtype).element_size())
+    weight = torch.randn(rows, columns).to(dtype)
+    vector = torch.randn(columns).to(dtype)
+    torch.mv(weight, vector)
+    seconds, _ = best_of(repeats, lambda: torch.mv(weight, vector))
+    return weight.numel() * weight.element_size() / seconds / 1e9
+
+
+def _weight_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of every weight a decode step reads: all parameters but the input embedding table."""
+    embedding = model.embed_tokens.weight
+    size = torch.empty((), dtype=dtype).element_size()
+    count = sum(p.numel() for p in model.parameters() if p is not embedding) + embedding.shape[1]
+    return count * size
+
+
+def _peer_generate(peer, prompts: list[list[int]], new_tokens: int, batch_size: int) -> list[list[int]]:
+    from kiln.generation import left_pad
+
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start : start + batch_size])
+        out = peer.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        outputs += out[:, ids.shape[1] :].tolist()
+    return outputs
+
+
+@dataclass
+class Workloads:
+    """The prompts of every workload (fixed random token ids)."""
+
+    short: list[int]  # batch 1: 16 tokens
+    offline: list[list[int]]  # 64 x 128 tokens
+    long: list[int]  # prefill: 1024 tokens
+
+    @classmethod
+    def make(cls, vocab_size: int) -> Workloads:
+        rng = random.Random(0)
+        tokens = lambda n: [rng.randrange(3, vocab_size) for _ in range(n)]  # noqa: E731
+        return cls(short=tokens(16), offline=[tokens(128) for _ in range(64)], long=tokens(1024))
+
+
+@torch.no_grad()
+def _time_kiln(directory: Path, config: EngineConfig, work: Workloads, repeats: int) -> dict[str, Any]:
+    from kiln.engine import LLM, SamplingParams
+
+    llm = LLM(directory, config, verbose=False)
+    greedy = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    llm.generate([work.short], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    batch1, _ = best_of(repeats, lambda: llm.generate([work.short], greedy))
+    offline, outputs = best_of(repeats, lambda: llm.generate(work.offline, greedy))
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prefill, _ = best_of(repeats, lambda: llm.generate([work.long], one))
+    tokens = [output.outputs[0].token_ids for output in outputs]
+    return {"batch1": batch1, "offline": offline, "prefill": prefill, "tokens": tokens}
+
+
+@torch.no_grad()
+def _time_forward(directory: Path, dtype: str, work: Workloads, repeats: int) -> tuple[float, int]:
+    """Seconds of a plain forward pass of the 1024-token prompt, and the weight bytes per decode token."""
+    from kiln.models.hf.io import load_model
+
+    model = load_model(directory, dtype=dtype)
+    ids = torch.tensor([work.long])
+    model(ids)
+    seconds, _ = best_of(repeats, lambda: model(ids))
+    return seconds, _weight_bytes_per_token(model, model.embed_tokens.weight.dtype)
+
+
+@torch.no_grad()
+def _time_peer(directory: Path, dtype: torch.dtype, work: Workloads, repeats: int) -> dict[str, Any]:
+    import transformers
+
+    peer = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    _peer_generate(peer, [work.short], 4, 1)  # warm-up
+    batch1, _ = best_of(repeats, lambda: _peer_generate(peer, [work.short], 128, 1))
+    offline, tokens = best_of(repeats, lambda: _peer_generate(peer, work.offline, 128, 16))
+    return {"batch1": batch1, "offline": offline, "tokens": tokens}
+
+
+def bench_dtype(
+    directory: Path, config: ModelConfig, dtype: str, bandwidth: float, engine: EngineConfig, repeats: int
+) -> DtypeResult:
+    """Both workloads and the prefill in `dtype`, kiln then transformers."""
+    work = Workloads.make(config.vocab_size)
+    # No prefix caching: repeated runs of the same prompts must compute them again, as the peer does.
+    engine = engine.replace(dtype=dtype, max_num_seqs=64, enable_prefix_caching=False)
+    kiln = _time_kiln(directory, engine, work, repeats)
+    forward, weight_bytes = _time_forward(directory, dtype, work, repeats)
+    peer = _time_peer(directory, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], work, repeats)
+    identical = sum(k == p for k, p in zip(kiln["tokens"], peer["tokens"], strict=True))
+
+    def roofline(seconds: float) -> float:
+        return 128 / seconds * weight_bytes / 1e9 / bandwidth
+
+    return DtypeResult(
+        dtype=dtype,
+        weight_bytes_per_token=weight_bytes,
+        batch1_kiln=Side(seconds=kiln["batch1"], tokens_per_second=128 / kiln["batch1"]),
+        batch1_peer=Side(seconds=peer["batch1"], tokens_per_second=128 / peer["batch1"]),
+        batch1_kiln_roofline_fraction=roofline(kiln["batch1"]),
+        batch1_peer_roofline_fraction=roofline(peer["batch1"]),
+        offline_kiln=Side(seconds=kiln["offline"], tokens_per_second=64 * 128 / kiln["offline"]),
+        offline_peer=Side(seconds=peer["offline"], tokens_per_second=64 * 128 / peer["offline"]),
+        prefill_kiln_tokens_per_second=1024 / kiln["prefill"],
+        prefill_forward_tokens_per_second=1024 / forward,
+        identical_offline=identical,
+    )
+
+
+def bench_engine_speed(
+    shape: str = "gpt2-small",
+    *,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    threads: int = 2,
+    repeats: int = 2,
+    engine_config: EngineConfig | None = None,
+    log=print,
+) -> EngineSpeedResult:
+    """Both workloads, both dtypes, kiln.LLM vs transformers, with the bandwidth roofline, in one process."""
+    import transformers
+
+    from kiln.models.hf.io import save_model
+    from kiln.models.transformer import Transformer
+
+    torch.set_num_threads(threads)
+    config = SHAPES[shape]
+    directory = Path(tempfile.mkdtemp(prefix=f"kiln-bench-{shape}-"))
+    torch.manual_seed(0)
+    model = Transformer(config)
+    save_model(model, directory)
+    parameters = model.num_parameters()
+    del model
+    started = time.perf_counter()
+    result = EngineSpeedResult(
+        shape=shape,
+        parameters=parameters,
+        threads=torch.get_num_threads(),
+        read_bandwidth_gb_s=read_bandwidth(torch.float32),
+        read_bandwidth_bf16_gb_s=read_bandwidth(torch.bfloat16),
+        transformers_version=transformers.__version__,
+        torch_version=torch.__version__,
+    )
+    log(
+        f"read bandwidth (GEMV, {threads} threads): fp32 {result.read_bandwidth_gb_s:.1f} GB/s, "
+        f"bf16 {result.read_bandwidth_bf16_gb_s:.1f} GB/s"
+    )
+    for dtype in dtypes:
+        entry = bench_dtype(
+            directory, config, dtype, result.read_bandwidth_gb_s, engine_config or EngineConfig(), repeats
+        )
+        result.results.append(entry)
+        kiln_1, peer_1 = entry.batch1_kiln.tokens_per_second, entry.batch1_peer.tokens_per_second
+        kiln_o, peer_o = entry.offline_kiln.tokens_per_second, entry.offline_peer.tokens_per_second
+        elapsed = time.perf_counter() - started
+        log(
+            f"{dtype}: batch-1 {kiln_1:.1f} vs {peer_1:.1f} tok/s; offline {kiln_o:.0f} vs {peer_o:.0f} "
+            f"tok/s ({elapsed:.0f}s so far)"
+        )
+    return result
+
+
+def print_engine_speed(result: EngineSpeedResult, output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{result.shape} ({result.parameters / 1e6:.0f}M), {result.threads} threads, "
+        f"read bandwidth {result.read_bandwidth_gb_s:.1f} GB/s "
+        f"(bf16 GEMV {result.read_bandwidth_bf16_gb_s:.1f})"
+    )
+    for column in (
+        "dtype",
+        "workload",
+        "kiln",
+        f"transformers {result.transformers_version}",
+        "ratio",
+        "note",
+    ):
+        table.add_column(column, justify="right")
+    for entry in result.results:
+        table.add_row(
+            entry.dtype,
+            "batch 1, 16 + 128 tok/s",
+            f"{entry.batch1_kiln.tokens_per_second:.1f}",
+            f"{entry.batch1_peer.tokens_per_second:.1f}",
+            f"{entry.batch1_ratio:.2f}x",
+            f"roofline {entry.batch1_kiln_roofline_fraction:.0%} "
+            f"vs {entry.batch1_peer_roofline_fraction:.0%}",
+        )
+        table.add_row(
+            entry.dtype,
+            "offline 64 x (128, 128) tok/s",
+            f"{entry.offline_kiln.tokens_per_second:.0f}",
+            f"{entry.offline_peer.tokens_per_second:.0f}",
+            f"{entry.offline_ratio:.2f}x",
+            f"identical {entry.identical_offline}/64",
+        )
+        table.add_row(
+            entry.dtype,
+            "prefill 1024 tok/s",
+            f"{entry.prefill_kiln_tokens_per_second:.0f}",
+            f"forward {entry.prefill_forward_tokens_per_second:.0f}",
+            f"{entry.prefill_fraction:.0%}",
+            "of kiln's plain forward",
+        )
+    Console().print(table)
+    Console().print(f"wrote {output}")
