@@ -36,7 +36,13 @@ GPT2_SMALL = ModelConfig(
     tie_word_embeddings=False,
     eos_token_id=None,
 )
-SHAPES = {"gpt2-small": GPT2_SMALL}
+# "tiny" exercises the same workloads in seconds (tests).
+SHAPES = {
+    "gpt2-small": GPT2_SMALL,
+    "tiny": GPT2_SMALL.replace(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128
+    ),
+}
 
 
 @dataclass

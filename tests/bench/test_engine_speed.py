@@ -1,0 +1,18 @@
+"""`kiln bench generate --shape`: the model-size benchmark runs end to end (on the tiny shape) and what it
+reports is measured: kiln's greedy outputs equal transformers', and every figure comes from a timing."""
+
+from kiln.bench.engine_speed import bench_engine_speed
+
+
+def test_engine_speed_bench_on_the_tiny_shape():
+    result = bench_engine_speed("tiny", dtypes=("float32",), threads=1, repeats=1, log=lambda _: None)
+    (entry,) = result.results
+    assert entry.identical_offline == 64  # same greedy tokens as transformers on all 64 requests
+    assert result.read_bandwidth_gb_s > 0 and entry.weight_bytes_per_token > 0
+    assert 0 < entry.batch1_kiln_roofline_fraction and 0 < entry.batch1_peer_roofline_fraction
+    for side in (entry.batch1_kiln, entry.batch1_peer, entry.offline_kiln, entry.offline_peer):
+        assert side.seconds > 0 and side.tokens_per_second > 0
+    json = result.to_json()["results"][0]
+    assert (
+        json["offline_ratio"] == entry.offline_kiln.tokens_per_second / entry.offline_peer.tokens_per_second
+    )
