@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import socket
 import sys
@@ -241,9 +240,10 @@ def serve(
     config: ServerConfig | None = None,
     *,
     engine_config: EngineConfig | None = None,
-) -> None:
+) -> int:
     """Load `model_dir` as `engine_config` says (dtype, device, KV cache, ...) and serve it (OpenAI API
-    under /v1, web UI at /) until SIGTERM or Ctrl-C."""
+    under /v1, web UI at /) until SIGTERM or Ctrl-C. Returns the exit code: 0 after a drained shutdown, 1
+    after a fatal engine fault."""
     config = config or ServerConfig()
     engine = AsyncEngine.from_dir(model_dir, engine_config)
     state = ServerState(engine, config, model_dir=model_dir)
@@ -263,8 +263,4 @@ def serve(
     url = f"http://{config.host}:{config.port}"
     print(f"kiln: serving {state.model_name!r} at {url}/v1 (web UI: {url}/)", file=sys.stderr, flush=True)
     server.run()
-    # About to exit: spare the interpreter's final collection the model's and torch's objects, which
-    # takes over a second on a busy 2-core machine and would overrun the drain timeout's promise.
-    gc.freeze()
-    if server.exit_code:
-        raise SystemExit(server.exit_code)
+    return server.exit_code
