@@ -41,7 +41,9 @@ class CppPagedAttention:
         tables = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in paged]
         self.block_tables = torch.tensor(tables, **int32).reshape(len(paged), width)
         # (rows, mask, is_causal) of each fresh prompt's SDPA call
-        self.fresh = [self._fresh_call(batch.query_starts[i], batch.query_lens[i], pool.keys.dtype) for i in fresh]
+        self.fresh = [
+            self._fresh_call(batch.query_starts[i], batch.query_lens[i], pool.keys.dtype) for i in fresh
+        ]
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""

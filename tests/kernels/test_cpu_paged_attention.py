@@ -90,11 +90,15 @@ def test_op_matches_reference(shape, dtype, variant):
 def test_fp16_and_a_custom_scale():
     inputs = op_inputs([1, 6, 1], [17, 20, 1000], 6, 3, 40, 16, torch.float16)
     options = dict(scale=0.3, alibi_slopes=alibi_slopes(6), sliding_window=100)
-    assert_close(paged_attention(*inputs, **options), paged_attention_reference(*inputs, **options), torch.float16)
+    assert_close(
+        paged_attention(*inputs, **options), paged_attention_reference(*inputs, **options), torch.float16
+    )
 
 
 def test_rows_of_no_listed_sequence_are_zero_and_strided_q_is_read():
-    q, keys, values, tables, starts, lens, contexts, block_size = op_inputs([2, 1], [5, 9], 4, 2, 16, 4, torch.float32)
+    q, keys, values, tables, starts, lens, contexts, block_size = op_inputs(
+        [2, 1], [5, 9], 4, 2, 16, 4, torch.float32
+    )
     wide = torch.randn(5, 8, 16)[:, ::2]  # (N + 2, H, D) with a head stride of 2 * D
     wide[2:] = q
     got = paged_attention(wide, keys, values, tables, starts + 2, lens, contexts, block_size)
@@ -104,7 +108,9 @@ def test_rows_of_no_listed_sequence_are_zero_and_strided_q_is_read():
 
 
 def test_bad_block_tables_are_refused():
-    q, keys, values, tables, starts, lens, contexts, block_size = op_inputs([1], [9], 2, 2, 16, 4, torch.float32)
+    q, keys, values, tables, starts, lens, contexts, block_size = op_inputs(
+        [1], [9], 2, 2, 16, 4, torch.float32
+    )
     with pytest.raises(RuntimeError, match="outside the pool"):
         paged_attention(q, keys, values, tables + 1000, starts, lens, contexts, block_size)
     with pytest.raises(RuntimeError, match="needs 3 blocks"):
@@ -132,7 +138,9 @@ def backend_step(config, query_lens, context_lens, block_size, dtype, seed=0):
     )
     n, d = sum(query_lens), config.head_dim
     q = torch.randn(1, n, config.num_heads, d, generator=generator).to(dtype).transpose(1, 2)
-    k, v = (torch.randn(1, n, config.num_kv_heads, d, generator=generator).to(dtype).transpose(1, 2) for _ in "kv")
+    k, v = (
+        torch.randn(1, n, config.num_kv_heads, d, generator=generator).to(dtype).transpose(1, 2) for _ in "kv"
+    )
     return pool, batch, q, k, v
 
 
