@@ -1,11 +1,15 @@
 // kiln::paged_attention: attention of each sequence's new queries over its keys/values where the paged KV
 // pool holds them (slot = block * block_size + offset), read in place: no per-step gather of the context.
 //
-// Work items are (sequence, kv head, query tile), run under OpenMP with dynamic scheduling. An item holds
-// all G = H / KVH query heads of its kv head for up to `tile_queries` queries: its rows (G * tile_queries)
-// share every K/V row it loads. Keys are visited kKeyTile at a time with an online softmax (running max,
-// running sum, fp32 accumulator per row), so no context-length score row is ever materialised. bf16/fp16
-// K/V tiles are widened to fp32 once per tile; fp32 ones are read straight from the pool.
+// Work items are (sequence, query tile, range of kv heads), run under OpenMP with dynamic scheduling. An
+// item holds all G = H / KVH query heads of its kv heads for up to `tile_queries` queries: its rows share
+// every K/V row it loads. A range is all KVH heads unless there are too few (sequence, tile) pairs to
+// keep the threads busy: a token's KVH * D keys are contiguous in the pool, and reading them together
+// streams the pool (one head at a time read rows KVH * D apart, a new 4 KB page nearly every row, and
+// ran ~1.5x slower in bf16 on the 134M decode shape, python -m kiln.bench.paged_attention --mode cpp).
+// Keys are visited kKeyTile at a time with an online softmax (running max, running sum, fp32 accumulator
+// per row), so no context-length score row is ever materialised. bf16/fp16 K/V tiles are widened to fp32
+// once per tile; fp32 ones are read straight from the pool.
 //
 // Semantics follow kiln.engine.attention.TorchPagedAttention: query t of sequence s sits at position
 // p = context_len - query_len + t and sees key positions j <= p (and p - j < sliding_window when it is
@@ -181,111 +185,136 @@ struct Problem {
   float scale;
 };
 
-// Per-thread buffers, sized once for the largest tile.
-struct Scratch {
-  std::vector<float> q, acc, max, sum, scores, keys, values;
-  std::vector<const float*> key_rows, value_rows;
-  Scratch(int64_t rows, int64_t head_dim)
-      : q(rows * head_dim), acc(rows * head_dim), max(rows), sum(rows), scores(rows * kKeyTile),
-        keys(kKeyTile * head_dim), values(kKeyTile * head_dim), key_rows(kKeyTile), value_rows(kKeyTile) {}
+// Queries [t0, t1) of sequence `seq` with the query heads of kv heads [h0, h1). Its row r is kv head
+// h0 + r / (tq * G), query t0 + (r / G) % tq, query head (that kv head) * G + r % G, for tq = t1 - t0.
+struct Item {
+  int64_t seq, t0, t1, h0, h1;
 };
 
-// Point rows[k] at key position j0 + k's row of one kv head (fp32 pool), or widen it into `buffer`.
+// Per-thread buffers, sized once for the largest item.
+struct Scratch {
+  std::vector<float> q, acc, max, sum, scores, keys, values;
+  std::vector<const float*> key_rows, value_rows;  // (kv heads of an item, kKeyTile)
+  Scratch(int64_t rows, int64_t kv_heads, int64_t head_dim)
+      : q(rows * head_dim), acc(rows * head_dim), max(rows), sum(rows), scores(rows * kKeyTile),
+        keys(kv_heads * kKeyTile * head_dim), values(kv_heads * kKeyTile * head_dim),
+        key_rows(kv_heads * kKeyTile), value_rows(kv_heads * kKeyTile) {}
+};
+
+// Point rows[h * kKeyTile + k] at key position j0 + k's row of kv head h0 + h (fp32 pool), or widen it
+// into `buffer`. Heads inside the loop: a token's KVH * D values are contiguous, so the pool is streamed.
 template <typename T>
 void load_rows(const Problem<T>& P, const T* cache, int64_t stride_slot, int64_t stride_head,
-               const int32_t* table, int64_t kv_head, int64_t j0, int64_t count, float* buffer,
+               const int32_t* table, const Item& item, int64_t j0, int64_t count, float* buffer,
                const float** rows) {
   int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
   for (int64_t k = 0; k < count; ++k) {
-    const T* row = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot + kv_head * stride_head;
-    if constexpr (std::is_same_v<T, float>) {
-      rows[k] = row;
-    } else {
-      to_float(row, buffer + k * P.head_dim, P.head_dim);
-      rows[k] = buffer + k * P.head_dim;
+    const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot;
+    for (int64_t h = 0; h < item.h1 - item.h0; ++h) {
+      const T* row = slot + (item.h0 + h) * stride_head;
+      if constexpr (std::is_same_v<T, float>) {
+        rows[h * kKeyTile + k] = row;
+      } else {
+        float* widened = buffer + (h * kKeyTile + k) * P.head_dim;
+        to_float(row, widened, P.head_dim);
+        rows[h * kKeyTile + k] = widened;
+      }
     }
     if (++offset == P.block_size) offset = 0, ++block;
   }
 }
 
 // One key tile [j0, j0 + count) for every row: scores, online-softmax update, weighted sum of values.
-// Row r is query first_position + r / G of head kv_head * G + r % G.
 template <typename T>
-void attend_key_tile(const Problem<T>& P, Scratch& w, int64_t rows, int64_t first_position,
-                     int64_t kv_head, int64_t j0, int64_t count) {
-  const int64_t group = P.num_heads / P.num_kv_heads, D = P.head_dim;
+void attend_key_tile(const Problem<T>& P, Scratch& w, const Item& item, int64_t first_position, int64_t j0,
+                     int64_t count) {
+  const int64_t group = P.num_heads / P.num_kv_heads, D = P.head_dim, tq = item.t1 - item.t0;
+  const int64_t rows = (item.h1 - item.h0) * tq * group;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t position = first_position + r / group;
+    const int64_t kv = r / (tq * group), position = first_position + (r / group) % tq;
     const int64_t lo = std::max(j0, P.window > 0 ? position - P.window + 1 : j0) - j0;
     const int64_t hi = std::min(j0 + count, position + 1) - j0;  // keys [lo, hi) of the tile are seen
     if (hi <= lo) continue;
     float* s = w.scores.data() + r * kKeyTile;
     const float* q = w.q.data() + r * D;
-    const float slope = P.slopes ? P.slopes[kv_head * group + r % group] : 0.0f;
+    const float* const* keys = w.key_rows.data() + kv * kKeyTile;
+    const float slope = P.slopes ? P.slopes[(item.h0 + kv) * group + r % group] : 0.0f;
     float tile_max = kNegInf;
     for (int64_t k = lo; k < hi; ++k) {
       // slope * (j - p), not slope * j: the same softmax, without fp32 round-off of a bias near slope * p
-      s[k] = dot(q, w.key_rows[k], D) + slope * float(j0 + k - position);
+      s[k] = dot(q, keys[k], D) + slope * float(j0 + k - position);
       tile_max = std::max(tile_max, s[k]);
     }
     const float new_max = std::max(w.max[r], tile_max);
     const float correction = std::exp(w.max[r] - new_max);  // 0 on the first tile (max is -inf)
     w.sum[r] = w.sum[r] * correction + exp_and_sum(s + lo, hi - lo, new_max);
     w.max[r] = new_max;
-    accumulate(w.acc.data() + r * D, correction, s + lo, w.value_rows.data() + lo, hi - lo, D);
+    const float* const* values = w.value_rows.data() + kv * kKeyTile + lo;
+    accumulate(w.acc.data() + r * D, correction, s + lo, values, hi - lo, D);
   }
 }
 
-// Queries [t0, t1) of sequence `seq`, all heads of kv head `kv_head`.
+// The q row (scaled, fp32) and output row of item row r: element offsets of (token, query head).
 template <typename T>
-void attend_item(const Problem<T>& P, Scratch& w, int64_t seq, int64_t kv_head, int64_t t0, int64_t t1) {
-  const int64_t group = P.num_heads / P.num_kv_heads, D = P.head_dim, rows = (t1 - t0) * group;
-  const int64_t start = P.query_starts[seq], context = P.context_lens[seq];
-  const int64_t first_position = context - P.query_lens[seq] + t0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* q = P.q + (start + t0 + r / group) * P.q_stride_token + (kv_head * group + r % group) * P.q_stride_head;
+int64_t row_token_and_head(const Problem<T>& P, const Item& item, int64_t r, int64_t* head) {
+  const int64_t group = P.num_heads / P.num_kv_heads, tq = item.t1 - item.t0;
+  *head = (item.h0 + r / (tq * group)) * group + r % group;
+  return P.query_starts[item.seq] + item.t0 + (r / group) % tq;
+}
+
+template <typename T>
+void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
+  const int64_t D = P.head_dim, tq = item.t1 - item.t0;
+  const int64_t rows = (item.h1 - item.h0) * tq * (P.num_heads / P.num_kv_heads);
+  for (int64_t r = 0, head; r < rows; ++r) {
+    const int64_t token = row_token_and_head(P, item, r, &head);
     float* q_row = w.q.data() + r * D;
-    to_float(q, q_row, D);
+    to_float(P.q + token * P.q_stride_token + head * P.q_stride_head, q_row, D);
     for (int64_t d = 0; d < D; ++d) q_row[d] *= P.scale;
   }
   std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);
   std::fill(w.max.begin(), w.max.begin() + rows, kNegInf);
   std::fill(w.sum.begin(), w.sum.begin() + rows, 0.0f);
-  const int64_t key_end = first_position + (t1 - t0);  // one past the last query's position
+  const int64_t first_position = P.context_lens[item.seq] - P.query_lens[item.seq] + item.t0;
+  const int64_t key_end = first_position + tq;  // one past the last query's position
   const int64_t key_begin = P.window > 0 ? std::max<int64_t>(0, first_position - P.window + 1) : 0;
-  const int32_t* table = P.block_tables + seq * P.table_width;
+  const int32_t* table = P.block_tables + item.seq * P.table_width;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyTile) {
     const int64_t count = std::min(kKeyTile, key_end - j0);
-    load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, kv_head, j0, count, w.keys.data(),
+    load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, item, j0, count, w.keys.data(),
               w.key_rows.data());
-    load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, kv_head, j0, count, w.values.data(),
+    load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, item, j0, count, w.values.data(),
               w.value_rows.data());
-    attend_key_tile(P, w, rows, first_position, kv_head, j0, count);
+    attend_key_tile(P, w, item, first_position, j0, count);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    T* out = P.out + ((start + t0 + r / group) * P.num_heads + kv_head * group + r % group) * D;
-    from_float(w.acc.data() + r * D, 1.0f / w.sum[r], out, D);
+  for (int64_t r = 0, head; r < rows; ++r) {
+    const int64_t token = row_token_and_head(P, item, r, &head);
+    from_float(w.acc.data() + r * D, 1.0f / w.sum[r], P.out + (token * P.num_heads + head) * D, D);
   }
 }
 
+// Items of (sequence, query tile) with all kv heads, or with ranges of them when there are too few
+// sequences and tiles to keep every thread busy (batch-1 decode).
 template <typename T>
 void run(const Problem<T>& P, int64_t num_seqs) {
-  struct Item {
-    int64_t seq, kv_head, t0, t1;
-  };
+  at::init_num_threads();  // this thread's OpenMP team size follows torch.set_num_threads
+  int64_t num_tiles = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) num_tiles += (P.query_lens[s] + P.tile_queries - 1) / P.tile_queries;
+  const int64_t splits = std::clamp<int64_t>((4 * omp_get_max_threads() + num_tiles - 1) / std::max<int64_t>(num_tiles, 1),
+                                             1, P.num_kv_heads);
+  const int64_t heads_per_item = (P.num_kv_heads + splits - 1) / splits;
   std::vector<Item> items;
   for (int64_t s = 0; s < num_seqs; ++s)
     for (int64_t t0 = 0; t0 < P.query_lens[s]; t0 += P.tile_queries)
-      for (int64_t h = 0; h < P.num_kv_heads; ++h)
-        items.push_back({s, h, t0, std::min<int64_t>(t0 + P.tile_queries, P.query_lens[s])});
-  const int64_t rows = P.tile_queries * (P.num_heads / P.num_kv_heads);
-  at::init_num_threads();  // this thread's OpenMP team size follows torch.set_num_threads
+      for (int64_t h0 = 0; h0 < P.num_kv_heads; h0 += heads_per_item)
+        items.push_back({s, t0, std::min<int64_t>(t0 + P.tile_queries, P.query_lens[s]), h0,
+                         std::min(h0 + heads_per_item, P.num_kv_heads)});
+  const int64_t rows = P.tile_queries * (P.num_heads / P.num_kv_heads) * heads_per_item;
 #pragma omp parallel if (items.size() > 1)
   {
-    Scratch w(rows, P.head_dim);
+    Scratch w(rows, heads_per_item, P.head_dim);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < int64_t(items.size()); ++i)
-      attend_item(P, w, items[i].seq, items[i].kv_head, items[i].t0, items[i].t1);
+    for (int64_t i = 0; i < int64_t(items.size()); ++i) attend_item(P, w, items[i]);
   }
 }
 
