@@ -300,8 +300,9 @@ void run(const Problem<T>& P, int64_t num_seqs) {
   at::init_num_threads();  // this thread's OpenMP team size follows torch.set_num_threads
   int64_t num_tiles = 0;
   for (int64_t s = 0; s < num_seqs; ++s) num_tiles += (P.query_lens[s] + P.tile_queries - 1) / P.tile_queries;
-  const int64_t splits = std::clamp<int64_t>((4 * omp_get_max_threads() + num_tiles - 1) / std::max<int64_t>(num_tiles, 1),
-                                             1, P.num_kv_heads);
+  const int64_t wanted_items = 4 * omp_get_max_threads();  // enough for dynamic scheduling to balance
+  const int64_t splits = std::clamp<int64_t>((wanted_items + num_tiles - 1) / std::max<int64_t>(num_tiles, 1), 1,
+                                             P.num_kv_heads);
   const int64_t heads_per_item = (P.num_kv_heads + splits - 1) / splits;
   std::vector<Item> items;
   for (int64_t s = 0; s < num_seqs; ++s)
