@@ -4,7 +4,7 @@ Same interface as `kiln.engine.attention.TorchPagedAttention` (built per step fr
 `PagedBatch` and the model config; called per layer). Decodes and prefill chunks over cached context go
 through `kiln.kernels.cpu_paged_attention.paged_attention` in one call per layer, with no gather of any
 context out of the pool; a whole prompt computed from scratch attends its own new keys through SDPA,
-whose GEMMs are faster there than the op's per-row dot products.
+which was as fast as the op at 128 tokens and 7-12% faster at 512 (134M shape, fp32 and bf16, one thread).
 """
 
 from __future__ import annotations
