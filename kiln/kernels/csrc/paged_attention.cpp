@@ -17,6 +17,7 @@
 // the same.
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -39,8 +40,6 @@ namespace {
 constexpr int64_t kKeyTile = 32;    // keys per online-softmax step; the score buffer is rows x kKeyTile
 constexpr int64_t kTargetRows = 32; // query rows (queries x heads of a group) that share a K/V load
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ------------------------------------------------------------------------------ fp32 vector primitives
 
 #ifdef KILN_AVX512
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
@@ -119,8 +118,6 @@ inline float exp_and_sum(float* s, int64_t n, float max) {
 #endif
 }
 
-// ------------------------------------------------------------------------ dtype conversion, n elements
-
 inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 
 inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
@@ -166,8 +163,6 @@ inline void from_float(const float* src, float factor, c10::BFloat16* dst, int64
 inline void from_float(const float* src, float factor, c10::Half* dst, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = c10::Half(src[d] * factor);
 }
-
-// --------------------------------------------------------------------------------------------- the op
 
 template <typename T>
 struct Problem {
@@ -384,22 +379,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, con
   at::Tensor out = covered ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   const float* slopes = alibi_slopes ? alibi_slopes->data_ptr<float>() : nullptr;
   const int64_t tile_queries = std::max<int64_t>(1, kTargetRows / group);
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      launch<float>(q, key_cache, value_cache, out, block_tables, query_starts, query_lens, context_lens, slopes,
-                    block_size, sliding_window, tile_queries, scale);
-      break;
-    case at::kBFloat16:
-      launch<c10::BFloat16>(q, key_cache, value_cache, out, block_tables, query_starts, query_lens, context_lens,
-                            slopes, block_size, sliding_window, tile_queries, scale);
-      break;
-    case at::kHalf:
-      launch<c10::Half>(q, key_cache, value_cache, out, block_tables, query_starts, query_lens, context_lens,
-                        slopes, block_size, sliding_window, tile_queries, scale);
-      break;
-    default:
-      TORCH_CHECK(false, "paged_attention: dtype ", q.scalar_type(), " is not one of float32, bfloat16, float16");
-  }
+  AT_DISPATCH_V2(q.scalar_type(), "paged_attention", AT_WRAP([&] {
+    launch<scalar_t>(q, key_cache, value_cache, out, block_tables, query_starts, query_lens, context_lens, slopes,
+                     block_size, sliding_window, tile_queries, scale);
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;
 }
 
