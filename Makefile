@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	@# the C++ CPU ops (about a minute); without a compiler it says so in one line and kiln runs its torch paths
+	$(BIN)/python -m kiln.kernels.cpu_extension || echo "kiln: C++ CPU ops not built; using the torch reference paths"
 	touch $(STAMP)
 
 # Tests use tiny models, where one intra-op thread is fastest; it also keeps the subprocesses the tests

@@ -1,6 +1,10 @@
-"""How the torch paged-attention backend groups decodes, measured on CPU (best of --repeats):
+"""Paged attention on CPU, best of --repeats:
 
-python -m kiln.bench.paged_attention
+python -m kiln.bench.paged_attention                # how the torch backend groups decodes
+python -m kiln.bench.paged_attention --mode cpp     # torch backend vs the C++ op's, per layer call
+
+`--mode cpp` times decode of 64 sequences x 256 context tokens on the 134M shape (12 heads, 12 KV heads,
+head dim 64), fp32 and bf16, and a 64-token chunk over 448 cached tokens.
 
 Offline throughput against transformers is `kiln bench generate` (kiln/bench/generate.py).
 """
@@ -15,6 +19,8 @@ import torch
 import kiln.engine.attention as paged
 from kiln.bench.timing import best_of
 from kiln.config import ModelConfig
+from kiln.engine.cpu_attention import CppPagedAttention
+from kiln.kernels.cpu_extension import cpu_ops_available
 
 
 def attention(args: argparse.Namespace) -> None:
@@ -65,14 +71,68 @@ def _time_decodes(config: ModelConfig, lengths: list[int], budget: int, repeats:
         paged.DECODE_PADDING_BUDGET = default
 
 
+def cpp_against_torch(args: argparse.Namespace) -> None:
+    if not cpu_ops_available():
+        raise SystemExit("the C++ CPU ops are not built here (see the line above); nothing to compare")
+    config = ModelConfig(vocab_size=100, hidden_size=768, num_layers=1, num_heads=12, num_kv_heads=12)
+    steps = {"decode 64 x 256": ([1] * 64, [256] * 64), "chunk 64 over 448": ([64], [512])}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (query_lens, context_lens) in steps.items():
+            times = {
+                backend.__name__: _time_layer_call(
+                    backend, config, query_lens, context_lens, dtype, args.repeats
+                )
+                for backend in (paged.TorchPagedAttention, CppPagedAttention)
+            }
+            torch_time, cpp_time = times.values()
+            print(
+                f"{str(dtype).removeprefix('torch.')} {name}, per layer call: "
+                + "  ".join(f"{k}: {v * 1e3:.2f}ms" for k, v in times.items())
+                + f"  ({torch_time / cpp_time:.1f}x)"
+            )
+
+
+def _time_layer_call(backend, config, query_lens, context_lens, dtype, repeats: int) -> float:
+    """Seconds of one layer's call of `backend` (built once, as the engine does per step), shuffled blocks."""
+    block_size = 16
+    counts = [-(-length // block_size) for length in context_lens]
+    order = torch.randperm(sum(counts), generator=torch.Generator().manual_seed(0)).tolist()
+    tables = [order[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(len(counts))]
+    pool = paged.KVPool(config, sum(counts), block_size, dtype, torch.device("cpu"))
+    pool.keys.normal_()
+    pool.values.normal_()
+    slots = [
+        table[p // block_size] * block_size + p % block_size
+        for table, n, length in zip(tables, query_lens, context_lens, strict=True)
+        for p in range(length - n, length)
+    ]
+    batch = paged.PagedBatch(
+        slot_mapping=torch.tensor(slots),
+        query_starts=[sum(query_lens[:i]) for i in range(len(query_lens))],
+        query_lens=query_lens,
+        context_lens=context_lens,
+        block_tables=tables,
+    )
+    num_tokens, head_dim = sum(query_lens), config.head_dim
+    q = torch.randn(1, num_tokens, config.num_heads, head_dim, dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, num_tokens, config.num_kv_heads, head_dim, dtype=dtype).transpose(1, 2)
+    attention = backend(pool, batch, config)
+    attention(0, q, k, k)  # warm-up
+    return best_of(repeats, lambda: attention(0, q, k, k))[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--mode", choices=["grouping", "cpp"], default="grouping")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    attention(args)
+    if args.mode == "cpp":
+        cpp_against_torch(args)
+    else:
+        attention(args)
 
 
 if __name__ == "__main__":

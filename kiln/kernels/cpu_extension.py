@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ def _load() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler: {compiler!r} is not on PATH"
+    if not _find_ninja():
+        return "no ninja: `pip install ninja` (a kiln dependency) puts it beside this Python"
     sources = sorted(str(path) for path in CSRC.glob("*.cpp"))
     if not sources:
         return f"no sources in {CSRC}"
@@ -73,6 +76,18 @@ def _load() -> str | None:
         first = str(error).strip().splitlines()
         return f"build failed: {first[0] if first else type(error).__name__}; see {build_dir}"
     return None
+
+
+def _find_ninja() -> bool:
+    """cpp_extension runs `ninja` from PATH. The pip package's binary sits beside this interpreter, which a
+    venv run without activating it (`.venv/bin/python`, as `make install` does) leaves off PATH: put it on."""
+    if shutil.which("ninja") is not None:
+        return True
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja", path=scripts) is None:
+        return False
+    os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    return True
 
 
 if __name__ == "__main__":  # `python -m kiln.kernels.cpu_extension`: build now (make install runs it)

@@ -1,0 +1,398 @@
+// kiln::paged_attention: attention of each sequence's new queries over its keys/values where the paged KV
+// pool holds them (slot = block * block_size + offset), read in place: no per-step gather of the context.
+//
+// Work items are (sequence, query tile, range of kv heads), run under OpenMP with dynamic scheduling. An
+// item holds all G = H / KVH query heads of its kv heads for up to `tile_queries` queries: its rows share
+// every K/V row it loads. A range is all KVH heads unless there are too few (sequence, tile) pairs to
+// keep the threads busy: a token's KVH * D keys are contiguous in the pool, and reading them together
+// streams the pool (one head at a time read rows KVH * D apart, a new 4 KB page nearly every row, and
+// ran ~1.5x slower in bf16 on the 134M decode shape, python -m kiln.bench.paged_attention --mode cpp).
+// Keys are visited kKeyTile at a time with an online softmax (running max, running sum, fp32 accumulator
+// per row), so no context-length score row is ever materialised. bf16/fp16 K/V tiles are widened to fp32
+// once per tile; fp32 ones are read straight from the pool.
+//
+// Semantics follow kiln.engine.attention.TorchPagedAttention: query t of sequence s sits at position
+// p = context_len - query_len + t and sees key positions j <= p (and p - j < sliding_window when it is
+// > 0); ALiBi adds slope_h * j to the scaled score, computed as slope_h * (j - p), which softmax treats
+// the same.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KILN_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kKeyTile = 32;    // keys per online-softmax step; the score buffer is rows x kKeyTile
+constexpr int64_t kTargetRows = 32; // query rows (queries x heads of a group) that share a K/V load
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+#ifdef KILN_AVX512
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// exp(x) for x <= 0 (scores minus their running max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+// then a degree-7 Taylor polynomial (relative error ~5e-9) scaled by 2^n. -inf gives 0.
+inline __m512 exp512(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), clamped);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 dead = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+  return _mm512_maskz_mov_ps(~dead, _mm512_scalef_ps(p, n));
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef KILN_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), sum);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.0f;
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+#endif
+}
+
+// acc (n,) = acc * correction + sum_k weights[k] * rows[k] (n,), for k in [0, count): one pass over acc.
+inline void accumulate(float* acc, float correction, const float* weights, const float* const* rows,
+                       int64_t count, int64_t n) {
+#ifdef KILN_AVX512
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + d), _mm512_set1_ps(correction));
+    for (int64_t k = 0; k < count; ++k)
+      a = _mm512_fmadd_ps(_mm512_set1_ps(weights[k]), _mm512_maskz_loadu_ps(m, rows[k] + d), a);
+    _mm512_mask_storeu_ps(acc + d, m, a);
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) {
+    float a = acc[d] * correction;
+    for (int64_t k = 0; k < count; ++k) a += weights[k] * rows[k][d];
+    acc[d] = a;
+  }
+#endif
+}
+
+// s[k] = exp(s[k] - max) in place for k in [0, n); returns their sum.
+inline float exp_and_sum(float* s, int64_t n, float max) {
+#ifdef KILN_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = tail_mask(n - k);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + k), _mm512_set1_ps(max)));
+    _mm512_mask_storeu_ps(s + k, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - max));
+  return sum;
+#endif
+}
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+#ifdef KILN_AVX512
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + d));
+    _mm512_mask_storeu_ps(dst + d, m, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+#endif
+}
+
+inline void to_float(const c10::Half* src, float* dst, int64_t n) {
+#ifdef KILN_AVX512
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    _mm512_mask_storeu_ps(dst + d, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + d)));
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+#endif
+}
+
+// dst = src * factor, rounded to nearest even.
+inline void from_float(const float* src, float factor, float* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = src[d] * factor;
+}
+
+inline void from_float(const float* src, float factor, c10::BFloat16* dst, int64_t n) {
+#if defined(KILN_AVX512) && defined(__AVX512BF16__)
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + d), _mm512_set1_ps(factor));
+    _mm256_mask_storeu_epi16(dst + d, m, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) dst[d] = c10::BFloat16(src[d] * factor);
+#endif
+}
+
+inline void from_float(const float* src, float factor, c10::Half* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = c10::Half(src[d] * factor);
+}
+
+template <typename T>
+struct Problem {
+  const T* q;
+  const T* keys;
+  const T* values;
+  T* out;
+  const int32_t* block_tables;
+  const int32_t* query_starts;
+  const int32_t* query_lens;
+  const int32_t* context_lens;
+  const float* slopes;  // (H,) or nullptr
+  int64_t q_stride_token, q_stride_head, k_stride_slot, k_stride_head, v_stride_slot, v_stride_head;
+  int64_t table_width, num_heads, num_kv_heads, head_dim, block_size, window, tile_queries;
+  float scale;
+};
+
+// Queries [t0, t1) of sequence `seq` with the query heads of kv heads [h0, h1). Its row r is kv head
+// h0 + r / (tq * G), query t0 + (r / G) % tq, query head (that kv head) * G + r % G, for tq = t1 - t0.
+struct Item {
+  int64_t seq, t0, t1, h0, h1;
+};
+
+// Per-thread buffers, sized once for the largest item.
+struct Scratch {
+  std::vector<float> q, acc, max, sum, scores, keys, values;
+  std::vector<const float*> key_rows, value_rows;  // (kv heads of an item, kKeyTile)
+  Scratch(int64_t rows, int64_t kv_heads, int64_t head_dim)
+      : q(rows * head_dim), acc(rows * head_dim), max(rows), sum(rows), scores(rows * kKeyTile),
+        keys(kv_heads * kKeyTile * head_dim), values(kv_heads * kKeyTile * head_dim),
+        key_rows(kv_heads * kKeyTile), value_rows(kv_heads * kKeyTile) {}
+};
+
+// Point rows[h * kKeyTile + k] at key position j0 + k's row of kv head h0 + h (fp32 pool), or widen it
+// into `buffer`. Heads inside the loop: a token's KVH * D values are contiguous, so the pool is streamed.
+template <typename T>
+void load_rows(const Problem<T>& P, const T* cache, int64_t stride_slot, int64_t stride_head,
+               const int32_t* table, const Item& item, int64_t j0, int64_t count, float* buffer,
+               const float** rows) {
+  int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
+  for (int64_t k = 0; k < count; ++k) {
+    const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot;
+    for (int64_t h = 0; h < item.h1 - item.h0; ++h) {
+      const T* row = slot + (item.h0 + h) * stride_head;
+      if constexpr (std::is_same_v<T, float>) {
+        rows[h * kKeyTile + k] = row;
+      } else {
+        float* widened = buffer + (h * kKeyTile + k) * P.head_dim;
+        to_float(row, widened, P.head_dim);
+        rows[h * kKeyTile + k] = widened;
+      }
+    }
+    if (++offset == P.block_size) offset = 0, ++block;
+  }
+}
+
+// One key tile [j0, j0 + count) for every row: scores, online-softmax update, weighted sum of values.
+template <typename T>
+void attend_key_tile(const Problem<T>& P, Scratch& w, const Item& item, int64_t first_position, int64_t j0,
+                     int64_t count) {
+  const int64_t group = P.num_heads / P.num_kv_heads, D = P.head_dim, tq = item.t1 - item.t0;
+  const int64_t rows = (item.h1 - item.h0) * tq * group;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t kv = r / (tq * group), position = first_position + (r / group) % tq;
+    const int64_t lo = std::max(j0, P.window > 0 ? position - P.window + 1 : j0) - j0;
+    const int64_t hi = std::min(j0 + count, position + 1) - j0;  // keys [lo, hi) of the tile are seen
+    if (hi <= lo) continue;
+    float* s = w.scores.data() + r * kKeyTile;
+    const float* q = w.q.data() + r * D;
+    const float* const* keys = w.key_rows.data() + kv * kKeyTile;
+    const float slope = P.slopes ? P.slopes[(item.h0 + kv) * group + r % group] : 0.0f;
+    float tile_max = kNegInf;
+    for (int64_t k = lo; k < hi; ++k) {
+      // slope * (j - p), not slope * j: the same softmax, without fp32 round-off of a bias near slope * p
+      s[k] = dot(q, keys[k], D) + slope * float(j0 + k - position);
+      tile_max = std::max(tile_max, s[k]);
+    }
+    const float new_max = std::max(w.max[r], tile_max);
+    const float correction = std::exp(w.max[r] - new_max);  // 0 on the first tile (max is -inf)
+    w.sum[r] = w.sum[r] * correction + exp_and_sum(s + lo, hi - lo, new_max);
+    w.max[r] = new_max;
+    const float* const* values = w.value_rows.data() + kv * kKeyTile + lo;
+    accumulate(w.acc.data() + r * D, correction, s + lo, values, hi - lo, D);
+  }
+}
+
+// The q row (scaled, fp32) and output row of item row r: element offsets of (token, query head).
+template <typename T>
+int64_t row_token_and_head(const Problem<T>& P, const Item& item, int64_t r, int64_t* head) {
+  const int64_t group = P.num_heads / P.num_kv_heads, tq = item.t1 - item.t0;
+  *head = (item.h0 + r / (tq * group)) * group + r % group;
+  return P.query_starts[item.seq] + item.t0 + (r / group) % tq;
+}
+
+template <typename T>
+void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
+  const int64_t D = P.head_dim, tq = item.t1 - item.t0;
+  const int64_t rows = (item.h1 - item.h0) * tq * (P.num_heads / P.num_kv_heads);
+  for (int64_t r = 0, head; r < rows; ++r) {
+    const int64_t token = row_token_and_head(P, item, r, &head);
+    float* q_row = w.q.data() + r * D;
+    to_float(P.q + token * P.q_stride_token + head * P.q_stride_head, q_row, D);
+    for (int64_t d = 0; d < D; ++d) q_row[d] *= P.scale;
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);
+  std::fill(w.max.begin(), w.max.begin() + rows, kNegInf);
+  std::fill(w.sum.begin(), w.sum.begin() + rows, 0.0f);
+  const int64_t first_position = P.context_lens[item.seq] - P.query_lens[item.seq] + item.t0;
+  const int64_t key_end = first_position + tq;  // one past the last query's position
+  const int64_t key_begin = P.window > 0 ? std::max<int64_t>(0, first_position - P.window + 1) : 0;
+  const int32_t* table = P.block_tables + item.seq * P.table_width;
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyTile) {
+    const int64_t count = std::min(kKeyTile, key_end - j0);
+    load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, item, j0, count, w.keys.data(),
+              w.key_rows.data());
+    load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, item, j0, count, w.values.data(),
+              w.value_rows.data());
+    attend_key_tile(P, w, item, first_position, j0, count);
+  }
+  for (int64_t r = 0, head; r < rows; ++r) {
+    const int64_t token = row_token_and_head(P, item, r, &head);
+    from_float(w.acc.data() + r * D, 1.0f / w.sum[r], P.out + (token * P.num_heads + head) * D, D);
+  }
+}
+
+// Items of (sequence, query tile) with all kv heads, or with ranges of them when there are too few
+// sequences and tiles to keep every thread busy (batch-1 decode).
+template <typename T>
+void run(const Problem<T>& P, int64_t num_seqs) {
+  at::init_num_threads();  // this thread's OpenMP team size follows torch.set_num_threads
+  int64_t num_tiles = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) num_tiles += (P.query_lens[s] + P.tile_queries - 1) / P.tile_queries;
+  const int64_t wanted_items = 4 * omp_get_max_threads();  // enough for dynamic scheduling to balance
+  const int64_t splits = std::clamp<int64_t>((wanted_items + num_tiles - 1) / std::max<int64_t>(num_tiles, 1), 1,
+                                             P.num_kv_heads);
+  const int64_t heads_per_item = (P.num_kv_heads + splits - 1) / splits;
+  std::vector<Item> items;
+  for (int64_t s = 0; s < num_seqs; ++s)
+    for (int64_t t0 = 0; t0 < P.query_lens[s]; t0 += P.tile_queries)
+      for (int64_t h0 = 0; h0 < P.num_kv_heads; h0 += heads_per_item)
+        items.push_back({s, t0, std::min<int64_t>(t0 + P.tile_queries, P.query_lens[s]), h0,
+                         std::min(h0 + heads_per_item, P.num_kv_heads)});
+  const int64_t rows = P.tile_queries * (P.num_heads / P.num_kv_heads) * heads_per_item;
+#pragma omp parallel if (items.size() > 1)
+  {
+    Scratch w(rows, heads_per_item, P.head_dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < int64_t(items.size()); ++i) attend_item(P, w, items[i]);
+  }
+}
+
+// Shapes, dtypes and every block a sequence reads, checked before any thread starts.
+void check_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                  const at::Tensor& block_tables, const at::Tensor& query_starts, const at::Tensor& query_lens,
+                  const at::Tensor& context_lens, int64_t block_size, const std::optional<at::Tensor>& slopes) {
+  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
+              "paged_attention: q must be (N, H, D) and key/value_cache (slots, KVH, D)");
+  TORCH_CHECK(q.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu(),
+              "paged_attention: this op runs on CPU tensors");
+  TORCH_CHECK(key_cache.scalar_type() == q.scalar_type() && value_cache.scalar_type() == q.scalar_type(),
+              "paged_attention: q, key_cache and value_cache must share a dtype");
+  TORCH_CHECK(q.size(2) == key_cache.size(2) && q.size(1) % key_cache.size(1) == 0,
+              "paged_attention: head dims differ, or H is not a multiple of KVH");
+  TORCH_CHECK(q.stride(2) == 1 && key_cache.stride(2) == 1 && value_cache.stride(2) == 1,
+              "paged_attention: the head dim must be contiguous");
+  for (const auto* t : {&block_tables, &query_starts, &query_lens, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device().is_cpu(),
+                "paged_attention: block_tables and the lengths must be contiguous int32 CPU tensors");
+  const int64_t num_seqs = query_lens.numel(), width = block_tables.size(-1);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs && query_starts.numel() == num_seqs &&
+                  context_lens.numel() == num_seqs,
+              "paged_attention: block_tables (S, max_blocks) and the (S,) lengths disagree on S");
+  TORCH_CHECK(block_size > 0 && key_cache.size(0) % block_size == 0, "paged_attention: bad block_size");
+  TORCH_CHECK(!slopes || (slopes->scalar_type() == at::kFloat && slopes->numel() == q.size(1) &&
+                          slopes->is_contiguous() && slopes->device().is_cpu()),
+              "paged_attention: alibi_slopes must be (H,) contiguous fp32 on CPU");
+  const int32_t *tables = block_tables.data_ptr<int32_t>(), *starts = query_starts.data_ptr<int32_t>();
+  const int32_t *lens = query_lens.data_ptr<int32_t>(), *contexts = context_lens.data_ptr<int32_t>();
+  const int64_t num_blocks = key_cache.size(0) / block_size;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(lens[s] >= 0 && lens[s] <= contexts[s] && starts[s] >= 0 && starts[s] + lens[s] <= q.size(0),
+                "paged_attention: sequence ", s, " has bad query_starts/query_lens/context_lens");
+    const int64_t used = (int64_t(contexts[s]) + block_size - 1) / block_size;
+    TORCH_CHECK(used <= width, "paged_attention: sequence ", s, " needs ", used, " blocks; its table has ", width);
+    for (int64_t b = 0; b < used; ++b)
+      TORCH_CHECK(tables[s * width + b] >= 0 && tables[s * width + b] < num_blocks,
+                  "paged_attention: sequence ", s, " names block ", tables[s * width + b], " outside the pool");
+  }
+}
+
+template <typename T>
+void launch(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, at::Tensor& out,
+            const at::Tensor& block_tables, const at::Tensor& query_starts, const at::Tensor& query_lens,
+            const at::Tensor& context_lens, const float* slopes, int64_t block_size, int64_t sliding_window,
+            int64_t tile_queries, double scale) {
+  const Problem<T> P{q.data_ptr<T>(), keys.data_ptr<T>(), values.data_ptr<T>(), out.data_ptr<T>(),
+                     block_tables.data_ptr<int32_t>(), query_starts.data_ptr<int32_t>(),
+                     query_lens.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(), slopes,
+                     q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+                     block_tables.size(1), q.size(1), keys.size(1), q.size(2), block_size,
+                     std::max<int64_t>(sliding_window, 0), tile_queries, float(scale)};
+  run(P, query_lens.numel());
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_starts,
+                           const at::Tensor& query_lens, const at::Tensor& context_lens, int64_t block_size,
+                           double scale, const std::optional<at::Tensor>& alibi_slopes, int64_t sliding_window) {
+  check_inputs(q, key_cache, value_cache, block_tables, query_starts, query_lens, context_lens, block_size,
+               alibi_slopes);
+  const int64_t group = q.size(1) / key_cache.size(1);
+  // Rows no sequence covers are zeros, not garbage; the engine's backend covers every row anyway.
+  const bool covered = query_lens.sum().item<int64_t>() == q.size(0);
+  at::Tensor out = covered ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
+  const float* slopes = alibi_slopes ? alibi_slopes->data_ptr<float>() : nullptr;
+  const int64_t tile_queries = std::max<int64_t>(1, kTargetRows / group);
+  AT_DISPATCH_V2(q.scalar_type(), "paged_attention", AT_WRAP([&] {
+    launch<scalar_t>(q, key_cache, value_cache, out, block_tables, query_starts, query_lens, context_lens, slopes,
+                     block_size, sliding_window, tile_queries, scale);
+  }), at::kFloat, at::kBFloat16, at::kHalf);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln, m) {
+  m.def(
+      "paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor query_starts, "
+      "Tensor query_lens, Tensor context_lens, int block_size, float scale, Tensor? alibi_slopes, "
+      "int sliding_window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("paged_attention", &paged_attention); }
