@@ -312,9 +312,18 @@ class Engine:
 
 
 def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:
-    """The paged attention backend class that `kernels` picks for weights on `weight`'s device."""
-    if not use_triton(kernels, weight):  # the torch backend: triton stays unimported
-        return TorchPagedAttention
-    from kiln.engine.attention import paged_attention_backend
+    """The paged attention backend class that `kernels` picks for weights on `weight`'s device: Triton on
+    CUDA (auto/triton), kiln's C++ op reading the pool in place on CPU (auto, when it is built), and the
+    torch reference otherwise (always with kernels="torch")."""
+    if use_triton(kernels, weight):
+        from kiln.engine.attention import paged_attention_backend
 
-    return paged_attention_backend(kernels, weight)
+        return paged_attention_backend(kernels, weight)
+    if kernels == "auto" and weight.device.type == "cpu":
+        from kiln.kernels.cpu_extension import cpu_ops_available
+
+        if cpu_ops_available():
+            from kiln.engine.cpu_attention import CppPagedAttention
+
+            return CppPagedAttention
+    return TorchPagedAttention

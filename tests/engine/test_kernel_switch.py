@@ -17,9 +17,14 @@ def test_torch_kernels_use_the_torch_backend(hf_model_dir):
     assert llm.engine.model.kernels == "torch"
 
 
-def test_auto_is_torch_off_cuda(hf_model_dir):
+def test_auto_on_cpu_is_the_cpp_op_when_built_and_torch_code_in_the_model(hf_model_dir):
+    from kiln.engine.cpu_attention import CppPagedAttention
+    from kiln.kernels.cpu_extension import cpu_ops_available
+
     llm = LLM(hf_model_dir("llama-gqa3-untied"), device="cpu", verbose=False)
-    assert llm.engine.config.kernels == "auto" and llm.engine.runner.attention is TorchPagedAttention
+    expected = CppPagedAttention if cpu_ops_available() else TorchPagedAttention
+    assert llm.engine.config.kernels == "auto" and llm.engine.runner.attention is expected
+    assert llm.engine.model.kernels == "auto"  # no Triton off CUDA: the torch code runs
 
 
 def test_unknown_kernels_are_refused():
