@@ -80,6 +80,25 @@ def train_command(
     )
 
 
+def _profile_steps(shape: str, dtypes: tuple[str, ...], threads: int, engine_config, output) -> None:
+    import dataclasses
+
+    import torch
+
+    from kiln.bench.engine_speed import build_shape_dir
+    from kiln.bench.step_profile import print_profiles, profile_shape
+
+    torch.set_num_threads(threads)
+    directory, _ = build_shape_dir(shape)
+    profiles = profile_shape(directory, dtypes, engine_config)
+    print_profiles(profiles)
+    output = output or Path(f"benchmarks/profile-{shape}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{**dataclasses.asdict(p), "fractions": p.fractions(), "threads": threads} for p in profiles]
+    output.write_text(json.dumps(rows, indent=2) + "\n")
+    Console().print(f"wrote {output}")
+
+
 @bench_app.command("generate")
 def generate_command(
     recipe: Annotated[
@@ -102,12 +121,22 @@ def generate_command(
             "decode with its bandwidth roofline, offline 64 x (128, 128), 1024-token prefill; fp32 and bf16."
         ),
     ] = None,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: profile decode steps of --shape (default gpt2-small) at batch 1 and 64: the "
+            "split between matmuls, attention, other ops and Python."
+        ),
+    ] = False,
     threads: Annotated[int, typer.Option(help="Intra-op threads, with --shape.")] = 2,
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, with --shape.")] = "float32,bfloat16",
     output: Annotated[Path | None, typer.Option(help="Where to write the JSON result.")] = None,
 ) -> None:
     """Offline batch generation: kiln.LLM vs transformers generate (and kiln's reference generator)."""
     engine_config = engine_config_from_flags(locals())
+    if profile:
+        _profile_steps(shape or "gpt2-small", tuple(dtypes.split(",")), threads, engine_config, output)
+        return
     if shape is not None:
         from kiln.bench.engine_speed import bench_engine_speed, print_engine_speed
 

@@ -222,6 +222,18 @@ def bench_dtype(
     )
 
 
+def build_shape_dir(shape: str) -> tuple[Path, int]:
+    """A model directory of `shape` with random weights (seed 0), and its parameter count."""
+    from kiln.models.hf.io import save_model
+    from kiln.models.transformer import Transformer
+
+    directory = Path(tempfile.mkdtemp(prefix=f"kiln-bench-{shape}-"))
+    torch.manual_seed(0)
+    model = Transformer(SHAPES[shape])
+    save_model(model, directory)
+    return directory, model.num_parameters()
+
+
 def bench_engine_speed(
     shape: str = "gpt2-small",
     *,
@@ -234,17 +246,9 @@ def bench_engine_speed(
     """Both workloads, both dtypes, kiln.LLM vs transformers, with the bandwidth roofline, in one process."""
     import transformers
 
-    from kiln.models.hf.io import save_model
-    from kiln.models.transformer import Transformer
-
     torch.set_num_threads(threads)
     config = SHAPES[shape]
-    directory = Path(tempfile.mkdtemp(prefix=f"kiln-bench-{shape}-"))
-    torch.manual_seed(0)
-    model = Transformer(config)
-    save_model(model, directory)
-    parameters = model.num_parameters()
-    del model
+    directory, parameters = build_shape_dir(shape)
     started = time.perf_counter()
     result = EngineSpeedResult(
         shape=shape,
