@@ -6,9 +6,9 @@ the memory bandwidth it reaches. PyTorch's CPU GEMV streams weights larger than 
 well under the machine's read bandwidth, bf16 ones especially; the op streams each weight once for all
 rows and gets close to it (`python -m kiln.bench.linear` prints both beside the measured bandwidth).
 
-`install_cpu_linears(model)` points every `nn.Linear` of a model at `linear` from outside, so the model
-code stays unchanged; `remove_cpu_linears(model)` undoes it. Training never reaches the op: it has no
-backward, so anything that needs gradients runs `F.linear`.
+`install_cpu_linears(model)` points every `nn.Linear` of a model, and its LM head, at `linear` from
+outside, so the model code stays unchanged; `remove_cpu_linears(model)` undoes it. Training never
+reaches the op: it has no backward, so anything that needs gradients runs `F.linear`.
 """
 
 from __future__ import annotations
@@ -72,24 +72,45 @@ class CpuLinearForward:
         return linear(x, module.weight, module.bias)
 
 
+class CpuLogits:
+    """A language model's `logits(hidden)` as `linear(hidden, model.output_weight)`: kiln's Transformer
+    computes its LM head (tied or not) with F.linear on `output_weight`, not through an nn.Linear."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        model = self.model()
+        assert model is not None, "the model these logits belong to is gone"
+        return linear(hidden, model.output_weight)
+
+
 def install_cpu_linears(model: nn.Module) -> int:
     """Route every plain `nn.Linear` in `model` (subclasses, e.g. quantized or adapter layers, keep their
-    own forward) through `linear`; returns how many. Harmless off CPU or without the op: `linear` then
-    runs F.linear."""
+    own forward) and the LM head of any module with `logits(hidden)` and `output_weight` (kiln's
+    Transformer) through `linear`; returns how many forwards it routes. Harmless off CPU or without the
+    op: `linear` then runs F.linear."""
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             if not isinstance(module.__dict__.get("forward"), CpuLinearForward):
                 module.forward = CpuLinearForward(module)
             count += 1
+        elif callable(getattr(type(module), "logits", None)) and hasattr(module, "output_weight"):
+            if not isinstance(module.__dict__.get("logits"), CpuLogits):
+                module.logits = CpuLogits(module)
+            count += 1
     return count
 
 
 def remove_cpu_linears(model: nn.Module) -> int:
-    """Undo `install_cpu_linears`: each Linear runs its class's forward again; returns how many."""
+    """Undo `install_cpu_linears`: each module runs its class's methods again; returns how many."""
     count = 0
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), CpuLinearForward):
-            del module.forward
-            count += 1
+        for name, kind in (("forward", CpuLinearForward), ("logits", CpuLogits)):
+            if isinstance(module.__dict__.get(name), kind):
+                delattr(module, name)
+                count += 1
     return count
