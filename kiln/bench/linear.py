@@ -65,8 +65,9 @@ def _best_seconds(run, repeats: int) -> float:
 
 
 def read_bandwidth(repeats: int = 5, megabytes: int = 512) -> float:
-    """Bytes/s of a streaming read of a fp32 tensor much larger than the last-level cache."""
-    data = torch.ones(megabytes * 2**20 // 4)
+    """Bytes/s of a streaming read of a fp32 tensor much larger than the last-level cache. Random values:
+    pages of one repeated value (torch.ones) can be merged by the host, and then read at cache speed."""
+    data = torch.randn(megabytes * 2**20 // 4)
     return data.numel() * 4 / _best_seconds(data.sum, repeats)
 
 
