@@ -42,6 +42,12 @@ def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the op has no backward
+    return _op_built()
+
+
+@torch.compiler.assume_constant_result
+def _op_built() -> bool:
+    # A constant to torch.compile: it runs once at trace time (building the library touches files).
     return cpu_ops_available()
 
 

@@ -81,6 +81,22 @@ def test_op_with_no_rows_or_no_inner_dimension():
     assert torch.ops.kiln.linear(torch.randn(0, 4), torch.randn(5, 4), None).shape == (0, 5)
 
 
+def test_op_on_many_rows_and_on_meta_tensors():
+    x, weight, b = _inputs(100, 70, 33, torch.float32, bias=True)  # 25 row tiles
+    _check(torch.ops.kiln.linear(x, weight, b), x, weight, b)
+    meta = torch.ops.kiln.linear(x.to("meta"), weight.to("meta"), None)
+    assert meta.shape == (100, 33) and meta.device.type == "meta"
+
+
+@pytest.mark.slow
+def test_linear_compiles_into_one_graph():
+    x, weight, b = _inputs(5, 70, 33, torch.float32, bias=True)
+    compiled = torch.compile(lambda x: cpu_linear.linear(x, weight, b), fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+    _check(got, x, weight, b)
+
+
 @pytest.mark.parametrize(
     "x, weight, message",
     [
