@@ -1,0 +1,123 @@
+"""Linear layers on CPU for few rows (decode): kiln's C++ op `torch.ops.kiln.linear` (csrc/linear.cpp) where
+it beats `F.linear`, `F.linear` everywhere else.
+
+At batch-1 decode a linear layer streams its whole weight for one row of activations, so its speed is
+the memory bandwidth it reaches. PyTorch's CPU GEMV streams weights larger than the last-level cache at
+well under the machine's read bandwidth, bf16 ones especially; the op streams each weight once for all
+rows and gets close to it (`python -m kiln.bench.linear` prints both beside the measured bandwidth).
+
+`install_cpu_linears(model)` points every `nn.Linear` of a model, and its LM head, at `linear` from
+outside, so the model code stays unchanged; `remove_cpu_linears(model)` undoes it. Training never
+reaches the op: it has no backward, so anything that needs gradients runs `F.linear`.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.kernels.cpu_extension import cpu_ops_available
+
+# Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
+# faster. Measured with kiln.bench.linear (2-core AVX512-BF16 EPYC, 2 threads, the 134M Llama's gate/up,
+# down and LM head weights read from memory): fp32 the op was 1.3-1.8x torch at 64 rows; bf16 1.3-2.0x at
+# 16 rows, 0.96-1.4x at 24-32 and 0.9-1.0x from 48.
+MAX_ROWS: dict[torch.dtype, int] = {torch.float32: 64, torch.bfloat16: 16}
+
+
+def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear` runs the C++ op for these tensors (else it runs F.linear)."""
+    if x.dim() == 0 or x.device.type != "cpu" or x.dtype not in MAX_ROWS:
+        return False
+    if weight.dtype != x.dtype or weight.dim() != 2 or not weight.is_contiguous():
+        return False  # a non-contiguous weight would be copied on every call
+    if bias is not None and bias.dtype != x.dtype:
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 0 < rows <= MAX_ROWS[x.dtype] or x.shape[-1] == 0:
+        return False
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the op has no backward
+    return _op_built()
+
+
+@torch.compiler.assume_constant_result
+def _op_built() -> bool:
+    # A constant to torch.compile: it runs once at trace time (building the library touches files).
+    return cpu_ops_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x (..., K), weight (N, K): the C++ op for few rows, else torch."""
+    if not op_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])  # (M, K)
+    return _kiln_linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def _kiln_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.kiln.linear(rows, weight, bias)
+
+
+class CpuLinearForward:
+    """An `nn.Linear`'s forward through `linear`, set as the module's instance attribute `forward`.
+
+    Holds the module weakly, so the module -> forward -> module loop keeps nothing alive."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Linear) -> None:
+        self.module = weakref.ref(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module()
+        assert module is not None, "the Linear this forward belongs to is gone"
+        return linear(x, module.weight, module.bias)
+
+
+class CpuLogits:
+    """A language model's `logits(hidden)` as `linear(hidden, model.output_weight)`: kiln's Transformer
+    computes its LM head (tied or not) with F.linear on `output_weight`, not through an nn.Linear."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        model = self.model()
+        assert model is not None, "the model these logits belong to is gone"
+        return linear(hidden, model.output_weight)
+
+
+def install_cpu_linears(model: nn.Module) -> int:
+    """Route every plain `nn.Linear` in `model` (subclasses, e.g. quantized or adapter layers, keep their
+    own forward) and the LM head of any module with `logits(hidden)` and `output_weight` (kiln's
+    Transformer) through `linear`; returns how many forwards it routes. Harmless off CPU or without the
+    op: `linear` then runs F.linear."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            if not isinstance(module.__dict__.get("forward"), CpuLinearForward):
+                module.forward = CpuLinearForward(module)
+            count += 1
+        elif callable(getattr(type(module), "logits", None)) and hasattr(module, "output_weight"):
+            if not isinstance(module.__dict__.get("logits"), CpuLogits):
+                module.logits = CpuLogits(module)
+            count += 1
+    return count
+
+
+def remove_cpu_linears(model: nn.Module) -> int:
+    """Undo `install_cpu_linears`: each module runs its class's methods again; returns how many."""
+    count = 0
+    for module in model.modules():
+        for name, kind in (("forward", CpuLinearForward), ("logits", CpuLogits)):
+            if isinstance(module.__dict__.get(name), kind):
+                delattr(module, name)
+                count += 1
+    return count

@@ -1,0 +1,230 @@
+"""kiln's C++ small-M linear op (csrc/linear.cpp) against float64 references, the routing in
+kiln.kernels.cpu_linear, and install/remove on a whole model.
+
+Tolerances: fp32 to 1e-5 of the output's scale (max(1, max |reference|)). bf16 outputs are rounded once
+from fp32 sums, so every element is within one bf16 unit in the last place of the scale (2^-8), and the
+mean error is no worse than torch's own bf16 F.linear on the same inputs (x1.5).
+"""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels import cpu_linear
+from kiln.kernels.cpu_extension import cpu_ops_available
+
+pytestmark = pytest.mark.skipif(
+    not cpu_ops_available(), reason="kiln's C++ CPU ops did not build here (no compiler or OpenMP)"
+)
+
+ROWS = [1, 2, 3, 4, 5, 8, 9, 16, 17]
+SHAPES = [(1, 1), (31, 7), (33, 13), (100, 33), (768, 65)]  # (K, N): K off multiples of 16/32, N odd
+
+
+def _inputs(rows, in_features, out_features, dtype, bias, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    return x, weight, b
+
+
+def _reference(x, weight, bias):
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+def _check(got, x, weight, bias):
+    """The tolerances of the module docstring; the scaled max error."""
+    expected = _reference(x, weight, bias)
+    assert got.shape == expected.shape and got.dtype == x.dtype
+    scale = max(1.0, expected.abs().max().item())
+    error = (got.double() - expected).abs()
+    if x.dtype == torch.float32:
+        assert error.max().item() <= 1e-5 * scale, (error.max().item(), scale)
+    else:
+        assert error.max().item() <= 2**-8 * scale, (error.max().item(), scale)
+        torch_error = (F.linear(x, weight, bias).double() - expected).abs()
+        assert error.mean().item() <= 1.5 * torch_error.mean().item() + 1e-6 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_op_matches_reference(rows, shape, bias, dtype):
+    x, weight, b = _inputs(rows, *shape, dtype, bias)
+    _check(torch.ops.kiln.linear(x, weight, b), x, weight, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_streams_a_large_weight_across_threads(dtype):
+    # Many column tiles, so several threads each take a slab; every output column must be right.
+    x, weight, b = _inputs(3, 96, 4099, dtype, bias=True)
+    _check(torch.ops.kiln.linear(x, weight, b), x, weight, b)
+
+
+def test_op_takes_non_contiguous_inputs():
+    x, weight, b = _inputs(6, 40, 9, torch.float32, bias=True)
+    strided_x = x.t().contiguous().t()  # same values, column-major
+    strided_weight = weight.t().contiguous().t()
+    _check(torch.ops.kiln.linear(strided_x, strided_weight, b), x, weight, b)
+
+
+def test_op_with_no_rows_or_no_inner_dimension():
+    weight, bias = torch.randn(5, 0), torch.randn(5)
+    assert torch.equal(torch.ops.kiln.linear(torch.randn(3, 0), weight, bias), bias.expand(3, 5))
+    assert torch.ops.kiln.linear(torch.randn(0, 4), torch.randn(5, 4), None).shape == (0, 5)
+
+
+def test_op_on_many_rows_and_on_meta_tensors():
+    x, weight, b = _inputs(100, 70, 33, torch.float32, bias=True)  # 25 row tiles
+    _check(torch.ops.kiln.linear(x, weight, b), x, weight, b)
+    meta = torch.ops.kiln.linear(x.to("meta"), weight.to("meta"), None)
+    assert meta.shape == (100, 33) and meta.device.type == "meta"
+
+
+@pytest.mark.slow
+def test_linear_compiles_into_one_graph():
+    x, weight, b = _inputs(5, 70, 33, torch.float32, bias=True)
+    compiled = torch.compile(lambda x: cpu_linear.linear(x, weight, b), fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+    _check(got, x, weight, b)
+
+
+@pytest.mark.parametrize(
+    "x, weight, message",
+    [
+        (torch.randn(2, 4), torch.randn(3, 5), "K=4"),
+        (torch.randn(2, 4), torch.randn(3, 4).bfloat16(), "cast one"),
+        (torch.randn(2, 4).half(), torch.randn(3, 4).half(), "float32 and bfloat16"),
+        (torch.randn(2, 2, 4), torch.randn(3, 4), "must be \\(M, K\\)"),
+    ],
+)
+def test_op_says_what_is_wrong(x, weight, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.kiln.linear(x, weight, None)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls `cpu_linear.linear` makes to the C++ op."""
+    calls = []
+    real = cpu_linear._kiln_linear
+
+    def counted(rows, weight, bias):
+        calls.append(tuple(rows.shape))
+        return real(rows, weight, bias)
+
+    monkeypatch.setattr(cpu_linear, "_kiln_linear", counted)
+    return calls
+
+
+def test_linear_flattens_leading_dims(op_calls):
+    x, weight, b = _inputs(6, 33, 13, torch.float32, bias=True)
+    got = cpu_linear.linear(x.view(2, 3, 33), weight, b)
+    assert op_calls == [(6, 33)]
+    assert got.shape == (2, 3, 13)
+    _check(got.view(6, 13), x, weight, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_leaves_many_rows_and_gradients_to_torch(op_calls, dtype):
+    limit = cpu_linear.MAX_ROWS[dtype]
+    x, weight, _ = _inputs(limit + 1, 33, 13, dtype, bias=False)
+    cpu_linear.linear(x, weight)
+    cpu_linear.linear(x[:limit], weight)
+    assert op_calls == [(limit, 33)]
+    weight.requires_grad_(True)
+    y = cpu_linear.linear(x[:1], weight)  # needs a backward: F.linear
+    y.sum().backward()
+    assert op_calls == [(limit, 33)] and weight.grad is not None
+    with torch.no_grad():
+        cpu_linear.linear(x[:1], weight)
+    assert op_calls == [(limit, 33), (1, 33)]
+
+
+def test_linear_leaves_other_dtypes_and_mixtures_to_torch(op_calls):
+    x, weight, b = _inputs(2, 33, 13, torch.float16, bias=True)
+    assert torch.equal(cpu_linear.linear(x, weight, b), F.linear(x, weight, b))
+    with pytest.raises(RuntimeError, match="same dtype"):  # torch's own message, not the op's
+        cpu_linear.linear(x.float(), weight.bfloat16())
+    assert op_calls == []
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_install_and_remove_on_a_model(op_calls, dtype, tied):
+    from kiln.config import preset
+    from kiln.models.transformer import Transformer
+
+    config = preset("tiny", tie_word_embeddings=tied, qkv_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    model = Transformer(config).to(dtype).eval()
+    input_ids = torch.randint(0, config.vocab_size, (2, 5))  # 10 rows: within MAX_ROWS
+    with torch.inference_mode():
+        expected = model(input_ids).double()
+        linears = cpu_linear.install_cpu_linears(model)
+        assert cpu_linear.install_cpu_linears(model) == linears  # idempotent
+        got = model(input_ids).double()
+        # q k v o gate up down per layer, the logits, and the unused lm_head Linear when untied
+        assert linears == 7 * config.num_layers + 1 + (not tied)
+        assert len(op_calls) == 7 * config.num_layers + 1
+        assert cpu_linear.remove_cpu_linears(model) == linears
+        assert cpu_linear.remove_cpu_linears(model) == 0
+        again = model(input_ids).double()
+    assert len(op_calls) == 7 * config.num_layers + 1
+    assert torch.equal(again, expected)
+    scale = max(1.0, expected.abs().max().item())
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: rounding compounds over the layers
+    assert (got - expected).abs().max().item() <= tolerance * scale
+
+
+FALLBACK_SCRIPT = """
+import shutil, sys
+from pathlib import Path
+import torch, torch.nn.functional as F
+import kiln.kernels.cpu_extension as ext
+
+source = Path(sys.argv[1])
+shutil.copy(ext.CSRC / "linear.cpp", source / "linear.cpp")
+ext.CSRC = source
+ext.FLAGS = ext.FLAGS + ["-mno-avx512f"]  # no AVX-512 at all: the scalar loops
+assert ext.cpu_ops_available()
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for rows, k, n in [(1, 33, 13), (5, 100, 7), (17, 768, 9)]:
+        x, w, b = (torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype), torch.randn(n).to(dtype))
+        expected = F.linear(x.double(), w.double(), b.double())
+        scale = max(1.0, expected.abs().max().item())
+        error = (torch.ops.kiln.linear(x, w, b).double() - expected).abs().max().item()
+        assert error <= (1e-5 if dtype == torch.float32 else 2**-8) * scale, (dtype, rows, k, n, error)
+print("fallback ok")
+"""
+
+
+@pytest.mark.slow
+def test_scalar_fallback_matches_reference(tmp_path):
+    """The op built without AVX-512 (a separate build and process) gives the same results."""
+    source = tmp_path / "csrc"
+    source.mkdir()
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FALLBACK_SCRIPT), str(source)],
+        capture_output=True,
+        text=True,
+        env={**_environment(), "KILN_CACHE": str(tmp_path / "cache")},
+        timeout=600,
+    )
+    assert completed.returncode == 0 and "fallback ok" in completed.stdout, completed.stderr[-3000:]
+
+
+def _environment() -> dict[str, str]:
+    import os
+
+    root = str(Path(cpu_linear.__file__).resolve().parents[2])
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
