@@ -65,6 +65,7 @@ class Engine:
         num_blocks = num_kv_blocks(config, model_config, self.dtype, self.device, self.max_model_len)
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
+        self.num_cpu_linears = _install_cpu_linears(model, config.kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
@@ -123,7 +124,9 @@ class Engine:
             f"model: {parameters / 1e6:.2f}M parameters ({weight_bytes / 2**20:.1f}MiB {dtype}) "
             f"on {self.device}; KV cache: {capacity:,} tokens ({self.block_manager.num_blocks} blocks of "
             f"{self.config.block_size}, {self.runner.pool.num_bytes / 2**20:.1f}MiB); "
-            f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x"
+            f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "
+            f"attention: {self.runner.attention.__name__}"
+            + (f", {self.num_cpu_linears} linears on kiln's C++ op" if self.num_cpu_linears else "")
         )
 
     # ------------------------------------------------------------------------------------- requests
@@ -309,6 +312,20 @@ class Engine:
         """Counters and gauges, flat (for logs and Prometheus)."""
         gauges = {"num_running": self.num_running, "num_waiting": self.num_waiting, "kv_usage": self.kv_usage}
         return {**asdict(self.counters), **gauges}
+
+
+def _install_cpu_linears(model: Transformer, kernels: KernelChoice) -> int:
+    """With kernels="auto" on CPU, route the model's linears (LM head included) through kiln's C++
+    small-row linear op where it wins (decode-sized batches; BENCHMARKS.md); returns how many."""
+    if kernels != "auto" or model.embed_tokens.weight.device.type != "cpu":
+        return 0
+    from kiln.kernels.cpu_extension import cpu_ops_available
+
+    if not cpu_ops_available():
+        return 0
+    from kiln.kernels.cpu_linear import install_cpu_linears
+
+    return install_cpu_linears(model)
 
 
 def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:
