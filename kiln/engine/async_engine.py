@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ from kiln.errors import KilnError
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+# While generation runs, embedding chunks get at most this much engine time per second of steps, so a
+# huge embedding request slows streams by at most ~1 / (1 + share) (kiln bench fairness; BENCHMARKS.md).
+EMBED_TIME_SHARE = 0.5
+# Padded tokens per embedding chunk (at most; max_num_batched_tokens if lower): the unit of that sharing.
+EMBED_CHUNK_TOKENS = 256
 
 
 class RequestFailed(KilnError):
@@ -106,6 +112,8 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, _Sink] = {}
         self._embed_jobs: deque[_EmbedJob] = deque()
+        # Engine-thread seconds spent on steps and on embedding chunks while both have work (fair share).
+        self._step_seconds = self._embed_seconds = 0.0
         self._error: BaseException | None = None
         # Called (in the engine thread) with the fault that stopped the loop.
         self.on_fatal: Callable[[BaseException], None] | None = None
@@ -159,12 +167,13 @@ class AsyncEngine:
 
     async def embed(self, prompts: list[Prompt], token_budget: int | None = None) -> torch.Tensor:
         """`LLM.embed` for asyncio code; (len(prompts), hidden) fp32. Runs in the engine thread (which
-        owns the device) in chunks of at most `token_budget` padded tokens (default: the step budget,
-        max_num_batched_tokens), one chunk between engine steps, so a large request delays generation
-        by one chunk per step rather than stalling it."""
+        owns the device) in chunks of at most `token_budget` padded tokens (default EMBED_CHUNK_TOKENS, or
+        max_num_batched_tokens if lower), between engine steps; while requests generate, embeddings get
+        at most EMBED_TIME_SHARE of the engine's time, so a large request slows streams a bounded amount
+        rather than stalling them."""
         self._check_alive()
         ids = [self.engine.prompt_token_ids(prompt) for prompt in prompts]  # errors raise here
-        budget = token_budget or self.engine.config.max_num_batched_tokens
+        budget = token_budget or min(EMBED_CHUNK_TOKENS, self.engine.config.max_num_batched_tokens)
         loop = asyncio.get_running_loop()
         job = _EmbedJob(
             ids=ids,
@@ -205,10 +214,18 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while self._take_commands(wait=not (self.engine.has_unfinished_requests() or self._embed_jobs)):
-                if self.engine.has_unfinished_requests():
+                generating = self.engine.has_unfinished_requests()
+                if generating:
+                    started = time.perf_counter()
                     for output in self.engine.step():
                         self._deliver(output.request_id, output)
-                self._embed_next_chunk()
+                    self._step_seconds += time.perf_counter() - started
+                if not (generating and self._embed_jobs):
+                    self._step_seconds = self._embed_seconds = 0.0  # no one to share with: no debt
+                if self._embed_jobs and self._embed_seconds <= EMBED_TIME_SHARE * self._step_seconds:
+                    started = time.perf_counter()
+                    self._embed_next_chunk()
+                    self._embed_seconds += time.perf_counter() - started
             for request_id in list(self._sinks):
                 self.engine.abort_request(request_id)
             for output in self.engine.step():
