@@ -74,8 +74,14 @@ def hostile_loads(
 
 def _hostile_process(base_url: str, loads: dict, stop, results, timeout_s: float) -> None:
     """The hostile clients, in a process of their own (so that their work does not slow the probe's event
-    loop and count as server latency), until `stop` (a multiprocessing Event) is set."""
+    loop and count as server latency), until `stop` (a multiprocessing Event) is set. It runs at the
+    lowest CPU priority: on a machine it shares with the server it stands in for remote clients, whose
+    own work would not take the server's cores."""
+    import os
+
     import httpx
+
+    os.nice(19)
 
     async def main() -> dict:
         async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as client:

@@ -5,6 +5,7 @@ is draining for shutdown."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,7 @@ class ServerState:
     def prompt_token_ids(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
         try:
             if isinstance(prompt, str):
+                self.refuse_overlong_text(prompt, param)
                 prompt = self.encode(prompt)
             return self.engine.prompt_token_ids(list(prompt))
         except KilnError as error:
@@ -111,7 +113,32 @@ class ServerState:
         except (KilnError, TypeError) as error:
             raise APIError(400, str(error), param="messages") from error
         # The template writes the special tokens itself.
+        self.refuse_overlong_text(text, "messages")
         return self.prompt_token_ids(self.encode(text, add_special_tokens=False), param="messages")
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters one token can stand for (its vocabulary string's length, which is at least
+        its text's), or None when a normalizer could shrink the text before tokenizing."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or tokenizer.backend.normalizer is not None:
+            return None
+        return max(len(token) for token in tokenizer.backend.get_vocab(with_added_tokens=True))
+
+    def refuse_overlong_text(self, text: str, param: str) -> None:
+        """A text too long for the context whatever its tokens: refused at once, without tokenizing it (a
+        3.9 MB prompt would take both cores of a small machine for half a second)."""
+        per_token = self.max_chars_per_token
+        if per_token is None or len(text) <= self.max_model_len * per_token:
+            return
+        at_least = -(-len(text) // per_token)
+        raise APIError(
+            400,
+            f"this model's maximum context length is {self.max_model_len} tokens, but the {param} has at "
+            f"least {at_least} ({len(text)} characters, at most {per_token} to a token); shorten the {param}",
+            param=param,
+            code="context_length_exceeded",
+        )
 
     def resolve_max_tokens(self, num_prompt_tokens: int, requested: int | None, param: str = "prompt") -> int:
         """The tokens a request may generate: `requested`, or (None) what the context has room for. A

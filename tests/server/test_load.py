@@ -224,7 +224,20 @@ def test_a_disconnected_batch_leaves_the_queue_at_once(server):
     assert time.monotonic() - closed < 2
 
 
-def test_tokenizing_a_huge_prompt_does_not_stall_the_event_loop(server):
+def test_a_prompt_longer_than_any_tokenization_could_fit_is_refused_untokenized(server):
+    prompt = "the quick brown fox " * 195_000  # 3.9 MB: over 1024 tokens whatever the tokenizer does
+    start = time.monotonic()
+    response = httpx.post(
+        server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4}, timeout=60
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert "at least" in error["message"] and time.monotonic() - start < 2
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_the_event_loop(start_server):
+    # A context long enough that the 3.9 MB prompt must really be tokenized to be judged.
+    server = start_server("--max-model-len", "300000")
     prompt = "the quick brown fox " * 195_000  # 3.9 MB
 
     async def main():
