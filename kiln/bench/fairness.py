@@ -2,10 +2,10 @@
 
 A probe client sends greedy 16-token completions one after another and measures their latency, first
 against the idle server, then while three other clients (in a process of their own) keep sending, each in
-a loop until the probe is done: the 64,000-sequence body {"prompt": ["a"] * 1000, "n": 64, "max_tokens": 16},
-a 4 MB prompt, and a 2,000-input embedding request of 250 tokens each. The target (issue 10) is a loaded
-p99 within 3x of the
-idle one. Whatever the server answers the hostile clients (refusals included) is counted, not judged.
+a loop (resending every `interval_s`, 1 s by default; 0 floods) until the probe is done: the
+64,000-sequence body {"prompt": ["a"] * 1000, "n": 64, "max_tokens": 16}, a 4 MB prompt, and a 2,000-input
+embedding request of 250 tokens each. The target (issue 10) is a loaded p99 within 3x of the idle one.
+Whatever the server answers the hostile clients (refusals included) is counted, not judged.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ async def _probe(client: Any, num_requests: int, max_tokens: int) -> dict[str, f
     }
 
 
-async def _hostile(client: Any, path: str, body: dict[str, Any], stop: asyncio.Event, counts: dict) -> None:
+async def _hostile(
+    client: Any, path: str, body: dict[str, Any], stop: asyncio.Event, counts: dict, interval_s: float
+) -> None:
     """Send `body` to `path` again and again until `stop`, counting the answers' status codes."""
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
@@ -55,7 +57,7 @@ async def _hostile(client: Any, path: str, body: dict[str, Any], stop: asyncio.E
         except Exception as error:  # a refused or cut connection is an answer too
             key = type(error).__name__
         counts[key] = counts.get(key, 0) + 1
-        await asyncio.sleep(0)
+        await asyncio.sleep(interval_s)  # 0: a closed-loop flood
 
 
 def hostile_loads(
@@ -72,7 +74,7 @@ def hostile_loads(
     }
 
 
-def _hostile_process(base_url: str, loads: dict, stop, results, timeout_s: float) -> None:
+def _hostile_process(base_url: str, loads: dict, stop, results, timeout_s: float, interval_s: float) -> None:
     """The hostile clients, in a process of their own (so that their work does not slow the probe's event
     loop and count as server latency), until `stop` (a multiprocessing Event) is set. It runs at the
     lowest CPU priority: on a machine it shares with the server it stands in for remote clients, whose
@@ -87,7 +89,7 @@ def _hostile_process(base_url: str, loads: dict, stop, results, timeout_s: float
         async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as client:
             done, counts = asyncio.Event(), {name: {} for name in loads}
             tasks = [
-                asyncio.create_task(_hostile(client, path, body, done, counts[name]))
+                asyncio.create_task(_hostile(client, path, body, done, counts[name], interval_s))
                 for name, (path, body) in loads.items()
             ]
             while not stop.is_set():
@@ -99,7 +101,9 @@ def _hostile_process(base_url: str, loads: dict, stop, results, timeout_s: float
     results.put(asyncio.run(main()))
 
 
-async def _run(base_url: str, num_requests: int, max_tokens: int, loads: dict, timeout_s: float) -> dict:
+async def _run(
+    base_url: str, num_requests: int, max_tokens: int, loads: dict, timeout_s: float, interval_s: float
+) -> dict:
     import multiprocessing
 
     import httpx
@@ -109,7 +113,9 @@ async def _run(base_url: str, num_requests: int, max_tokens: int, loads: dict, t
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as client:
         await _probe(client, 2, max_tokens)  # warm-up
         idle = await _probe(client, num_requests, max_tokens)
-        hostile = context.Process(target=_hostile_process, args=(base_url, loads, stop, results, timeout_s))
+        hostile = context.Process(
+            target=_hostile_process, args=(base_url, loads, stop, results, timeout_s, interval_s)
+        )
         hostile.start()
         await asyncio.sleep(2.0)  # let the loads start (the process imports httpx first)
         loaded = await _probe(client, num_requests, max_tokens)
@@ -129,11 +135,12 @@ def run_fairness(
     num_embedding_inputs: int = 2000,
     embedding_input_tokens: int = 250,
     timeout_s: float = 300.0,
+    interval_s: float = 1.0,
 ) -> dict[str, Any]:
     """Probe latency (p50/p99/max ms) against the idle server and under the hostile loads, their p99
     ratio, whether it meets the 3x target, and the status codes the hostile clients got."""
     loads = hostile_loads(num_prompts, n, big_prompt_bytes, num_embedding_inputs, embedding_input_tokens)
-    result = asyncio.run(_run(base_url.rstrip("/"), num_requests, max_tokens, loads, timeout_s))
+    result = asyncio.run(_run(base_url.rstrip("/"), num_requests, max_tokens, loads, timeout_s, interval_s))
     ratio = result["loaded"]["p99_ms"] / result["idle"]["p99_ms"]
     config = {
         "base_url": base_url,
@@ -144,6 +151,7 @@ def run_fairness(
         "big_prompt_bytes": big_prompt_bytes,
         "num_embedding_inputs": num_embedding_inputs,
         "embedding_input_tokens": embedding_input_tokens,
+        "interval_s": interval_s,
     }
     return {
         "config": config,
@@ -163,6 +171,10 @@ def fairness_command(
     big_prompt_bytes: Annotated[int, typer.Option(help="Size of the big prompt.")] = 4_000_000,
     num_embedding_inputs: Annotated[int, typer.Option(help="Inputs of the embedding request.")] = 2000,
     embedding_input_tokens: Annotated[int, typer.Option(help="Tokens per embedding input.")] = 250,
+    interval_s: Annotated[
+        float,
+        typer.Option(help="Pause of each hostile client between its requests; 0 = a closed-loop flood."),
+    ] = 1.0,
     output: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
 ) -> None:
     """A greedy client's p50/p99 latency, idle vs under hostile loads (64,000 sequences in one body, a
@@ -175,6 +187,7 @@ def fairness_command(
         n=n,
         big_prompt_bytes=big_prompt_bytes,
         num_embedding_inputs=num_embedding_inputs,
+        interval_s=interval_s,
         embedding_input_tokens=embedding_input_tokens,
     )
     text = json.dumps(result, indent=2)
