@@ -263,7 +263,7 @@ def bench_engine_speed(
         torch_version=torch.__version__,
     )
     log(
-        f"read bandwidth (GEMV, {threads} threads): fp32 {result.read_bandwidth_gb_s:.1f} GB/s, "
+        f"read bandwidth ({threads} threads): fp32 {result.read_bandwidth_gb_s:.1f} GB/s, "
         f"bf16 {result.read_bandwidth_bf16_gb_s:.1f} GB/s"
     )
     for dtype in dtypes:
