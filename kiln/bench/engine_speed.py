@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kiln.bench.generate import peer_generate
 from kiln.bench.timing import best_of
 from kiln.config import ModelConfig
 from kiln.engine.config import EngineConfig
@@ -124,24 +125,6 @@ def _weight_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return count * size
 
 
-def _peer_generate(peer, prompts: list[list[int]], new_tokens: int, batch_size: int) -> list[list[int]]:
-    from kiln.generation import left_pad
-
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start : start + batch_size])
-        out = peer.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        outputs += out[:, ids.shape[1] :].tolist()
-    return outputs
-
-
 @dataclass
 class Workloads:
     """The prompts of every workload (fixed random token ids)."""
@@ -189,9 +172,9 @@ def _time_peer(directory: Path, dtype: torch.dtype, work: Workloads, repeats: in
     import transformers
 
     peer = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    _peer_generate(peer, [work.short], 4, 1)  # warm-up
-    batch1, _ = best_of(repeats, lambda: _peer_generate(peer, [work.short], 128, 1))
-    offline, tokens = best_of(repeats, lambda: _peer_generate(peer, work.offline, 128, 16))
+    peer_generate(peer, [work.short], 4, 1)  # warm-up
+    batch1, _ = best_of(repeats, lambda: peer_generate(peer, [work.short], 128, 1))
+    offline, tokens = best_of(repeats, lambda: peer_generate(peer, work.offline, 128, 16))
     return {"batch1": batch1, "offline": offline, "tokens": tokens}
 
 

@@ -40,19 +40,27 @@ class GenerateBenchResult:
     transformers_version: str
 
 
-def _peer_generate(peer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def peer_generate(
+    peer, prompts: list[list[int]], new_tokens: int, batch_size: int | None = None
+) -> list[list[int]]:
+    """transformers' greedy `generate` of exactly `new_tokens` per prompt, in left-padded batches of
+    `batch_size` (None: one batch of all); the new tokens of each prompt."""
     from kiln.generation import left_pad
 
-    ids, mask = left_pad(prompts)
-    out = peer.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return out[:, ids.shape[1] :].tolist()
+    batch_size = batch_size or len(prompts)
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start : start + batch_size])
+        out = peer.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        outputs += out[:, ids.shape[1] :].tolist()
+    return outputs
 
 
 @torch.no_grad()
@@ -90,7 +98,7 @@ def bench_generate(
     reference_model = load_model(directory, dtype="float32")
     llm.generate(prompts[:2], params)  # warm-up
     kiln_s, outputs = best_of(repeats, lambda: llm.generate(prompts, params))
-    peer_s, peer_out = best_of(repeats, lambda: _peer_generate(peer, prompts, new_tokens))
+    peer_s, peer_out = best_of(repeats, lambda: peer_generate(peer, prompts, new_tokens))
     config = GenerationConfig(max_new_tokens=new_tokens)
     reference_s, _ = best_of(repeats, lambda: generate(reference_model, prompts, config))
     total = num_prompts * new_tokens
