@@ -2,8 +2,8 @@
 
 A step's wall time splits into model matmuls, attention (the paged op or SDPA, plus the KV-pool writes),
 the other torch ops (norms, RoPE, activations, sampling), and what is left: Python and framework
-overhead between ops. The ops' self times come from torch.profiler over a run of decode steps; the wall
-time of the same steps without the profiler is reported beside them.
+overhead between ops. The ops' self times come from torch.profiler over a run of decode steps; the shares
+are of the wall time of the same number of steps run without the profiler.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ class StepProfile:
     matmul_ms: float
     attention_ms: float
     other_ops_ms: float
-    python_ms: float  # profiled wall time not inside any op
+    python_ms: float  # wall time (without the profiler) not inside any op
 
     def fractions(self) -> dict[str, float]:
-        total = self.profiled_wall_ms
+        """Shares of the step's wall time without the profiler (whose own per-op cost lands between ops,
+        so the profiled wall time would inflate the Python share)."""
+        total = max(self.wall_ms, self.matmul_ms + self.attention_ms + self.other_ops_ms)
         return {
             "matmul": self.matmul_ms / total,
             "attention": self.attention_ms / total,
@@ -99,7 +101,7 @@ def profile_decode(llm, *, batch: int, prompt_tokens: int, steps: int = 16, dtyp
         matmul_ms=matmul,
         attention_ms=attention,
         other_ops_ms=ops - matmul - attention,
-        python_ms=max(profiled - ops, 0.0),
+        python_ms=max(wall - ops, 0.0),
     )
 
 
