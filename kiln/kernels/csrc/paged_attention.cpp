@@ -65,36 +65,48 @@ inline __m512 exp512(__m512 x) {
 }
 #endif
 
-inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef KILN_AVX512
+// Up to 16 elements of a K/V row as fp32 lanes: bf16 widened by a shift, fp16 by vcvtph2ps.
+inline __m512 load_ps(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_ps(const c10::BFloat16* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load_ps(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+#endif
+
+template <typename R>
+inline float dot(const float* a, const R* b, int64_t n) {
 #ifdef KILN_AVX512
   __m512 sum = _mm512_setzero_ps();
   for (int64_t d = 0; d < n; d += 16) {
     const __mmask16 m = tail_mask(n - d);
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), sum);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), load_ps(b + d, m), sum);
   }
   return _mm512_reduce_add_ps(sum);
 #else
   float sum = 0.0f;
-  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * static_cast<float>(b[d]);
   return sum;
 #endif
 }
 
 // acc (n,) = acc * correction + sum_k weights[k] * rows[k] (n,), for k in [0, count): one pass over acc.
-inline void accumulate(float* acc, float correction, const float* weights, const float* const* rows,
+template <typename R>
+inline void accumulate(float* acc, float correction, const float* weights, const R* const* rows,
                        int64_t count, int64_t n) {
 #ifdef KILN_AVX512
   for (int64_t d = 0; d < n; d += 16) {
     const __mmask16 m = tail_mask(n - d);
     __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + d), _mm512_set1_ps(correction));
     for (int64_t k = 0; k < count; ++k)
-      a = _mm512_fmadd_ps(_mm512_set1_ps(weights[k]), _mm512_maskz_loadu_ps(m, rows[k] + d), a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(weights[k]), load_ps(rows[k] + d, m), a);
     _mm512_mask_storeu_ps(acc + d, m, a);
   }
 #else
   for (int64_t d = 0; d < n; ++d) {
     float a = acc[d] * correction;
-    for (int64_t k = 0; k < count; ++k) a += weights[k] * rows[k][d];
+    for (int64_t k = 0; k < count; ++k) a += weights[k] * static_cast<float>(rows[k][d]);
     acc[d] = a;
   }
 #endif
@@ -189,7 +201,7 @@ struct Item {
 // Per-thread buffers, sized once for the largest item.
 struct Scratch {
   std::vector<float> q, acc, max, sum, scores, keys, values;
-  std::vector<const float*> key_rows, value_rows;  // (kv heads of an item, kKeyTile)
+  std::vector<const void*> key_rows, value_rows;  // (kv heads of an item, kKeyTile): fp32 or pool rows
   Scratch(int64_t rows, int64_t kv_heads, int64_t head_dim)
       : q(rows * head_dim), acc(rows * head_dim), max(rows), sum(rows), scores(rows * kKeyTile),
         keys(kv_heads * kKeyTile * head_dim), values(kv_heads * kKeyTile * head_dim),
@@ -200,14 +212,24 @@ struct Scratch {
 // into `buffer`. Heads inside the loop: a token's KVH * D values are contiguous, so the pool is streamed.
 template <typename T>
 void load_rows(const Problem<T>& P, const T* cache, int64_t stride_slot, int64_t stride_head,
-               const int32_t* table, const Item& item, int64_t j0, int64_t count, float* buffer,
-               const float** rows) {
+               const int32_t* table, const Item& item, int64_t j0, int64_t count, int64_t prefetch_end,
+               bool widen, float* buffer, const void** rows) {
   int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
+  // The next tile's rows, requested now so that they arrive while this one is computed: the pool is
+  // read at DRAM bandwidth only with enough lines in flight (shuffled blocks defeat the hardware's).
+  const int64_t ahead = std::min(kKeyTile, prefetch_end - j0 - kKeyTile);
+  const int64_t row_bytes = ((item.h1 - item.h0 - 1) * stride_head + P.head_dim) * int64_t(sizeof(T));
+  for (int64_t k = 0, j = j0 + kKeyTile; k < ahead; ++k, ++j) {
+    const char* slot = reinterpret_cast<const char*>(
+        cache + (int64_t(table[j / P.block_size]) * P.block_size + j % P.block_size) * stride_slot +
+        item.h0 * stride_head);
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(slot + b, 0, 3);
+  }
   for (int64_t k = 0; k < count; ++k) {
     const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot;
     for (int64_t h = 0; h < item.h1 - item.h0; ++h) {
       const T* row = slot + (item.h0 + h) * stride_head;
-      if constexpr (std::is_same_v<T, float>) {
+      if (std::is_same_v<T, float> || !widen) {
         rows[h * kKeyTile + k] = row;
       } else {
         float* widened = buffer + (h * kKeyTile + k) * P.head_dim;
@@ -220,7 +242,8 @@ void load_rows(const Problem<T>& P, const T* cache, int64_t stride_slot, int64_t
 }
 
 // One key tile [j0, j0 + count) for every row: scores, online-softmax update, weighted sum of values.
-template <typename T>
+// R: the element type the key/value rows point at (fp32 widened rows, or the pool's own).
+template <typename T, typename R>
 void attend_key_tile(const Problem<T>& P, Scratch& w, const Item& item, int64_t first_position, int64_t j0,
                      int64_t count) {
   const int64_t group = P.num_heads / P.num_kv_heads, D = P.head_dim, tq = item.t1 - item.t0;
@@ -232,7 +255,7 @@ void attend_key_tile(const Problem<T>& P, Scratch& w, const Item& item, int64_t 
     if (hi <= lo) continue;
     float* s = w.scores.data() + r * kKeyTile;
     const float* q = w.q.data() + r * D;
-    const float* const* keys = w.key_rows.data() + kv * kKeyTile;
+    const R* const* keys = reinterpret_cast<const R* const*>(w.key_rows.data()) + kv * kKeyTile;
     const float slope = P.slopes ? P.slopes[(item.h0 + kv) * group + r % group] : 0.0f;
     float tile_max = kNegInf;
     for (int64_t k = lo; k < hi; ++k) {
@@ -244,7 +267,7 @@ void attend_key_tile(const Problem<T>& P, Scratch& w, const Item& item, int64_t 
     const float correction = std::exp(w.max[r] - new_max);  // 0 on the first tile (max is -inf)
     w.sum[r] = w.sum[r] * correction + exp_and_sum(s + lo, hi - lo, new_max);
     w.max[r] = new_max;
-    const float* const* values = w.value_rows.data() + kv * kKeyTile + lo;
+    const R* const* values = reinterpret_cast<const R* const*>(w.value_rows.data()) + kv * kKeyTile + lo;
     accumulate(w.acc.data() + r * D, correction, s + lo, values, hi - lo, D);
   }
 }
@@ -274,13 +297,19 @@ void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
   const int64_t key_end = first_position + tq;  // one past the last query's position
   const int64_t key_begin = P.window > 0 ? std::max<int64_t>(0, first_position - P.window + 1) : 0;
   const int32_t* table = P.block_tables + item.seq * P.table_width;
+  // Widen bf16/fp16 rows once per tile when several rows (queries x heads of a group) share them; a decode
+  // of MHA has one, and widens on load instead of writing and rereading a buffer.
+  const bool widen = tq * (P.num_heads / P.num_kv_heads) > 2;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyTile) {
     const int64_t count = std::min(kKeyTile, key_end - j0);
-    load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, item, j0, count, w.keys.data(),
-              w.key_rows.data());
-    load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, item, j0, count, w.values.data(),
-              w.value_rows.data());
-    attend_key_tile(P, w, item, first_position, j0, count);
+    load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, item, j0, count, key_end, widen,
+              w.keys.data(), w.key_rows.data());
+    load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, item, j0, count, key_end, widen,
+              w.values.data(), w.value_rows.data());
+    if (widen)
+      attend_key_tile<T, float>(P, w, item, first_position, j0, count);
+    else
+      attend_key_tile<T, T>(P, w, item, first_position, j0, count);
   }
   for (int64_t r = 0, head; r < rows; ++r) {
     const int64_t token = row_token_and_head(P, item, r, &head);
