@@ -72,7 +72,9 @@ inline __m512 load_ps(const c10::BFloat16* p, __mmask16 m) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-inline __m512 load_ps(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load_ps(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
 #endif
 
 template <typename R>
@@ -107,15 +109,18 @@ inline void dots(const float* q, const R* const* rows, int64_t count, int64_t n,
     }
     __m512 t[8], u[4], v[2];
     for (int i = 0; i < 8; ++i)  // 128-bit lane positions (a, b, a, b) of keys 2i, 2i + 1
-      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]),
+                           _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
     for (int i = 0; i < 4; ++i) {  // position q of each 128-bit lane: key 4i + q
       const __m512d c = _mm512_castps_pd(t[2 * i]), e = _mm512_castps_pd(t[2 * i + 1]);
-      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, e)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, e)));
+      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, e)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(c, e)));
     }
     for (int i = 0; i < 2; ++i)  // 128-bit lanes: keys 8i..8i+3 (twice), 8i+4..8i+7 (twice)
       v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
                            _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-    const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+    const __m512 sums =
+        _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
     _mm512_mask_storeu_ps(out + k0, tail_mask(keys), sums);  // lane k: key k0 + k
   }
 #else
@@ -164,23 +169,12 @@ inline float exp_and_sum(float* s, int64_t n, float max) {
 
 inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 
-inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {  // bf16/fp16
 #ifdef KILN_AVX512
   for (int64_t d = 0; d < n; d += 16) {
     const __mmask16 m = tail_mask(n - d);
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + d));
-    _mm512_mask_storeu_ps(dst + d, m, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-  }
-#else
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
-#endif
-}
-
-inline void to_float(const c10::Half* src, float* dst, int64_t n) {
-#ifdef KILN_AVX512
-  for (int64_t d = 0; d < n; d += 16) {
-    const __mmask16 m = tail_mask(n - d);
-    _mm512_mask_storeu_ps(dst + d, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + d)));
+    _mm512_mask_storeu_ps(dst + d, m, load_ps(src + d, m));
   }
 #else
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
