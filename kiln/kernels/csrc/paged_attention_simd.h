@@ -1,0 +1,184 @@
+// Vector helpers of paged_attention.cpp: fp32 lanes out of fp32/bf16/fp16 rows, dot products (one, or 16
+// keys at a time), the online-softmax exp and the weighted row sum, fp32 <-> pool dtype conversion.
+// AVX-512 (F, BW, VL) when the compiler targets it, scalar loops otherwise.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KILN_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+#ifdef KILN_AVX512
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// exp(x) for x <= 0 (scores minus their running max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+// then a degree-7 Taylor polynomial (relative error ~5e-9) scaled by 2^n. -inf gives 0.
+inline __m512 exp512(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), clamped);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 dead = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+  return _mm512_maskz_mov_ps(~dead, _mm512_scalef_ps(p, n));
+}
+#endif
+
+#ifdef KILN_AVX512
+// Up to 16 elements of a K/V row as fp32 lanes: bf16 widened by a shift, fp16 by vcvtph2ps.
+inline __m512 load_ps(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_ps(const c10::BFloat16* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load_ps(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+#endif
+
+template <typename R>
+inline float dot(const float* a, const R* b, int64_t n) {
+#ifdef KILN_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), load_ps(b + d, m), sum);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.0f;
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * static_cast<float>(b[d]);
+  return sum;
+#endif
+}
+
+// out[k] = dot(q, rows[k], n) for k in [0, count). With AVX-512, 16 keys at a time: their 16 product
+// vectors are summed by a transposing add tree (45 shuffles/adds) instead of 16 horizontal reductions.
+template <typename R>
+inline void dots(const float* q, const R* const* rows, int64_t count, int64_t n, float* out) {
+#ifdef KILN_AVX512
+  for (int64_t k0 = 0; k0 < count; k0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, count - k0);
+    __m512 p[16];
+    for (int64_t i = 0; i < 16; ++i) p[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+      const __mmask16 m = tail_mask(n - d);
+      const __m512 qd = _mm512_maskz_loadu_ps(m, q + d);
+      for (int64_t i = 0; i < keys; ++i) p[i] = _mm512_fmadd_ps(qd, load_ps(rows[k0 + i] + d, m), p[i]);
+    }
+    __m512 t[8], u[4], v[2];
+    for (int i = 0; i < 8; ++i)  // 128-bit lane positions (a, b, a, b) of keys 2i, 2i + 1
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]),
+                           _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // position q of each 128-bit lane: key 4i + q
+      const __m512d c = _mm512_castps_pd(t[2 * i]), e = _mm512_castps_pd(t[2 * i + 1]);
+      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, e)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(c, e)));
+    }
+    for (int i = 0; i < 2; ++i)  // 128-bit lanes: keys 8i..8i+3 (twice), 8i+4..8i+7 (twice)
+      v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    const __m512 sums =
+        _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+    _mm512_mask_storeu_ps(out + k0, tail_mask(keys), sums);  // lane k: key k0 + k
+  }
+#else
+  for (int64_t k = 0; k < count; ++k) out[k] = dot(q, rows[k], n);
+#endif
+}
+
+// acc (n,) = acc * correction + sum_k weights[k] * rows[k] (n,), for k in [0, count): one pass over acc.
+template <typename R>
+inline void accumulate(float* acc, float correction, const float* weights, const R* const* rows,
+                       int64_t count, int64_t n) {
+#ifdef KILN_AVX512
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + d), _mm512_set1_ps(correction));
+    for (int64_t k = 0; k < count; ++k)
+      a = _mm512_fmadd_ps(_mm512_set1_ps(weights[k]), load_ps(rows[k] + d, m), a);
+    _mm512_mask_storeu_ps(acc + d, m, a);
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) {
+    float a = acc[d] * correction;
+    for (int64_t k = 0; k < count; ++k) a += weights[k] * static_cast<float>(rows[k][d]);
+    acc[d] = a;
+  }
+#endif
+}
+
+// s[k] = exp(s[k] - max) in place for k in [0, n); returns their sum.
+inline float exp_and_sum(float* s, int64_t n, float max) {
+#ifdef KILN_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = tail_mask(n - k);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + k), _mm512_set1_ps(max)));
+    _mm512_mask_storeu_ps(s + k, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - max));
+  return sum;
+#endif
+}
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {  // bf16/fp16
+#ifdef KILN_AVX512
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    _mm512_mask_storeu_ps(dst + d, m, load_ps(src + d, m));
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+#endif
+}
+
+// dst = src * factor, rounded to nearest even.
+inline void from_float(const float* src, float factor, float* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = src[d] * factor;
+}
+
+inline void from_float(const float* src, float factor, c10::BFloat16* dst, int64_t n) {
+#if defined(KILN_AVX512) && defined(__AVX512BF16__)
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + d), _mm512_set1_ps(factor));
+    _mm256_mask_storeu_epi16(dst + d, m, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) dst[d] = c10::BFloat16(src[d] * factor);
+#endif
+}
+
+inline void from_float(const float* src, float factor, c10::Half* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = c10::Half(src[d] * factor);
+}
+
+}  // namespace
