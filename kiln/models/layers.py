@@ -6,6 +6,8 @@ RoPE with the `rotate_half` layout, BLOOM's ALiBi slopes) so logits match them t
 Every module with a `kernels` attribute ("torch" | "triton" | "auto", see kiln.kernels.runtime) runs
 its fused Triton kernels from kiln/kernels/ when that selects Triton, and the plain torch code otherwise
 (here, or the reference beside a kernel, as RoPE's `apply_rope`); the torch code is the kernels' reference.
+With "auto" on CPU, when no gradient is needed, RMSNorm, RoPE and SwiGLU run kiln's fused C++ ops instead
+(kiln.kernels.cpu_fused: one call each where the torch code runs several small ops, decode's overhead).
 """
 
 from __future__ import annotations
