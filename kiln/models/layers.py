@@ -6,6 +6,8 @@ RoPE with the `rotate_half` layout, BLOOM's ALiBi slopes) so logits match them t
 Every module with a `kernels` attribute ("torch" | "triton" | "auto", see kiln.kernels.runtime) runs
 its fused Triton kernels from kiln/kernels/ when that selects Triton, and the plain torch code otherwise
 (here, or the reference beside a kernel, as RoPE's `apply_rope`); the torch code is the kernels' reference.
+With "auto" on CPU, when no gradient is needed, RMSNorm, RoPE and SwiGLU run kiln's fused C++ ops instead
+(kiln.kernels.cpu_fused: one call each where the torch code runs several small ops, decode's overhead).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig, RopeScaling
+from kiln.kernels import cpu_fused
+from kiln.kernels.cpu_fused import fused_applies
 from kiln.kernels.flash_attention_common import MAX_HEAD_DIM
 from kiln.kernels.rope import apply_rope, apply_rope_
 from kiln.kernels.runtime import KernelChoice, check_kernels, use_triton
@@ -38,6 +42,8 @@ class RMSNorm(nn.Module):
             from kiln.kernels.norms import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
+        if fused_applies(self.kernels, x, self.weight):  # CPU decode: one C++ op
+            return cpu_fused.rms_norm(x, self.weight, self.eps)
         # Statistics in fp32 even for half inputs; cast back before the scale, as Llama does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -203,17 +209,22 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, H, T, D), k and v (B, KVH, T, D), with RoPE applied."""
         batch, length, hidden = x.shape
+        rotate = inputs.cos is not None
         if fused:
             # (N, hidden): 2-D projections are not views, so RoPE may overwrite them in place
             rows = x.reshape(-1, hidden)
             q, k, v = self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)  # (N, H|KVH * D)
-            if inputs.cos is not None:
+            if rotate:
                 cos, sin = inputs.cos.reshape(-1, self.head_dim), inputs.sin.reshape(-1, self.head_dim)
                 q, k = apply_rope_(q, k, cos, sin)
+                rotate = False
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H|KVH * D)
+            if rotate and cpu_fused.rope_applies(self.kernels, q, k, inputs.cos, inputs.sin):
+                q, k = cpu_fused.rope(q, k, inputs.cos, inputs.sin)  # CPU decode: q and k in one C++ op
+                rotate = False
         q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if not fused and inputs.cos is not None:
+        if rotate:
             q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
         return q, k, v
 
@@ -266,5 +277,8 @@ class MLP(nn.Module):
 
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         if self.gate_proj is not None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            if self.swiglu and fused_applies(self.kernels, gate, up):  # CPU decode: one C++ op
+                return self.down_proj(cpu_fused.swiglu(gate, up))
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.up_proj(x)))
