@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.bench.fairness import fairness_command
+from kiln.bench.linear import linear_command
 from kiln.bench.serve import serve_command
 from kiln.engine.options import (
     DEFAULT,
@@ -25,6 +26,7 @@ from kiln.engine.options import (
 bench_app = typer.Typer(help="Benchmarks against peers (ratios measured in one run).", no_args_is_help=True)
 bench_app.command("serve")(serve_command)
 bench_app.command("fairness")(fairness_command)
+bench_app.command("linear")(linear_command)
 
 
 @bench_app.command("train")
