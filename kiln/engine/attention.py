@@ -96,6 +96,20 @@ class TorchPagedAttention:
         keys.index_copy_(0, self.slot_mapping, k_rows)
         values.index_copy_(0, self.slot_mapping, v_rows)
         out = torch.empty_like(q_rows)  # (N, H, D)
+        self.attend(layer_index, q_rows, k_rows, v_rows, out)
+        return out.transpose(0, 1)[None]
+
+    def attend(
+        self,
+        layer_index: int,
+        q_rows: torch.Tensor,
+        k_rows: torch.Tensor,
+        v_rows: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        """Write the attention of this batch's sequences into their rows of `out` (N, H, D); q_rows (N, H, D),
+        k/v_rows (N, KVH, D). The step's new keys/values must already be in the pool."""
+        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
         for group in self.groups:
             rows = slice(group.start, group.end)
             shape = (group.num_seqs, group.num_queries, -1, q_rows.shape[-1])  # (G, T, H|KVH, D)
@@ -114,7 +128,6 @@ class TorchPagedAttention:
                 enable_gqa=q_rows.shape[1] != k_rows.shape[1],
             )  # (G, H, T, D)
             out[rows] = result.transpose(1, 2).reshape(group.end - group.start, *q_rows.shape[1:])
-        return out.transpose(0, 1)[None]
 
     def _group(self, batch: PagedBatch, members: list[int]) -> _Group:
         first, last = members[0], members[-1]
