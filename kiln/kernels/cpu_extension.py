@@ -48,6 +48,13 @@ def cpu_ops_available() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
+def cpu_ops_built() -> bool:
+    """`cpu_ops_available()` for the ops' routing rules: a constant to torch.compile, evaluated once at trace
+    time (building the library touches files), so a compiled graph keeps the op."""
+    return cpu_ops_available()
+
+
 def _load() -> str | None:
     """Load the library, building it if needed; the reason it could not be, or None."""
     compiler = os.environ.get("CXX", "c++")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -31,12 +31,6 @@ def fused_applies(kernels: str, *tensors: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the ops have no backward
     return _op_built()
-
-
-@torch.compiler.assume_constant_result
-def _op_built() -> bool:
-    # A constant to torch.compile: it runs once at trace time (building the library touches files).
-    return cpu_ops_available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
 
 # Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
 # faster. Measured with kiln.bench.linear (2-core AVX512-BF16 EPYC, 2 threads, the 134M Llama's gate/up,
@@ -43,12 +43,6 @@ def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # the op has no backward
     return _op_built()
-
-
-@torch.compiler.assume_constant_result
-def _op_built() -> bool:
-    # A constant to torch.compile: it runs once at trace time (building the library touches files).
-    return cpu_ops_available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
