@@ -314,14 +314,20 @@ class Engine:
         return {**asdict(self.counters), **gauges}
 
 
-def _install_cpu_linears(model: Transformer, kernels: KernelChoice) -> int:
-    """With kernels="auto" on CPU, route the model's linears (LM head included) through kiln's C++
-    small-row linear op where it wins (decode-sized batches; BENCHMARKS.md); returns how many."""
-    if kernels != "auto" or model.embed_tokens.weight.device.type != "cpu":
-        return 0
+def _uses_cpu_ops(kernels: KernelChoice, weight: torch.Tensor) -> bool:
+    """Whether `kernels` picks kiln's C++ CPU ops for weights on `weight`'s device: "auto" on CPU, once
+    they are built (kiln.kernels.cpu_extension)."""
+    if kernels != "auto" or weight.device.type != "cpu":
+        return False
     from kiln.kernels.cpu_extension import cpu_ops_available
 
-    if not cpu_ops_available():
+    return cpu_ops_available()
+
+
+def _install_cpu_linears(model: Transformer, kernels: KernelChoice) -> int:
+    """With kiln's C++ CPU ops, route the model's linears (LM head included) through the small-row linear
+    op where it wins (decode-sized batches; BENCHMARKS.md); returns how many."""
+    if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
         return 0
     from kiln.kernels.cpu_linear import install_cpu_linears
 
@@ -336,11 +342,8 @@ def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:
         from kiln.engine.attention import paged_attention_backend
 
         return paged_attention_backend(kernels, weight)
-    if kernels == "auto" and weight.device.type == "cpu":
-        from kiln.kernels.cpu_extension import cpu_ops_available
+    if _uses_cpu_ops(kernels, weight):
+        from kiln.engine.cpu_attention import CppPagedAttention
 
-        if cpu_ops_available():
-            from kiln.engine.cpu_attention import CppPagedAttention
-
-            return CppPagedAttention
+        return CppPagedAttention
     return TorchPagedAttention
