@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 # While generation runs, embedding chunks get at most this much engine time per second of steps, so a
-# huge embedding request slows streams by at most ~1 / (1 + share) (kiln bench fairness; BENCHMARKS.md).
+# huge embedding request stretches streams' step times by at most ~(1 + share)x, plus one chunk (kiln
+# bench fairness; BENCHMARKS.md).
 EMBED_TIME_SHARE = 0.5
 # Padded tokens per embedding chunk (at most; max_num_batched_tokens if lower): the unit of that sharing.
 EMBED_CHUNK_TOKENS = 256
