@@ -17,6 +17,7 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
+from kiln.kernels.cpu_decoder_layer import PagedDecode
 from kiln.kernels.cpu_paged_attention import paged_attention
 from kiln.models.layers import alibi_slopes
 
@@ -43,6 +44,15 @@ class CppPagedAttention:
         width = max((len(batch.block_tables[i]) for i in paged), default=1)
         tables = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in paged]
         self.block_tables = torch.tensor(tables, **int32).reshape(len(paged), width)
+        # A step of decodes only can run whole layers in one C++ call (kiln/engine/cpu_decoder.py).
+        self.decode_step = None
+        if paged and self.torch_backend is None:
+            self.decode_step = PagedDecode(
+                slot_mapping=self.slot_mapping, block_tables=self.block_tables,
+                query_starts=self.query_starts, query_lens=self.query_lens, context_lens=self.context_lens,
+                block_size=pool.block_size,
+                scale=self.scale, alibi_slopes=self.slopes, sliding_window=self.window,
+            )  # fmt: skip
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""

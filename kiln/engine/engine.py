@@ -66,6 +66,7 @@ class Engine:
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
         self.num_cpu_linears = _install_cpu_linears(model, config.kernels)
+        self.num_cpu_layers = _install_cpu_decoder_layers(model, config.kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
@@ -127,6 +128,7 @@ class Engine:
             f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "
             f"attention: {self.runner.attention.__name__}"
             + (f", {self.num_cpu_linears} linears on kiln's C++ op" if self.num_cpu_linears else "")
+            + (f", {self.num_cpu_layers} decode layers in one C++ call each" if self.num_cpu_layers else "")
         )
 
     # ------------------------------------------------------------------------------------- requests
@@ -332,6 +334,16 @@ def _install_cpu_linears(model: Transformer, kernels: KernelChoice) -> int:
     from kiln.kernels.cpu_linear import install_cpu_linears
 
     return install_cpu_linears(model)
+
+
+def _install_cpu_decoder_layers(model: Transformer, kernels: KernelChoice) -> int:
+    """With kiln's C++ CPU ops, run each Llama-style layer of a decode-only step in one C++ call
+    (kiln/engine/cpu_decoder.py); returns how many layers can."""
+    if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
+        return 0
+    from kiln.engine.cpu_decoder import install_cpu_decoder_layers
+
+    return install_cpu_decoder_layers(model)
 
 
 def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:

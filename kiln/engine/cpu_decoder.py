@@ -1,0 +1,119 @@
+"""Whole decoder layers in one C++ call for the engine's decode steps on CPU.
+
+`install_cpu_decoder_layers(model)` points each Llama-style block of a kiln Transformer (RMSNorm, SwiGLU MLP,
+plain linears) at `CpuDecoderForward`, from outside, so the model code stays unchanged. When a step holds
+only decodes on the C++ paged attention backend (`CppPagedAttention.decode_step`), the block runs as
+`kiln::decoder_layer` (kiln/kernels/cpu_decoder_layer.py): the same registered ops as the Python forward,
+called from C++, equal to it bit for bit. Anything else (prompts, chunks, training, a layer whose linears
+were replaced by quantized or adapter layers) runs the block's own forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer
+from kiln.kernels.cpu_linear import MAX_ROWS
+from kiln.models.layers import MLP, AttentionInputs, RMSNorm
+from kiln.models.transformer import Block, Transformer
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _linears(block: Block) -> list[nn.Module]:
+    return [getattr(block.attn, name) for name in _PROJECTIONS] + [
+        getattr(block.mlp, name) for name in _MLP_PROJECTIONS
+    ]
+
+
+def fits(block: nn.Module) -> bool:
+    """Whether `block` has the layer the op computes: kiln's Block with RMSNorms, a SwiGLU MLP and plain
+    nn.Linear projections (quantized or adapter layers keep their own forward)."""
+    if type(block) is not Block or type(block.mlp) is not MLP or not block.mlp.swiglu:
+        return False
+    if type(block.attn_norm) is not RMSNorm or type(block.mlp_norm) is not RMSNorm:
+        return False
+    return all(type(linear) is nn.Linear for linear in _linears(block))
+
+
+def layer_weights(block: Block) -> LayerWeights:
+    linears = _linears(block)
+    q, k, v, o, gate, up, down = (linear.weight for linear in linears)
+    return LayerWeights(
+        attn_norm=block.attn_norm.weight, q=q, k=k, v=v, o=o, mlp_norm=block.mlp_norm.weight,
+        gate=gate, up=up, down=down, biases=tuple(linear.bias for linear in linears), eps=block.attn_norm.eps,
+    )  # fmt: skip
+
+
+def _parameters(block: Block) -> list[torch.Tensor | None]:
+    """Every module and tensor the op reads, straight from the modules' dicts (nn.Module.__getattr__ costs
+    microseconds a call, and a decode step asks for these every layer)."""
+    attn, mlp = block.attn._modules, block.mlp._modules
+    modules = [block._modules["attn_norm"], block._modules["mlp_norm"]]
+    modules += [attn[name] for name in _PROJECTIONS] + [mlp[name] for name in _MLP_PROJECTIONS]
+    found: list = list(modules)
+    for module in modules:
+        found += [module._parameters.get("weight"), module._parameters.get("bias")]
+    return found
+
+
+class CpuDecoderForward:
+    """A Block's forward, set as the module's instance attribute `forward`: the C++ layer for a step of
+    decodes, the class's forward otherwise. Holds the block weakly (no module -> forward -> module loop).
+
+    The layer's weights are gathered once and reused while the block keeps the same modules and tensors
+    (checked by identity every call, so a linear replaced later, e.g. quantized, is seen)."""
+
+    __slots__ = ("block", "_seen", "_held", "_layer")
+
+    def __init__(self, block: Block) -> None:
+        self.block = weakref.ref(block)
+        self._seen: tuple[int, ...] = ()
+        self._held: list = []  # the objects of `_seen`, kept alive so that no new object takes their ids
+        self._layer: LayerWeights | None = None
+
+    def __call__(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
+        block = self.block()
+        assert block is not None, "the Block this forward belongs to is gone"
+        step = getattr(inputs.backend, "decode_step", None)
+        layer = None if step is None or kv_cache is not None else self._layer_for(block, x)
+        if layer is None:
+            return Block.forward(block, x, inputs, kv_cache)
+        pool, index = inputs.backend.pool, block.attn.layer_index
+        cos = sin = None
+        if inputs.cos is not None:
+            head_dim = inputs.cos.shape[-1]
+            cos, sin = inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
+        rows = decoder_layer(
+            x.reshape(-1, x.shape[-1]), layer, cos, sin, pool.keys[index], pool.values[index], step,
+            MAX_ROWS[x.dtype],
+        )  # fmt: skip
+        return rows.view(x.shape)
+
+    def _layer_for(self, block: Block, x: torch.Tensor) -> LayerWeights | None:
+        """The layer's weights when the op applies to `x`, else None."""
+        if x.device.type != "cpu" or x.dtype not in MAX_ROWS or torch.is_grad_enabled():
+            return None
+        found = _parameters(block)
+        seen = tuple(map(id, found))  # compared as ints: one C-level tuple comparison
+        if seen != self._seen:
+            self._seen, self._held = seen, found
+            self._layer = layer_weights(block) if fits(block) else None
+        layer = self._layer
+        return layer if layer is not None and layer.q.dtype == x.dtype else None
+
+
+def install_cpu_decoder_layers(model: Transformer) -> int:
+    """Route every block of `model` that `fits` through `CpuDecoderForward`; returns how many. Call it only
+    where kiln's C++ CPU ops are built (the engine's kernels="auto" on CPU)."""
+    count = 0
+    for block in model.layers:
+        if fits(block):
+            if not isinstance(block.__dict__.get("forward"), CpuDecoderForward):
+                block.forward = CpuDecoderForward(block)
+            count += 1
+    return count

@@ -1,0 +1,114 @@
+// kiln::decoder_layer: one pre-norm decoder layer (RMSNorm, q/k/v projections, RoPE, paged attention over
+// the KV pool, output projection, residual, RMSNorm, SwiGLU MLP, residual) for a step of decode rows, in
+// one call from Python instead of about twenty.
+//
+// At batch-1 decode of the 134M shape the layer's arithmetic is 10 weight-streaming linears and a few
+// thousand elementwise values; in the Python forward each of its ~20 op calls costs 10-25 us of module
+// dispatch and routing checks, ~2 ms per token over 12 layers, which is what kept batch-1 decode from its
+// bandwidth roofline (BENCHMARKS.md, issue 12). Here the same registered ops run back to back through the
+// dispatcher (under a microsecond each): kiln::linear for up to `max_linear_rows` rows (else at::linear),
+// kiln::rms_norm, kiln::rope, kiln::swiglu, kiln::paged_attention. Each rounds exactly where the model's
+// forward does, so the result equals the Python path bit for bit (tests/kernels/test_cpu_decoder_layer.py;
+// the torch reference is kiln/kernels/cpu_decoder_layer.py's `decoder_layer_reference`).
+//
+// weights: [attn_norm, q, k, v, o, mlp_norm, gate, up, down]; biases: [q, k, v, o, gate, up, down] (None
+// where absent). The new tokens' keys/values are written into key_cache/value_cache (slots, KVH, D) at
+// slot_mapping before attention reads the pool in place.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+at::Tensor kiln_linear(const at::Tensor& x, const at::Tensor& w, const OptionalTensor& b, int64_t max_rows) {
+  if (x.size(0) > max_rows) return at::linear(x, w, b);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&)>();
+  return op.call(x, w, b);
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::rms_norm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, w, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                        const at::Tensor& sin) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("kiln::rope", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&)>();
+  return op.call(q, k, cos, sin);
+}
+
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::swiglu", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(gate, up);
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                           const at::Tensor& block_tables, const at::Tensor& query_starts,
+                           const at::Tensor& query_lens, const at::Tensor& context_lens, int64_t block_size,
+                           double scale, const OptionalTensor& slopes, int64_t window) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::paged_attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t, double, const OptionalTensor&, int64_t)>();
+  return op.call(q, keys, values, block_tables, query_starts, query_lens, context_lens, block_size, scale, slopes,
+                 window);
+}
+
+at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
+                         double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::Tensor& key_cache,
+                         at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                         const at::Tensor& query_starts, const at::Tensor& query_lens,
+                         const at::Tensor& context_lens, int64_t block_size, double scale,
+                         const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows) {
+  TORCH_CHECK(weights.size() == 9 && biases.size() == 7,
+              "kiln::decoder_layer: weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and "
+              "biases [q, k, v, o, gate, up, down]");
+  TORCH_CHECK(x.dim() == 2, "kiln::decoder_layer: x must be (N, hidden), got ", x.sizes());
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "kiln::decoder_layer: cos and sin go together");
+  const int64_t N = x.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
+  auto bias = [&](size_t i) { return biases.get(i); };
+  auto project = [&](const at::Tensor& h, size_t w, size_t b) {
+    return kiln_linear(h, weights[w], bias(b), max_linear_rows);
+  };
+  at::Tensor h = rms_norm(x, weights[0], eps);
+  at::Tensor q = project(h, 1, 0), k = project(h, 2, 1), v = project(h, 3, 2);  // (N, H*D), (N, KVH*D)
+  if (cos.has_value()) std::tie(q, k) = rope(q, k, *cos, *sin);
+  key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
+  value_cache.index_copy_(0, slot_mapping, v.view({N, kv_heads, D}));
+  at::Tensor attended = paged_attention(q.view({N, -1, D}), key_cache, value_cache, block_tables, query_starts,
+                                        query_lens, context_lens, block_size, scale, alibi_slopes, sliding_window);
+  at::Tensor out = x + project(attended.view({N, -1}), 4, 3);
+  h = rms_norm(out, weights[5], eps);
+  at::Tensor gated = swiglu(project(h, 6, 4), project(h, 7, 5));
+  return out.add_(project(gated, 8, 6));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln, m) {
+  m.def(
+      "decoder_layer(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
+      "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, "
+      "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
+      "Tensor? alibi_slopes, int sliding_window, int max_linear_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("decoder_layer", &decoder_layer); }

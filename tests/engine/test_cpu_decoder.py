@@ -1,0 +1,105 @@
+"""Whole decoder layers in one C++ call (kiln/engine/cpu_decoder.py): on a decode-only step the engine runs
+each Llama-style layer as kiln::decoder_layer, and it gives exactly what the block's Python forward gives
+(greedy tokens and their logprobs bit for bit, fp32 and bf16), for Llama (GQA, MQA, biases), Mistral's
+sliding window and Qwen2. Families with other layers (GPT-2, BLOOM) and blocks whose linears were replaced
+keep the Python forward.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.kernels.cpu_extension import cpu_ops_available
+
+if not cpu_ops_available():
+    pytest.skip(
+        "kiln's C++ CPU ops could not be built here (no C++ compiler, OpenMP or ninja)",
+        allow_module_level=True,
+    )
+
+import kiln.engine.cpu_decoder as cpu_decoder  # noqa: E402
+from kiln.engine import LLM, SamplingParams  # noqa: E402
+from tests.engine.conftest import random_prompts  # noqa: E402
+from tests.hf_cases import build_hf_model  # noqa: E402
+
+PROMPT_LENGTHS = [1, 5, 9, 17, 30]
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    calls = []
+    real = cpu_decoder.decoder_layer
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_decoder, "decoder_layer", spy)
+    return calls
+
+
+def generate(llm, prompts):
+    outputs = llm.generate(prompts, PARAMS)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
+
+
+def remove_layers(llm) -> None:
+    for block in llm.engine.model.layers:
+        block.__dict__.pop("forward", None)
+
+
+@pytest.mark.parametrize(
+    "case", ["llama-gqa3-untied", "llama-mha-bias-tied", "llama-mqa-llama3-rope", "mistral-gqa4-window",
+             "qwen2-gqa2-tied"],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layers_in_cpp_equal_the_python_forward(case, dtype, tmp_path, op_calls):
+    build_hf_model(case, tmp_path)
+    prompts = random_prompts(PROMPT_LENGTHS, seed=3)
+    # No prefix caching: the second run must compute its prompts as the first did.
+    llm = LLM(tmp_path, dtype=dtype, block_size=4, enable_prefix_caching=False, verbose=False)
+    num_layers = llm.engine.model.config.num_layers
+    assert llm.engine.num_cpu_layers == num_layers
+    assert "decode layers in one C++ call" in llm.engine.startup_summary()
+    fused = generate(llm, prompts)
+    assert len(op_calls) >= num_layers * (PARAMS.max_tokens - 1), "the decode steps did not take the op"
+    assert max(op_calls) == len(prompts)  # a step of all five decodes ran as one call per layer
+    remove_layers(llm)
+    op_calls.clear()
+    assert generate(llm, prompts) == fused
+    assert not op_calls
+
+
+@pytest.mark.parametrize("case", ["gpt2-heads3-tied", "bloom-heads3"])
+def test_other_families_keep_the_python_forward(case, tmp_path, op_calls):
+    build_hf_model(case, tmp_path)
+    llm = LLM(tmp_path, verbose=False)
+    assert llm.engine.num_cpu_layers == 0
+    generate(llm, random_prompts([4, 7], seed=1))
+    assert not op_calls
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass (as a quantized or adapter layer would be) whose forward differs from F.linear."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_a_replaced_linear_is_seen_and_its_layer_runs_in_python(tmp_path, op_calls):
+    build_hf_model("llama-gqa3-untied", tmp_path)
+    prompts = random_prompts([6, 11], seed=4)
+    llm = LLM(tmp_path, block_size=4, enable_prefix_caching=False, verbose=False)
+    generate(llm, prompts)  # the op has run (and cached its weights) for every layer
+    attn = llm.engine.model.layers[0].attn
+    replaced = ScaledLinear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    with torch.no_grad():
+        replaced.weight.copy_(attn.q_proj.weight)
+    attn.q_proj = replaced
+    op_calls.clear()
+    with_replacement = generate(llm, prompts)
+    num_layers = llm.engine.model.config.num_layers
+    assert op_calls and len(op_calls) % (num_layers - 1) == 0  # every layer but the first
+    remove_layers(llm)
+    assert generate(llm, prompts) == with_replacement

@@ -1,0 +1,122 @@
+"""kiln::decoder_layer (one whole decoder layer for a step of decodes, in C++) against its torch reference
+(kernels' references composed, attention in float64), on odd shapes: MHA, GQA and MQA, head dims with a
+vector tail, biases, no RoPE (ALiBi), a sliding window, block sizes 1 and 16, contexts 1 to 1000, and more
+rows than the small-row linear takes (the op then runs at::linear).
+
+Tolerance: max |error| <= 1e-5 (fp32) or 2e-2 (bf16) times max(1, max |expected|); the KV pool the op
+writes must equal the reference's.
+"""
+
+import pytest
+import torch
+
+from kiln.kernels.cpu_extension import cpu_ops_available
+
+if not cpu_ops_available():
+    pytest.skip(
+        "kiln's C++ CPU ops could not be built here (no C++ compiler, OpenMP or ninja)",
+        allow_module_level=True,
+    )
+
+from kiln.kernels.cpu_decoder_layer import (  # noqa: E402
+    LayerWeights,
+    PagedDecode,
+    decoder_layer,
+    decoder_layer_reference,
+)
+from kiln.models.layers import alibi_slopes  # noqa: E402
+from tests.kernels.test_cpu_paged_attention import assert_close, shuffled_tables  # noqa: E402
+
+
+def random_layer(hidden, heads, kv_heads, head_dim, inner, dtype, biases, generator):
+    def tensor(*shape, scale=None):
+        scale = scale if scale is not None else shape[-1] ** -0.5
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = [(q,), (kv,), (kv,), (hidden,), (inner,), (inner,), (hidden,)]
+    return LayerWeights(
+        attn_norm=1 + tensor(hidden, scale=0.1), q=tensor(q, hidden), k=tensor(kv, hidden),
+        v=tensor(kv, hidden), o=tensor(hidden, q), mlp_norm=1 + tensor(hidden, scale=0.1),
+        gate=tensor(inner, hidden), up=tensor(inner, hidden), down=tensor(hidden, inner),
+        biases=tuple(tensor(*s, scale=0.1) for s in shapes) if biases else (None,) * 7, eps=1e-5,
+    )  # fmt: skip
+
+
+def decode_step(context_lens, kv_heads, head_dim, block_size, dtype, generator, **options):
+    """A pool of random cached keys/values and one decode per sequence (its last position)."""
+    tables, num_blocks = shuffled_tables(context_lens, block_size, generator)
+    width = max(len(t) for t in tables)
+    cache_shape = (num_blocks * block_size, kv_heads, head_dim)
+    keys = torch.randn(cache_shape, generator=generator).to(dtype)
+    values = torch.randn(cache_shape, generator=generator).to(dtype)
+    slots = [
+        t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+        for t, n in zip(tables, context_lens, strict=True)
+    ]
+    int32 = dict(dtype=torch.int32)
+    step = PagedDecode(
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], **int32),
+        query_starts=torch.arange(len(context_lens), **int32),
+        query_lens=torch.ones(len(context_lens), **int32),
+        context_lens=torch.tensor(context_lens, **int32),
+        block_size=block_size,
+        scale=head_dim**-0.5,
+        **options,
+    )
+    return keys, values, step
+
+
+# (context_lens, hidden, heads, kv_heads, head_dim, inner, block_size)
+SHAPES = [
+    ([1], 16, 1, 1, 16, 24, 1),
+    ([15, 16, 17, 1], 48, 3, 3, 16, 40, 16),
+    ([1000, 17], 40, 4, 1, 10, 72, 16),
+    ([33, 5, 1000], 96, 8, 2, 12, 100, 1),
+    ([7] * 70, 32, 4, 2, 8, 48, 16),  # 70 rows: more than the small-row linear takes in either dtype
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["rope", "rope+biases", "alibi", "rope+window"])
+def test_op_matches_reference(shape, dtype, variant):
+    context_lens, hidden, heads, kv_heads, head_dim, inner, block_size = shape
+    generator = torch.Generator().manual_seed(len(context_lens) * 31 + hidden)
+    layer = random_layer(hidden, heads, kv_heads, head_dim, inner, dtype, "biases" in variant, generator)
+    options = {}
+    if variant == "alibi":
+        options["alibi_slopes"] = alibi_slopes(heads)
+    if variant == "rope+window":
+        options["sliding_window"] = 6
+    keys, values, step = decode_step(
+        context_lens, kv_heads, head_dim, block_size, dtype, generator, **options
+    )
+    rows = len(context_lens)
+    x = torch.randn(rows, hidden, generator=generator).to(dtype)
+    cos = sin = None
+    if variant != "alibi":
+        angles = torch.rand(rows, head_dim // 2, generator=generator) * 6
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = decoder_layer_reference(x, layer, cos, sin, ref_keys, ref_values, step)
+    max_rows = {torch.float32: 64, torch.bfloat16: 16}[dtype]
+    got = decoder_layer(x, layer, cos, sin, keys, values, step, max_rows)
+    assert_close(got, expected, dtype)
+    written = step.slot_mapping
+    assert_close(keys[written], ref_keys[written], dtype)
+    assert_close(values[written], ref_values[written], dtype)
+
+
+def test_bad_weight_lists_are_refused():
+    generator = torch.Generator().manual_seed(0)
+    layer = random_layer(16, 2, 2, 8, 24, torch.float32, False, generator)
+    keys, values, step = decode_step([3], 2, 8, 4, torch.float32, generator)
+    with pytest.raises(RuntimeError, match="weights must be"):
+        torch.ops.kiln.decoder_layer(
+            torch.randn(1, 16), layer.weights()[:8], list(layer.biases), 1e-5, None, None, keys, values,
+            step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
+            step.block_size, step.scale, None, 0, 64,
+        )  # fmt: skip
