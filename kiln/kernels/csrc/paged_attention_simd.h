@@ -1,60 +1,15 @@
 // Vector helpers of paged_attention.cpp: fp32 lanes out of fp32/bf16/fp16 rows, dot products (one, or 16
 // keys at a time), the online-softmax exp and the weighted row sum, fp32 <-> pool dtype conversion.
-// AVX-512 (F, BW, VL) when the compiler targets it, scalar loops otherwise.
+// AVX-512 (F, BW, VL; simd.h) when the compiler targets it, scalar loops otherwise.
 #pragma once
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define KILN_AVX512 1
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-#ifdef KILN_AVX512
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
-
-// exp(x) for x <= 0 (scores minus their running max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
-// then a degree-7 Taylor polynomial (relative error ~5e-9) scaled by 2^n. -inf gives 0.
-inline __m512 exp512(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), clamped);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __mmask16 dead = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
-  return _mm512_maskz_mov_ps(~dead, _mm512_scalef_ps(p, n));
-}
-#endif
-
-#ifdef KILN_AVX512
-// Up to 16 elements of a K/V row as fp32 lanes: bf16 widened by a shift, fp16 by vcvtph2ps.
-inline __m512 load_ps(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load_ps(const c10::BFloat16* p, __mmask16 m) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline __m512 load_ps(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-#endif
 
 template <typename R>
 inline float dot(const float* a, const R* b, int64_t n) {

@@ -7,17 +7,33 @@
 #include <cmath>
 
 #include "fused_common.h"
+#include "simd.h"
 
 namespace {
 
+// With AVX-512, 16 elements at a time (masked at the end, so every element takes the same path whatever
+// its position: results do not depend on how a batch is split); exp is simd.h's exp512. A 2048-token
+// bf16 prefill of the 134M shape spent a third of its time in the scalar loop before (std::exp, one
+// element at a time, torch.profiler, issue 12).
 template <typename T>
 void swiglu_impl(const T* gate, const T* up, T* out, int64_t n) {
   at::parallel_for(0, n, kiln_fused::GRAIN_ELEMENTS, [&](int64_t begin, int64_t end) {
+#ifdef KILN_AVX512
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = begin; i < end; i += 16) {
+      const __mmask16 m = tail_mask(end - i);
+      const __m512 g = load_ps(gate + i, m);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));  // exp(-g)
+      const __m512 silu = round_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), gate);
+      store_ps(out + i, m, _mm512_mul_ps(silu, load_ps(up + i, m)));
+    }
+#else
     for (int64_t i = begin; i < end; ++i) {
       const float g = static_cast<float>(gate[i]);
       const float silu = static_cast<float>(static_cast<T>(g / (1.0f + std::exp(-g))));
       out[i] = static_cast<T>(silu * static_cast<float>(up[i]));
     }
+#endif
   });
 }
 
