@@ -178,7 +178,7 @@ async def send_request(
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(_chunk_text(choice) for choice in chunk.get("choices") or ()):
+                if any(_carries_tokens(choice) for choice in chunk.get("choices") or ()):
                     now = time.perf_counter()
                     if num_chunks == 0:
                         result.ttft = now - start
@@ -195,8 +195,14 @@ async def send_request(
     return result
 
 
-def _chunk_text(choice: dict[str, Any]) -> str:
-    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+def _carries_tokens(choice: dict[str, Any]) -> bool:
+    """Whether a streamed choice delivers generated tokens: a completion's `text` or a chat delta's
+    `content`, even when empty (a token whose text the detokenizer holds back, or that decodes to nothing,
+    is still a token; timing only non-empty text left TTFT at zero for streams that never showed any).
+    A chat stream's opening role-only delta carries none."""
+    if "text" in choice:
+        return True
+    return (choice.get("delta") or {}).get("content") is not None
 
 
 async def run_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
