@@ -37,7 +37,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact KV block count; overrides kv_cache_memory (tests, benchmarks)
     enable_prefix_caching: bool = True
     seed: int = 0  # the engine's generator, used by requests that set no seed of their own
-    # Paged attention and the model's fused ops: torch, triton, or auto (Triton on CUDA, else torch).
+    # Paged attention and the model's fused ops: torch, triton, or auto (Triton on CUDA, kiln's C++ ops on CPU
+    # where they are built, else torch).
     kernels: KernelChoice = "auto"
 
     def __post_init__(self) -> None:

@@ -41,7 +41,8 @@ EngineSeed = Annotated[int, typer.Option("--seed", help="Seed of requests that s
 Kernels = Annotated[
     str,
     typer.Option(
-        help="Paged attention and the model's fused ops: torch, triton, or auto (Triton on CUDA, else torch)."
+        help="Paged attention, linears and fused ops: torch (the reference), triton, or auto (Triton on "
+        "CUDA, kiln's C++ ops on CPU where they are built, else torch)."
     ),
 ]
 
