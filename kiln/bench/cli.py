@@ -130,7 +130,7 @@ def generate_command(
             "split between matmuls, attention, other ops and Python."
         ),
     ] = False,
-    threads: Annotated[int, typer.Option(help="Intra-op threads, with --shape.")] = 2,
+    threads: Annotated[int, typer.Option(help="Intra-op threads, both sides.")] = 2,
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, with --shape.")] = "float32,bfloat16",
     output: Annotated[Path | None, typer.Option(help="Where to write the JSON result.")] = None,
 ) -> None:

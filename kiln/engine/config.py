@@ -40,9 +40,13 @@ class EngineConfig:
     # Paged attention and the model's fused ops: torch, triton, or auto (Triton on CUDA, kiln's C++ ops on CPU
     # where they are built, else torch).
     kernels: KernelChoice = "auto"
+    # Intra-op threads on CPU; None = the physical cores (unless OMP_NUM_THREADS is set), kiln.engine.threads.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         check_kernels(self.kernels)
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise KilnError(f"num_threads must be positive or None, got {self.num_threads}")
         parse_dtype(self.dtype)  # an unknown name fails here, before any weights are read
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:

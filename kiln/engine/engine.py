@@ -24,6 +24,7 @@ from kiln.engine.sampler import Sampler, TopLogprobs
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerOutput
 from kiln.engine.sequence import EngineRequest, Sequence, sampling_batch
+from kiln.engine.threads import apply_num_threads
 from kiln.errors import KilnError
 from kiln.kernels.runtime import KernelChoice, use_triton
 from kiln.models.transformer import Transformer
@@ -61,6 +62,7 @@ class Engine:
             )
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.num_threads = apply_num_threads(config.num_threads) if self.device.type == "cpu" else None
         self.max_model_len = config.resolve_max_model_len(model_config)
         num_blocks = num_kv_blocks(config, model_config, self.dtype, self.device, self.max_model_len)
         self._refuse_small_kv_cache(num_blocks)
@@ -127,6 +129,7 @@ class Engine:
             f"{self.config.block_size}, {self.runner.pool.num_bytes / 2**20:.1f}MiB); "
             f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "
             f"attention: {self.runner.attention.__name__}"
+            + (f", {self.num_threads} CPU threads" if self.num_threads else "")
             + (f", {self.num_cpu_linears} linears on kiln's C++ op" if self.num_cpu_linears else "")
             + (f", {self.num_cpu_layers} decode layers in one C++ call each" if self.num_cpu_layers else "")
         )

@@ -46,6 +46,10 @@ Kernels = Annotated[
     ),
 ]
 
+Threads = Annotated[
+    int | None,
+    typer.Option(help="CPU threads (default: the physical cores, or OMP_NUM_THREADS when it is set)."),
+]
 
 # A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
 # parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
@@ -60,6 +64,7 @@ ENGINE_FLAGS = {
     "prefix_caching": "enable_prefix_caching",
     "engine_seed": "seed",
     "kernels": "kernels",
+    "threads": "num_threads",
 }
 
 

@@ -22,6 +22,7 @@ from kiln.engine.options import (
     MaxNumSeqs,
     ModelDir,
     PrefixCaching,
+    Threads,
     engine_config_from_flags,
 )
 from kiln.errors import KilnError
@@ -54,6 +55,7 @@ def serve_command(
     block_size: BlockSize = DEFAULT.block_size,
     prefix_caching: PrefixCaching = DEFAULT.enable_prefix_caching,
     kernels: Kernels = DEFAULT.kernels,
+    threads: Threads = DEFAULT.num_threads,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,
