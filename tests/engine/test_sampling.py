@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kiln.engine import LLM, SamplingParams
-from kiln.engine.sampler import Sampler, apply_penalties, filter_logits
+from kiln.engine.sampler import Sampler, apply_penalties, argmax_rows, filter_logits
 from kiln.engine.sequence import sampling_batch
 from tests.engine.conftest import make_seq, random_prompts
 
@@ -140,3 +140,13 @@ def test_logprobs_are_those_of_the_model(hf_model_dir, budget):
         token = prompt[position + 1]
         assert entry[token].logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
         assert len(entry) in (2, 3) and math.isfinite(entry[token].logprob)
+
+
+def test_argmax_rows_is_torch_argmax_with_ties_and_nan():
+    values = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    values[1, 7] = values[1, 200] = values[1].max() + 1  # a tie: the first index wins
+    values[2, 50] = float("nan")  # NaN counts as the largest, as torch has it
+    values[3] = float("-inf")
+    for rows in (values, values[:, :100], values.double(), values.bfloat16()):
+        assert torch.equal(argmax_rows(rows), rows.argmax(-1))
+    assert argmax_rows(values).dtype == torch.int64
