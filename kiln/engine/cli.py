@@ -14,6 +14,7 @@ from kiln.engine.options import (
     Device,
     Dtype,
     Kernels,
+    Quantization,
     KVCacheMemory,
     MaxModelLen,
     ModelDir,
@@ -72,6 +73,7 @@ def generate_command(
     max_model_len: MaxModelLen = DEFAULT.max_model_len,
     kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
     kernels: Kernels = DEFAULT.kernels,
+    quantization: Quantization = DEFAULT.quantization,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
     flags = dict(locals())  # the parameters, before any other local exists
@@ -115,6 +117,7 @@ def chat_command(
     max_model_len: MaxModelLen = DEFAULT.max_model_len,
     kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
     kernels: Kernels = DEFAULT.kernels,
+    quantization: Quantization = DEFAULT.quantization,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
 

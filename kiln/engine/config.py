@@ -39,10 +39,16 @@ class EngineConfig:
     seed: int = 0  # the engine's generator, used by requests that set no seed of their own
     # Paged attention and the model's fused ops: torch, triton, or auto (Triton on CUDA, else torch).
     kernels: KernelChoice = "auto"
+    # Quantize the weights on load (kiln.quant): None (as stored), int8, int4 (group 128) or w8a8.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         check_kernels(self.kernels)
         parse_dtype(self.dtype)  # an unknown name fails here, before any weights are read
+        if self.quantization is not None:
+            from kiln.quant import parse_scheme
+
+            parse_scheme(self.quantization)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise KilnError(f"{name} must be positive, got {getattr(self, name)}")

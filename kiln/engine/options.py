@@ -45,6 +45,10 @@ Kernels = Annotated[
     ),
 ]
 
+Quantization = Annotated[
+    str | None,
+    typer.Option(help="Quantize the weights on load: int8, int4 (group 128) or w8a8 (default: as stored)."),
+]
 
 # A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
 # parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
@@ -59,6 +63,7 @@ ENGINE_FLAGS = {
     "prefix_caching": "enable_prefix_caching",
     "engine_seed": "seed",
     "kernels": "kernels",
+    "quantization": "quantization",
 }
 
 

@@ -16,6 +16,7 @@ from kiln.engine.options import (
     Dtype,
     EngineSeed,
     Kernels,
+    Quantization,
     KVCacheMemory,
     MaxModelLen,
     MaxNumBatchedTokens,
@@ -54,6 +55,7 @@ def serve_command(
     block_size: BlockSize = DEFAULT.block_size,
     prefix_caching: PrefixCaching = DEFAULT.enable_prefix_caching,
     kernels: Kernels = DEFAULT.kernels,
+    quantization: Quantization = DEFAULT.quantization,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,
