@@ -14,10 +14,10 @@ from kiln.engine.options import (
     Device,
     Dtype,
     Kernels,
-    Quantization,
     KVCacheMemory,
     MaxModelLen,
     ModelDir,
+    Quantization,
     engine_config_from_flags,
 )
 

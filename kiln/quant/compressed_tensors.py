@@ -44,12 +44,20 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any
     activations = None
     if scheme.name == "w8a8":
         activations = {
-            "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
-            "dynamic": True, "observer": None,
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "group_size": None,
+            "strategy": "token",
+            "dynamic": True,
+            "observer": None,
         }
     group = {
-        "targets": ["Linear"], "weights": weights, "input_activations": activations,
-        "output_activations": None, "format": FORMATS[scheme.name],
+        "targets": ["Linear"],
+        "weights": weights,
+        "input_activations": activations,
+        "output_activations": None,
+        "format": FORMATS[scheme.name],
     }
     return {
         "quant_method": "compressed-tensors",
@@ -109,13 +117,17 @@ def scheme_of(config: dict[str, Any], source: str) -> tuple[QuantScheme, str]:
         raise ModelLoadError(f"{source}: compressed-tensors format {form!r} is not one kiln reads")
     try:
         if bits == 8 and strategy == "channel" and weights.get("symmetric", True):
-            dynamic_tokens = activations and activations.get("strategy") == "token" and activations.get("dynamic")
+            dynamic_tokens = (
+                activations and activations.get("strategy") == "token" and activations.get("dynamic")
+            )
             if activations is not None and not dynamic_tokens:
                 raise ModelLoadError(f"{source}: only dynamic per-token int8 activations are supported")
             return QuantScheme(name="w8a8" if activations else "int8"), form
         if bits == 4 and strategy == "group":
             group_size = weights.get("group_size")
-            return QuantScheme(name="int4", group_size=group_size, symmetric=weights.get("symmetric", True)), form
+            return QuantScheme(
+                name="int4", group_size=group_size, symmetric=weights.get("symmetric", True)
+            ), form
     except ModelLoadError:
         raise
     except ValueError as error:
@@ -141,7 +153,12 @@ def from_compressed(prefix: str, scheme: QuantScheme, form: str, read: Read) -> 
         return QuantizedLinear.from_integers(q, scale, scheme, name=prefix)
     rows, columns = (int(v) for v in read(f"{prefix}.weight_shape"))
     packed = read(f"{prefix}.weight_packed")
-    _check(prefix, "weight_packed", tuple(packed.shape) == (rows, -(-columns // 8)), f"({rows}, {columns // 8}) int32")
+    _check(
+        prefix,
+        "weight_packed",
+        tuple(packed.shape) == (rows, -(-columns // 8)),
+        f"({rows}, {columns // 8}) int32",
+    )
     groups = columns // scheme.group_size
     _check(prefix, "weight_scale", tuple(scale.shape) == (rows, groups), f"({rows}, {groups})")
     u = unpack_int32(packed, 4, columns)
@@ -155,4 +172,6 @@ def from_compressed(prefix: str, scheme: QuantScheme, form: str, read: Read) -> 
 
 def _check(prefix: str, suffix: str, ok: bool, expected: str) -> None:
     if not ok:
-        raise ModelLoadError(f"tensor {prefix}.{suffix!s} is malformed: expected {expected}; the checkpoint is corrupt")
+        raise ModelLoadError(
+            f"tensor {prefix}.{suffix!s} is malformed: expected {expected}; the checkpoint is corrupt"
+        )

@@ -43,7 +43,8 @@ def from_gptq(prefix: str, scheme: QuantScheme, read: Read, offset: int) -> Quan
         if tuple(tensor.shape) != expected[suffix]:
             raise ModelLoadError(
                 f"tensor {prefix}.{suffix} has shape {list(tensor.shape)}, expected {list(expected[suffix])} "
-                f"for qweight {list(qweight.shape)} and group size {scheme.group_size}; the checkpoint is corrupt"
+                f"for qweight {list(qweight.shape)} and group size {scheme.group_size}; the checkpoint is "
+                "corrupt"
             )
     g_idx_name = f"{prefix}.g_idx"
     try:

@@ -115,7 +115,11 @@ class QuantizedLinear(nn.Module):
                 sums = torch.ops.kiln.quant_linear(q.float(), self.qweight, self.scale, None, None, 8)
                 return self._finish((sums * x_scale).to(x.dtype), x)
             y = torch.ops.kiln.quant_linear(
-                x.reshape(rows, self.in_features), self.qweight, self.scale, self.offset, self.bias,
+                x.reshape(rows, self.in_features),
+                self.qweight,
+                self.scale,
+                self.offset,
+                self.bias,
                 self.scheme.bits,
             )
             return y.view(*x.shape[:-1], self.out_features)

@@ -28,10 +28,13 @@ class QuantScheme:
             raise KilnError(f"unknown quantization scheme {self.name!r}; choose one of {', '.join(SCHEMES)}")
         if self.name == "int4" and self.group_size not in INT4_GROUP_SIZES:
             raise KilnError(
-                f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {self.group_size}"
+                f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                f"got {self.group_size}"
             )
         if self.name != "int4" and (self.group_size is not None or not self.symmetric):
-            raise KilnError(f"{self.name} is symmetric per output channel; group size and zero points are int4's")
+            raise KilnError(
+                f"{self.name} is symmetric per output channel; group size and zero points are int4's"
+            )
 
     @property
     def bits(self) -> int:
@@ -51,7 +54,9 @@ class QuantScheme:
         return f"int4 g{self.group_size}" + ("" if self.symmetric else " zero-point")
 
 
-def parse_scheme(name: str | QuantScheme, group_size: int | None = None, symmetric: bool = True) -> QuantScheme:
+def parse_scheme(
+    name: str | QuantScheme, group_size: int | None = None, symmetric: bool = True
+) -> QuantScheme:
     """A QuantScheme from its name; int4 defaults to group size 128."""
     if isinstance(name, QuantScheme):
         return name

@@ -40,9 +40,7 @@ def quantize_int4(
     return u, scale, zero.to(torch.uint8)
 
 
-def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None
-) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 (N, K) weights of integers q (N, K) with scale (N, G) and zero (N, G) (None: 0)."""
     out_features, in_features = q.shape
     groups = scale.shape[1]

@@ -16,13 +16,13 @@ from kiln.engine.options import (
     Dtype,
     EngineSeed,
     Kernels,
-    Quantization,
     KVCacheMemory,
     MaxModelLen,
     MaxNumBatchedTokens,
     MaxNumSeqs,
     ModelDir,
     PrefixCaching,
+    Quantization,
     engine_config_from_flags,
 )
 from kiln.errors import KilnError

@@ -15,8 +15,15 @@ from kiln.quant import QuantizedLinear
 from tests.engine.conftest import random_prompts
 
 CONFIG = ModelConfig(
-    vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-    max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None,
+    vocab_size=512,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    eos_token_id=None,
 )
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = random_prompts([5, 17, 1, 33, 8], vocab_size=CONFIG.vocab_size)
@@ -77,7 +84,9 @@ def test_bad_requests(model_dir, tmp_path):
     small = CONFIG.replace(hidden_size=96, num_heads=4, num_kv_heads=2)
     torch.manual_seed(0)
     save_model(Transformer(small), tmp_path / "small")
-    with pytest.raises(KilnError, match=r"^lm_head\.weight: int4 group size 128 does not divide its 96 input features"):
+    with pytest.raises(
+        KilnError, match=r"^lm_head\.weight: int4 group size 128 does not divide its 96 input features"
+    ):
         LLM(tmp_path / "small", quantization="int4", verbose=False)
     llm = LLM(model_dir, quantization="int8", verbose=False)
     save_model(llm.engine.model, tmp_path / "q")

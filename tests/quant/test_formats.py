@@ -17,11 +17,24 @@ from kiln.quant import QuantizedLinear, parse_scheme, quantize_model
 from kiln.quant.compressed_tensors import pack_int32
 
 CONFIG = ModelConfig(
-    vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-    max_position_embeddings=64, tie_word_embeddings=False,
+    vocab_size=256,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
 )
-LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def _quantized_dir(tmp_path, scheme, seed=0):
@@ -38,10 +51,14 @@ def _logits(model, ids):
 
 
 def _dequantized(model):
-    return {name: m.dequantized_weight() for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    return {
+        name: m.dequantized_weight() for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
+    }
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8", parse_scheme("int4", 64, symmetric=False)], ids=str)
+@pytest.mark.parametrize(
+    "scheme", ["int8", "int4", "w8a8", parse_scheme("int4", 64, symmetric=False)], ids=str
+)
 def test_kiln_reload_is_exact(tmp_path, scheme):
     model, directory = _quantized_dir(tmp_path, scheme)
     loaded = load_model(directory)
@@ -116,7 +133,9 @@ def _gptq_dir(tmp_path, group_size=32):
             u = torch.randint(0, 16, (out_features, in_features))
             scales = (torch.rand(in_features // group_size, out_features) + 0.5).half() / 64
             tensors[prefix + ".qweight"] = pack_int32(u, 4).T.contiguous()  # (K / 8, N), packed along K
-            tensors[prefix + ".qzeros"] = pack_int32(torch.full((in_features // group_size, out_features), 7), 4)
+            tensors[prefix + ".qzeros"] = pack_int32(
+                torch.full((in_features // group_size, out_features), 7), 4
+            )
             tensors[prefix + ".scales"] = scales
             tensors[prefix + ".g_idx"] = (torch.arange(in_features) // group_size).to(torch.int32)
             expected[prefix] = (u - 8).float() * scales.float().T.repeat_interleave(group_size, dim=1)
@@ -125,7 +144,11 @@ def _gptq_dir(tmp_path, group_size=32):
     save_file(tensors, directory / "model.safetensors")
     config = json.loads((tmp_path / "dense" / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True, "desc_act": False,
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": group_size,
+        "sym": True,
+        "desc_act": False,
         "checkpoint_format": "gptq",
     }
     (directory / "config.json").write_text(json.dumps(config))
@@ -156,9 +179,17 @@ def test_gptq_act_order_refused(tmp_path):
 @pytest.mark.parametrize(
     ("tensor", "change", "message"),
     [
-        ("model.layers.0.mlp.up_proj.weight_packed", lambda t: t[:, :-1].contiguous(), "weight_packed is malformed"),
+        (
+            "model.layers.0.mlp.up_proj.weight_packed",
+            lambda t: t[:, :-1].contiguous(),
+            "weight_packed is malformed",
+        ),
         ("model.layers.1.self_attn.o_proj.weight_scale", lambda t: t[:-1], "weight_scale is malformed"),
-        ("model.layers.1.self_attn.o_proj.weight_shape", None, "'model.layers.1.self_attn.o_proj.weight_shape' is missing"),
+        (
+            "model.layers.1.self_attn.o_proj.weight_shape",
+            None,
+            "'model.layers.1.self_attn.o_proj.weight_shape' is missing",
+        ),
     ],
 )
 def test_corrupt_compressed_checkpoint_names_the_tensor(tmp_path, tensor, change, message):
@@ -189,5 +220,7 @@ def test_family_that_cannot_store_quantized_linears(tmp_path):
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     model = load_model(tmp_path / "gpt2")
     quantize_model(model, "int8")
-    with pytest.raises(KilnError, match=r"layers\.0\.attn\.\w+ is quantized but the gpt2 layout cannot store"):
+    with pytest.raises(
+        KilnError, match=r"layers\.0\.attn\.\w+ is quantized but the gpt2 layout cannot store"
+    ):
         save_model(model, tmp_path / "out")

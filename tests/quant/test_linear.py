@@ -110,8 +110,11 @@ def test_group_size_not_dividing_names_the_tensor():
 
 @pytest.mark.parametrize(
     ("name", "group_size", "symmetric", "message"),
-    [("int3", None, True, "unknown quantization scheme"), ("int4", 48, True, "group size must be one of"),
-     ("int8", 64, True, "symmetric per output channel")],
+    [
+        ("int3", None, True, "unknown quantization scheme"),
+        ("int4", 48, True, "group size must be one of"),
+        ("int8", 64, True, "symmetric per output channel"),
+    ],
 )
 def test_bad_schemes(name, group_size, symmetric, message):
     with pytest.raises(KilnError, match=message):

@@ -16,9 +16,8 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.errors import KilnError, ModelLoadError
 from kiln.models.hf.spec import Family
-from kiln.quant import QuantizedLinear
+from kiln.quant import QuantizedLinear, gptq
 from kiln.quant import compressed_tensors as ct
-from kiln.quant import gptq
 
 # suffix of the stored tensor that marks a quantized Linear, per checkpoint kind
 MARKERS = {"compressed-tensors": ("weight_scale",), "gptq": ("qweight",)}
@@ -45,11 +44,24 @@ def read_quantized(
         return {}, set()
     method = settings.get("quant_method")
     if method not in MARKERS:
-        raise ModelLoadError(f"{source}: quant_method {method!r} is not supported; kiln reads {', '.join(MARKERS)}")
+        raise ModelLoadError(
+            f"{source}: quant_method {method!r} is not supported; kiln reads {', '.join(MARKERS)}"
+        )
     marker = MARKERS[method][0]
-    prefixes = sorted({name.removesuffix("." + marker) for name in files.file_of if name.endswith("." + marker)})
+    prefixes = sorted(
+        {name.removesuffix("." + marker) for name in files.file_of if name.endswith("." + marker)}
+    )
     names = linear_names(family, config)
     layers, used = {}, set()
+
+    def read(name: str) -> torch.Tensor:
+        if name not in files.file_of:
+            if name.endswith("g_idx"):  # optional in GPTQ
+                raise KeyError(name)
+            raise ModelLoadError(f"{source}: tensor {name!r} is missing from the quantized checkpoint")
+        used.add(name)
+        return files.read(name)
+
     for prefix in prefixes:
         stored = next((n for n in (prefix, family.base_prefix + prefix) if n in names), None)
         if stored is None:
@@ -57,18 +69,7 @@ def read_quantized(
                 f"{source}: tensor {prefix}.{marker} is quantized, but kiln's {family.name} map has no plain "
                 "Linear of that name to hold it"
             )
-        taken: set[str] = set()
-
-        def read(name: str) -> torch.Tensor:
-            if name not in files.file_of:
-                raise KeyError(name) if name.endswith("g_idx") else ModelLoadError(
-                    f"{source}: tensor {name!r} is missing from the quantized checkpoint"
-                )
-            taken.add(name)
-            return files.read(name)
-
         layers[names[stored]] = _build(method, settings, prefix, read, source)
-        used |= taken
     return layers, used
 
 
@@ -84,7 +85,9 @@ def _build(method: str, settings: dict[str, Any], prefix: str, read, source: str
         raise ModelLoadError(f"{source}: quantized tensors of {prefix} are corrupt: {error}") from None
 
 
-def install_quantized(model: nn.Module, layers: dict[str, QuantizedLinear], dtype: torch.dtype | None) -> None:
+def install_quantized(
+    model: nn.Module, layers: dict[str, QuantizedLinear], dtype: torch.dtype | None
+) -> None:
     """Put each QuantizedLinear in place of its (loaded or meta) nn.Linear, keeping that Linear's bias."""
     for name, layer in layers.items():
         parent_name, _, attribute = name.rpartition(".")
@@ -101,7 +104,9 @@ def install_quantized(model: nn.Module, layers: dict[str, QuantizedLinear], dtyp
         setattr(parent, attribute, layer)
 
 
-def quantized_state(model: nn.Module, family: Family, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Any]:
+def quantized_state(
+    model: nn.Module, family: Family, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], Any]:
     """The compressed-tensors tensors of the model's QuantizedLinears by HF name, and their scheme."""
     by_kiln = {kiln: hf for hf, kiln in linear_names(family, model.config).items()}
     tensors, schemes = {}, set()
