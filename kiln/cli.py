@@ -78,15 +78,21 @@ def quantize(
     zero_point: Annotated[
         bool, typer.Option(help="int4: store a zero point per group (asymmetric).")
     ] = False,
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(help="int4: text files to calibrate on (GPTQ); without them, round to nearest."),
+    ] = None,
+    calibration_tokens: Annotated[int, typer.Option(help="Tokens of the calibration text to use.")] = 2048,
 ) -> None:
-    """Quantize a model's Linear weights (round to nearest) into a dir vLLM, transformers and kiln read."""
+    """Quantize a model's Linear weights into a directory vLLM, transformers and kiln read."""
     from kiln.models.hf.quantize import quantize_dir
     from kiln.quant import parse_scheme
 
     parsed = parse_scheme(scheme, group_size if scheme == "int4" else None, symmetric=not zero_point)
-    count, before, after = quantize_dir(model, output, parsed)
+    count, before, after = quantize_dir(model, output, parsed, calibration, calibration_tokens)
+    method = " (GPTQ)" if calibration and parsed.name == "int4" else ""
     console.print(
-        f"quantized {count} linears to {parsed.describe()}: weights {before / 2**20:.1f}MiB -> "
+        f"quantized {count} linears to {parsed.describe()}{method}: weights {before / 2**20:.1f}MiB -> "
         f"{after / 2**20:.1f}MiB; wrote {output}"
     )
 

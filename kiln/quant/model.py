@@ -7,8 +7,10 @@ head is the embedding table and stays in 16/32-bit, as vLLM and compressed-tenso
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from kiln.quant.calibration import gptq_int4
 from kiln.quant.linear import QuantizedLinear
 from kiln.quant.scheme import QuantScheme, parse_scheme
 
@@ -24,15 +26,26 @@ def _linears(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Linear]]:
     return found
 
 
-def quantize_model(model: nn.Module, scheme: QuantScheme | str, *, skip: tuple[str, ...] = ()) -> int:
+def quantize_model(
+    model: nn.Module,
+    scheme: QuantScheme | str,
+    *,
+    skip: tuple[str, ...] = (),
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> int:
     """Replace every nn.Linear (but those whose dotted name contains a `skip` entry) by a QuantizedLinear
-    of `scheme`, round to nearest; returns how many. Every shape is checked before any layer changes."""
+    of `scheme`; returns how many. Round to nearest, or for int4 with `hessians` (calibration's X^T X by
+    Linear name, `kiln.quant.calibration.collect_hessians`) GPTQ. Every shape is checked first."""
     scheme = parse_scheme(scheme)
     targets = [t for t in _linears(model) if not any(s in t[2] for s in skip)]
     for _, _, name, linear in targets:
         scheme.check_shape(f"{name}.weight", linear.out_features, linear.in_features)
     for parent, attribute, name, linear in targets:
-        quantized = QuantizedLinear.from_float(linear.weight, linear.bias, scheme, name)
+        if scheme.name == "int4" and hessians is not None and name in hessians:
+            u, scale, zero = gptq_int4(linear.weight, hessians[name], scheme.group_size, scheme.symmetric)
+            quantized = QuantizedLinear.from_integers(u, scale, scheme, zero, linear.bias, name)
+        else:
+            quantized = QuantizedLinear.from_float(linear.weight, linear.bias, scheme, name)
         setattr(parent, attribute, quantized.to(linear.weight.device))
     return len(targets)
 
