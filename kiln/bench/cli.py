@@ -203,7 +203,11 @@ def quant_command(
     schemes: Annotated[str, typer.Option(help="Comma-separated: int8, int4, w8a8.")] = "int8,int4,w8a8",
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed runs per workload; the best counts.")] = 1,
-    offline: Annotated[bool, typer.Option(help="Also time offline 64 x (128, 128).")] = True,
+    offline: Annotated[
+        str,
+        typer.Option(help="Comma-separated schemes (bf16 = baseline) to also time offline 64 x (128, 128)."),
+    ] = "bf16,w8a8",
+    kernels: Annotated[bool, typer.Option(help="Also time the fast-path candidates per layer shape.")] = True,
     demo_model: Annotated[Path, typer.Option(help="Trained model for validation perplexity.")] = Path.home()
     / ".cache/kiln/models/demo",
     demo_val: Annotated[Path, typer.Option(help="Its validation token shard (.npy).")] = Path.home()
@@ -216,7 +220,14 @@ def quant_command(
     from kiln.bench.quant import bench_quant, format_quant, write_quant_result
 
     result = bench_quant(
-        shape, tuple(s for s in schemes.split(",") if s), threads, repeats, offline, demo_model, demo_val
+        shape,
+        tuple(s for s in schemes.split(",") if s),
+        threads,
+        repeats,
+        tuple(s for s in offline.split(",") if s),
+        demo_model,
+        demo_val,
+        kernels,
     )
     write_quant_result(result, output)
     print(format_quant(result))

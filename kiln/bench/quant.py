@@ -35,9 +35,9 @@ class SchemeSpeed:
     scheme: str  # "bf16" for the baseline
     weight_bytes: int
     batch1_tokens_per_second: float
-    offline_tokens_per_second: float
+    offline_tokens_per_second: float | None  # None: not timed
     batch1_vs_bf16: float = 1.0
-    offline_vs_bf16: float = 1.0
+    offline_vs_bf16: float | None = 1.0
 
 
 @dataclass
@@ -49,6 +49,7 @@ class QuantBenchResult:
     kl_to_bf16: dict[str, float] = field(default_factory=dict)  # mean nats per token, 134M random model
     demo_perplexity: dict[str, float] = field(default_factory=dict)  # "float" = unquantized
     demo_eval_tokens: int = 0
+    kernels: list[dict[str, Any]] = field(default_factory=list)  # kiln.bench.quant_kernels rows
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def time_scheme(
     greedy = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     llm.generate([work.short], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     batch1, _ = best_of(repeats, lambda: llm.generate([work.short], greedy))
-    offline_tps = float("nan")
+    offline_tps = None
     if offline:
         seconds, _ = best_of(repeats, lambda: llm.generate(work.offline, greedy))
         offline_tps = len(work.offline) * 128 / seconds
@@ -132,31 +133,42 @@ def bench_quant(
     schemes: tuple[str, ...] = SCHEMES,
     threads: int = 2,
     repeats: int = 1,
-    offline: bool = True,
+    offline: tuple[str, ...] = ("bf16", "w8a8"),
     demo_model: Path | None = None,
     demo_val: Path | None = None,
+    kernels: bool = True,
     log=print,
 ) -> QuantBenchResult:
     for scheme in schemes:
         parse_scheme(scheme)  # an unknown name fails before minutes of timing
     torch.set_num_threads(threads)
+    result_kernels: list[dict[str, Any]] = []
+    if kernels:
+        from kiln.bench.quant_kernels import bench_kernels, format_kernels
+        from kiln.kernels.cpu_extension import cpu_ops_available
+
+        if cpu_ops_available():
+            result_kernels = bench_kernels()
+            log(format_kernels(result_kernels))
     directory, _ = build_shape_dir(shape)
     result = QuantBenchResult(shape=shape, threads=torch.get_num_threads(), torch_version=torch.__version__)
+    result.kernels = result_kernels
     work = Workloads.make(SHAPES[shape].vocab_size)
-    base = time_scheme(directory, None, work, repeats, offline)
+    base = time_scheme(directory, None, work, repeats, "bf16" in offline)
     result.speed.append(base)
-    log(
-        f"bf16: batch-1 {base.batch1_tokens_per_second:.1f} tok/s, "
-        f"offline {base.offline_tokens_per_second:.0f}"
-    )
+    offline_base = _num(base.offline_tokens_per_second)
+    log(f"bf16: batch-1 {base.batch1_tokens_per_second:.1f} tok/s, offline {offline_base}")
     for scheme in schemes:
-        entry = time_scheme(directory, scheme, work, repeats, offline)
+        entry = time_scheme(directory, scheme, work, repeats, scheme in offline)
         entry.batch1_vs_bf16 = entry.batch1_tokens_per_second / base.batch1_tokens_per_second
-        entry.offline_vs_bf16 = entry.offline_tokens_per_second / base.offline_tokens_per_second
+        timed = entry.offline_tokens_per_second is not None and base.offline_tokens_per_second
+        entry.offline_vs_bf16 = (
+            entry.offline_tokens_per_second / base.offline_tokens_per_second if timed else None
+        )
         result.speed.append(entry)
         log(
             f"{scheme}: batch-1 {entry.batch1_tokens_per_second:.1f} tok/s ({entry.batch1_vs_bf16:.2f}x), "
-            f"offline {entry.offline_tokens_per_second:.0f} ({entry.offline_vs_bf16:.2f}x)"
+            f"offline {_num(entry.offline_tokens_per_second)} ({_num(entry.offline_vs_bf16, '.2f')}x)"
         )
     result.kl_to_bf16 = kl_to_bf16(directory, schemes)
     log(f"KL to bf16 (nats/token): {result.kl_to_bf16}")
@@ -164,6 +176,10 @@ def bench_quant(
         result.demo_perplexity, result.demo_eval_tokens = demo_perplexity(demo_model, demo_val)
         log(f"demo validation perplexity: {result.demo_perplexity}")
     return result
+
+
+def _num(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def write_quant_result(result: QuantBenchResult, output: Path) -> dict[str, Any]:
@@ -183,11 +199,11 @@ def format_quant(result: QuantBenchResult) -> str:
     for s in result.speed:
         workload, goal = TARGETS.get(s.scheme, ("", 0.0))
         got = s.batch1_vs_bf16 if workload == "batch1" else s.offline_vs_bf16
-        target = f"{workload} >= {goal}x: {'met' if got >= goal else 'MISSED'}" if goal else ""
+        target = f"{workload} >= {goal}x: {'met' if got and got >= goal else 'MISSED'}" if goal else ""
         lines.append(
             f"{s.scheme:<6} {s.weight_bytes / 2**20:>11.1f} {s.batch1_tokens_per_second:>13.1f} "
-            f"{s.batch1_vs_bf16:>6.2f}x {s.offline_tokens_per_second:>13.0f} "
-            f"{s.offline_vs_bf16:>6.2f}x  {target}"
+            f"{s.batch1_vs_bf16:>6.2f}x {_num(s.offline_tokens_per_second):>13} "
+            f"{_num(s.offline_vs_bf16, '.2f'):>6}x  {target}"
         )
     lines.append(
         "KL(bf16 || scheme), nats/token, 134M random model: "
