@@ -202,7 +202,9 @@ def quant_command(
     ] = "gpt2-small",
     schemes: Annotated[str, typer.Option(help="Comma-separated: int8, int4, w8a8.")] = "int8,int4,w8a8",
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
-    repeats: Annotated[int, typer.Option(help="Timed runs per workload; the best counts.")] = 1,
+    repeats: Annotated[
+        int, typer.Option(help="Round-robin batch-1 rounds (offline: half as many); the best counts.")
+    ] = 3,
     offline: Annotated[
         str,
         typer.Option(help="Comma-separated schemes (bf16 = baseline) to also time offline 64 x (128, 128)."),

@@ -53,22 +53,47 @@ class QuantBenchResult:
 
 
 @torch.no_grad()
-def time_scheme(
-    directory: Path, scheme: str | None, work: Workloads, repeats: int, offline: bool
-) -> SchemeSpeed:
-    """kiln.LLM in bf16 (quantized with `scheme`, or not): batch-1 and offline tokens/s."""
+def time_schemes(
+    directory: Path, schemes: tuple[str, ...], work: Workloads, rounds: int, offline: tuple[str, ...]
+) -> list[SchemeSpeed]:
+    """kiln.LLM in bf16 ("bf16") and quantized with each scheme, all loaded at once: batch-1 decode timed
+    round-robin `rounds` times (the best of each counts, so a burst of load on a shared machine hits
+    every side alike), then offline for the schemes in `offline`, in the same alternation."""
     from kiln.engine import LLM, SamplingParams
 
-    config = EngineConfig(dtype="bf16", max_num_seqs=64, enable_prefix_caching=False, quantization=scheme)
-    llm = LLM(directory, config, verbose=False)
     greedy = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    llm.generate([work.short], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    batch1, _ = best_of(repeats, lambda: llm.generate([work.short], greedy))
-    offline_tps = None
-    if offline:
-        seconds, _ = best_of(repeats, lambda: llm.generate(work.offline, greedy))
-        offline_tps = len(work.offline) * 128 / seconds
-    return SchemeSpeed(scheme or "bf16", weight_bytes(llm.engine.model), 128 / batch1, offline_tps)
+    llms = {}
+    for name in ("bf16", *schemes):
+        config = EngineConfig(
+            dtype="bf16",
+            max_num_seqs=64,
+            enable_prefix_caching=False,
+            kv_cache_memory="1GB",
+            quantization=None if name == "bf16" else name,
+        )
+        llms[name] = LLM(directory, config, verbose=False)
+        llms[name].generate([work.short], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    batch1 = dict.fromkeys(llms, float("inf"))
+    offline_seconds = {name: float("inf") for name in llms if name in offline}
+    for _ in range(rounds):
+        for name, llm in llms.items():
+            batch1[name] = min(batch1[name], best_of(1, lambda: llm.generate([work.short], greedy))[0])  # noqa: B023
+    for _ in range(max(1, rounds // 2)):
+        for name in offline_seconds:
+            seconds, _ = best_of(1, lambda: llms[name].generate(work.offline, greedy))  # noqa: B023
+            offline_seconds[name] = min(offline_seconds[name], seconds)
+    out = []
+    for name, llm in llms.items():
+        offline_tps = len(work.offline) * 128 / offline_seconds[name] if name in offline_seconds else None
+        out.append(SchemeSpeed(name, weight_bytes(llm.engine.model), 128 / batch1[name], offline_tps))
+    base = out[0]
+    for entry in out[1:]:
+        entry.batch1_vs_bf16 = entry.batch1_tokens_per_second / base.batch1_tokens_per_second
+        timed = entry.offline_tokens_per_second is not None and base.offline_tokens_per_second
+        entry.offline_vs_bf16 = (
+            entry.offline_tokens_per_second / base.offline_tokens_per_second if timed else None
+        )
+    return out
 
 
 @torch.no_grad()
@@ -132,7 +157,7 @@ def bench_quant(
     shape: str = "gpt2-small",
     schemes: tuple[str, ...] = SCHEMES,
     threads: int = 2,
-    repeats: int = 1,
+    repeats: int = 3,
     offline: tuple[str, ...] = ("bf16", "w8a8"),
     demo_model: Path | None = None,
     demo_val: Path | None = None,
@@ -154,20 +179,11 @@ def bench_quant(
     result = QuantBenchResult(shape=shape, threads=torch.get_num_threads(), torch_version=torch.__version__)
     result.kernels = result_kernels
     work = Workloads.make(SHAPES[shape].vocab_size)
-    base = time_scheme(directory, None, work, repeats, "bf16" in offline)
-    result.speed.append(base)
-    offline_base = _num(base.offline_tokens_per_second)
-    log(f"bf16: batch-1 {base.batch1_tokens_per_second:.1f} tok/s, offline {offline_base}")
-    for scheme in schemes:
-        entry = time_scheme(directory, scheme, work, repeats, scheme in offline)
-        entry.batch1_vs_bf16 = entry.batch1_tokens_per_second / base.batch1_tokens_per_second
-        timed = entry.offline_tokens_per_second is not None and base.offline_tokens_per_second
-        entry.offline_vs_bf16 = (
-            entry.offline_tokens_per_second / base.offline_tokens_per_second if timed else None
-        )
-        result.speed.append(entry)
+    result.speed = time_schemes(directory, schemes, work, repeats, offline)
+    for entry in result.speed:
         log(
-            f"{scheme}: batch-1 {entry.batch1_tokens_per_second:.1f} tok/s ({entry.batch1_vs_bf16:.2f}x), "
+            f"{entry.scheme}: batch-1 {entry.batch1_tokens_per_second:.1f} tok/s "
+            f"({entry.batch1_vs_bf16:.2f}x), "
             f"offline {_num(entry.offline_tokens_per_second)} ({_num(entry.offline_vs_bf16, '.2f')}x)"
         )
     result.kl_to_bf16 = kl_to_bf16(directory, schemes)

@@ -93,3 +93,13 @@ def test_bad_requests(model_dir, tmp_path):
     with pytest.raises(KilnError, match="already quantized"):
         LLM(tmp_path / "q", quantization="int8", verbose=False)
     assert "int8" not in LLM(tmp_path / "q", verbose=False).engine.startup_summary().split("(")[0]
+
+
+def test_generate_command_takes_quantization(text_model_dir):
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    args = ["generate", "--model", str(text_model_dir), "--prompt", "def f(x):", "--max-new-tokens", "3"]
+    result = CliRunner().invoke(app, [*args, "--temperature", "0", "--quantization", "int8", "--no-stream"])
+    assert result.exit_code == 0, result.output
