@@ -5,8 +5,10 @@ F.linear; w8a8 quantizes x per token and multiplies the integers exactly (float6
 `forward(x)` runs the fast path where one applies and the reference elsewhere:
 - weight-only, few rows on CPU (decode): kiln's C++ op `torch.ops.kiln.quant_linear`
   (kernels/csrc/quant_linear.cpp), which streams the integer weight once with dequantization folded
-  into the sums. PyTorch's own `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were no faster than
-  kiln's bf16 linear at batch 1 on the 2-core machine and far slower at 64 rows (BENCHMARKS.md).
+  into the sums. PyTorch's `_weight_int8pack_mm` was slower than kiln's bf16 linear at batch 1;
+  `_weight_int4pack_mm_for_cpu` matched or beat kiln's int4 op on some shapes but needs bf16 scales
+  (not exact against this reference); both were far slower than dequantize + GEMM at 64 rows
+  (BENCHMARKS.md, "Quantized weights").
 - w8a8, few rows: the same op on the integer activations, then the per-token scale; more rows:
   `torch._int_mm` (int8 x int8 -> int32, VNNI where present).
 """
@@ -22,7 +24,8 @@ from kiln.quant import weights as qw
 from kiln.quant.scheme import QuantScheme
 
 # Most rows the C++ op takes; above them the reference (weight-only: dequantize + torch's GEMM) or
-# torch._int_mm (w8a8) runs. Measured with `kiln bench quant` (BENCHMARKS.md).
+# torch._int_mm (w8a8) runs. `kiln bench quant` timed 1 row (op faster) and 64 (op 3-7x slower than
+# the GEMM); 16 is kiln's bf16 linear threshold, not tuned separately.
 MAX_OP_ROWS = 16
 
 
