@@ -68,6 +68,36 @@ def convert(
 
 
 @app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="HF model directory to quantize.")],
+    output: Annotated[Path, typer.Argument(help="Directory to write (compressed-tensors layout).")],
+    scheme: Annotated[
+        str, typer.Option(help="int8 (weight-only, per channel), int4 (groups) or w8a8.")
+    ] = "int4",
+    group_size: Annotated[int, typer.Option(help="int4: input features per scale (32, 64 or 128).")] = 128,
+    zero_point: Annotated[
+        bool, typer.Option(help="int4: store a zero point per group (asymmetric).")
+    ] = False,
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(help="int4: text files to calibrate on (GPTQ); without them, round to nearest."),
+    ] = None,
+    calibration_tokens: Annotated[int, typer.Option(help="Tokens of the calibration text to use.")] = 2048,
+) -> None:
+    """Quantize a model's Linear weights into a directory vLLM, transformers and kiln read."""
+    from kiln.models.hf.quantize import quantize_dir
+    from kiln.quant import parse_scheme
+
+    parsed = parse_scheme(scheme, group_size if scheme == "int4" else None, symmetric=not zero_point)
+    count, before, after = quantize_dir(model, output, parsed, calibration, calibration_tokens)
+    method = " (GPTQ)" if calibration and parsed.name == "int4" else ""
+    console.print(
+        f"quantized {count} linears to {parsed.describe()}{method}: weights {before / 2**20:.1f}MiB -> "
+        f"{after / 2**20:.1f}MiB; wrote {output}"
+    )
+
+
+@app.command()
 def info(model: Annotated[Path, typer.Argument(help="Model directory.")]) -> None:
     """Show a model's configuration and parameter count without loading its weights."""
     from kiln.models.hf.io import read_config

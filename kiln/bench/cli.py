@@ -195,6 +195,47 @@ def generate_command(
     )
 
 
+@bench_app.command("quant")
+def quant_command(
+    shape: Annotated[
+        str, typer.Option(help="Model shape (random weights): gpt2-small (134M) or tiny.")
+    ] = "gpt2-small",
+    schemes: Annotated[str, typer.Option(help="Comma-separated: int8, int4, w8a8.")] = "int8,int4,w8a8",
+    threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
+    repeats: Annotated[
+        int, typer.Option(help="Round-robin batch-1 rounds (offline: half as many); the best counts.")
+    ] = 3,
+    offline: Annotated[
+        str,
+        typer.Option(help="Comma-separated schemes (bf16 = baseline) to also time offline 64 x (128, 128)."),
+    ] = "bf16,w8a8",
+    kernels: Annotated[bool, typer.Option(help="Also time the fast-path candidates per layer shape.")] = True,
+    demo_model: Annotated[Path, typer.Option(help="Trained model for validation perplexity.")] = Path.home()
+    / ".cache/kiln/models/demo",
+    demo_val: Annotated[Path, typer.Option(help="Its validation token shard (.npy).")] = Path.home()
+    / ".cache/kiln/data/stdlib-bpe8k/val_00000.npy",
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "benchmarks/quant.json"
+    ),
+) -> None:
+    """Quantized weights vs bf16: decode speed at the 134M shape, KL to bf16, demo validation perplexity."""
+    from kiln.bench.quant import bench_quant, format_quant, write_quant_result
+
+    result = bench_quant(
+        shape,
+        tuple(s for s in schemes.split(",") if s),
+        threads,
+        repeats,
+        tuple(s for s in offline.split(",") if s),
+        demo_model,
+        demo_val,
+        kernels,
+    )
+    write_quant_result(result, output)
+    print(format_quant(result))
+    print(f"wrote {output}")
+
+
 @bench_app.command("kernels")
 def kernels_command(
     quick: Annotated[bool, typer.Option(help="One size per op instead of the full sweep.")] = False,

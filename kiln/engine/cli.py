@@ -17,6 +17,7 @@ from kiln.engine.options import (
     KVCacheMemory,
     MaxModelLen,
     ModelDir,
+    Quantization,
     Threads,
     engine_config_from_flags,
 )
@@ -74,6 +75,7 @@ def generate_command(
     kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
+    quantization: Quantization = DEFAULT.quantization,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
     flags = dict(locals())  # the parameters, before any other local exists
@@ -118,6 +120,7 @@ def chat_command(
     kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
+    quantization: Quantization = DEFAULT.quantization,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
 

@@ -42,12 +42,18 @@ class EngineConfig:
     kernels: KernelChoice = "auto"
     # Intra-op threads on CPU; None = the physical cores (unless OMP_NUM_THREADS is set), kiln.engine.threads.
     num_threads: int | None = None
+    # Quantize the weights on load (kiln.quant): None (as stored), int8, int4 (group 128) or w8a8.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         check_kernels(self.kernels)
         if self.num_threads is not None and self.num_threads <= 0:
             raise KilnError(f"num_threads must be positive or None, got {self.num_threads}")
         parse_dtype(self.dtype)  # an unknown name fails here, before any weights are read
+        if self.quantization is not None:
+            from kiln.quant import parse_scheme
+
+            parse_scheme(self.quantization)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise KilnError(f"{name} must be positive, got {getattr(self, name)}")

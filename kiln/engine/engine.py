@@ -60,6 +60,7 @@ class Engine:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                 f"{model_config.vocab_size}; they do not belong together"
             )
+        self.quantization_summary = _quantize(model, config.quantization)
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.num_threads = apply_num_threads(config.num_threads) if self.device.type == "cpu" else None
@@ -119,12 +120,21 @@ class Engine:
 
     def startup_summary(self) -> str:
         """Model size, KV capacity and the concurrency it allows at full context length."""
+        from kiln.quant import weight_bytes
+
         parameters = self.model.num_parameters()
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         dtype = str(self.dtype).removeprefix("torch.")
         capacity = self.kv_capacity_tokens
+        weights = f"{weight_bytes(self.model) / 2**20:.1f}MiB {dtype}"
+        if self.quantization_summary is not None:
+            scheme, before, after = self.quantization_summary
+            freed_tokens = (before - after) // kv_bytes_per_token(self.model.config, self.dtype)
+            weights = (
+                f"{scheme}: weights {before / 2**20:.1f}MiB -> {after / 2**20:.1f}MiB, "
+                f"the {(before - after) / 2**20:.1f}MiB saved hold {freed_tokens:,} more KV tokens"
+            )
         return (
-            f"model: {parameters / 1e6:.2f}M parameters ({weight_bytes / 2**20:.1f}MiB {dtype}) "
+            f"model: {parameters / 1e6:.2f}M parameters ({weights}) "
             f"on {self.device}; KV cache: {capacity:,} tokens ({self.block_manager.num_blocks} blocks of "
             f"{self.config.block_size}, {self.runner.pool.num_bytes / 2**20:.1f}MiB); "
             f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "
@@ -317,6 +327,24 @@ class Engine:
         """Counters and gauges, flat (for logs and Prometheus)."""
         gauges = {"num_running": self.num_running, "num_waiting": self.num_waiting, "kv_usage": self.kv_usage}
         return {**asdict(self.counters), **gauges}
+
+
+def _quantize(model: Transformer, quantization: str | None) -> tuple[str, int, int] | None:
+    """Quantize the model's linears in place (kiln.quant) when `quantization` names a scheme; the
+    scheme and the weight bytes before and after, for the start-up line."""
+    if quantization is None:
+        return None
+    from kiln.quant import QuantizedLinear, parse_scheme, quantize_model, weight_bytes
+
+    if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+        raise KilnError(
+            f"this model is already quantized; drop quantization={quantization!r} to serve it as stored"
+        )
+    scheme = parse_scheme(quantization)
+    before = weight_bytes(model)
+    with torch.no_grad():
+        quantize_model(model, scheme)
+    return scheme.describe(), before, weight_bytes(model)
 
 
 def _uses_cpu_ops(kernels: KernelChoice, weight: torch.Tensor) -> bool:

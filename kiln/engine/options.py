@@ -50,6 +50,10 @@ Threads = Annotated[
     int | None,
     typer.Option(help="CPU threads (default: the physical cores, or OMP_NUM_THREADS when it is set)."),
 ]
+Quantization = Annotated[
+    str | None,
+    typer.Option(help="Quantize the weights on load: int8, int4 (group 128) or w8a8 (default: as stored)."),
+]
 
 # A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
 # parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
@@ -65,6 +69,7 @@ ENGINE_FLAGS = {
     "engine_seed": "seed",
     "kernels": "kernels",
     "threads": "num_threads",
+    "quantization": "quantization",
 }
 
 

@@ -99,11 +99,18 @@ def install_cpu_linears(model: nn.Module) -> int:
             if not isinstance(module.__dict__.get("forward"), CpuLinearForward):
                 module.forward = CpuLinearForward(module)
             count += 1
-        elif callable(getattr(type(module), "logits", None)) and hasattr(module, "output_weight"):
+        elif callable(getattr(type(module), "logits", None)) and _plain_head(module):
             if not isinstance(module.__dict__.get("logits"), CpuLogits):
                 module.logits = CpuLogits(module)
             count += 1
     return count
+
+
+def _plain_head(module: nn.Module) -> bool:
+    """Whether a model's LM head is the plain `output_weight` matmul (tied, or an nn.Linear), not a
+    replaced layer such as a quantized one, which keeps its own forward."""
+    head = getattr(module, "lm_head", None)
+    return hasattr(module, "output_weight") and (head is None or type(head) is nn.Linear)
 
 
 def remove_cpu_linears(model: nn.Module) -> int:

@@ -135,6 +135,8 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:
+            return self.lm_head(hidden)  # a replaced head (kiln.quant's QuantizedLinear) runs its own kernel
         return F.linear(hidden, self.output_weight)
 
     def _backend_inputs(self, positions: torch.Tensor, attention: AttentionBackend) -> AttentionInputs:

@@ -22,6 +22,7 @@ from kiln.engine.options import (
     MaxNumSeqs,
     ModelDir,
     PrefixCaching,
+    Quantization,
     Threads,
     engine_config_from_flags,
 )
@@ -56,6 +57,7 @@ def serve_command(
     prefix_caching: PrefixCaching = DEFAULT.enable_prefix_caching,
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
+    quantization: Quantization = DEFAULT.quantization,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,

@@ -20,9 +20,11 @@ from kiln.config import ModelConfig
 from kiln.errors import KilnError, ModelLoadError
 from kiln.kernels.runtime import KernelChoice
 from kiln.models.hf import FAMILIES, Family
+from kiln.models.hf.quantized import install_quantized, quantized_state, read_quantized, unquantized_linears
 from kiln.models.hf.spec import ConfigReader
 from kiln.models.transformer import Transformer
 from kiln.parsing import parse_dtype, parse_size
+from kiln.quant.compressed_tensors import quantization_config
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -31,6 +33,12 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 def read_config(path: str | Path) -> tuple[ModelConfig, Family]:
     """The ModelConfig and family of an HF model directory, without reading any weights."""
+    config, family, _ = read_config_values(path)
+    return config, family
+
+
+def read_config_values(path: str | Path) -> tuple[ModelConfig, Family, dict[str, Any]]:
+    """`read_config`, plus config.json's values (its `quantization_config`, if any)."""
     directory = Path(path)
     if not directory.is_dir():
         raise ModelLoadError(f"{directory}: no such model directory")
@@ -50,8 +58,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, Family]:
             f"{config_path}: model_type {model_type!r} is not supported; kiln reads {', '.join(FAMILIES)}"
         )
     family = FAMILIES[model_type]
+    values_copy = dict(values)
     try:
-        return family.config_from_hf(ConfigReader(values, str(config_path))), family
+        return family.config_from_hf(ConfigReader(values, str(config_path))), family, values_copy
     except ModelLoadError:
         raise
     except KilnError as error:  # an invalid combination caught by ModelConfig's validation
@@ -133,14 +142,14 @@ def load_model(
     CUDA), as `Transformer(kernels=)` takes it.
     """
     directory = Path(path)
-    config, family = read_config(directory)
+    config, family, values = read_config_values(directory)
     target_dtype = parse_dtype(dtype)
     files = CheckpointFiles(directory)
     with torch.device("meta"):
         model = Transformer(config, kernels=kernels)
-    expected = model.state_dict()
+    quantized, used = read_quantized(values, files, family, config, str(directory / "config.json"))
+    expected = {k: v for k, v in model.state_dict().items() if k.removesuffix(".weight") not in quantized}
     state: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
     for hf_name, kiln_names, rule in _applicable(family, config, expected):
         stored = files.find(hf_name, family.base_prefix)
         if stored is None:
@@ -162,8 +171,10 @@ def load_model(
             state[name] = part.to(device=device, dtype=target_dtype).contiguous()
         used.add(stored)
     _refuse_unknown_tensors(files, used, family, config)
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval()
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    assert not unexpected and {k.removesuffix(".weight") for k in missing} <= set(quantized), missing
+    install_quantized(model, quantized, target_dtype or next(iter(state.values())).dtype)
+    return model.to(device).eval()
 
 
 def _applicable(family: Family, config: ModelConfig, present: dict[str, Any]):
@@ -234,6 +245,11 @@ def save_model(
     tensors = hf_state_dict(model, target, parse_dtype(dtype))
     saved_dtype = next(iter(tensors.values())).dtype
     config = hf_config(model, target, saved_dtype)
+    config.pop("quantization_config", None)  # carried over from a loaded quantized directory
+    quantized, scheme = quantized_state(model, target, saved_dtype)
+    if scheme is not None:  # kiln.quant layers: the compressed-tensors layout
+        tensors.update(quantized)
+        config["quantization_config"] = quantization_config(scheme, unquantized_linears(model, target))
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".kiln-save-") as staging:

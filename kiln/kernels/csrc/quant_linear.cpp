@@ -1,0 +1,263 @@
+// kiln::quant_linear(x (M, K), qweight, scale (N, G) fp32, offset (N, G) fp32?, bias (N,) fp32?, bits)
+//   -> (M, N) in x's dtype: y = x @ dequantize(qweight).T + bias, for few rows M (decode).
+//
+// Weight-only quantized GEMV that streams the integer weight once for all M rows (kiln/quant/linear.py
+// says when it is called). Dequantization is folded into the sums: with u the stored integer,
+//   w[n, k] = (u[n, k] - z[n, g]) * s[n, g]   (g = k / group_size, G = K / group_size groups)
+//   y[m, n] = sum_g s[n, g] * dot_g(x[m], u[n]) - sum_g offset[n, g] * xsum[m, g],  offset = s * z,
+// so the inner loop only converts integers to fp32 and multiply-adds; the group scale is one fused
+// multiply-add of a whole vector accumulator per group, and the zero point one scalar term per group.
+//   bits == 8: qweight (N, K) int8 (signed, symmetric: no offset), G == 1 (per output channel).
+//   bits == 4: qweight (N, K / 2) uint8, u in 0..15, in 32-element chunks of 16 bytes: byte j of a chunk
+//              holds element j in its low nibble and element j + 16 in its high nibble, so one 16-byte
+//              load widened to 16 int32 lanes gives elements 0..15 (& 0xF) and 16..31 (>> 4). K and the
+//              group size are multiples of 32.
+// x is converted to fp32 once; products of a bf16/fp32 x and a small integer are exact in fp32, and the
+// sums accumulate in fp32 (AVX-512F), so the result matches the torch reference (dequantize, then matmul
+// in fp32) to fp32 rounding. Without AVX-512 a scalar loop computes the same sums.
+// tests/quant/test_linear.py checks it against kiln/quant's torch reference.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+constexpr int ROWS = 4;  // x rows per register tile
+constexpr int COLS = 4;  // outputs per register tile
+constexpr int64_t GRAIN_TILES = 16;
+constexpr int64_t PREFETCH_BYTES = 8 * 1024;  // as linear.cpp: a tile or two of weight ahead
+
+struct QuantArgs {
+  const float* x;       // (M, K) fp32
+  const uint8_t* w;     // (N, row_bytes)
+  const float* scale;   // (N, G)
+  const float* offset;  // (N, G) or null
+  const float* xsum;    // (M, G) or null (with offset)
+  const float* bias;    // (N,) or null
+  float* out;           // (M, N) fp32
+  int64_t M, K, N, G, group, row_bytes;
+  int bits;
+};
+
+// The offset term and bias of output column n for row m.
+inline float correction(const QuantArgs& a, int64_t m, int64_t n) {
+  float value = a.bias != nullptr ? a.bias[n] : 0.0f;
+  if (a.offset != nullptr) {
+    for (int64_t g = 0; g < a.G; ++g) value -= a.offset[n * a.G + g] * a.xsum[m * a.G + g];
+  }
+  return value;
+}
+
+inline float weight_value(const QuantArgs& a, int64_t n, int64_t k) {
+  const uint8_t* row = a.w + n * a.row_bytes;
+  if (a.bits == 8) return static_cast<float>(static_cast<int8_t>(row[k]));
+  const uint8_t byte = row[(k / 32) * 16 + (k % 16)];
+  return static_cast<float>((k % 32) < 16 ? (byte & 0xF) : (byte >> 4));
+}
+
+template <int R, int C>
+void tile_scalar(const QuantArgs& a, int64_t m0, int64_t n0) {
+  for (int m = 0; m < R; ++m) {
+    for (int c = 0; c < C; ++c) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < a.G; ++g) {
+        float sum = 0.0f;
+        for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k)
+          sum += a.x[(m0 + m) * a.K + k] * weight_value(a, n0 + c, k);
+        total += sum * a.scale[(n0 + c) * a.G + g];
+      }
+      a.out[(m0 + m) * a.N + n0 + c] = total + correction(a, m0 + m, n0 + c);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+template <int R, int C>
+inline void finish(const QuantArgs& a, int64_t m0, int64_t n0, __m512 (&total)[R][C]) {
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c)
+      a.out[(m0 + m) * a.N + n0 + c] = _mm512_reduce_add_ps(total[m][c]) + correction(a, m0 + m, n0 + c);
+}
+
+// int8: 16 weights per step, masked tail (zeros add nothing); one group (per-channel scale).
+template <int R, int C>
+void tile_int8(const QuantArgs& a, int64_t m0, int64_t n0) {
+  __m512 acc[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+  const int8_t* w = reinterpret_cast<const int8_t*>(a.w + n0 * a.row_bytes);
+  const int64_t ahead = C * a.row_bytes * std::max<int64_t>(1, PREFETCH_BYTES / (C * a.row_bytes));
+  auto step = [&](int64_t k, __mmask16 mask) {
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) {
+      const int8_t* p = w + c * a.row_bytes + k;
+      _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+      wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+    }
+    for (int m = 0; m < R; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, a.x + (m0 + m) * a.K + k);
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_fmadd_ps(xv, wv[c], acc[m][c]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 16 <= a.K; k += 16) step(k, static_cast<__mmask16>(0xFFFF));
+  if (k < a.K) step(k, static_cast<__mmask16>((1u << (a.K - k)) - 1));
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_mul_ps(acc[m][c], _mm512_set1_ps(a.scale[n0 + c]));
+  finish<R, C>(a, m0, n0, acc);
+}
+
+// int4: 32 weights (16 bytes) per step; each group's sums scaled into the running total.
+template <int R, int C>
+void tile_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
+  __m512 total[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
+  const uint8_t* w = a.w + n0 * a.row_bytes;
+  const int64_t ahead = C * a.row_bytes * std::max<int64_t>(1, PREFETCH_BYTES / (C * a.row_bytes));
+  const __m512i low_nibble = _mm512_set1_epi32(0xF);
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 acc[R][C];
+    for (int m = 0; m < R; ++m)
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 32) {
+      __m512 lo[C], hi[C];
+      for (int c = 0; c < C; ++c) {
+        const uint8_t* p = w + c * a.row_bytes + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        lo[c] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low_nibble));
+        hi[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      }
+      for (int m = 0; m < R; ++m) {
+        const float* xr = a.x + (m0 + m) * a.K + k;
+        const __m512 xl = _mm512_loadu_ps(xr), xh = _mm512_loadu_ps(xr + 16);
+        for (int c = 0; c < C; ++c) {
+          acc[m][c] = _mm512_fmadd_ps(xl, lo[c], acc[m][c]);
+          acc[m][c] = _mm512_fmadd_ps(xh, hi[c], acc[m][c]);
+        }
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512 s = _mm512_set1_ps(a.scale[(n0 + c) * a.G + g]);
+      for (int m = 0; m < R; ++m) total[m][c] = _mm512_fmadd_ps(acc[m][c], s, total[m][c]);
+    }
+  }
+  finish<R, C>(a, m0, n0, total);
+}
+#endif
+
+template <int R, int C>
+inline void run_tile(const QuantArgs& a, int64_t m0, int64_t n0) {
+#if defined(__AVX512F__)
+  if (a.bits == 8) return tile_int8<R, C>(a, m0, n0);
+  return tile_int4<R, C>(a, m0, n0);
+#else
+  tile_scalar<R, C>(a, m0, n0);
+#endif
+}
+
+template <int R>
+inline void run_rows(int cols, const QuantArgs& a, int64_t m0, int64_t n0) {
+  switch (cols) {
+    case 4: return run_tile<R, 4>(a, m0, n0);
+    case 3: return run_tile<R, 3>(a, m0, n0);
+    case 2: return run_tile<R, 2>(a, m0, n0);
+    default: return run_tile<R, 1>(a, m0, n0);
+  }
+}
+
+inline void run_block(int rows, int cols, const QuantArgs& a, int64_t m0, int64_t n0) {
+  switch (rows) {
+    case 4: return run_rows<4>(cols, a, m0, n0);
+    case 3: return run_rows<3>(cols, a, m0, n0);
+    case 2: return run_rows<2>(cols, a, m0, n0);
+    default: return run_rows<1>(cols, a, m0, n0);
+  }
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                const c10::optional<at::Tensor>& offset, int64_t bits) {
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && scale.dim() == 2,
+              "kiln::quant_linear: x (M, K), qweight and scale (N, G) must be 2-D");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "kiln::quant_linear runs on CPU tensors only");
+  TORCH_CHECK(bits == 8 || bits == 4, "kiln::quant_linear: bits must be 8 or 4, got ", bits);
+  const int64_t K = x.size(1), N = qweight.size(0), G = scale.size(1);
+  TORCH_CHECK(scale.size(0) == N && scale.scalar_type() == at::kFloat, "kiln::quant_linear: scale must be (",
+              N, ", G) float32");
+  if (bits == 8) {
+    TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.size(1) == K && G == 1,
+                "kiln::quant_linear: 8-bit qweight must be (N, K) int8 with one scale per row");
+  } else {
+    TORCH_CHECK(qweight.scalar_type() == at::kByte && K % 32 == 0 && qweight.size(1) * 2 == K,
+                "kiln::quant_linear: 4-bit qweight must be (N, K / 2) uint8 with K a multiple of 32");
+    TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 32 == 0, "kiln::quant_linear: 4-bit groups must be ",
+                "multiples of 32 that divide K");
+  }
+  if (offset.has_value() && offset->defined()) {
+    TORCH_CHECK(offset->sizes() == scale.sizes() && offset->scalar_type() == at::kFloat,
+                "kiln::quant_linear: offset must match scale");
+  }
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
+                        int64_t bits) {
+  check_args(x, qweight, scale, offset, bits);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = scale.size(1);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor wc = qweight.contiguous(), sc = scale.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor off, xsum, b;
+  if (offset.has_value() && offset->defined()) {
+    off = offset->contiguous();
+    xsum = xf.view({M, G, K / G}).sum(-1).contiguous();  // (M, G)
+  }
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  QuantArgs args{xf.const_data_ptr<float>(),
+                 reinterpret_cast<const uint8_t*>(wc.const_data_ptr()),
+                 sc.const_data_ptr<float>(),
+                 off.defined() ? off.const_data_ptr<float>() : nullptr,
+                 xsum.defined() ? xsum.const_data_ptr<float>() : nullptr,
+                 b.defined() ? b.const_data_ptr<float>() : nullptr,
+                 out.mutable_data_ptr<float>(),
+                 M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
+  const int64_t num_tiles = (N + COLS - 1) / COLS;
+  at::parallel_for(0, num_tiles, GRAIN_TILES, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t * COLS;
+      const int cols = static_cast<int>(std::min<int64_t>(COLS, N - n));
+      for (int64_t m = 0; m < M; m += ROWS) {
+        run_block(static_cast<int>(std::min<int64_t>(ROWS, M - m)), cols, args, m, n);
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+at::Tensor quant_linear_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
+                             int64_t bits) {
+  return at::empty({x.size(0), qweight.size(0)}, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln, m) {
+  m.def(
+      "quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? offset=None, Tensor? bias=None, "
+      "int bits=8) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("quant_linear", &quant_linear); }
+
+TORCH_LIBRARY_IMPL(kiln, Meta, m) { m.impl("quant_linear", &quant_linear_meta); }

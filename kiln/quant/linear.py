@@ -1,0 +1,146 @@
+"""QuantizedLinear: an `nn.Linear` replacement holding int8 or packed int4 weights (QuantScheme).
+
+`reference(x)` is the definition: weight-only schemes dequantize the weight to x's dtype and run
+F.linear; w8a8 quantizes x per token and multiplies the integers exactly (float64), then scales.
+`forward(x)` runs the fast path where one applies and the reference elsewhere:
+- weight-only, few rows on CPU (decode): kiln's C++ op `torch.ops.kiln.quant_linear`
+  (kernels/csrc/quant_linear.cpp), which streams the integer weight once with dequantization folded
+  into the sums. PyTorch's `_weight_int8pack_mm` was slower than kiln's bf16 linear at batch 1;
+  `_weight_int4pack_mm_for_cpu` matched or beat kiln's int4 op on some shapes but needs bf16 scales
+  (not exact against this reference); both were far slower than dequantize + GEMM at 64 rows
+  (BENCHMARKS.md, "Quantized weights").
+- w8a8, few rows: the same op on the integer activations, then the per-token scale; more rows:
+  `torch._int_mm` (int8 x int8 -> int32, VNNI where present).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.kernels.cpu_extension import cpu_ops_built
+from kiln.quant import weights as qw
+from kiln.quant.scheme import QuantScheme
+
+# Most rows the C++ op takes; above them the reference (weight-only: dequantize + torch's GEMM) or
+# torch._int_mm (w8a8) runs. `kiln bench quant` timed 1 row (op faster) and 64 (op 3-7x slower than
+# the GEMM); 16 is kiln's bf16 linear threshold, not tuned separately.
+MAX_OP_ROWS = 16
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T + b with W stored quantized. Build with `from_float` or `from_integers`."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, name: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme, self.name = in_features, out_features, scheme, name
+        groups = 1 if scheme.name != "int4" else in_features // scheme.group_size
+        if scheme.name == "int4":
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8))
+            self.register_buffer("offset", torch.zeros(out_features, groups))  # scale * zero, for the op
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("zero", None)
+            self.register_buffer("offset", None)
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("bias", None)
+
+    @classmethod
+    def from_integers(
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        scheme: QuantScheme,
+        zero: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        name: str = "",
+    ) -> QuantizedLinear:
+        """From integer weights: int8 q (N, K) in [-127, 127], or int4 u (N, K) in [0, 15] with zero."""
+        out_features, in_features = q.shape
+        scheme.check_shape(f"{name}.weight" if name else "weight", out_features, in_features)
+        layer = cls(in_features, out_features, scheme, name)
+        layer.scale = scale.float().reshape(out_features, -1).contiguous()
+        if scheme.name == "int4":
+            zero = torch.full_like(layer.scale, 8) if zero is None else zero
+            layer.zero = zero.to(torch.uint8).reshape(layer.scale.shape).contiguous()
+            layer.qweight = qw.pack_int4(q)
+            layer.offset = layer.scale * layer.zero.float()
+        else:
+            layer.qweight = q.to(torch.int8).contiguous()
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme, name: str = ""
+    ) -> QuantizedLinear:
+        """Quantize a float (N, K) weight round-to-nearest under `scheme`."""
+        weight = weight.detach()
+        scheme.check_shape(f"{name}.weight" if name else "weight", *weight.shape)
+        if scheme.name == "int4":
+            u, scale, zero = qw.quantize_int4(weight, scheme.group_size, scheme.symmetric)
+            return cls.from_integers(u, scale, scheme, zero, bias, name)
+        q, scale = qw.quantize_int8(weight)
+        return cls.from_integers(q, scale, scheme, None, bias, name)
+
+    # ------------------------------------------------------------------------------------ weights
+
+    def integer_weight(self) -> torch.Tensor:
+        """(N, K): int8 values, or int4's unsigned values in [0, 15]."""
+        return qw.unpack_int4(self.qweight) if self.scheme.name == "int4" else self.qweight
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return qw.dequantize(self.integer_weight(), self.scale, self.zero).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"
+
+    # ------------------------------------------------------------------------------------ compute
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The scheme's definition in plain torch (see the module docstring)."""
+        if self.scheme.name != "w8a8":
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        q, x_scale = qw.quantize_rows(x.reshape(-1, self.in_features))
+        sums = q.double() @ self.qweight.double().T  # exact integer sums
+        y = sums * x_scale.double() * self.scale.double().T
+        return self._finish(y.to(x.dtype), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(self.in_features, 1)
+        if self._op_applies(x, rows):
+            if self.scheme.name == "w8a8":
+                q, x_scale = qw.quantize_rows(x.reshape(rows, self.in_features))
+                sums = torch.ops.kiln.quant_linear(q.float(), self.qweight, self.scale, None, None, 8)
+                return self._finish((sums * x_scale).to(x.dtype), x)
+            y = torch.ops.kiln.quant_linear(
+                x.reshape(rows, self.in_features),
+                self.qweight,
+                self.scale,
+                self.offset,
+                self.bias,
+                self.scheme.bits,
+            )
+            return y.view(*x.shape[:-1], self.out_features)
+        if self.scheme.name == "w8a8" and x.device.type == "cpu" and rows > MAX_OP_ROWS:
+            q, x_scale = qw.quantize_rows(x.reshape(rows, self.in_features))
+            sums = torch._int_mm(q, self.qweight.T)  # (M, N) int32
+            return self._finish((sums.float() * x_scale * self.scale.T).to(x.dtype), x)
+        return self.reference(x)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(M, N) -> x's leading shape, plus the bias."""
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _op_applies(self, x: torch.Tensor, rows: int) -> bool:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if not 0 < rows <= MAX_OP_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        return cpu_ops_built()

@@ -1,0 +1,121 @@
+"""QuantizedLinear: quantize -> dequantize error within each scheme's bound, the fast paths (kiln's C++
+op, torch._int_mm) against the torch reference on odd shapes, batch 1/7/64, fp32 and bf16 activations.
+
+Tolerances: against the exact result of the dequantized weight (float64), fp32 outputs are within 1e-5 of
+the output's scale (max(1, max |exact|)); bf16 outputs within 2^-7 of it (the reference itself rounds the
+dequantized weight to bf16; the op rounds once at the end). w8a8's integer sums are exact in both paths.
+"""
+
+import pytest
+import torch
+
+from kiln.errors import KilnError
+from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.quant import QuantizedLinear, parse_scheme
+from kiln.quant import weights as qw
+
+SCHEMES = [
+    parse_scheme("int8"),
+    parse_scheme("int4", 32),
+    parse_scheme("int4", 64, symmetric=False),
+    parse_scheme("int4", 128),
+    parse_scheme("w8a8"),
+]
+# (in, out): in off multiples of 16 where the scheme allows (int8, w8a8), out odd.
+SHAPES = {"int8": [(33, 7), (100, 65), (768, 33)], "w8a8": [(33, 7), (100, 65), (768, 33)]}
+INT4_SHAPES = [(128, 7), (256, 65), (384, 33)]
+needs_op = pytest.mark.skipif(not cpu_ops_available(), reason="kiln's C++ CPU ops did not build here")
+
+
+def _shapes(scheme):
+    return SHAPES.get(scheme.name, INT4_SHAPES)
+
+
+def _layer(scheme, in_features, out_features, bias=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    return weight, QuantizedLinear.from_float(weight, b, scheme, name="layer")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_quantize_error_within_bound(scheme):
+    for in_features, out_features in _shapes(scheme):
+        weight, layer = _layer(scheme, in_features, out_features)
+        error = (layer.dequantized_weight() - weight).abs()
+        groups = layer.scale.shape[1]
+        bound = (layer.scale / 2).repeat_interleave(in_features // groups, dim=1)
+        assert (error <= bound * (1 + 1e-5)).all()
+        # a scale is no larger than the range needs: max |w| / 127 (int8), / 7.5 (int4 sym), range / 15
+        assert layer.scale.max() <= weight.abs().max() / (127 if scheme.bits == 8 else 7.5) + 1e-6
+
+
+def test_int4_pack_roundtrip():
+    u = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    assert torch.equal(qw.unpack_int4(qw.pack_int4(u)), u)
+
+
+def _check(got, layer, x):
+    exact = x.double() @ layer.dequantized_weight().double().T
+    if layer.bias is not None:
+        exact = exact + layer.bias.double()
+    if layer.scheme.name == "w8a8":
+        exact = layer.reference(x.float()).double()
+    scale = max(1.0, exact.abs().max().item())
+    tolerance = 1e-5 if x.dtype == torch.float32 else 2**-7
+    assert got.dtype == x.dtype and got.shape == exact.shape
+    assert (got.double() - exact).abs().max().item() <= tolerance * scale
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_fast_path_matches_reference(scheme, rows, dtype):
+    for bias in (False, True):
+        for in_features, out_features in _shapes(scheme):
+            _, layer = _layer(scheme, in_features, out_features, bias)
+            x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+            with torch.no_grad():
+                fast, reference = layer(x), layer.reference(x)
+            _check(reference, layer, x)
+            _check(fast, layer, x)
+
+
+@needs_op
+def test_op_is_used_for_decode_rows(monkeypatch):
+    _, layer = _layer(parse_scheme("int4", 32), 64, 8)
+    calls = []
+    op = torch.ops.kiln.quant_linear
+    monkeypatch.setattr(torch.ops.kiln, "quant_linear", lambda *a: calls.append(1) or op(*a))
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 64))
+        assert calls == [1]
+        layer(torch.randn(65, 64))
+        assert calls == [1]
+
+
+def test_leading_dims_and_reference_off_op():
+    _, layer = _layer(parse_scheme("int8"), 48, 10, bias=True)
+    x = torch.randn(2, 3, 48)
+    y = layer.reference(x)
+    assert y.shape == (2, 3, 10)
+    torch.testing.assert_close(y, x @ layer.dequantized_weight().T + layer.bias)
+
+
+def test_group_size_not_dividing_names_the_tensor():
+    with pytest.raises(KilnError, match=r"layer\.weight: int4 group size 128 does not divide its 96"):
+        QuantizedLinear.from_float(torch.randn(4, 96), None, parse_scheme("int4", 128), name="layer")
+
+
+@pytest.mark.parametrize(
+    ("name", "group_size", "symmetric", "message"),
+    [
+        ("int3", None, True, "unknown quantization scheme"),
+        ("int4", 48, True, "group size must be one of"),
+        ("int8", 64, True, "symmetric per output channel"),
+    ],
+)
+def test_bad_schemes(name, group_size, symmetric, message):
+    with pytest.raises(KilnError, match=message):
+        parse_scheme(name, group_size, symmetric)
