@@ -103,7 +103,7 @@ def _connect_postgres(url: str) -> Any:
     try:
         return psycopg.connect(url, connect_timeout=10)
     except psycopg.Error as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise DatabaseError(
             f"cannot connect to the job store {_redacted(url)}: {reason}; check --db (host, port, "
             "user, database) and that the server is running"

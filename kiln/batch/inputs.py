@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kiln.batch.spec import OPENAI_ENDPOINTS
+from kiln.batch.spec import OPENAI_ENDPOINTS, JobSpec
 from kiln.batch.store import Record
 from kiln.batch.template import PromptTemplate
 from kiln.errors import KilnError
@@ -133,3 +133,10 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
                 raise KilnError(f"{path} line {number} is not a JSON object (a table row is {{column: value}})")
             rows.append(row)
     return rows, set().union(*rows) if rows else set()
+
+
+def read_records(path: Path, spec: JobSpec) -> list[Record]:
+    """The records of `path` as the job `spec` reads them."""
+    if spec.kind == "openai":
+        return read_openai_batch(path, spec.endpoint)
+    return read_table(path, PromptTemplate(spec.template or ""), spec.id_column)
