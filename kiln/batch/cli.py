@@ -65,7 +65,9 @@ def submit_command(
         str | None, typer.Option(help="Tag each record with one of these comma-separated labels.")
     ] = None,
     label_prefix: Annotated[str, typer.Option(help="Text between the prompt and each label.")] = " ",
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per record (table jobs, no labels).")] = 16,
+    max_tokens: Annotated[
+        int, typer.Option(help="Tokens to generate per record (table jobs, no labels).")
+    ] = 16,
     results_table: Annotated[str, typer.Option(help="Table the results go to.")] = "kiln_batch_results",
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Model `run` loads by default.")] = None,
     job_id: Annotated[str | None, typer.Option(help="The job's id (default: a new batch_... id).")] = None,

@@ -36,6 +36,16 @@ class Database:
         self.now_sql = _POSTGRES_NOW if self.is_postgres else _SQLITE_NOW
         self.path = None if self.is_postgres else sqlite_path(url)
         self.connection = _connect_postgres(url) if self.is_postgres else _connect_sqlite(self.path)
+        self.display_url = _redacted(url)
+
+    @property
+    def driver_error(self) -> type[Exception]:
+        """The driver's base error class (psycopg.Error or sqlite3.Error)."""
+        if self.is_postgres:
+            import psycopg
+
+            return psycopg.Error
+        return sqlite3.Error
 
     @property
     def supports_many_workers(self) -> bool:

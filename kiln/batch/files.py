@@ -47,7 +47,8 @@ class FileStore:
 
     def get(self, file_id: str) -> StoredFile:
         rows = self.db.query(
-            "SELECT file_id, filename, purpose, num_bytes, created_at FROM kiln_batch_files WHERE file_id = ?",
+            "SELECT file_id, filename, purpose, num_bytes, created_at FROM kiln_batch_files "
+            "WHERE file_id = ?",
             (file_id,),
         )
         self.db.read_done()

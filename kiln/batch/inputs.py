@@ -21,7 +21,9 @@ from kiln.errors import KilnError
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
 
 
-def parse_openai_batch(lines: Iterable[str | bytes], source: str, endpoint: str | None = None) -> list[Record]:
+def parse_openai_batch(
+    lines: Iterable[str | bytes], source: str, endpoint: str | None = None
+) -> list[Record]:
     """The records of an OpenAI batch file; `endpoint`, when given, is the one url every line must use."""
     records: list[Record] = []
     seen: set[str] = set()
@@ -54,7 +56,9 @@ def read_table(path: Path, template: PromptTemplate, id_column: str | None) -> l
         raise KilnError(f"{path} has no rows; nothing to submit")
     template.check_columns(columns)
     if id_column is not None and id_column not in columns:
-        raise KilnError(f"id column {id_column!r} is not in {path} (its columns: {', '.join(sorted(columns))})")
+        raise KilnError(
+            f"id column {id_column!r} is not in {path} (its columns: {', '.join(sorted(columns))})"
+        )
     records: list[Record] = []
     seen: set[str] = set()
     for number, row in enumerate(rows):
@@ -63,7 +67,9 @@ def read_table(path: Path, template: PromptTemplate, id_column: str | None) -> l
             raise KilnError(f"{path} row {number + 1} has no value in the id column {id_column!r}")
         custom_id = str(custom_id)
         if custom_id in seen:
-            raise KilnError(f"{path}: id {custom_id!r} appears twice in column {id_column!r}; ids must be unique")
+            raise KilnError(
+                f"{path}: id {custom_id!r} appears twice in column {id_column!r}; ids must be unique"
+            )
         seen.add(custom_id)
         records.append(Record(custom_id=custom_id, payload=row))
     return records
@@ -128,9 +134,13 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
             try:
                 row = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise KilnError(f"{path} line {number} is not valid JSON ({error}); fix or remove it") from error
+                raise KilnError(
+                    f"{path} line {number} is not valid JSON ({error}); fix or remove it"
+                ) from error
             if not isinstance(row, dict):
-                raise KilnError(f"{path} line {number} is not a JSON object (a table row is {{column: value}})")
+                raise KilnError(
+                    f"{path} line {number} is not a JSON object (a table row is {{column: value}})"
+                )
             rows.append(row)
     return rows, set().union(*rows) if rows else set()
 

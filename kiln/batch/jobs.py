@@ -55,7 +55,9 @@ def run_job(
                 counts = store.counts(job_id)
                 progress.update(counts["done"] + counts["failed"] + counts["cancelled"], stats)
 
-        runner = BatchRunner(store, job_id, backend, chunk_size=chunk_size, lease_s=lease_s, on_chunk=on_chunk)
+        runner = BatchRunner(
+            store, job_id, backend, chunk_size=chunk_size, lease_s=lease_s, on_chunk=on_chunk
+        )
         return runner.run()
 
 

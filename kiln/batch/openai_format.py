@@ -55,7 +55,11 @@ def completion_body(url: str, output: RequestOutput, model: str) -> dict[str, An
     chat = url == "/v1/chat/completions"
     choices = []
     for sample in output.outputs:
-        choice: dict[str, Any] = {"index": sample.index, "finish_reason": sample.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {
+            "index": sample.index,
+            "finish_reason": sample.finish_reason,
+            "logprobs": None,
+        }
         if chat:
             choice["message"] = {"role": "assistant", "content": sample.text}
         else:

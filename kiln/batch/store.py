@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.batch.database import Database
+from kiln.batch.database import Database, DatabaseError
 from kiln.batch.spec import JobSpec
 from kiln.errors import KilnError
 
@@ -116,11 +116,16 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.db = Database(url)
         self._results_tables: dict[str, str] = {}
-        with self.db.transaction():
-            if self.db.is_postgres:  # concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL
-                self.db.execute("SELECT pg_advisory_xact_lock(7411)")
-            for statement in _SCHEMA:
-                self.db.execute(statement)
+        try:
+            with self.db.transaction():
+                if self.db.is_postgres:  # concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL
+                    self.db.execute("SELECT pg_advisory_xact_lock(7411)")
+                for statement in _SCHEMA:
+                    self.db.execute(statement)
+        except self.db.driver_error as error:
+            raise DatabaseError(
+                f"cannot create the job tables in {self.db.display_url}: {' '.join(str(error).split())}"
+            ) from error
 
     def close(self) -> None:
         self.db.close()

@@ -20,7 +20,9 @@ class PromptTemplate:
             self.template = _ENVIRONMENT.from_string(source)
             self.columns = frozenset(meta.find_undeclared_variables(_ENVIRONMENT.parse(source)))
         except jinja2.TemplateSyntaxError as error:
-            raise KilnError(f"the prompt template does not parse: {error.message} (line {error.lineno})")
+            raise KilnError(
+                f"the prompt template does not parse: {error.message} (line {error.lineno})"
+            ) from error
 
     def check_columns(self, available: Iterable[str]) -> None:
         """Refuse a template naming a column no record has (a typo would otherwise fail every record)."""

@@ -30,7 +30,9 @@ class AsyncEngineBackend(Backend):
             return []
 
         async def run_all() -> list[RequestOutput]:
-            return list(await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, params, strict=True))))
+            return list(
+                await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, params, strict=True)))
+            )
 
         return asyncio.run_coroutine_threadsafe(run_all(), self.loop).result()
 
@@ -45,7 +47,9 @@ class AsyncEngineBackend(Backend):
             async for delta in self.async_engine.add_request(list(prompt), params):
                 last = delta
                 for part in delta.outputs:
-                    sample = samples.setdefault(part.index, CompletionOutput(index=part.index, text="", token_ids=[]))
+                    sample = samples.setdefault(
+                        part.index, CompletionOutput(index=part.index, text="", token_ids=[])
+                    )
                     sample.text += part.text
                     sample.token_ids += part.token_ids
                     sample.finish_reason = part.finish_reason or sample.finish_reason
@@ -97,7 +101,9 @@ class BatchWorker:
         store = JobStore(self.db_url)
         try:
             while not self._stop.is_set():
-                pending = [job for job in store.jobs() if job.status == "in_progress" and job.spec.kind == "openai"]
+                pending = [
+                    job for job in store.jobs() if job.status == "in_progress" and job.spec.kind == "openai"
+                ]
                 if not pending:
                     self._stop.wait(self.poll_s)
                     continue

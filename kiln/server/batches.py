@@ -34,7 +34,11 @@ class BatchCreate(BaseModel):
 
 def add_batch_routes(app: FastAPI, store: JobStore, model_name: str) -> None:
     files = FileStore(store.db)
+    _add_file_routes(app, store, files)
+    _add_job_routes(app, store, files, model_name)
 
+
+def _add_file_routes(app: FastAPI, store: JobStore, files: FileStore) -> None:
     @app.post("/v1/files", responses=responses(400, 401, 413))
     async def upload_file(request: Request) -> dict[str, Any]:
         fields = _multipart(request.headers.get("content-type", ""), await request.body())
@@ -60,6 +64,8 @@ def add_batch_routes(app: FastAPI, store: JobStore, model_name: str) -> None:
         text = "".join(json.dumps(line) + "\n" for line in result_lines(store, job_id, status))
         return PlainTextResponse(text, media_type="application/jsonl")
 
+
+def _add_job_routes(app: FastAPI, store: JobStore, files: FileStore, model_name: str) -> None:
     @app.post("/v1/batches", responses=responses(400, 401, 404))
     async def create_batch(body: BatchCreate) -> dict[str, Any]:
         if body.endpoint not in OPENAI_ENDPOINTS:

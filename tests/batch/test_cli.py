@@ -35,8 +35,23 @@ def user_error(*args: str) -> str:
 def test_submit_run_status_export(tmp_path, model_dir):
     db = str(tmp_path / "jobs.db")
     rows = write_rows(tmp_path / "rows.jsonl", 30)
-    submitted = invoke("batch", "submit", str(rows), "--db", db, "--template", TEMPLATE, "--id-column", "id",
-                       "--labels", "A,B,C", "--model", str(model_dir), "--job-id", "tags")
+    submitted = invoke(
+        "batch",
+        "submit",
+        str(rows),
+        "--db",
+        db,
+        "--template",
+        TEMPLATE,
+        "--id-column",
+        "id",
+        "--labels",
+        "A,B,C",
+        "--model",
+        str(model_dir),
+        "--job-id",
+        "tags",
+    )
     assert submitted.exit_code == 0, submitted.output
     assert submitted.stdout.strip() == "tags"
     ran = invoke("batch", "run", "tags", "--db", db, "--no-progress")
@@ -63,7 +78,10 @@ def test_malformed_jsonl_line_is_one_line_and_nothing_is_written(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ({"custom_id": "a", "method": "POST", "url": "/v1/images", "body": {}}, "url '/v1/images' is not one of"),
+        (
+            {"custom_id": "a", "method": "POST", "url": "/v1/images", "body": {}},
+            "url '/v1/images' is not one of",
+        ),
         ({"custom_id": "a", "url": "/v1/completions", "body": {}}, "lacks method"),
         ({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}, "method must be POST"),
     ],
@@ -78,14 +96,19 @@ def test_duplicate_custom_id(tmp_path):
     line = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}
     path = tmp_path / "batch.jsonl"
     path.write_text((json.dumps(line) + "\n") * 2)
-    assert "custom_id 'a' appears twice" in user_error("batch", "submit", str(path), "--db", str(tmp_path / "j.db"))
+    assert "custom_id 'a' appears twice" in user_error(
+        "batch", "submit", str(path), "--db", str(tmp_path / "j.db")
+    )
 
 
 def test_unknown_template_column_is_one_line_and_nothing_is_written(tmp_path):
     db = str(tmp_path / "jobs.db")
     rows = write_rows(tmp_path / "rows.jsonl", 5)
     message = user_error("batch", "submit", str(rows), "--db", db, "--template", "{{ txt }}")
-    assert message == "the prompt template uses column(s) txt that the input does not have (its columns: id, text)"
+    assert (
+        message
+        == "the prompt template uses column(s) txt that the input does not have (its columns: id, text)"
+    )
     assert JobStore(db).jobs() == []
 
 
@@ -97,28 +120,58 @@ def test_csv_and_parquet_tables(tmp_path):
     (tmp_path / "rows.csv").write_text("key,text\nk1,hello\nk2,world\n")
     pq.write_table(pa.table({"key": ["p1", "p2", "p3"], "text": ["a", "b", "c"]}), tmp_path / "rows.parquet")
     for name, count in (("rows.csv", 2), ("rows.parquet", 3)):
-        result = invoke("batch", "submit", str(tmp_path / name), "--db", db, "--template", "{{ text }}",
-                        "--id-column", "key")
+        result = invoke(
+            "batch",
+            "submit",
+            str(tmp_path / name),
+            "--db",
+            db,
+            "--template",
+            "{{ text }}",
+            "--id-column",
+            "key",
+        )
         assert result.exit_code == 0, result.output
         assert JobStore(db).job(result.stdout.strip()).num_records == count
-    assert "id column 'id'" in user_error("batch", "submit", str(tmp_path / "rows.csv"), "--db", db,
-                                          "--template", "{{ text }}", "--id-column", "id")
+    assert "id column 'id'" in user_error(
+        "batch",
+        "submit",
+        str(tmp_path / "rows.csv"),
+        "--db",
+        db,
+        "--template",
+        "{{ text }}",
+        "--id-column",
+        "id",
+    )
 
 
 def test_incompatible_results_table_via_cli(tmp_path):
     db = str(tmp_path / "jobs.db")
     JobStore(db).db.execute("CREATE TABLE tags (custom_id TEXT, label INTEGER)")
     rows = write_rows(tmp_path / "rows.jsonl", 5)
-    message = user_error("batch", "submit", str(rows), "--db", db, "--template", "{{ text }}",
-                         "--results-table", "tags")
+    message = user_error(
+        "batch", "submit", str(rows), "--db", db, "--template", "{{ text }}", "--results-table", "tags"
+    )
     assert "results table 'tags' exists with an incompatible schema" in message
     assert JobStore(db).jobs() == []
 
 
 def test_unreachable_database_prints_one_line():
     result = subprocess.run(
-        [sys.executable, "-m", "kiln.cli", "batch", "status", "--db", "postgresql://postgres@127.0.0.1:1/test"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "kiln.cli",
+            "batch",
+            "status",
+            "--db",
+            "postgresql://postgres@127.0.0.1:1/test",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

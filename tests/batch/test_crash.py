@@ -56,12 +56,20 @@ def check_killed_then_rerun(db_url, model_dir, llm, tmp_path, fault: str, lease:
     assert TEMPLATE in store.job(job_id).spec.template
 
 
-@pytest.mark.parametrize("fault", ["generated:2", pytest.param("claimed:1", marks=pytest.mark.slow),
-                                   pytest.param("committed:2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "generated:2",
+        pytest.param("claimed:1", marks=pytest.mark.slow),
+        pytest.param("committed:2", marks=pytest.mark.slow),
+    ],
+)
 def test_sqlite_worker_killed_then_rerun(tmp_path, model_dir, llm, fault):
     check_killed_then_rerun(str(tmp_path / "jobs.db"), model_dir, llm, tmp_path, fault)
 
 
-def test_postgres_worker_killed_between_generate_and_commit_then_rerun(postgres_url, model_dir, llm, tmp_path):
+def test_postgres_worker_killed_between_generate_and_commit_then_rerun(
+    postgres_url, model_dir, llm, tmp_path
+):
     # The rerun is a new worker: it takes the dead one's chunk once its 2 s lease has passed.
     check_killed_then_rerun(postgres_url, model_dir, llm, tmp_path, "generated:3", lease=2)

@@ -117,7 +117,12 @@ def test_bad_records_fail_alone_with_a_reason(db_url, llm, tmp_path):
 
 def test_openai_request_with_bad_parameters_fails_alone(db_url, llm, tmp_path):
     lines = [
-        {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": 2}},
+        {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "x", "max_tokens": 2},
+        },
         {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 7}},
     ]
     path = tmp_path / "batch.jsonl"
@@ -136,8 +141,13 @@ def test_two_workers_share_a_postgres_job(postgres_url, model_dir, tmp_path):
     path = write_rows(tmp_path / "rows.jsonl", 600)
     job_id = submit(JobStore(postgres_url), path, TAGGING)
     workers = [
-        BatchRunner(JobStore(postgres_url), job_id, LLMBackend(kiln.LLM(model_dir, verbose=False), "m"),
-                    worker_id=name, chunk_size=16)
+        BatchRunner(
+            JobStore(postgres_url),
+            job_id,
+            LLMBackend(kiln.LLM(model_dir, verbose=False), "m"),
+            worker_id=name,
+            chunk_size=16,
+        )
         for name in ("w1", "w2")
     ]
     threads = [threading.Thread(target=worker.run) for worker in workers]

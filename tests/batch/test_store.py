@@ -157,4 +157,13 @@ def test_results_table_name_must_be_plain_sql():
 def test_sqlite_store_is_a_plain_file(tmp_path):
     store = JobStore(str(tmp_path / "jobs.db"))
     store.create_job(SPEC, records(2))
-    assert sqlite3.connect(tmp_path / "jobs.db").execute("SELECT COUNT(*) FROM kiln_batch_records").fetchone() == (2,)
+    assert sqlite3.connect(tmp_path / "jobs.db").execute(
+        "SELECT COUNT(*) FROM kiln_batch_records"
+    ).fetchone() == (2,)
+
+
+def test_postgres_schema_that_does_not_exist_is_one_line(postgres_url):
+    url = postgres_url.rsplit("%3D", 1)[0] + "%3Dkiln_no_such_schema"
+    with pytest.raises(DatabaseError, match="cannot create the job tables") as caught:
+        JobStore(url)
+    assert "\n" not in str(caught.value)

@@ -49,10 +49,16 @@ def test_openai_client_runs_a_batch(batch_server, tmp_path):
     api = client(batch_server)
     path, lines = requests_file(tmp_path, 20, bad=7)
     uploaded = api.files.create(file=path.open("rb"), purpose="batch")
-    assert uploaded.bytes == path.stat().st_size and api.files.retrieve(uploaded.id).filename == "requests.jsonl"
+    assert (
+        uploaded.bytes == path.stat().st_size and api.files.retrieve(uploaded.id).filename == "requests.jsonl"
+    )
     assert api.files.content(uploaded.id).text == path.read_text()
-    batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h",
-                               metadata={"team": "tags"})
+    batch = api.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/completions",
+        completion_window="24h",
+        metadata={"team": "tags"},
+    )
     assert batch.status == "in_progress" and batch.request_counts.total == 20
     batch = wait_done(api, batch.id)
     assert batch.status == "completed" and batch.metadata == {"team": "tags"}
@@ -64,7 +70,9 @@ def test_openai_client_runs_a_batch(batch_server, tmp_path):
     assert [line["custom_id"] for line in errors] == ["req-7"] and "top_p" in errors[0]["error"]["message"]
     for line in output[:5]:
         i = int(line["custom_id"].split("-")[1])
-        direct = api.completions.create(model=batch.model, prompt=f"def f{i}(x):", max_tokens=6, temperature=0)
+        direct = api.completions.create(
+            model=batch.model, prompt=f"def f{i}(x):", max_tokens=6, temperature=0
+        )
         assert line["response"]["status_code"] == 200
         assert line["response"]["body"]["choices"][0]["text"] == direct.choices[0].text
     assert batch.id in [listed.id for listed in api.batches.list()]
