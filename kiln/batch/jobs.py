@@ -37,6 +37,21 @@ def run_job(
     job = store.job(job_id)
     if job.status != "in_progress":
         return RunStats()
+    with store.worker_lock():  # a second SQLite worker is refused before it loads a model
+        return _run(store, job, model, engine_config, chunk_size, lease_s, show_progress, llm)
+
+
+def _run(
+    store: JobStore,
+    job: JobInfo,
+    model: Path | None,
+    engine_config: EngineConfig | None,
+    chunk_size: int,
+    lease_s: float,
+    show_progress: bool,
+    llm: LLM | None,
+) -> RunStats:
+    job_id = job.job_id
     if llm is None:
         model_dir = model or (Path(job.spec.model) if job.spec.model else None)
         if model_dir is None:

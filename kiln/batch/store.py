@@ -116,6 +116,7 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.db = Database(url)
         self._results_tables: dict[str, str] = {}
+        self._holds_worker_lock = False
         try:
             with self.db.transaction():
                 if self.db.is_postgres:  # concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL
@@ -135,7 +136,7 @@ class JobStore:
         """Held while a worker runs. PostgreSQL: nothing (workers share jobs through row locks). SQLite:
         an exclusive lock on a file beside the database (the OS drops it when its holder dies), because
         SQLite claims cannot skip each other's rows."""
-        if self.db.supports_many_workers:
+        if self.db.supports_many_workers or self._holds_worker_lock:  # (re-entrant)
             yield
             return
         with open(f"{self.db.path}.worker-lock", "w") as file:
@@ -146,7 +147,11 @@ class JobStore:
                     f"another worker is running on the SQLite job store {self.db.path}: SQLite runs one "
                     "worker at a time; for several workers use PostgreSQL (--db postgresql://...)"
                 ) from None
-            yield
+            self._holds_worker_lock = True
+            try:
+                yield
+            finally:
+                self._holds_worker_lock = False
 
     # ---------------------------------------------------------------------------------- jobs
 

@@ -183,5 +183,5 @@ def test_a_second_sqlite_worker_is_refused(tmp_path, model_dir):
     rows = write_rows(tmp_path / "rows.jsonl", 5)
     invoke("batch", "submit", str(rows), "--db", db, "--template", "{{ text }}", "--job-id", "j")
     with JobStore(db).worker_lock():
-        message = user_error("batch", "run", "j", "--db", db, "--model", str(model_dir), "--no-progress")
+        message = user_error("batch", "run", "j", "--db", db, "--model", str(tmp_path / "no-model"))
     assert "SQLite runs one worker at a time" in message
