@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kiln.batch.cli import batch_app
 from kiln.bench.cli import bench_app
 from kiln.data.cli import data_app
 from kiln.engine.cli import chat_command, generate_command
@@ -30,6 +31,7 @@ tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_hel
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+app.add_typer(batch_app, name="batch")
 app.command("train")(train_command)
 app.command("plot")(plot_command)
 app.command("plan")(plan_command)

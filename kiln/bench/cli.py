@@ -263,3 +263,45 @@ def kernels_command(
         table.add_row(*row)
     Console().print(table)
     Console().print(f"wrote {output}")
+
+
+@bench_app.command("batch")
+def batch_command(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (the demo model).")] = Path(
+        "~/.cache/kiln/models/demo"
+    ),
+    num_records: Annotated[int, typer.Option(help="Records per job.")] = 2000,
+    postgres: Annotated[
+        str | None, typer.Option(help="postgresql://... for the PostgreSQL runs (omit: SQLite only).")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Cores in all; two workers get half each.")] = 2,
+    chunk_size: Annotated[int, typer.Option(help="Records a worker claims at a time.")] = 256,
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "benchmarks/batch.json"
+    ),
+) -> None:
+    """A tagging job (short prompts, five labels): records/s and records/day, SQLite vs PostgreSQL, one
+    worker vs two."""
+    import tempfile
+
+    from kiln.bench.batch import bench_batch
+    from kiln.bench.results import write_result
+
+    with tempfile.TemporaryDirectory() as scratch:
+        result = bench_batch(
+            model.expanduser(), Path(scratch) / "jobs.db", postgres, num_records, threads, chunk_size
+        )
+    write_result(result, output)
+    table = Table(title=f"tagging job, {num_records} records, 5 labels, {model.name}")
+    for column in ("store", "workers x threads", "seconds", "records/s", "records/day"):
+        table.add_column(column, justify="right")
+    for run in result.runs:
+        table.add_row(
+            run.store,
+            f"{run.num_workers} x {run.threads_per_worker}",
+            f"{run.seconds:.1f}",
+            f"{run.records_per_second:,.1f}",
+            f"{run.records_per_day:,.0f}",
+        )
+    Console().print(table)
+    Console().print(f"wrote {output}")

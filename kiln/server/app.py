@@ -1,6 +1,7 @@
 """The FastAPI app (routes) and `serve`, which loads a model and runs it behind uvicorn until SIGTERM.
 
-Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /tokenize, /detokenize, /health,
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/files and /v1/batches (with
+a batch job store, ServerConfig.batch_db), /tokenize, /detokenize, /health,
 /metrics, the web UI at /, and the schema at /openapi.json (Swagger UI at /docs, served offline). On SIGTERM
 the server stops accepting connections, lets in-flight requests finish (up to ServerConfig.drain_timeout_s,
 then aborts them), stops the engine and exits 0.
@@ -24,8 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from kiln.batch.store import JobStore
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.config import EngineConfig
+from kiln.server.batch_worker import AsyncEngineBackend, BatchWorker
+from kiln.server.batches import add_batch_routes
 from kiln.server.chat import create_chat_completion
 from kiln.server.completions import create_completion
 from kiln.server.config import ServerConfig
@@ -59,9 +63,18 @@ TOKENIZER_ERRORS = (400, 401, 404, 413)
 def build_app(state: ServerState) -> FastAPI:
     """The HTTP app around a running engine; its lifespan shuts the engine down."""
 
+    batch_db = state.config.batch_db
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker = None
+        if batch_db is not None:
+            backend = AsyncEngineBackend(state.async_engine, state.model_name, asyncio.get_running_loop())
+            worker = BatchWorker(batch_db, backend)
+            worker.start()
         yield
+        if worker is not None:  # its chunk in flight finishes (or is rerun later: its lease lapses)
+            await asyncio.to_thread(worker.stop, state.config.drain_timeout_s)
         await state.async_engine.shutdown()
 
     app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -72,6 +85,8 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(RequestGuard, api_key=state.config.api_key, max_body_bytes=state.config.max_body_bytes)
     _add_api_routes(app, state)
     _add_service_routes(app, state)
+    if batch_db is not None:
+        add_batch_routes(app, JobStore(batch_db), state.model_name)
     return app
 
 

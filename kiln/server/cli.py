@@ -66,6 +66,12 @@ def serve_command(
         int,
         typer.Option(help="Outputs a stream may keep waiting for a slow reader; past that it is aborted."),
     ] = 256,
+    batch_db: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve /v1/files and /v1/batches over this job store (a SQLite file or postgresql://...)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: debug, info, warning, error.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
@@ -91,6 +97,7 @@ def serve_command(
         drain_timeout_s=drain_timeout,
         max_body_size=max_body_size,
         max_stream_buffer=max_stream_buffer,
+        batch_db=batch_db,
         log_level=log_level,
         access_log=access_log,
     )

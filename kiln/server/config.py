@@ -28,6 +28,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     max_body_size: int | str = "4MB"  # larger request bodies get 413
     retry_after_s: int = 1  # the Retry-After a 503 suggests
+    # Job store (a SQLite file or postgresql://...) behind /v1/files and /v1/batches; None = no batch API.
+    batch_db: str | None = None
     log_level: str = "info"
     access_log: bool = True
 
