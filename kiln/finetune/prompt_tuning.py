@@ -82,6 +82,15 @@ class PromptTunedModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.model.output_weight
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The base's blocks (activation checkpointing wraps them from outside)."""
+        return self.model.layers
+
+    @layers.setter
+    def layers(self, value: nn.ModuleList) -> None:
+        self.model.layers = value
+
     def virtual_ids(self, batch: int, device: torch.device) -> torch.Tensor:
         first = self.config.vocab_size
         return torch.arange(first, first + self.num_virtual_tokens, device=device).expand(batch, -1)
