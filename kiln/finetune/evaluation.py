@@ -28,6 +28,33 @@ def greedy_completion(
     return out
 
 
+@torch.no_grad()
+def greedy_completions(
+    model: nn.Module, prompts: Sequence[Sequence[int]], stop_ids: set[int], max_new_tokens: int = 16
+) -> list[list[int]]:
+    """`greedy_completion` of every prompt, prompts of equal length decoded together as one batch (no
+    padding, so each row computes exactly what it would alone)."""
+    device = next(model.parameters()).device
+    groups: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(index)
+    out: list[list[int]] = [[] for _ in prompts]
+    for members in groups.values():
+        ids = torch.tensor([list(prompts[i]) for i in members], device=device)  # (B, T)
+        done = [False] * len(members)
+        for _ in range(max_new_tokens):
+            tokens = model(ids)[:, -1].argmax(-1)  # (B,)
+            for row, token in enumerate(tokens.tolist()):
+                if not done[row]:
+                    done[row] = token in stop_ids
+                    if not done[row]:
+                        out[members[row]].append(token)
+            if all(done):
+                break
+            ids = torch.cat([ids, tokens[:, None]], dim=1)
+    return out
+
+
 def exact_match(
     model: nn.Module, tokenizer, examples: Sequence[dict[str, Any]], max_new_tokens: int = 16
 ) -> float:
@@ -35,12 +62,19 @@ def exact_match(
     assistant message exactly (surrounding whitespace ignored)."""
     was_training = model.training
     model.eval()
-    hits = 0
-    for example in examples:
-        messages = example["messages"]
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
-        reply = greedy_completion(model, prompt, set(tokenizer.eos_token_ids), max_new_tokens)
-        hits += tokenizer.decode(reply).strip() == messages[-1]["content"].strip()
+    stop_ids = set(tokenizer.eos_token_ids)
+    end_of_turn = tokenizer.token_to_id("<|im_end|>")  # ChatML's turn end, an EOS or not
+    if end_of_turn is not None:
+        stop_ids.add(end_of_turn)
+    prompts = [
+        tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True, tokenize=True)
+        for e in examples
+    ]
+    replies = greedy_completions(model, prompts, stop_ids, max_new_tokens)
+    hits = sum(
+        tokenizer.decode(reply).strip() == example["messages"][-1]["content"].strip()
+        for reply, example in zip(replies, examples, strict=True)
+    )
     model.train(was_training)
     return hits / max(len(examples), 1)
 

@@ -67,8 +67,9 @@ def serve_command(
     adapter: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="<str>",
             help="Serve a PEFT adapter (LoRA or prompt tuning) as NAME=DIR; repeatable. A request's "
-            "`model` picks it; one batch mixes adapters and the base."
+            "`model` picks it; one batch mixes adapters and the base.",
         ),
     ] = None,
 ) -> None:

@@ -146,3 +146,15 @@ def test_lora_on_a_fused_projection_cannot_be_saved_as_peft(tmp_path):
     apply_lora(model, LoraConfig(rank=2, targets="q"))
     with pytest.raises(KilnError, match="fuses it with other projections"):
         save_adapter(model, tmp_path / "lora")
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    from kiln.finetune.evaluation import greedy_completion, greedy_completions
+
+    model = apply_prompt_tuning(_demo_model(), PromptTuningConfig(num_virtual_tokens=3)).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 8192, (n,), generator=generator).tolist() for n in (4, 7, 4, 5, 7)]
+    stop = {int(greedy_completion(model, prompts[0], set(), 3)[2])}  # row 0 stops after two tokens
+    expected = [greedy_completion(model, p, stop, 6) for p in prompts]
+    assert greedy_completions(model, prompts, stop, 6) == expected
+    assert len(expected[0]) == 2
