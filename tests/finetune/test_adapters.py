@@ -154,7 +154,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     model = apply_prompt_tuning(_demo_model(), PromptTuningConfig(num_virtual_tokens=3)).eval()
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 8192, (n,), generator=generator).tolist() for n in (4, 7, 4, 5, 7)]
-    stop = {int(greedy_completion(model, prompts[0], set(), 3)[2])}  # row 0 stops after two tokens
+    stop = {greedy_completion(model, prompts[0], set(), 1)[0]}  # row 0 stops at once
     expected = [greedy_completion(model, p, stop, 6) for p in prompts]
     assert greedy_completions(model, prompts, stop, 6) == expected
-    assert len(expected[0]) == 2
+    assert expected[0] == [] and any(expected[1:])
