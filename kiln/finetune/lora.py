@@ -121,14 +121,19 @@ def install_lora(model: nn.Module, name: str, rank: int, scaling: float, dropout
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """LoRA layers by their model names (activation checkpointing's wrappers left out of the names)."""
+    return {
+        name.replace("_checkpoint_wrapped_module.", ""): m
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear)
+    }
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA into its base weight and put plain nn.Linears back (for a merged export); returns
     how many it merged."""
-    layers = lora_layers(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     for name, layer in layers.items():
         layer.merge()
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")

@@ -130,3 +130,25 @@ def test_lora_and_prompt_tuning_learn_a_held_out_task(model_dir, tmp_path, capsy
     for method, (loss, match) in results.items():
         assert loss <= 0.5 * base_loss, method
         assert match >= base_match + 0.25, method
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_adapters_train_under_bf16_autocast_and_activation_checkpointing(
+    model_dir, task_data, tmp_path, method
+):
+    settings = ["precision=bf16", "activation_checkpointing=true", "max_steps=3", "eval_every=0"]
+    train = finetune_train_config(str(model_dir), str(task_data), str(tmp_path), batch_size=4).override(
+        settings
+    )
+    config = FinetuneConfig(base=str(model_dir), method=method, lora=LoraConfig(dropout=0.1), train=train)
+    trainer = FinetuneTrainer(config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    losses = [trainer.train_step().loss for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(("lora_" in n) or n.endswith("virtual") for n in changed), changed
+    adapter = trainer.export()  # the checkpoint wrappers do not leak into PEFT names
+    with torch.no_grad():
+        ids = torch.randint(0, 300, (1, 9))
+        expected = trainer.model.eval()(ids)
+        assert (attach_adapter(kiln.load_model(model_dir), adapter)(ids) - expected).abs().max() < 1e-5
