@@ -1,7 +1,8 @@
 """`kiln bench finetune`: adapters on a base model, measured.
 
 - step: a LoRA (or prompt-tuning) training step against full finetuning of the same model: tokens/s
-  and peak memory, each side in a fresh process (peak RSS, and the trainable state it holds).
+  (steps interleaved in one process) and peak memory (each method alone in a fresh process: peak RSS,
+  and the gradient + AdamW state of its trainable parameters).
 - learning: the learning curve of LoRA and prompt tuning on a synthetic task (reverse three letters,
   `do: a c b` -> `b c a`, train and held-out words disjoint): held-out task loss every few steps and
   exact match before and after.
@@ -66,58 +67,72 @@ class StepResult:
     train_state_mib: float  # gradients + AdamW moments of the trainable parameters (fp32)
 
 
-def _step_worker(base: str, method: str, batch_size: int, seq_len: int, steps: int, queue) -> None:
+def _trainer(base: str, method: str, batch_size: int, seq_len: int):
     from kiln.bench.train import _FixedBatch
-    from kiln.finetune import count_trainable_parameters
     from kiln.train.finetune import FinetuneConfig, adapted_model, finetune_train_config
     from kiln.train.trainer import Trainer
 
-    torch.set_num_threads(torch.get_num_threads())
     train = finetune_train_config(base, "-", tempfile.mkdtemp(), batch_size=batch_size, seq_len=seq_len)
-    config = FinetuneConfig(base=base, method=method, train=train)
-    model = adapted_model(config)
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tokens = torch.randint(
-        0, train.model.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0)
-    )
+    model = adapted_model(FinetuneConfig(base=base, method=method, train=train))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, train.model.vocab_size, (batch_size, seq_len + 1), generator=generator)
     data = _FixedBatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    trainer = Trainer(train, train_data=data, model=model)
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
+    return Trainer(train, train_data=data, model=model)
+
+
+def _memory_worker(base: str, method: str, batch_size: int, seq_len: int, queue) -> None:
+    """Peak RSS of a process that loads the base and runs three steps of `method`, and nothing else."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    trainer = _trainer(base, method, batch_size, seq_len)
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(3):
         trainer.train_step()
-        if step >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-    trainable, total = count_trainable_parameters(model)
-    median = statistics.median(times)
-    queue.put(
-        StepResult(
-            method=method,
-            trainable_parameters=trainable,
-            total_parameters=total,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            median_step_ms=median * 1e3,
-            tokens_per_second=batch_size * seq_len / median,
-            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            rss_after_load_mib=rss_after_load,
-            train_state_mib=trainable * 4 * 3 / 2**20,
-        )
-    )
+    queue.put((rss, after_load, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def bench_step(
     base: str, methods=("full", "lora", "prompt"), batch_size=8, seq_len=256, steps=10
 ) -> list[StepResult]:
-    """Each method's training step in its own fresh process (so peak memory is that method's alone)."""
+    """Step times with the methods' steps interleaved in one process (full, lora, prompt, full, ...: a
+    shared machine's drift hits all alike; medians reported); peak memory of each in a fresh process."""
+    from kiln.finetune import count_trainable_parameters
+
+    # Memory first, from a parent that holds no model yet (a child's peak RSS starts at its parent's).
     context = multiprocessing.get_context("spawn")
-    results = []
+    memory = {}
     for method in methods:
         queue = context.Queue()
-        process = context.Process(target=_step_worker, args=(base, method, batch_size, seq_len, steps, queue))
+        process = context.Process(target=_memory_worker, args=(base, method, batch_size, seq_len, queue))
         process.start()
-        results.append(queue.get())
+        memory[method] = queue.get()[1:]
         process.join()
+    trainers = {method: _trainer(base, method, batch_size, seq_len) for method in methods}
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for step in range(steps + 2):
+        for method, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_step()
+            if step >= 2:  # two warm-up steps
+                times[method].append(time.perf_counter() - start)
+    results = []
+    for method, trainer in trainers.items():
+        after_load, peak = memory[method]
+        trainable, total = count_trainable_parameters(trainer.model)
+        median = statistics.median(times[method])
+        results.append(
+            StepResult(
+                method=method,
+                trainable_parameters=trainable,
+                total_parameters=total,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                median_step_ms=median * 1e3,
+                tokens_per_second=batch_size * seq_len / median,
+                peak_rss_mib=peak,
+                rss_after_load_mib=after_load,
+                train_state_mib=trainable * 4 * 3 / 2**20,
+            )
+        )
     return results
 
 
@@ -146,10 +161,11 @@ def bench_learning(
 ) -> LearningCurve:
     """Finetune `method` on the reverse task: held-out loss every `eval_every` steps, exact match at the
     start and the end."""
-    import kiln
     from kiln.data.sft import SFTLoader
     from kiln.finetune import LoraConfig, PromptTuningConfig, count_trainable_parameters
     from kiln.finetune.evaluation import exact_match, task_loss
+    from kiln.models.hf.io import load_model
+    from kiln.tokenizer import Tokenizer
     from kiln.train.finetune import FinetuneConfig, FinetuneTrainer, finetune_train_config
 
     train_examples, test_examples = _reverse_examples()
@@ -158,7 +174,7 @@ def bench_learning(
     data = _prepare(train_examples, folder / "train", base)
     held = SFTLoader(_prepare(test_examples, folder / "held", base), seq_len=64, batch_size=1)
     held_batches = [held.collate(held.examples)]
-    tokenizer = kiln.load_tokenizer(base)
+    tokenizer = Tokenizer.from_dir(base)
     lr = lr or {"lora": 3e-3, "prompt": 3e-2, "full": 3e-4}[method]
     train = finetune_train_config(
         base, str(data), str(folder / method), max_steps=steps, lr=lr, batch_size=16
@@ -173,7 +189,7 @@ def bench_learning(
     trainer = FinetuneTrainer(config)
     model = trainer.model
     curve = LearningCurve(method=method, trainable_parameters=count_trainable_parameters(model)[0])
-    curve.base_exact_match = exact_match(kiln.load_model(base), tokenizer, test_examples)
+    curve.base_exact_match = exact_match(load_model(base), tokenizer, test_examples)
     start = time.perf_counter()
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
@@ -205,12 +221,12 @@ class ServeResult:
 
 
 def _random_adapters(base: str, folder: Path) -> dict[str, Path]:
-    import kiln
     from kiln.finetune import LoraConfig, PromptTuningConfig, apply_lora, apply_prompt_tuning, save_adapter
+    from kiln.models.hf.io import load_model
 
     adapters = {}
     for name, targets, seed in (("lora-qv", "q,v", 1), ("lora-mlp", "gate,up,down", 2)):
-        model = kiln.load_model(base)
+        model = load_model(base)
         apply_lora(model, LoraConfig(rank=8, alpha=16, targets=targets))
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -218,13 +234,13 @@ def _random_adapters(base: str, folder: Path) -> dict[str, Path]:
                 if "lora_B" in param_name:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         adapters[name] = save_adapter(model, folder / name, base_model=base)
-    prompt = apply_prompt_tuning(kiln.load_model(base), PromptTuningConfig(num_virtual_tokens=20), seed=3)
+    prompt = apply_prompt_tuning(load_model(base), PromptTuningConfig(num_virtual_tokens=20), seed=3)
     adapters["prompt"] = save_adapter(prompt, folder / "prompt", base_model=base)
     return adapters
 
 
 def bench_serve(base: str, num_requests: int = 24, max_tokens: int = 32) -> ServeResult:
-    from kiln import LLM, SamplingParams
+    from kiln.engine import LLM, SamplingParams
     from kiln.train.finetune import merge_adapter
 
     folder = Path(tempfile.mkdtemp(prefix="kiln-bench-adapters-"))

@@ -19,6 +19,7 @@ def finetune_command(
     steps: Annotated[int, typer.Option(help="learning: finetuning steps per method.")] = 200,
     step_batch_size: Annotated[int, typer.Option(help="step: sequences per step.")] = 8,
     step_seq_len: Annotated[int, typer.Option(help="step: tokens per sequence.")] = 256,
+    step_steps: Annotated[int, typer.Option(help="step: timed steps per method (after 2 warm-up).")] = 10,
     num_requests: Annotated[
         int, typer.Option(help="serve: requests spread over the adapters and base.")
     ] = 24,
@@ -37,7 +38,8 @@ def finetune_command(
     result.update(base=str(base), torch_threads=__import__("torch").get_num_threads())
     if "step" in parts:
         result["step"] = [
-            asdict(r) for r in bench_step(str(base), batch_size=step_batch_size, seq_len=step_seq_len)
+            asdict(r)
+            for r in bench_step(str(base), batch_size=step_batch_size, seq_len=step_seq_len, steps=step_steps)
         ]
         for row in result["step"]:
             console.print(
