@@ -19,6 +19,7 @@ from kiln.engine.options import Dtype
 from kiln.errors import KilnError
 from kiln.server.cli import serve_command
 from kiln.train.cli import export_command, plan_command, plot_command, train_command
+from kiln.train.finetune_cli import finetune_command
 
 app = typer.Typer(
     name="kiln",
@@ -36,6 +37,7 @@ app.command("train")(train_command)
 app.command("plot")(plot_command)
 app.command("plan")(plan_command)
 app.command("export")(export_command)
+app.command("finetune")(finetune_command)
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
 app.command("serve")(serve_command)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.bench.fairness import fairness_command
+from kiln.bench.finetune_cli import finetune_command
 from kiln.bench.linear import linear_command
 from kiln.bench.serve import serve_command
 from kiln.engine.options import (
@@ -27,6 +28,7 @@ bench_app = typer.Typer(help="Benchmarks against peers (ratios measured in one r
 bench_app.command("serve")(serve_command)
 bench_app.command("fairness")(fairness_command)
 bench_app.command("linear")(linear_command)
+bench_app.command("finetune")(finetune_command)
 
 
 @bench_app.command("train")

@@ -43,8 +43,22 @@ def prepare_command(
         float, typer.Option(help="Near-duplicate Jaccard threshold (5-word shingles).")
     ] = 0.8,
     overwrite: Annotated[bool, typer.Option(help="Replace the output of a different earlier run.")] = False,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="text (pretraining documents) or chat (SFT JSONL: 'messages', or 'prompt'/'completion'; "
+            "needs --tokenizer; the loss mask is stored beside the shards).",
+        ),
+    ] = "text",
 ) -> None:
     """Turn raw text into token shards. Rerun the same command to resume an interrupted run."""
+    if format_ == "chat":
+        return _prepare_chat(inputs, output, tokenizer, val_fraction)
+    if format_ != "text":
+        from kiln.errors import KilnError
+
+        raise KilnError(f"--format must be text or chat, got {format_!r}")
     from kiln.data.dedup import DedupConfig
     from kiln.data.filters import FilterConfig
     from kiln.data.prepare import PrepareConfig, prepare
@@ -74,3 +88,17 @@ def prepare_command(
     )
     manifest = prepare(config)
     Console().print(summary_table(manifest))
+
+
+def _prepare_chat(inputs: list[str], output: Path, tokenizer: Path | None, val_fraction: float) -> None:
+    from kiln.data.sft import prepare_sft
+    from kiln.errors import KilnError
+
+    if tokenizer is None:
+        raise KilnError("--format chat needs --tokenizer: the base model's folder (its chat template)")
+    manifest = prepare_sft(inputs, output, tokenizer, val_fraction)
+    for split, values in manifest["splits"].items():
+        Console().print(
+            f"{split}: {values['num_documents']:,} examples, {values['num_tokens']:,} tokens "
+            f"({values['num_target_tokens']:,} trained on)"
+        )

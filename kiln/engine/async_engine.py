@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,10 +123,14 @@ class AsyncEngine:
 
     @classmethod
     def from_dir(
-        cls, model_dir: str | Path, config: EngineConfig | None = None, **overrides: Any
+        cls,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
+        **overrides: Any,
     ) -> AsyncEngine:
         """`Engine.from_dir` (`overrides` are EngineConfig fields), run in a background thread."""
-        return cls(Engine.from_dir(model_dir, config, **overrides))
+        return cls(Engine.from_dir(model_dir, config, adapters, **overrides))
 
     async def add_request(
         self,

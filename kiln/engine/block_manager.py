@@ -74,7 +74,7 @@ class BlockManager:
         size = self.block_size
         while len(seq.block_hashes) < seq.num_tokens // size:
             start = len(seq.block_hashes) * size
-            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             tokens = array("q", seq.token_ids[start : start + size]).tobytes()
             seq.block_hashes.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from kiln.engine.scheduler import Scheduler, SchedulerOutput
 from kiln.engine.sequence import EngineRequest, Sequence, sampling_batch
 from kiln.engine.threads import apply_num_threads
 from kiln.errors import KilnError
+from kiln.finetune.serving import ServedAdapters
 from kiln.kernels.runtime import KernelChoice, use_triton
 from kiln.models.transformer import Transformer
 from kiln.parsing import resolve_device
@@ -49,9 +50,15 @@ class EngineCounters:
 
 class Engine:
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
     ) -> None:
-        """Serve `model` (in eval mode, on its device); `tokenizer` None means token-id prompts only."""
+        """Serve `model` (in eval mode, on its device); `tokenizer` None means token-id prompts only.
+        `adapters` (name -> PEFT adapter dir, LoRA or prompt tuning) are served beside the base model;
+        a request picks one with SamplingParams(adapter=name)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
         model_config = model.config
@@ -68,12 +75,17 @@ class Engine:
         num_blocks = num_kv_blocks(config, model_config, self.dtype, self.device, self.max_model_len)
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
+        self.adapters = ServedAdapters(model, adapters) if adapters else None
         self.num_cpu_linears = _install_cpu_linears(model, config.kernels)
         self.num_cpu_layers = _install_cpu_decoder_layers(model, config.kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, attention=_paged_attention(config.kernels, weight)
+            model,
+            num_blocks,
+            config.block_size,
+            attention=_paged_attention(config.kernels, weight),
+            adapters=self.adapters,
         )
         self.sampler = Sampler(self.device, config.seed)
         self.request_factory = RequestFactory(
@@ -90,15 +102,22 @@ class Engine:
         logger.info(self.startup_summary())
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, config: EngineConfig | None = None, **overrides: Any) -> Engine:
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
+        **overrides: Any,
+    ) -> Engine:
         """Load an HF model directory (and its tokenizer.json when there is one) as `config` says (its
-        dtype and device); `overrides` are EngineConfig fields that replace the config's."""
+        dtype and device), with `adapters` (name -> PEFT adapter dir) served beside it; `overrides` are
+        EngineConfig fields that replace the config's."""
         from kiln.models.hf.io import load_model
 
         config = (config or EngineConfig()).replace(**overrides)
         model = load_model(model_dir, dtype=config.dtype, device=resolve_device(config.device))
         has_tokenizer = (Path(model_dir) / "tokenizer.json").is_file()
-        return cls(model, Tokenizer.from_dir(model_dir) if has_tokenizer else None, config)
+        return cls(model, Tokenizer.from_dir(model_dir) if has_tokenizer else None, config, adapters)
 
     # --------------------------------------------------------------------------------------- set-up
 
@@ -154,7 +173,21 @@ class Engine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> EngineRequest:
         """Tokenize and validate a request without adding it (safe to call from any thread)."""
-        return self.request_factory.make_request(prompt, params, request_id)
+        name = params.adapter if params is not None else None
+        if name is None:
+            return self.request_factory.make_request(prompt, params, request_id)
+        if self.adapters is None:
+            raise KilnError(f"unknown adapter {name!r}; this engine serves no adapters", param="model")
+        self.adapters.adapter_index(name)  # an unknown name is refused here
+        virtual_ids = self.adapters.virtual_ids.get(name, [])
+        if virtual_ids and params.prompt_logprobs is not None:
+            raise KilnError(
+                f"prompt logprobs are not available with the prompt-tuning adapter {name!r}",
+                param="prompt_logprobs",
+            )
+        return self.request_factory.make_request(
+            prompt, params, request_id, virtual_ids=virtual_ids, cache_salt=b"adapter:" + name.encode()
+        )
 
     def prompt_token_ids(self, prompt: Prompt) -> list[int]:
         """The token ids of a prompt (text is encoded with the tokenizer), checked against the vocabulary."""

@@ -33,13 +33,16 @@ class LLM:
         model: str | Path,
         config: EngineConfig | None = None,
         *,
+        adapters: Mapping[str, str | Path] | None = None,
         verbose: bool = True,
         **overrides: Any,
     ) -> None:
         """Load `model` (an HF model directory) under `config` (EngineConfig; the defaults without one).
+        `adapters` (name -> PEFT adapter dir: LoRA or prompt tuning) are served beside the base; a request
+        picks one with SamplingParams(adapter=name), and one batch may mix them.
         `overrides` are EngineConfig fields (dtype="bf16", kv_cache_memory="1GB", kernels="triton", ...)
         replacing the config's; `verbose` prints the model size and KV capacity to stderr."""
-        self.engine = Engine.from_dir(model, config, **overrides)
+        self.engine = Engine.from_dir(model, config, adapters, **overrides)
         if verbose:
             from rich.console import Console
 

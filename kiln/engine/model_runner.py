@@ -15,6 +15,7 @@ from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
 from kiln.engine.sampler import TopLogprobs, top_logprobs
 from kiln.engine.scheduler import ScheduledSequence
 from kiln.engine.sequence import Sequence
+from kiln.finetune.serving import ServedAdapters
 from kiln.models.transformer import Transformer
 
 
@@ -36,15 +37,23 @@ class _Batch:
     context_lens: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
+    adapter_rows: list[int] = field(default_factory=list)  # each row's adapter index (0 = the base)
     sampling_seqs: list[Sequence] = field(default_factory=list)
     prompt_rows: list[tuple[Sequence, list[int]]] = field(default_factory=list)
 
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, num_blocks: int, block_size: int, attention=TorchPagedAttention
+        self,
+        model: Transformer,
+        num_blocks: int,
+        block_size: int,
+        attention=TorchPagedAttention,
+        adapters: ServedAdapters | None = None,
     ) -> None:
-        """`attention` builds the step's paged attention backend from (pool, PagedBatch, ModelConfig)."""
+        """`attention` builds the step's paged attention backend from (pool, PagedBatch, ModelConfig);
+        `adapters` apply each row's LoRA (see kiln.finetune.serving)."""
+        self.adapters = adapters
         self.model = model
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -66,7 +75,13 @@ class ModelRunner:
         input_ids = torch.tensor(batch.input_ids, device=device)[None]  # (1, N)
         positions = torch.tensor(batch.positions, device=device)[None]
         backend = self.attention(self.pool, paged, self.model.config)
-        hidden = self.model.hidden_states(input_ids, positions, attention=backend)[0]  # (N, hidden)
+        if self.adapters is not None:
+            self.adapters.rows.set(batch.adapter_rows, device)
+        try:
+            hidden = self.model.hidden_states(input_ids, positions, attention=backend)[0]  # (N, hidden)
+        finally:
+            if self.adapters is not None:
+                self.adapters.rows.clear()
         output = RunnerOutput(
             sampling_seqs=batch.sampling_seqs, logits=self.model.logits(hidden[batch.sample_rows])
         )
@@ -87,6 +102,8 @@ class ModelRunner:
             first_row = len(batch.input_ids)
             table = seq.block_table
             batch.input_ids.extend(seq.token_ids[start:end])
+            if self.adapters is not None:
+                batch.adapter_rows.extend([self.adapters.adapter_index(seq.params.adapter)] * count)
             batch.positions.extend(range(start, end))
             batch.slots.extend(table[p // size] * size + p % size for p in range(start, end))
             batch.query_starts.append(first_row)

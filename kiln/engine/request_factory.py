@@ -43,17 +43,26 @@ class RequestFactory:
         self._seq_ids = itertools.count()
 
     def make_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        virtual_ids: list[int] | tuple[int, ...] = (),
+        cache_salt: bytes = b"",
     ) -> EngineRequest:
-        """Tokenize and validate a request (safe to call from any thread)."""
+        """Tokenize and validate a request (safe to call from any thread). `virtual_ids` (a prompt-tuning
+        adapter's virtual tokens) lead each sequence's tokens; `cache_salt` keeps its prefix-cache blocks
+        apart from other adapters'."""
         params = params or SamplingParams()
         self.check_params(params)
         text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.prompt_token_ids(prompt)
-        if len(prompt_ids) >= self.max_model_len:
+        num_prompt_tokens = len(virtual_ids) + len(prompt_ids)
+        if num_prompt_tokens >= self.max_model_len:
             raise KilnError(
-                f"the prompt has {len(prompt_ids)} tokens, but max_model_len is {self.max_model_len} and at "
-                "least one token must be generated; shorten the prompt or raise max_model_len"
+                f"the prompt has {num_prompt_tokens} tokens, but max_model_len is {self.max_model_len} and "
+                "at least one token must be generated; shorten the prompt or raise max_model_len"
             )
         request = EngineRequest(
             request_id=request_id if request_id is not None else uuid.uuid4().hex,
@@ -64,7 +73,7 @@ class RequestFactory:
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
         for index in range(params.n):
-            request.sequences.append(self._sequence(request, index))
+            request.sequences.append(self._sequence(request, index, list(virtual_ids), cache_salt))
         return request
 
     def check_params(self, params: SamplingParams) -> None:
@@ -92,8 +101,10 @@ class RequestFactory:
                     f"{name} must be at most the vocabulary size {vocab_size}; got {value}", param=name
                 )
 
-    def _sequence(self, request: EngineRequest, index: int) -> Sequence:
-        params, prompt_ids = request.params, request.prompt_token_ids
+    def _sequence(
+        self, request: EngineRequest, index: int, virtual_ids: list[int], cache_salt: bytes
+    ) -> Sequence:
+        params, prompt_ids = request.params, virtual_ids + request.prompt_token_ids
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
@@ -110,9 +121,11 @@ class RequestFactory:
             stop_token_ids=stop_ids,
             max_total_tokens=max_total,
             generator=params.sample_generator(index, self.device),
-            detokenizer=self._detokenizer(prompt_ids, params),
+            detokenizer=self._detokenizer(request.prompt_token_ids, params),
             leader=request.sequences[0] if index and self.enable_prefix_caching else None,
             logprobs=None if params.logprobs is None else [],
+            num_virtual_tokens=len(virtual_ids),
+            cache_salt=cache_salt,
         )
 
     def prompt_token_ids(self, prompt: Prompt) -> list[int]:

@@ -38,6 +38,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs (plus the chosen token's) per generated token
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
+    adapter: str | None = None  # a served adapter's name (LLM(adapters=...), serve --adapter); None = base
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

@@ -56,6 +56,10 @@ class Sequence:
     cumulative_logprob: float = 0.0
     num_emitted_tokens: int = 0  # output tokens already handed out in streaming deltas
     finish_emitted: bool = False  # a delta has reported the finish
+    # A served adapter: its prompt-tuning virtual tokens lead token_ids (ids past the vocabulary), and the
+    # prefix cache's hash chain starts from cache_salt, so no two adapters share KV blocks.
+    num_virtual_tokens: int = 0
+    cache_salt: bytes = b""
 
     @property
     def num_tokens(self) -> int:
@@ -183,7 +187,8 @@ def sampling_batch(seqs: SequenceOf[Sequence]) -> SamplingBatch:
         presence_penalties=[p.presence_penalty for p in params],
         frequency_penalties=[p.frequency_penalty for p in params],
         seen_token_ids=[
-            sorted(set(seq.token_ids)) if seq.params.repetition_penalty != 1 else [] for seq in seqs
+            sorted(set(seq.token_ids[seq.num_virtual_tokens :])) if seq.params.repetition_penalty != 1 else []
+            for seq in seqs
         ],
         output_token_ids=[
             seq.output_token_ids if seq.params.presence_penalty or seq.params.frequency_penalty else []

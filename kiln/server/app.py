@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -91,7 +91,16 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def _add_api_routes(app: FastAPI, state: ServerState) -> None:
-    def model_card() -> ModelCard:
+    def model_card(adapter: str | None = None) -> ModelCard:
+        if adapter is not None:
+            root = state.engine.adapters.sources[adapter]
+            return ModelCard(
+                id=adapter,
+                created=state.created,
+                root=root,
+                parent=state.model_name,
+                max_model_len=state.max_model_len,
+            )
         return ModelCard(
             id=state.model_name,
             created=state.created,
@@ -101,12 +110,11 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models", responses=responses(401))
     async def list_models() -> ModelList:
-        return ModelList(data=[model_card()])
+        return ModelList(data=[model_card(), *(model_card(name) for name in state.adapter_names)])
 
     @app.get("/v1/models/{model:path}", responses=responses(401, 404))
     async def get_model(model: str) -> ModelCard:
-        state.check_model(model)
-        return model_card()
+        return model_card(state.check_model(model))
 
     @app.post("/v1/completions", responses=responses(*GENERATION_ERRORS, ok=CompletionResponse, stream=True))
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -255,12 +263,13 @@ def serve(
     config: ServerConfig | None = None,
     *,
     engine_config: EngineConfig | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
 ) -> int:
     """Load `model_dir` as `engine_config` says (dtype, device, KV cache, ...) and serve it (OpenAI API
     under /v1, web UI at /) until SIGTERM or Ctrl-C. Returns the exit code: 0 after a drained shutdown, 1
     after a fatal engine fault."""
     config = config or ServerConfig()
-    engine = AsyncEngine.from_dir(model_dir, engine_config)
+    engine = AsyncEngine.from_dir(model_dir, engine_config, adapters)
     state = ServerState(engine, config, model_dir=model_dir)
     print(f"kiln: {engine.engine.startup_summary()}", file=sys.stderr, flush=True)
     server = _Server(
@@ -277,5 +286,7 @@ def serve(
     )
     url = f"http://{config.host}:{config.port}"
     print(f"kiln: serving {state.model_name!r} at {url}/v1 (web UI: {url}/)", file=sys.stderr, flush=True)
+    for name in state.adapter_names:
+        print(f"kiln: serving adapter {name!r} ({state.engine.adapters.sources[name]})", file=sys.stderr)
     server.run()
     return server.exit_code

@@ -50,7 +50,7 @@ class ChatJob:
 
 
 async def prepare(body: ChatCompletionRequest, state: ServerState) -> ChatJob:
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     state.check_request_size(body.n)
     messages = [message.template_message() for message in body.messages]
     prompt_ids = await state.off_loop(
@@ -63,6 +63,7 @@ async def prepare(body: ChatCompletionRequest, state: ServerState) -> ChatJob:
     max_tokens = state.resolve_max_tokens(len(prompt_ids), body.requested_max_tokens, param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = body.sampling_params(max_tokens, logprobs=logprobs)  # a KilnError here answers 400
+    params.adapter = adapter
     return ChatJob(body=body, request_id=random_id("chatcmpl"), prompt_ids=prompt_ids, params=params)
 
 

@@ -74,6 +74,14 @@ def serve_command(
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: debug, info, warning, error.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="<str>",
+            help="Serve a PEFT adapter (LoRA or prompt tuning) as NAME=DIR; repeatable. A request's "
+            "`model` picks it; one batch mixes adapters and the base.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP: the OpenAI API under /v1 (completions, chat, embeddings; streaming),
     /tokenize, /detokenize, /health, Prometheus /metrics, and a chat playground at /."""
@@ -101,8 +109,9 @@ def serve_command(
         log_level=log_level,
         access_log=access_log,
     )
+    flags.pop("adapter")
     engine_config = engine_config_from_flags(flags)
-    exit_code = serve(model, config, engine_config=engine_config)
+    exit_code = serve(model, config, engine_config=engine_config, adapters=parse_adapters(adapter or []))
     # The server has drained and the engine thread has stopped: leave now. Tearing the interpreter
     # down (the model's and torch's objects) takes over a second on a busy 2-core machine, which would
     # break the drain timeout's promise to a supervisor.
@@ -110,3 +119,16 @@ def serve_command(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """['sql=/path/a', 'chat=/path/b'] -> {'sql': '/path/a', 'chat': '/path/b'}."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise KilnError(f"--adapter {value!r} must look like NAME=DIR")
+        if name in adapters:
+            raise KilnError(f"--adapter {name!r} is given twice; each adapter needs its own name")
+        adapters[name] = directory
+    return adapters

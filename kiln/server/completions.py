@@ -43,7 +43,7 @@ class CompletionJob:
 
 
 async def prepare(body: CompletionRequest, state: ServerState) -> CompletionJob:
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     prompts = body.prompts()
     if not prompts:
         raise APIError(400, "prompt is empty; give text, token ids, or a list of either", param="prompt")
@@ -59,6 +59,8 @@ async def prepare(body: CompletionRequest, state: ServerState) -> CompletionJob:
         )
         for ids in prompt_ids
     ]
+    for sampling in params:
+        sampling.adapter = adapter
     state.check_prompt_tokens(sum(len(ids) for ids in prompt_ids))
     return CompletionJob(
         body=body, request_id=random_id("cmpl"), prompt_ids=prompt_ids, params=params, echo_texts=echo_texts

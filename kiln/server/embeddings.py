@@ -15,7 +15,8 @@ from kiln.server.state import ServerState, input_size
 
 
 async def create_embedding(body: EmbeddingRequest, state: ServerState) -> EmbeddingResponse:
-    state.check_model(body.model)
+    if state.check_model(body.model) is not None:
+        raise APIError(400, "embeddings come from the base model; name it (or none) as model", param="model")
     inputs = prompt_list(body.input)
     if not inputs:
         raise APIError(400, "input is empty; give text, token ids, or a list of either", param="input")

@@ -363,7 +363,8 @@ class ModelCard(Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "kiln"
-    root: str | None = None  # the model directory
+    root: str | None = None  # the model directory (an adapter's: its adapter directory)
+    parent: str | None = None  # an adapter's base model
     max_model_len: int
 
 

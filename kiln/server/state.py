@@ -67,14 +67,24 @@ class ServerState:
 
     # ---------------------------------------------------------------------------------- validation
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters served beside the base model (`kiln serve --adapter name=DIR`)."""
+        return self.engine.adapters.names if self.engine.adapters is not None else []
+
+    def check_model(self, name: str | None) -> str | None:
+        """The adapter a request's `model` names, or None for the base model; an unknown name is a 404."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.adapter_names:
+            return name
+        served = ", ".join(repr(n) for n in [self.model_name, *self.adapter_names])
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {served}",
+            param="model",
+            code="model_not_found",
+        )
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -182,10 +182,23 @@ def export_command(
     data: Annotated[
         Path | None, typer.Option(help="Data folder whose tokenizer to include (default: the run's).")
     ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(help="CHECKPOINT is a LoRA adapter dir (or finetune run): write base + adapter merged."),
+    ] = False,
+    base: Annotated[
+        Path | None, typer.Option(help="With --merge: the base model (default: the adapter's own record).")
+    ] = None,
 ) -> None:
-    """Turn a kiln checkpoint, saved under any parallel layout, into an HF model directory."""
+    """Turn a kiln checkpoint, saved under any parallel layout, into an HF model directory; with --merge,
+    fold a LoRA adapter into its base model instead."""
     from kiln.train.export import export_checkpoint, resolve_checkpoint
 
+    if merge:
+        from kiln.train.finetune import merge_adapter
+
+        Console().print(f"merged {checkpoint} -> {merge_adapter(checkpoint, target, base)}")
+        return
     source = resolve_checkpoint(checkpoint)
     written = export_checkpoint(source, target, data)
     Console().print(f"exported {source} -> {written}")

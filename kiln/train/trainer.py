@@ -56,8 +56,16 @@ class Trainer:
     """
 
     def __init__(
-        self, config: TrainConfig, *, train_data=None, val_data=None, console: Console | None = None
+        self,
+        config: TrainConfig,
+        *,
+        train_data=None,
+        val_data=None,
+        console: Console | None = None,
+        model: torch.nn.Module | None = None,
     ):
+        """`model` (default: a fresh Transformer of config.model) is trained as given: a loaded base with
+        adapters (kiln.finetune) puts only its trainable parameters in the optimizer."""
         self.config = config
         self.distributed = dist.setup(
             config.layout_args, resolve_device(config.device), config.collective_timeout_s
@@ -74,7 +82,9 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         torch.manual_seed(config.seed)
         self.kernels = self._kernel_choice()
-        self.model = Transformer(config.model, kernels=self.kernels).to(self.device)
+        if model is None:
+            model = Transformer(config.model, kernels=self.kernels)
+        self.model = model.to(self.device)
         precision = choose_precision(self.device) if config.precision == "auto" else config.precision
         self.precision = self.distributed.broadcast(precision)  # ranks could measure differently
         self.compute_dtype = AUTOCAST_DTYPES.get(self.precision)
