@@ -161,9 +161,35 @@ def load_model(
         for name, part in zip(kiln_names, rule.split(tensor, config), strict=True):
             state[name] = part.to(device=device, dtype=target_dtype).contiguous()
         used.add(stored)
+    for hf_names, kiln_name in _applicable_stacks(family, config, expected):
+        parts = [_read_checked(files, directory, family, name, expected[kiln_name][0].shape) for name in hf_names]
+        used.update(files.find(name, family.base_prefix) for name in hf_names)
+        state[kiln_name] = torch.stack(parts).to(device=device, dtype=target_dtype or parts[0].dtype)
     _refuse_unknown_tensors(files, used, family, config)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def _read_checked(
+    files: CheckpointFiles, directory: Path, family: Family, hf_name: str, want: torch.Size
+) -> torch.Tensor:
+    """One expert's tensor, refused when missing or not the shape the config implies."""
+    stored = files.find(hf_name, family.base_prefix)
+    if stored is None:
+        raise ModelLoadError(f"{directory}: tensor {hf_name!r} is missing from the checkpoint")
+    if files.shape(stored) != tuple(want):
+        raise ModelLoadError(
+            f"{files.file_of[stored]}: tensor {stored!r} has shape {list(files.shape(stored))} but "
+            f"config.json implies {list(want)}; the config and weights do not belong together"
+        )
+    return files.read(stored)
+
+
+def _applicable_stacks(family: Family, config: ModelConfig, present: dict[str, Any]):
+    for stack in family.expert_stacks:
+        for hf_names, kiln_name in stack.expand(config.num_layers, config.num_experts):
+            if kiln_name in present:
+                yield hf_names, kiln_name
 
 
 def _applicable(family: Family, config: ModelConfig, present: dict[str, Any]):
@@ -197,6 +223,9 @@ def hf_state_dict(
     for hf_name, kiln_names, rule in _applicable(family, config, state):
         tensor = rule.merge([state[k].detach() for k in kiln_names], config)
         out[hf_name] = tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+    for hf_names, kiln_name in _applicable_stacks(family, config, state):
+        for hf_name, tensor in zip(hf_names, state[kiln_name].detach().unbind(0), strict=True):
+            out[hf_name] = tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
     return out
 
 
