@@ -120,8 +120,11 @@ class Engine:
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         dtype = str(self.dtype).removeprefix("torch.")
         capacity = self.kv_capacity_tokens
+        config = self.model.config
+        idle = config.num_parameters() - config.num_active_parameters()  # routed experts a token skips
+        active = f", {(parameters - idle) / 1e6:.2f}M active per token" if config.num_experts else ""
         return (
-            f"model: {parameters / 1e6:.2f}M parameters ({weight_bytes / 2**20:.1f}MiB {dtype}) "
+            f"model: {parameters / 1e6:.2f}M parameters{active} ({weight_bytes / 2**20:.1f}MiB {dtype}) "
             f"on {self.device}; KV cache: {capacity:,} tokens ({self.block_manager.num_blocks} blocks of "
             f"{self.config.block_size}, {self.runner.pool.num_bytes / 2**20:.1f}MiB); "
             f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "
