@@ -148,6 +148,7 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(rows)) * shared
             out = out + shared
+        self.aux_loss = None
         if self.training:
             self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs, expert_ids)
             if self.z_loss_coef:
