@@ -210,6 +210,11 @@ class ModelConfig:
         return cls(**values)
 
     def replace(self, **changes: Any) -> ModelConfig:
+        # Derived MoE sizes follow the fields they derive from unless given too.
+        if "num_shared_experts" in changes or "moe_intermediate_size" in changes:
+            changes.setdefault("shared_expert_intermediate_size", None)
+        if "intermediate_size" in changes and self.moe_intermediate_size == self.intermediate_size:
+            changes.setdefault("moe_intermediate_size", None)
         return dataclasses.replace(self, **changes)
 
 

@@ -256,7 +256,7 @@ def save_model(
     Files are written to a temporary directory first and moved into place, so a crash never leaves a
     half-written checkpoint; weight files of an earlier save in the same directory are replaced.
     """
-    family_name = family or model.config.family
+    family_name = family or _default_family(model.config)
     if family_name not in FAMILIES:
         raise ModelLoadError(f"unknown family {family_name!r}; choose one of {', '.join(FAMILIES)}")
     target = FAMILIES[family_name]
@@ -278,6 +278,14 @@ def save_model(
         tokenizer.save(directory)
         _write_generation_config(directory, tokenizer)
     return directory
+
+
+def _default_family(config: ModelConfig) -> str:
+    """The family a model is saved as: the one it was loaded as; kiln's own models (family 'llama') save
+    as Llama, or as Qwen2-MoE (with shared experts) or Mixtral (without) when they have experts."""
+    if config.family != "llama" or not config.num_experts:
+        return config.family
+    return "qwen2_moe" if config.shared_expert_intermediate_size else "mixtral"
 
 
 def _write_generation_config(directory: Path, tokenizer) -> None:
