@@ -14,6 +14,7 @@ and the ST-MoE router z-loss, weighted by the config's coefficients; the trainer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +59,19 @@ def route(
     return probs, weights, experts
 
 
-def _expert_mlp(x: torch.Tensor, experts: Experts, e: int) -> torch.Tensor:
-    """SwiGLU of expert `e` on rows x (n, hidden) -> (n, hidden)."""
-    return F.linear(F.silu(F.linear(x, experts.gate_proj[e])) * F.linear(x, experts.up_proj[e]), experts.down_proj[e])
+def expert_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU on rows x (n, hidden): gate/up (inner, hidden), down (hidden, inner)."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def grouped_mlp(
+    rows: torch.Tensor, counts: list[int], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """rows (n, hidden) grouped by expert, counts[e] rows for expert e of the stacked gate/up/down
+    (E, ...) -> (n, hidden). Each expert multiplies its contiguous slice; an expert with no rows still
+    runs (on an empty slice), so its weights take part in the graph with zero gradients (DDP, FSDP)."""
+    slices = rows.split(counts)
+    return torch.cat([expert_mlp(part, gate[e], up[e], down[e]) for e, part in enumerate(slices)])
 
 
 def grouped_experts(
@@ -69,19 +80,26 @@ def grouped_experts(
     """x (N, hidden), expert_ids and weights (N, k) -> sum_k weights * expert(x), (N, hidden).
 
     Assignments are sorted by expert (stable, so ties keep token order), the tokens gathered once into
-    that order, and each expert multiplies its contiguous slice. An expert with no tokens runs on an empty
-    slice: its weights still take part in the graph (zero gradients), which DDP and FSDP need.
+    that order, and each expert multiplies its contiguous slice (`grouped_mlp`).
     """
-    num_tokens, top_k = expert_ids.shape
-    flat = expert_ids.reshape(-1)  # (N*k,)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts.gate_proj.shape[0]).tolist()
-    gathered = x[order // top_k]  # (N*k, hidden), grouped by expert
-    outputs = [_expert_mlp(rows, experts, e) for e, rows in enumerate(gathered.split(counts))]
-    grouped = torch.cat(outputs)  # (N*k, hidden) in sorted order
+    order, counts = sort_by_expert(expert_ids, experts.gate_proj.shape[0])
+    gathered = x[order // expert_ids.shape[1]]  # (N*k, hidden), grouped by expert
+    grouped = grouped_mlp(gathered, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+    return combine(grouped, order, weights)
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """The (token, slot) assignments (N*k,) in expert order, and how many each expert got."""
+    flat = expert_ids.reshape(-1)
+    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=num_experts).tolist()
+
+
+def combine(grouped: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Expert outputs (N*k, hidden) in `order` -> the weighted sum over each token's k slots (N, hidden).
+    The sum runs in slot order, so a token's result does not depend on the rest of the batch's routing."""
+    num_tokens, top_k = weights.shape
     unsorted = grouped[torch.argsort(order)].view(num_tokens, top_k, -1)  # back to (token, slot)
-    # Sum over the k slots in slot order: a token's result does not depend on the rest of the batch.
-    return (unsorted * weights.to(x.dtype).unsqueeze(-1)).sum(dim=1)
+    return (unsorted * weights.to(grouped.dtype).unsqueeze(-1)).sum(dim=1)
 
 
 def reference_experts(
@@ -91,19 +109,24 @@ def reference_experts(
     out = torch.zeros_like(x)
     for e in range(experts.gate_proj.shape[0]):
         weight_of_e = (weights * (expert_ids == e)).sum(dim=-1, keepdim=True).to(x.dtype)  # (N, 1)
-        out = out + weight_of_e * _expert_mlp(x, experts, e)
+        mlp = expert_mlp(x, experts.gate_proj[e], experts.up_proj[e], experts.down_proj[e])
+        out = out + weight_of_e * mlp
     return out
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss as Mixtral computes it: E * sum_e f_e * P_e, where f_e is the
-    share of (token, slot) assignments to expert e times k, and P_e the mean router probability of e.
-    1.0 * k when routing is perfectly uniform."""
+def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss as Mixtral computes it, E * sum_e f_e * P_e (f_e: the share of
+    (token, slot) assignments to expert e times k; P_e: the mean router probability of e), taken per
+    sequence and averaged over the `num_sequences` equal-length sequences the N tokens hold (as DeepSeek's
+    sequence-wise loss does). Per sequence, it is the same however a batch is split over data-parallel
+    ranks. k when routing is perfectly uniform. probs (N, E), expert_ids (N, k)."""
     num_tokens, num_experts = probs.shape
-    counts = torch.zeros(num_experts, device=probs.device).scatter_add_(
-        0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), device=probs.device)
-    )
-    return num_experts * torch.sum(counts / num_tokens * probs.mean(dim=0))
+    per_sequence = num_tokens // num_sequences
+    ids = expert_ids.reshape(num_sequences, -1)  # (B, T*k)
+    counts = torch.zeros(num_sequences, num_experts, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=probs.device, dtype=probs.dtype))
+    mean_probs = probs.view(num_sequences, per_sequence, num_experts).mean(dim=1)  # (B, E)
+    return num_experts * (counts / per_sequence * mean_probs).sum(dim=-1).mean()
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
@@ -133,6 +156,8 @@ class MoE(nn.Module):
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.use_reference = False  # tests: run the dense-loop reference instead of the grouped path
+        # Expert parallelism (kiln/train/expert_parallel.py) swaps in its all-to-all dispatch here.
+        self.expert_compute: Callable[..., torch.Tensor] = grouped_experts
         self.aux_loss: torch.Tensor | None = None  # weighted aux losses of the last training forward
         self.last_expert_counts: torch.Tensor | None = None  # (E,) assignments per expert, last forward
 
@@ -141,7 +166,7 @@ class MoE(nn.Module):
         rows = x.reshape(-1, shape[-1])  # (N, hidden)
         logits = self.router(rows)  # (N, E)
         probs, weights, expert_ids = route(logits, self.top_k, self.renormalize)
-        compute = reference_experts if self.use_reference else grouped_experts
+        compute = reference_experts if self.use_reference else self.expert_compute
         out = compute(rows, expert_ids, weights, self.experts)
         if self.shared is not None:
             shared = self.shared(rows)
@@ -150,7 +175,8 @@ class MoE(nn.Module):
             out = out + shared
         self.aux_loss = None
         if self.training:
-            self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs, expert_ids)
+            num_sequences = shape[0] if len(shape) == 3 else 1
+            self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs, expert_ids, num_sequences)
             if self.z_loss_coef:
                 self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
             self.last_expert_counts = torch.bincount(expert_ids.reshape(-1), minlength=probs.shape[1])

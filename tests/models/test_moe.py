@@ -103,6 +103,9 @@ def test_load_balancing_loss_is_k_when_uniform_and_larger_when_skewed():
     skewed_probs = torch.tensor([[0.7, 0.2, 0.05, 0.05]] * 8)
     skewed_ids = torch.tensor([[0, 1]] * 8)
     assert load_balancing_loss(skewed_probs, skewed_ids).item() == pytest.approx(4 * (0.7 + 0.2))
+    # per sequence: two sequences of 4 tokens, each the mean of its own loss
+    both = torch.cat([probs[:4], skewed_probs[:4]]), torch.cat([ids[:4], skewed_ids[:4]])
+    assert load_balancing_loss(*both, num_sequences=2).item() == pytest.approx((top_k + 3.6) / 2)
 
 
 def test_aux_losses_are_recorded_in_training_only_and_reach_the_router():
