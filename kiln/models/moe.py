@@ -36,6 +36,14 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, inner))
         self.std = config.initializer_range
         self.num_layers = config.num_layers
+        # How tokens reach the experts: `grouped_experts` here; expert parallelism
+        # (kiln/train/expert_parallel.py) swaps in its all-to-all dispatch.
+        self.compute: Callable[..., torch.Tensor] = grouped_experts
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, hidden), expert_ids and weights (N, k) -> sum_k weights * expert(x), (N, hidden).
+        A module call (not a function on the weights), so FSDP gathers the weights around it."""
+        return self.compute(x, expert_ids, weights, self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -156,8 +164,6 @@ class MoE(nn.Module):
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.use_reference = False  # tests: run the dense-loop reference instead of the grouped path
-        # Expert parallelism (kiln/train/expert_parallel.py) swaps in its all-to-all dispatch here.
-        self.expert_compute: Callable[..., torch.Tensor] = grouped_experts
         self.aux_loss: torch.Tensor | None = None  # weighted aux losses of the last training forward
         self.last_expert_counts: torch.Tensor | None = None  # (E,) assignments per expert, last forward
 
@@ -166,8 +172,10 @@ class MoE(nn.Module):
         rows = x.reshape(-1, shape[-1])  # (N, hidden)
         logits = self.router(rows)  # (N, E)
         probs, weights, expert_ids = route(logits, self.top_k, self.renormalize)
-        compute = reference_experts if self.use_reference else self.expert_compute
-        out = compute(rows, expert_ids, weights, self.experts)
+        if self.use_reference:
+            out = reference_experts(rows, expert_ids, weights, self.experts)
+        else:
+            out = self.experts(rows, expert_ids, weights)
         if self.shared is not None:
             shared = self.shared(rows)
             if self.shared_gate is not None:

@@ -25,7 +25,7 @@ from kiln.models.transformer import Transformer
 
 
 class ExpertParallelDispatch:
-    """A drop-in for `grouped_experts` (MoE.expert_compute) that runs the experts where they live."""
+    """A drop-in for `grouped_experts` (Experts.compute) that runs the experts where they live."""
 
     def __init__(self, ep_mesh: DeviceMesh, num_experts: int) -> None:
         self.group = ep_mesh.get_group()
@@ -91,4 +91,4 @@ def apply_expert_parallel(model: Transformer, ep_mesh: DeviceMesh) -> None:
             # Every rank built the same (seeded) weights; each keeps its E / ep experts.
             sharded = distribute_tensor(full.data, ep_mesh, [Shard(0)], src_data_rank=None)
             setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
-        moe.expert_compute = ExpertParallelDispatch(ep_mesh, moe.router.out_features)
+        experts.compute = ExpertParallelDispatch(ep_mesh, moe.router.out_features)

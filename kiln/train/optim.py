@@ -16,27 +16,22 @@ def build_optimizer(
     Uses the fused implementation where torch has one for the device (CUDA, and CPU since torch 2.4),
     else foreach: one multi-tensor kernel per step instead of a Python loop over parameters.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": params, "weight_decay": decay_rate}
-        for kind, decay_rate in ((decay, weight_decay), (no_decay, 0.0))
-        for params in _by_mesh(kind)
-    ]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for experts in (False, True):
+        # MoE experts are a group of their own in every layout: under expert parallelism they live on
+        # another device mesh than the rest (the multi-tensor kernels take one mesh at a time), and a
+        # checkpoint's groups must match whichever layout resumes it.
+        params = [(n, p) for n, p in named if (".experts." in n) == experts]
+        decay = [p for _, p in params if p.dim() >= 2]
+        no_decay = [p for _, p in params if p.dim() < 2]
+        groups += [{"params": decay, "weight_decay": weight_decay}] if decay or not experts else []
+        groups += [{"params": no_decay, "weight_decay": 0.0}] if no_decay or not experts else []
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True
     )
-
-
-def _by_mesh(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-    """Parameters split by the device mesh of their DTensors: the multi-tensor kernels take one mesh at a
-    time, and expert-parallel experts live on another mesh than the FSDP-sharded rest."""
-    groups: dict[object, list[nn.Parameter]] = {}
-    for param in params:
-        groups.setdefault(getattr(param, "device_mesh", None), []).append(param)
-    return list(groups.values()) or [[]]
 
 
 def learning_rate(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
