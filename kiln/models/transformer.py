@@ -209,10 +209,11 @@ class Transformer(nn.Module):
         return [module for module in self.modules() if isinstance(module, MoE)]
 
     def moe_aux_loss(self) -> torch.Tensor | None:
-        """The weighted router losses (load balancing, z-loss) of the last training forward, summed over
-        MoE layers; None for a dense model. The trainer adds it to the language-model loss."""
+        """The weighted router losses (load balancing, z-loss) of the last training forward, averaged over
+        MoE layers (the scale of Mixtral's one loss over all layers); None for a dense model. The trainer
+        adds it to the language-model loss."""
         losses = [layer.aux_loss for layer in self.moe_layers() if layer.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
+        return torch.stack(losses).mean() if losses else None
 
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
         weight = self.embed_tokens.weight
