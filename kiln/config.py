@@ -147,7 +147,9 @@ class ModelConfig:
         if self.num_experts and self.mlp != "gated":
             raise KilnError("mixture-of-experts layers use gated experts; set mlp='gated'")
         if any(not 0 <= i < self.num_layers for i in self.dense_layers):
-            raise KilnError(f"dense_layers must index layers 0..{self.num_layers - 1}, got {self.dense_layers}")
+            raise KilnError(
+                f"dense_layers must index layers 0..{self.num_layers - 1}, got {self.dense_layers}"
+            )
 
     def is_moe_layer(self, layer_index: int) -> bool:
         return self.num_experts > 0 and layer_index not in self.dense_layers

@@ -69,7 +69,9 @@ def train_command(
         name=recipe + ("-moe" if moe else ""),
     )
     write_result(result, output)
-    table = Table(title=f"training step, {result.model} model ({result.parameters / 1e6:.2f}M), {result.device}")
+    table = Table(
+        title=f"training step, {result.model} model ({result.parameters / 1e6:.2f}M), {result.device}"
+    )
     table.add_column("")
     table.add_column("median step", justify="right")
     table.add_column("tokens/s", justify="right")

@@ -122,7 +122,9 @@ def reference_experts(
     return out
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_sequences: int = 1) -> torch.Tensor:
+def load_balancing_loss(
+    probs: torch.Tensor, expert_ids: torch.Tensor, num_sequences: int = 1
+) -> torch.Tensor:
     """Switch Transformer's auxiliary loss as Mixtral computes it, E * sum_e f_e * P_e (f_e: the share of
     (token, slot) assignments to expert e times k; P_e: the mean router probability of e), taken per
     sequence and averaged over the `num_sequences` equal-length sequences the N tokens hold (as DeepSeek's

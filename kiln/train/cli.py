@@ -66,7 +66,8 @@ def train_command(
     ] = None,
     tp: Annotated[int | None, typer.Option(help="Tensor (+ sequence) parallel degree.")] = None,
     ep: Annotated[
-        int | None, typer.Option(help="Expert-parallel degree (MoE models): divides --dp-shard and num_experts.")
+        int | None,
+        typer.Option(help="Expert-parallel degree (MoE models): divides --dp-shard and num_experts."),
     ] = None,
     collective_timeout_s: Annotated[
         float | None, typer.Option(help="Fail the job when a collective waits this long (hung rank).")

@@ -94,7 +94,9 @@ def activation_bytes(
     mlp = (4 if config.mlp == "gated" else 2) * intermediate
     # An MoE layer keeps, per token: router logits and probabilities (2E), for each of its k experts the
     # gathered input, the gated MLP's four (4 I_moe) and the output (2H), and the shared experts' four.
-    moe = 2 * config.num_experts + config.num_experts_per_token * (4 * config.moe_intermediate_size + 2 * hidden)
+    moe = 2 * config.num_experts + config.num_experts_per_token * (
+        4 * config.moe_intermediate_size + 2 * hidden
+    )
     moe += 4 * config.shared_expert_intermediate_size
     common = 4 * hidden / tp + (2 * hidden if tp > 1 else 0) + (2 * q + 2 * kv) / tp
     num_moe = config.num_moe_layers

@@ -92,7 +92,11 @@ def test_kiln_native_moe_model_saves_as_mixtral_or_qwen2_moe(shared, tmp_path):
 
     torch.manual_seed(0)
     config = kiln.preset(
-        "tiny", num_experts=4, num_experts_per_token=2, num_shared_experts=shared, shared_expert_gate=bool(shared)
+        "tiny",
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=shared,
+        shared_expert_gate=bool(shared),
     )
     model = kiln.Transformer(config).eval()
     kiln.save_model(model, tmp_path)

@@ -8,6 +8,8 @@ from kiln.models.hf.mixtral import MIXTRAL
 from kiln.models.hf.qwen2_moe import QWEN2_MOE
 from kiln.models.hf.spec import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, MISTRAL, QWEN2, BLOOM, GPT_BIGCODE, MIXTRAL, QWEN2_MOE)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (GPT2, LLAMA, MISTRAL, QWEN2, BLOOM, GPT_BIGCODE, MIXTRAL, QWEN2_MOE)
+}
 
 __all__ = ["FAMILIES", "Family"]

@@ -162,7 +162,9 @@ def load_model(
             state[name] = part.to(device=device, dtype=target_dtype).contiguous()
         used.add(stored)
     for hf_names, kiln_name in _applicable_stacks(family, config, expected):
-        parts = [_read_checked(files, directory, family, name, expected[kiln_name][0].shape) for name in hf_names]
+        parts = [
+            _read_checked(files, directory, family, name, expected[kiln_name][0].shape) for name in hf_names
+        ]
         used.update(files.find(name, family.base_prefix) for name in hf_names)
         state[kiln_name] = torch.stack(parts).to(device=device, dtype=target_dtype or parts[0].dtype)
     _refuse_unknown_tensors(files, used, family, config)
