@@ -66,6 +66,7 @@ def test_ep2_matches_single_process(single_run, ep2_run):
     assert_close(val_losses(ep2_run), val_losses(single_run))
 
 
+@pytest.mark.slow
 def test_ep2_checkpoint_resumes_in_one_process(data_dir, ep2_run, tmp_path):
     _copy_checkpoint(ep2_run, 10, tmp_path)
     ok(train(1, data_dir, tmp_path, *MOE, "--resume", "--set", "batch_size=4", max_steps=STEPS))
@@ -74,6 +75,7 @@ def test_ep2_checkpoint_resumes_in_one_process(data_dir, ep2_run, tmp_path):
     assert_close(resumed, losses(ep2_run))
 
 
+@pytest.mark.slow
 def test_ep2_job_exports_a_mixtral_model(single_run, ep2_run):
     import transformers
 
