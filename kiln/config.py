@@ -66,6 +66,18 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     embedding_norm: bool = False  # BLOOM normalises the token embeddings before the first block
 
+    # Mixture of experts (kiln/models/moe.py). num_experts = 0: every layer has the dense MLP.
+    num_experts: int = 0
+    num_experts_per_token: int = 2  # top-k experts each token is routed to
+    moe_intermediate_size: int | None = None  # of each routed expert; None = intermediate_size
+    router_renormalize: bool = True  # rescale the top-k probabilities to sum to 1 (Mixtral; Qwen's option)
+    num_shared_experts: int = 0  # experts every token goes through (Qwen-MoE, DeepSeek-MoE), fused as one MLP
+    shared_expert_intermediate_size: int | None = None  # all shared experts together; None = n * moe size
+    shared_expert_gate: bool = False  # Qwen-MoE: sigmoid(w . x) scales the shared experts' output per token
+    dense_layers: list[int] = field(default_factory=list)  # layers that keep the dense MLP (Qwen-MoE)
+    router_aux_loss_coef: float = 0.01  # Switch/Mixtral load-balancing loss weight, added in training
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (mean squared logsumexp of router logits)
+
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -87,7 +99,13 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.intermediate_size is None:
             self.intermediate_size = _default_intermediate_size(self.hidden_size, self.mlp)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.shared_expert_intermediate_size is None:
+            self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
+        self.dense_layers = sorted(set(self.dense_layers))
         self._validate()
+        self._validate_moe()
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -116,6 +134,30 @@ class ModelConfig:
         if self.norm_eps <= 0:
             raise KilnError(f"norm_eps must be > 0, got {self.norm_eps}")
 
+    def _validate_moe(self) -> None:
+        if self.num_experts < 0 or self.num_experts == 1:
+            raise KilnError(f"num_experts must be 0 (dense) or at least 2, got {self.num_experts}")
+        if self.num_experts and not 1 <= self.num_experts_per_token <= self.num_experts:
+            raise KilnError(
+                f"num_experts_per_token must be between 1 and num_experts ({self.num_experts}), "
+                f"got {self.num_experts_per_token}"
+            )
+        if self.moe_intermediate_size <= 0 or self.shared_expert_intermediate_size < 0:
+            raise KilnError("moe_intermediate_size must be positive and shared_expert_intermediate_size >= 0")
+        if self.num_experts and self.mlp != "gated":
+            raise KilnError("mixture-of-experts layers use gated experts; set mlp='gated'")
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers):
+            raise KilnError(
+                f"dense_layers must index layers 0..{self.num_layers - 1}, got {self.dense_layers}"
+            )
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        return self.num_experts > 0 and layer_index not in self.dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
     @property
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
@@ -130,12 +172,29 @@ class ModelConfig:
         num_mlp_in = 2 if self.mlp == "gated" else 1
         mlp = num_mlp_in * h * self.intermediate_size + self.intermediate_size * h
         mlp += (num_mlp_in * self.intermediate_size + h) * self.mlp_bias
-        total = self.num_layers * (attn + mlp + 2 * norm) + norm
+        num_moe = self.num_moe_layers
+        total = self.num_layers * (attn + 2 * norm) + (self.num_layers - num_moe) * mlp + norm
+        total += num_moe * self._moe_layer_parameters(self.num_experts)
         if include_embeddings:
             total += self.vocab_size * h
             total += 0 if self.tie_word_embeddings else self.vocab_size * h
             total += self.max_position_embeddings * h if self.position == "learned" else 0
             total += norm if self.embedding_norm else 0
+        return total
+
+    def num_active_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters one token runs through: the top-k routed experts of each MoE layer, not all of them."""
+        idle = self.num_moe_layers * (
+            self._moe_layer_parameters(self.num_experts)
+            - self._moe_layer_parameters(self.num_experts_per_token)
+        )
+        return self.num_parameters(include_embeddings) - idle
+
+    def _moe_layer_parameters(self, num_routed: int) -> int:
+        """Router, `num_routed` experts, the shared experts and their gate of one MoE layer."""
+        h = self.hidden_size
+        total = self.num_experts * h + num_routed * 3 * h * self.moe_intermediate_size
+        total += 3 * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
         return total
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +212,11 @@ class ModelConfig:
         return cls(**values)
 
     def replace(self, **changes: Any) -> ModelConfig:
+        # Derived MoE sizes follow the fields they derive from unless given too.
+        if "num_shared_experts" in changes or "moe_intermediate_size" in changes:
+            changes.setdefault("shared_expert_intermediate_size", None)
+        if "intermediate_size" in changes and self.moe_intermediate_size == self.intermediate_size:
+            changes.setdefault("moe_intermediate_size", None)
         return dataclasses.replace(self, **changes)
 
 

@@ -69,9 +69,50 @@ def _configs():
             tie_word_embeddings=False,
             **COMMON,
         ),
+        **_moe_configs(llama),
     }
 
 
+def _moe_configs(llama: dict) -> dict:
+    """Mixtral (no shared experts) and Qwen2-MoE (a gated shared expert): odd expert counts, top-1/top-2."""
+    import transformers as T
+
+    llama = {**llama, **COMMON}
+    qwen_moe = dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, **llama)
+    return {
+        "mixtral-e3-top1-gqa3": T.MixtralConfig(
+            num_attention_heads=6, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=1, **llama
+        ),
+        "mixtral-e8-top2-mqa": T.MixtralConfig(
+            num_attention_heads=4, num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2, **llama
+        ),
+        "qwen2moe-e3-top2-shared-tied": T.Qwen2MoeConfig(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=3,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            tie_word_embeddings=True,
+            **qwen_moe,
+        ),
+        "qwen2moe-e8-top2-renorm-dense0": T.Qwen2MoeConfig(
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            **qwen_moe,
+        ),
+    }
+
+
+MOE_CASE_NAMES = [
+    "mixtral-e3-top1-gqa3",
+    "mixtral-e8-top2-mqa",
+    "qwen2moe-e3-top2-shared-tied",
+    "qwen2moe-e8-top2-renorm-dense0",
+]
 CASE_NAMES = [
     "gpt2-heads3-tied",
     "gpt2-heads4-untied",
@@ -84,6 +125,7 @@ CASE_NAMES = [
     "bloom-heads4-untied",
     "bigcode-mqa",
     "bigcode-mha-untied",
+    *MOE_CASE_NAMES,
 ]
 
 

@@ -44,16 +44,20 @@ def train_command(
     ] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile kiln's model.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    moe: Annotated[
+        bool, typer.Option(help="The recipe's model as MoE (8 experts, top-2, 4 layers) vs Mixtral.")
+    ] = False,
     output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
         "benchmarks/train.json"
     ),
 ) -> None:
     """kiln's training step vs transformers' LlamaForCausalLM in a plain PyTorch AdamW loop: tokens/s."""
     from kiln.bench.results import write_result
-    from kiln.bench.train import bench_train
+    from kiln.bench.train import MOE_SHAPE, bench_train
     from kiln.recipes import get_recipe
 
     model = get_recipe(recipe)().model
+    model = model.replace(**MOE_SHAPE) if moe else model
     result = bench_train(
         model,
         batch_size=batch_size,
@@ -64,10 +68,12 @@ def train_command(
         peer_precision=peer_precision,
         compile=compile,
         device=device,
-        name=recipe,
+        name=recipe + ("-moe" if moe else ""),
     )
     write_result(result, output)
-    table = Table(title=f"training step, {recipe} model ({result.parameters / 1e6:.2f}M), {result.device}")
+    table = Table(
+        title=f"training step, {result.model} model ({result.parameters / 1e6:.2f}M), {result.device}"
+    )
     table.add_column("")
     table.add_column("median step", justify="right")
     table.add_column("tokens/s", justify="right")
@@ -133,6 +139,9 @@ def generate_command(
         ),
     ] = False,
     threads: Annotated[int, typer.Option(help="Intra-op threads, both sides.")] = 2,
+    moe: Annotated[
+        bool, typer.Option(help="The recipe's model as MoE (8 experts, top-2, 4 layers) vs Mixtral.")
+    ] = False,
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, with --shape.")] = "float32,bfloat16",
     output: Annotated[Path | None, typer.Option(help="Where to write the JSON result.")] = None,
 ) -> None:
@@ -159,11 +168,13 @@ def generate_command(
     output = output or Path("benchmarks/generate.json")
     from kiln.bench.generate import bench_generate
     from kiln.bench.results import write_result
+    from kiln.bench.train import MOE_SHAPE
     from kiln.recipes import get_recipe
 
+    model = get_recipe(recipe)().model
     result = bench_generate(
-        get_recipe(recipe)().model,
-        name=recipe,
+        model.replace(**MOE_SHAPE) if moe else model,
+        name=recipe + ("-moe" if moe else ""),
         num_prompts=num_prompts,
         min_prompt=min_prompt,
         max_prompt=max_prompt,
@@ -174,7 +185,7 @@ def generate_command(
     write_result(result, output)
     table = Table(
         title=f"{num_prompts} prompts of {min_prompt}-{max_prompt} tokens, {new_tokens} new tokens each, "
-        f"{recipe} model ({result.parameters / 1e6:.2f}M), {result.threads} threads"
+        f"{result.model} model ({result.parameters / 1e6:.2f}M), {result.threads} threads"
     )
     table.add_column("")
     table.add_column("seconds", justify="right")

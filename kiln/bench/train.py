@@ -57,9 +57,17 @@ class _FixedBatch:
         pass
 
 
+# `--moe`: the recipe's model as a Mixtral-style mixture of experts (8 experts, top-2, 4 layers).
+MOE_SHAPE = {"num_layers": 4, "num_experts": 8, "num_experts_per_token": 2}
+
+
 def _peer_model(trainer: Trainer):
-    """transformers' Llama with kiln's weights (through kiln's own HF export, so the weights are equal)."""
+    """transformers' Llama with kiln's weights (through kiln's own HF export, so the weights are equal);
+    MixtralForCausalLM, loaded from kiln's save, for an MoE model."""
     import transformers
+
+    if trainer.model.config.num_experts:
+        return _moe_peer_model(trainer)
 
     from kiln.models.hf import FAMILIES
     from kiln.models.hf.io import hf_config, hf_state_dict
@@ -75,16 +83,35 @@ def _peer_model(trainer: Trainer):
     return peer.train()
 
 
+def _moe_peer_model(trainer: Trainer):
+    """MixtralForCausalLM from kiln's save, returning its router logits so it adds the same aux loss."""
+    import tempfile
+
+    import transformers
+
+    from kiln.models.hf.io import save_model
+
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-moe-") as directory:
+        save_model(trainer.model, directory, family="mixtral")
+        peer = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, output_router_logits=True
+        )
+    return peer.to(trainer.device).train()
+
+
 def _peer_step(peer, optimizer, inputs, targets, autocast_dtype, grad_clip: float) -> float:
-    """The loop a user writes by hand: forward, cross-entropy, backward, clip, AdamW step."""
+    """The loop a user writes by hand: forward, cross-entropy (+ the router's aux loss of an MoE model),
+    backward, clip, AdamW step."""
     context = (
         torch.autocast(inputs.device.type, dtype=autocast_dtype)
         if autocast_dtype
         else contextlib.nullcontext()
     )
     with context:
-        logits = peer(input_ids=inputs).logits
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        out = peer(input_ids=inputs)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + peer.config.router_aux_loss_coef * out.aux_loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(peer.parameters(), grad_clip)
     optimizer.step()

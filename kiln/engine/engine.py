@@ -152,8 +152,11 @@ class Engine:
                 f"{scheme}: weights {before / 2**20:.1f}MiB -> {after / 2**20:.1f}MiB, "
                 f"the {(before - after) / 2**20:.1f}MiB saved hold {freed_tokens:,} more KV tokens"
             )
+        config = self.model.config
+        idle = config.num_parameters() - config.num_active_parameters()  # routed experts a token skips
+        active = f", {(parameters - idle) / 1e6:.2f}M active per token" if config.num_experts else ""
         return (
-            f"model: {parameters / 1e6:.2f}M parameters ({weights}) "
+            f"model: {parameters / 1e6:.2f}M parameters{active} ({weights}) "
             f"on {self.device}; KV cache: {capacity:,} tokens ({self.block_manager.num_blocks} blocks of "
             f"{self.config.block_size}, {self.runner.pool.num_bytes / 2**20:.1f}MiB); "
             f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "

@@ -24,6 +24,7 @@ from kiln.models.layers import (
     alibi_slopes,
     make_norm,
 )
+from kiln.models.moe import MoE
 
 
 class Block(nn.Module):
@@ -34,7 +35,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config, kernels)
         self.attn = Attention(config, layer_index, kernels)
         self.mlp_norm = make_norm(config, kernels)
-        self.mlp = MLP(config, kernels)
+        self.mlp = MoE(config, kernels) if config.is_moe_layer(layer_index) else MLP(config, kernels)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None):
         x = x + self.attn(self.attn_norm(x), inputs, kv_cache)
@@ -205,6 +206,16 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def moe_layers(self) -> list[MoE]:
+        return [module for module in self.modules() if isinstance(module, MoE)]
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """The weighted router losses (load balancing, z-loss) of the last training forward, averaged over
+        MoE layers (the scale of Mixtral's one loss over all layers); None for a dense model. The trainer
+        adds it to the language-model loss."""
+        losses = [layer.aux_loss for layer in self.moe_layers() if layer.aux_loss is not None]
+        return torch.stack(losses).mean() if losses else None
 
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
         weight = self.embed_tokens.weight

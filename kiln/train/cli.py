@@ -65,6 +65,10 @@ def train_command(
         int | None, typer.Option(help="Data-parallel replicas: DDP (with --dp-shard 1) or HSDP.")
     ] = None,
     tp: Annotated[int | None, typer.Option(help="Tensor (+ sequence) parallel degree.")] = None,
+    ep: Annotated[
+        int | None,
+        typer.Option(help="Expert-parallel degree (MoE models): divides --dp-shard and num_experts."),
+    ] = None,
     collective_timeout_s: Annotated[
         float | None, typer.Option(help="Fail the job when a collective waits this long (hung rank).")
     ] = None,
@@ -90,6 +94,7 @@ def train_command(
         dp_shard=dp_shard,
         dp_replicate=dp_replicate,
         tp=tp,
+        ep=ep,
         collective_timeout_s=collective_timeout_s,
     )
     config = config.override([f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or []))
@@ -136,6 +141,7 @@ def plan_command(
         int, typer.Option(help="Data-parallel replicas (DDP, or HSDP with sharding).")
     ] = 1,
     tp: Annotated[int, typer.Option(help="Tensor-parallel degree.")] = 1,
+    ep: Annotated[int, typer.Option(help="Expert-parallel degree (MoE models).")] = 1,
     set_: SetOption = None,
 ) -> None:
     """Estimate training memory per rank (parameters, gradients, optimizer state, activations) for a
@@ -144,7 +150,7 @@ def plan_command(
     from kiln.train.plan import format_bytes, plan_memory
 
     config = _recipe_config(recipe, None, None, None).override(list(set_ or []))
-    layout = ParallelLayout(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+    layout = ParallelLayout(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep)
     layout.check_model(config.model, config.seq_len)
     precision = "bf16" if config.precision == "auto" else config.precision  # what GPUs choose for auto
     plan = plan_memory(

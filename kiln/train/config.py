@@ -51,6 +51,7 @@ class TrainConfig:
     dp_shard: int = -1  # FSDP2 shard degree; -1 = the processes dp_replicate and tp leave (1 when alone)
     dp_replicate: int = 1  # full replicas: plain DDP when dp_shard is 1, HSDP when it is > 1
     tp: int = 1  # tensor (+ sequence) parallel degree
+    ep: int = 1  # expert parallel degree (MoE models): divides dp_shard and num_experts
     collective_timeout_s: float = 600.0  # a collective waiting longer (a hung or dead rank) fails the job
 
     goldfish_k: int = 0  # >= 2 enables Goldfish loss: drop ~1/k of targets by a hash of...
@@ -105,7 +106,7 @@ class TrainConfig:
 
     @property
     def layout_args(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "ep": self.ep}
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prepare"}

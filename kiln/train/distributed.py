@@ -129,11 +129,23 @@ def setup(layout_args: dict[str, int], device: torch.device, timeout_s: float) -
         )
     if dist.get_world_size() != world_size:
         raise KilnError(f"WORLD_SIZE={world_size} but the process group has {dist.get_world_size()} ranks")
-    shape = (layout.dp_replicate, layout.dp_shard, layout.tp)
-    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    mesh = _device_mesh(layout, device)
     return Distributed(
         layout=layout, rank=rank, local_rank=local_rank, device=device, mesh=mesh, timeout_s=timeout_s
     )
+
+
+def _device_mesh(layout: ParallelLayout, device: torch.device) -> DeviceMesh:
+    """(dp_replicate, dp_shard, tp); with expert parallelism dp_shard is (dp_shard_mod_ep, ep) flattened,
+    so experts shard over "ep" and replicate over "dp_shard_mod_ep" while the rest shards over "dp_shard"."""
+    if layout.ep == 1:
+        shape = (layout.dp_replicate, layout.dp_shard, layout.tp)
+        return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    shape = (layout.dp_replicate, layout.dp_shard // layout.ep, layout.ep, layout.tp)
+    names = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    return mesh
 
 
 def _restart_safe_store(world_size: int, timeout_s: float) -> dist.Store | None:

@@ -22,15 +22,27 @@ class ParallelLayout:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    # Expert parallel degree: each MoE layer's experts are split over groups of ep data-parallel shard
+    # ranks (EP borrows from dp_shard, as in torchtitan), tokens travel to them by all-to-all.
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "dp_shard", "tp"):
+        for name in ("dp_replicate", "dp_shard", "tp", "ep"):
             if getattr(self, name) < 1:
                 raise KilnError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ep > 1 and self.dp_shard % self.ep:
+            raise KilnError(
+                f"ep={self.ep} must divide dp_shard={self.dp_shard}: expert-parallel ranks are data-parallel "
+                "shard ranks; launch dp_shard (the processes dp_replicate and tp leave) as a multiple of ep"
+            )
+        if self.ep > 1 and (self.tp > 1 or self.dp_replicate > 1):
+            raise KilnError(
+                "--ep does not combine with --tp or --dp-replicate yet; use --ep with --dp-shard (FSDP2)"
+            )
 
     @classmethod
     def resolve(
-        cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1
+        cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1, ep: int = 1
     ) -> ParallelLayout:
         """The layout for `world_size` processes; dp_shard=-1 takes whatever dp_replicate * tp leaves."""
         if dp_replicate < 1 or tp < 1 or (dp_shard < 1 and dp_shard != -1):
@@ -50,7 +62,7 @@ class ParallelLayout:
                 f"processes but {world_size} are running; launch with torchrun --nproc-per-node={needed} "
                 f"(on one node), or choose degrees whose product is {world_size}"
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep)
 
     @property
     def world_size(self) -> int:
@@ -81,12 +93,22 @@ class ParallelLayout:
             parts.append(f"DDP {self.dp_replicate}")
         if self.tp > 1:
             parts.append(f"TP {self.tp}")
+        if self.ep > 1:
+            parts.append(f"EP {self.ep}")
         return " + ".join(parts) or "single process"
 
     def check_model(self, model: ModelConfig, seq_len: int) -> None:
-        """Tensor parallelism splits heads, the MLP's inner width and the sequence evenly across ranks."""
+        """Tensor parallelism splits heads, the MLP's inner width and the sequence evenly across ranks;
+        expert parallelism splits the experts."""
+        if self.ep > 1 and (model.num_experts == 0 or model.num_experts % self.ep):
+            raise KilnError(
+                f"ep={self.ep} must divide the model's num_experts ({model.num_experts}); a dense model "
+                "has no experts to split"
+            )
         if self.tp == 1:
             return
+        if model.num_experts:
+            raise KilnError("tensor parallelism does not support MoE models yet; use --dp-shard and --ep")
         if model.position == "alibi":
             raise KilnError(
                 "tensor parallelism does not support ALiBi models; use --dp-shard instead of --tp"

@@ -32,6 +32,7 @@ class StepResult:
     lr: float
     tokens: int
     skipped: bool = False
+    expert_load: float | None = None  # MoE: max / mean tokens per expert, mean over layers (1.0 = balanced)
 
 
 class Steps(Protocol):
@@ -171,6 +172,7 @@ class TrainingLoop:
             tokens_per_second=tokens_per_second,
             mfu=mfu,
             tokens=steps.tokens_seen,
+            **({} if result.expert_load is None else {"expert_load_max_over_mean": result.expert_load}),
         )
         line = f"loss {result.loss:.3f}  {tokens_per_second:,.0f} tok/s  MFU {mfu:.1%}"
         console = self.info.console

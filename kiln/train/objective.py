@@ -42,7 +42,13 @@ class LanguageModelObjective(nn.Module):
         self.vocab_parallel = False
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hidden = self.hidden_states(inputs)
+        """The cross-entropy, plus in training the MoE layers' weighted router losses (load balancing,
+        z-loss) that the forward just recorded, so one backward trains the router too."""
+        loss = self._cross_entropy(self.hidden_states(inputs), targets)
+        aux = self.model.moe_aux_loss() if self.model.training else None
+        return loss if aux is None else loss + aux
+
+    def _cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not self.vocab_parallel:
             return fused_language_model_loss(hidden, self.model.output_weight, targets, kernels=self.kernels)
         hidden = hidden.redistribute(placements=[Replicate()])  # (B, T/tp, H) -> (B, T, H) on each rank

@@ -16,9 +16,17 @@ def build_optimizer(
     Uses the fused implementation where torch has one for the device (CUDA, and CPU since torch 2.4),
     else foreach: one multi-tensor kernel per step instead of a Python loop over parameters.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for experts in (False, True):
+        # MoE experts are a group of their own in every layout: under expert parallelism they live on
+        # another device mesh than the rest (the multi-tensor kernels take one mesh at a time), and a
+        # checkpoint's groups must match whichever layout resumes it.
+        params = [(n, p) for n, p in named if (".experts." in n) == experts]
+        decay = [p for _, p in params if p.dim() >= 2]
+        no_decay = [p for _, p in params if p.dim() < 2]
+        groups += [{"params": decay, "weight_decay": weight_decay}] if decay or not experts else []
+        groups += [{"params": no_decay, "weight_decay": 0.0}] if no_decay or not experts else []
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(

@@ -22,8 +22,10 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from kiln.models.moe import MoE
 from kiln.models.transformer import Transformer
 from kiln.train.distributed import Distributed
+from kiln.train.expert_parallel import apply_expert_parallel
 from kiln.train.objective import LanguageModelObjective
 
 
@@ -77,13 +79,21 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
 
 
 def apply_fsdp(
-    objective: LanguageModelObjective, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None
+    objective: LanguageModelObjective,
+    dp_mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    expert_mesh: DeviceMesh | None = None,
 ) -> None:
     """FSDP2: each block is its own all-gather / reduce-scatter group, so only one block's parameters
     are unsharded at a time; the root group (embeddings, final norm, LM head) stays unsharded from the
-    forward until its gradients are reduced. A 2-D `dp_mesh` (replicate, shard) gives HSDP."""
+    forward until its gradients are reduced. A 2-D `dp_mesh` (replicate, shard) gives HSDP.
+
+    Under expert parallelism the (already ep-sharded) experts are their own group over `expert_mesh`
+    (dp_shard_mod_ep), whose ranks hold the same experts (see kiln.train.expert_parallel)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in objective.model.layers:
+        if expert_mesh is not None and isinstance(block.mlp, MoE):
+            fully_shard(block.mlp.experts, mesh=expert_mesh, mp_policy=policy)
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(objective, mesh=dp_mesh, mp_policy=policy)
 
@@ -102,6 +112,8 @@ def parallelize(
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
         objective.vocab_parallel = True
+    if layout.ep > 1:
+        apply_expert_parallel(model, mesh["ep"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile_blocks:  # block by block, inside FSDP's per-block hooks (as torchtitan does)
@@ -109,7 +121,8 @@ def parallelize(
             block.compile()
     if layout.uses_fsdp:
         dp_mesh = mesh["dp_shard"] if layout.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
-        apply_fsdp(objective, dp_mesh, fsdp_param_dtype)
+        expert_mesh = mesh["dp_shard_mod_ep"] if layout.ep > 1 else None
+        apply_fsdp(objective, dp_mesh, fsdp_param_dtype, expert_mesh)
     elif layout.uses_ddp:
         device_ids = [distributed.device.index] if distributed.device.type == "cuda" else None
         return DistributedDataParallel(
@@ -124,9 +137,16 @@ def parallelize(
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_, also for sharded (DTensor) gradients: their norm is reduced to
     the full norm before the clip coefficient is applied, so every rank clips by the same factor."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, math.inf if max_norm <= 0 else max_norm, total)
+    groups: dict[object, list[nn.Parameter]] = {}  # DTensors on one mesh reduce (and scale) together
+    for param in parameters:
+        if param.grad is not None:
+            groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
+    norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)) for group in groups.values()]
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, math.inf if max_norm <= 0 else max_norm, total)
     return total
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -8,6 +8,8 @@ The estimate counts what kiln's trainer keeps (docs/scaling.md states the formul
   buffers     what is alive only around the peak: FSDP's unsharded root (embeddings, LM head) and
               blocks, and the loss's working set (fused kernel: an fp32 (V, H) gradient and a temporary
               of that size, and a (256, V) chunk of logits; vocab-parallel: three (N, V/tp) fp32 arrays)
+Under expert parallelism (--ep) a rank holds num_experts / ep of each MoE layer's experts, which FSDP
+splits over the dp_shard / ep ranks holding the same ones; FSDP's unsharded block then holds those only.
 The peak is their sum, except that gradients are not yet allocated when activations peak (the start of
 backward) unless DDP holds them: peak = parameters + optimizer + activations + buffers (+ gradients, DDP).
 """
@@ -58,17 +60,21 @@ class MemoryPlan:
         }
 
 
-def _numel_per_rank(model: Transformer, layout: ParallelLayout) -> tuple[int, int, int]:
-    """(all parameters, root parameters (embeddings, final norm, head), one block's) on one rank, split
-    tp ways where tensor parallelism splits them; FSDP's dp_shard split is applied by the caller."""
+def _numel_per_rank(model: Transformer, layout: ParallelLayout) -> tuple[int, int, int, int]:
+    """(all parameters, root parameters (embeddings, final norm, head), the largest block's, MoE experts')
+    on one rank before FSDP's split: split tp ways where tensor parallelism splits them, and the routed
+    experts ep ways (each expert-parallel rank holds num_experts / ep of them)."""
 
     def local(name: str, param: torch.Tensor) -> int:
+        if ".experts." in name:
+            return param.numel() // layout.ep
         replicated = name.endswith(_TP_REPLICATED_SUFFIXES)
         return param.numel() // (1 if replicated else layout.tp)
 
     total = sum(local(n, p) for n, p in model.named_parameters())
-    block = sum(local(n, p) for n, p in model.layers[0].named_parameters())
-    return total, total - block * len(model.layers), block
+    blocks = [sum(local(f"layers.{n}", p) for n, p in block.named_parameters()) for block in model.layers]
+    experts = sum(local(n, p) for n, p in model.named_parameters() if ".experts." in n)
+    return total, total - sum(blocks), max(blocks), experts
 
 
 def activation_bytes(
@@ -86,11 +92,19 @@ def activation_bytes(
     hidden, intermediate = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     mlp = (4 if config.mlp == "gated" else 2) * intermediate
-    per_layer = 4 * hidden / tp + (2 * hidden if tp > 1 else 0) + (2 * q + 2 * kv + mlp) / tp
+    # An MoE layer keeps, per token: router logits and probabilities (2E), for each of its k experts the
+    # gathered input, the gated MLP's four (4 I_moe) and the output (2H), and the shared experts' four.
+    moe = 2 * config.num_experts + config.num_experts_per_token * (
+        4 * config.moe_intermediate_size + 2 * hidden
+    )
+    moe += 4 * config.shared_expert_intermediate_size
+    common = 4 * hidden / tp + (2 * hidden if tp > 1 else 0) + (2 * q + 2 * kv) / tp
+    num_moe = config.num_moe_layers
+    per_layer = common + max(mlp / tp, moe if num_moe else 0)  # the largest layer (recomputed alone)
     if activation_checkpointing:
         saved = config.num_layers * hidden / tp + per_layer
     else:
-        saved = config.num_layers * per_layer
+        saved = config.num_layers * common + (config.num_layers - num_moe) * mlp / tp + num_moe * moe
     return int((saved + 2 * hidden / tp) * tokens * element_bytes)
 
 
@@ -107,11 +121,12 @@ def plan_memory(
     rank (TrainConfig.batch_size) under `layout`."""
     with torch.device("meta"):
         model = Transformer(config)
-    total, root, block = _numel_per_rank(model, layout)
+    total, root, block, experts = _numel_per_rank(model, layout)
     shard = layout.dp_shard if layout.uses_fsdp else 1
     element_bytes = 2 if precision in ("bf16", "fp16") else FP32
     tokens = batch_size * seq_len
-    parameters = FP32 * total // shard
+    # FSDP splits the experts a rank holds over the dp_shard / ep ranks that hold the same ones
+    parameters = FP32 * ((total - experts) // shard + experts // max(shard // layout.ep, 1))
     activations = activation_bytes(config, tokens, layout.tp, element_bytes, activation_checkpointing)
     buffers = _loss_buffers(config, tokens, layout.tp, element_bytes)
     if layout.uses_fsdp:  # the root stays unsharded through forward and backward; blocks come two at a time

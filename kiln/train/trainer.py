@@ -188,7 +188,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
-        return StepResult(total_loss, grad_norm, lr, tokens, skipped=not finite)
+        return StepResult(
+            total_loss, grad_norm, lr, tokens, skipped=not finite, expert_load=self._expert_load()
+        )
+
+    def _expert_load(self) -> float | None:
+        """MoE routing balance of the last micro-batch on this rank: max / mean tokens per expert,
+        averaged over MoE layers (1.0 = perfectly balanced); None for a dense model."""
+        counts = [layer.last_expert_counts for layer in self.model.moe_layers()]
+        counts = [c.float() for c in counts if c is not None]
+        if not counts:
+            return None
+        return float(torch.stack([c.max() / c.mean() for c in counts]).mean())
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Loss and gradients of one micro-batch; returns this rank's loss (its share of the global mean

@@ -36,3 +36,17 @@ def test_bench_generate_smoke():
     )
     assert result.identical_to_peer == 3  # same weights, greedy: kiln.LLM equals transformers generate
     assert result.kiln_tokens_per_second > 0 and result.peer_tokens_per_second > 0
+
+
+def test_bench_moe_shape_against_mixtral():
+    from kiln.bench.generate import bench_generate
+    from kiln.bench.train import MOE_SHAPE
+
+    model = kiln.preset("tiny", **MOE_SHAPE)
+    result = bench_train(model, batch_size=2, seq_len=16, steps=2, warmup=1, name="tiny-moe")
+    # both sides add their load-balancing loss (per sequence in kiln, per batch in Mixtral): close, not equal
+    assert result.kiln_final_loss == pytest.approx(result.peer_final_loss, rel=1e-2)
+    generated = bench_generate(
+        model, name="tiny-moe", num_prompts=3, min_prompt=2, max_prompt=9, new_tokens=5
+    )
+    assert generated.identical_to_peer == 3

@@ -9,7 +9,15 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 @pytest.mark.parametrize(
-    "case", ["llama-gqa3-untied", "bloom-heads3", "mistral-gqa4-window", "gpt2-heads3-tied"]
+    "case",
+    [
+        "llama-gqa3-untied",
+        "bloom-heads3",
+        "mistral-gqa4-window",
+        "gpt2-heads3-tied",
+        "mixtral-e8-top2-mqa",
+        "qwen2moe-e3-top2-shared-tied",
+    ],
 )
 def test_greedy_alone_equals_in_a_batch_of_32(case, hf_model_dir):
     directory = hf_model_dir(case)

@@ -37,3 +37,14 @@ def test_greedy_batch_matches_transformers(case, tmp_path):
     assert all(output.finished and output.outputs[0].finish_reason == "length" for output in outputs)
     assert llm.engine.counters.num_prompt_tokens_computed == sum(PROMPT_LENGTHS)
     assert llm.engine.kv_usage == 0  # every block is released
+
+
+def test_startup_line_shows_total_and_active_parameters_of_an_moe_model(tmp_path):
+    build_hf_model("mixtral-e8-top2-mqa", tmp_path)
+    llm = LLM(tmp_path, verbose=False)
+    config = llm.engine.model.config
+    total, active = config.num_parameters(), config.num_active_parameters()
+    assert active < total
+    assert f"model: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token" in (
+        llm.engine.startup_summary()
+    )

@@ -84,3 +84,26 @@ def test_cannot_save_in_a_family_that_cannot_express_the_model(tmp_path):
     model = kiln.Transformer(kiln.preset("tiny"))
     with pytest.raises(kiln.KilnError, match="cannot be saved as 'gpt2'.*position"):
         kiln.save_model(model, tmp_path, family="gpt2")
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_kiln_native_moe_model_saves_as_mixtral_or_qwen2_moe(shared, tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = kiln.preset(
+        "tiny",
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=shared,
+        shared_expert_gate=bool(shared),
+    )
+    model = kiln.Transformer(config).eval()
+    kiln.save_model(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == (
+        "qwen2_moe" if shared else "mixtral"
+    )
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 1024, (2, 11))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() <= 1e-4

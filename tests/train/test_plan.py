@@ -17,6 +17,7 @@ from kiln.train.plan import format_bytes, plan_memory
 from kiln.train.trainer import Trainer
 from tests.train.memory_data import MemoryData
 
+FP32_BYTES = 4
 WORKER = Path(__file__).with_name("memory_worker.py")
 # ~18M parameters, untied: big enough that parameters, optimizer state, activations and buffers all
 # stand well above the few MB of noise in a process's resident set.
@@ -145,3 +146,25 @@ def test_plan_is_within_25_percent_of_the_measured_peak(name, tmp_path, capsys):
     with capsys.disabled():
         print(f"\nplan {name}: estimated {format_bytes(plan.peak)}, measured {format_bytes(measured)}")
     assert plan.peak == pytest.approx(measured, rel=0.25)
+
+
+def test_plan_accounts_for_experts_and_expert_parallelism():
+    moe = kiln.preset("demo", num_experts=8, num_experts_per_token=2)
+    dense = kiln.preset("demo")
+    plans = {
+        name: plan_memory(config, layout, seq_len=256, batch_size=4)
+        for name, config, layout in [
+            ("dense", dense, ParallelLayout(dp_shard=2)),
+            ("fsdp", moe, ParallelLayout(dp_shard=2)),
+            ("ep", moe, ParallelLayout(dp_shard=2, ep=2)),
+            ("ep4", moe, ParallelLayout(dp_shard=4, ep=2)),
+        ]
+    }
+    assert plans["fsdp"].parameters == FP32_BYTES * moe.num_parameters() // 2
+    # EP keeps the same share of each weight per rank, but gathers only the rank's own experts
+    assert plans["ep"].parameters == plans["fsdp"].parameters
+    experts_per_block = 8 * 3 * moe.hidden_size * moe.moe_intermediate_size
+    assert plans["fsdp"].buffers - plans["ep"].buffers == FP32_BYTES * 2 * experts_per_block // 2
+    assert plans["ep4"].parameters < plans["ep"].parameters
+    # top-2 of 8 experts: activations of two MLPs per token, not eight
+    assert plans["dense"].activations < plans["fsdp"].activations < 3 * plans["dense"].activations

@@ -170,11 +170,39 @@ def load_model(
         for name, part in zip(kiln_names, rule.split(tensor, config), strict=True):
             state[name] = part.to(device=device, dtype=target_dtype).contiguous()
         used.add(stored)
+    for hf_names, kiln_name in _applicable_stacks(family, config, expected):
+        parts = [
+            _read_checked(files, directory, family, name, expected[kiln_name][0].shape) for name in hf_names
+        ]
+        used.update(files.find(name, family.base_prefix) for name in hf_names)
+        state[kiln_name] = torch.stack(parts).to(device=device, dtype=target_dtype or parts[0].dtype)
     _refuse_unknown_tensors(files, used, family, config)
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
     assert not unexpected and {k.removesuffix(".weight") for k in missing} <= set(quantized), missing
     install_quantized(model, quantized, target_dtype or next(iter(state.values())).dtype)
     return model.to(device).eval()
+
+
+def _read_checked(
+    files: CheckpointFiles, directory: Path, family: Family, hf_name: str, want: torch.Size
+) -> torch.Tensor:
+    """One expert's tensor, refused when missing or not the shape the config implies."""
+    stored = files.find(hf_name, family.base_prefix)
+    if stored is None:
+        raise ModelLoadError(f"{directory}: tensor {hf_name!r} is missing from the checkpoint")
+    if files.shape(stored) != tuple(want):
+        raise ModelLoadError(
+            f"{files.file_of[stored]}: tensor {stored!r} has shape {list(files.shape(stored))} but "
+            f"config.json implies {list(want)}; the config and weights do not belong together"
+        )
+    return files.read(stored)
+
+
+def _applicable_stacks(family: Family, config: ModelConfig, present: dict[str, Any]):
+    for stack in family.expert_stacks:
+        for hf_names, kiln_name in stack.expand(config.num_layers, config.num_experts):
+            if kiln_name in present:
+                yield hf_names, kiln_name
 
 
 def _applicable(family: Family, config: ModelConfig, present: dict[str, Any]):
@@ -208,6 +236,9 @@ def hf_state_dict(
     for hf_name, kiln_names, rule in _applicable(family, config, state):
         tensor = rule.merge([state[k].detach() for k in kiln_names], config)
         out[hf_name] = tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+    for hf_names, kiln_name in _applicable_stacks(family, config, state):
+        for hf_name, tensor in zip(hf_names, state[kiln_name].detach().unbind(0), strict=True):
+            out[hf_name] = tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
     return out
 
 
@@ -238,7 +269,7 @@ def save_model(
     Files are written to a temporary directory first and moved into place, so a crash never leaves a
     half-written checkpoint; weight files of an earlier save in the same directory are replaced.
     """
-    family_name = family or model.config.family
+    family_name = family or _default_family(model.config)
     if family_name not in FAMILIES:
         raise ModelLoadError(f"unknown family {family_name!r}; choose one of {', '.join(FAMILIES)}")
     target = FAMILIES[family_name]
@@ -265,6 +296,14 @@ def save_model(
         tokenizer.save(directory)
         _write_generation_config(directory, tokenizer)
     return directory
+
+
+def _default_family(config: ModelConfig) -> str:
+    """The family a model is saved as: the one it was loaded as; kiln's own models (family 'llama') save
+    as Llama, or as Qwen2-MoE (with shared experts) or Mixtral (without) when they have experts."""
+    if config.family != "llama" or not config.num_experts:
+        return config.family
+    return "qwen2_moe" if config.shared_expert_intermediate_size else "mixtral"
 
 
 def _write_generation_config(directory: Path, tokenizer) -> None:

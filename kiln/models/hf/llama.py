@@ -70,8 +70,10 @@ def _from_hf(hf: ConfigReader, family: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**values, extra_hf_config=hf.unused())
 
 
-def _to_hf(config: ModelConfig, family: str) -> dict[str, Any]:
+def _to_hf(config: ModelConfig, family: str, moe: bool = False) -> dict[str, Any]:
     require(config, family, position="rope", norm="rmsnorm", mlp="gated", embedding_norm=False)
+    if not moe:
+        require(config, family, num_experts=0)
     return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,

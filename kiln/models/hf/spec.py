@@ -93,6 +93,24 @@ def interleaved_qkv(hf: str, kiln: tuple[str, str, str]) -> WeightRule:
 
 
 @dataclass(frozen=True)
+class ExpertStack:
+    """One HF tensor per expert (`{i}` the layer, `{e}` the expert) <-> one stacked kiln tensor (E, ...).
+
+    Mixtral and Qwen-MoE checkpoints store each expert's projections separately; kiln holds each
+    projection of all experts as one (E, out, in) parameter (grouped matmuls, expert-parallel sharding).
+    Stacking and unbinding copy bytes unchanged, so a load -> save round trip is exact.
+    """
+
+    hf: str
+    kiln: str
+
+    def expand(self, num_layers: int, num_experts: int) -> Iterator[tuple[tuple[str, ...], str]]:
+        """(the per-expert HF names, the stacked kiln name) for every layer."""
+        for i in range(num_layers):
+            yield tuple(self.hf.format(i=i, e=e) for e in range(num_experts)), self.kiln.format(i=i)
+
+
+@dataclass(frozen=True)
 class Family:
     """One Hugging Face model family: how its config and weights map onto kiln's."""
 
@@ -104,6 +122,7 @@ class Family:
     base_prefix: str  # checkpoints saved from the base model (no LM head) omit this prefix
     ignore: tuple[str, ...] = ()  # substrings of HF tensor names that hold no weights (masks, caches)
     read_types: tuple[str, ...] = field(default=())  # extra model_type values this family reads
+    expert_stacks: tuple[ExpertStack, ...] = ()  # per-expert HF tensors <-> stacked kiln experts (MoE)
 
 
 class ConfigReader:
