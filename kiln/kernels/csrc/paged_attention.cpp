@@ -10,8 +10,13 @@
 // Keys are visited kKeyTile at a time with an online softmax (running max, running sum, fp32 accumulator
 // per row), so no context-length score row is ever materialised. bf16/fp16 K/V tiles are widened to fp32
 // once per tile when several rows share them (GQA, query tiles); fp32 ones, and those of an MHA decode,
-// are read straight from the pool, converted on load. The next tile's rows are prefetched while one is
-// computed: with shuffled blocks that ran the 134M fp32 decode 1.2-1.3x faster on one thread.
+// are read straight from the pool, converted on load (a bf16 MHA decode reads bf16 pairs: dot products by
+// vdpbf16ps, values widened two at a time, paged_attention_simd.h). No software prefetch: on the 2-vCPU
+// AVX-512/AMX Xeon of issue 12's final run, prefetching the next tile's rows (1.2-1.3x on one thread of the
+// AMD EPYC it was written on) made the 134M decode of 64 x 192 tokens 1.2-1.5x slower at 2 threads (bf16
+// 1.54-1.92 ms vs 1.23-1.55; fp32 2.29-3.05 vs 1.65-1.99; three interleaved runs of a temporary build
+// with both variants, BENCHMARKS.md). The hardware prefetchers stream a block's rows there; the software
+// requests probably competed with them for line fill buffers. Key tiles of 16 and 32 ran alike without it.
 //
 // Semantics follow kiln.engine.attention.TorchPagedAttention: query t of sequence s sits at position
 // p = context_len - query_len + t and sees key positions j <= p (and p - j < sliding_window when it is
@@ -32,7 +37,7 @@
 
 namespace {
 
-constexpr int64_t kKeyTile = 32;    // keys per online-softmax step; the score buffer is rows x kKeyTile
+constexpr int64_t kKeyTile = 16;    // keys per online-softmax step; the score buffer is rows x kKeyTile
 constexpr int64_t kTargetRows = 32; // query rows (queries x heads of a group) that share a K/V load
 
 template <typename T>
@@ -61,29 +66,33 @@ struct Item {
 struct Scratch {
   std::vector<float> q, acc, max, sum, scores, keys, values;
   std::vector<const void*> key_rows, value_rows;  // (kv heads of an item, kKeyTile): fp32 or pool rows
+  // An MHA decode of a bf16 pool (KILN_BF16_PAIRS): q rows as they are (bf16, unscaled) and accumulators
+  // in the pairs layout of paged_attention_simd.h, split_width(head_dim) floats a row.
+  std::vector<c10::BFloat16> q16;
+  std::vector<float> pairs;
   Scratch(int64_t rows, int64_t kv_heads, int64_t head_dim)
       : q(rows * head_dim), acc(rows * head_dim), max(rows), sum(rows), scores(rows * kKeyTile),
         keys(kv_heads * kKeyTile * head_dim), values(kv_heads * kKeyTile * head_dim),
-        key_rows(kv_heads * kKeyTile), value_rows(kv_heads * kKeyTile) {}
+        key_rows(kv_heads * kKeyTile), value_rows(kv_heads * kKeyTile), q16(rows * head_dim),
+        pairs(rows * ((head_dim + 31) / 32 * 32)) {}
 };
+
+// Whether rows of type R (what attend_key_tile reads) take the bf16 pairs path.
+template <typename R>
+constexpr bool kPairs =
+#ifdef KILN_BF16_PAIRS
+    std::is_same_v<R, c10::BFloat16>;
+#else
+    false;
+#endif
 
 // Point rows[h * kKeyTile + k] at key position j0 + k's row of kv head h0 + h (fp32 pool), or widen it
 // into `buffer`. Heads inside the loop: a token's KVH * D values are contiguous, so the pool is streamed.
 template <typename T>
 void load_rows(const Problem<T>& P, const T* cache, int64_t stride_slot, int64_t stride_head,
-               const int32_t* table, const Item& item, int64_t j0, int64_t count, int64_t prefetch_end,
-               bool widen, float* buffer, const void** rows) {
+               const int32_t* table, const Item& item, int64_t j0, int64_t count, bool widen, float* buffer,
+               const void** rows) {
   int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
-  // The next tile's rows, requested now so that they arrive while this one is computed: the pool is
-  // read at DRAM bandwidth only with enough lines in flight (shuffled blocks defeat the hardware's).
-  const int64_t ahead = std::min(kKeyTile, prefetch_end - j0 - kKeyTile);
-  const int64_t row_bytes = ((item.h1 - item.h0 - 1) * stride_head + P.head_dim) * int64_t(sizeof(T));
-  for (int64_t k = 0, j = j0 + kKeyTile; k < ahead; ++k, ++j) {
-    const char* slot = reinterpret_cast<const char*>(
-        cache + (int64_t(table[j / P.block_size]) * P.block_size + j % P.block_size) * stride_slot +
-        item.h0 * stride_head);
-    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(slot + b, 0, 3);
-  }
   for (int64_t k = 0; k < count; ++k) {
     const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot;
     for (int64_t h = 0; h < item.h1 - item.h0; ++h) {
@@ -113,14 +122,19 @@ void attend_key_tile(const Problem<T>& P, Scratch& w, const Item& item, int64_t 
     const int64_t hi = std::min(j0 + count, position + 1) - j0;  // keys [lo, hi) of the tile are seen
     if (hi <= lo) continue;
     float* s = w.scores.data() + r * kKeyTile;
-    const float* q = w.q.data() + r * D;
     const R* const* keys = reinterpret_cast<const R* const*>(w.key_rows.data()) + kv * kKeyTile;
     const float slope = P.slopes ? P.slopes[(item.h0 + kv) * group + r % group] : 0.0f;
-    float tile_max = kNegInf;
-    dots(q, keys + lo, hi - lo, D, s + lo);
+    float tile_max = kNegInf, scale = 1.0f;  // fp32 q rows come scaled
+#ifdef KILN_BF16_PAIRS
+    if constexpr (kPairs<R>) {
+      dots_bf16(w.q16.data() + r * D, keys + lo, hi - lo, D, s + lo);
+      scale = P.scale;
+    } else
+#endif
+      dots(w.q.data() + r * D, keys + lo, hi - lo, D, s + lo);
     for (int64_t k = lo; k < hi; ++k) {
       // slope * (j - p), not slope * j: the same softmax, without fp32 round-off of a bias near slope * p
-      s[k] += slope * float(j0 + k - position);
+      s[k] = s[k] * scale + slope * float(j0 + k - position);
       tile_max = std::max(tile_max, s[k]);
     }
     const float new_max = std::max(w.max[r], tile_max);
@@ -128,6 +142,12 @@ void attend_key_tile(const Problem<T>& P, Scratch& w, const Item& item, int64_t 
     w.sum[r] = w.sum[r] * correction + exp_and_sum(s + lo, hi - lo, new_max);
     w.max[r] = new_max;
     const R* const* values = reinterpret_cast<const R* const*>(w.value_rows.data()) + kv * kKeyTile + lo;
+#ifdef KILN_BF16_PAIRS
+    if constexpr (kPairs<R>) {
+      accumulate_bf16(w.pairs.data() + r * split_width(D), correction, s + lo, values, hi - lo, D);
+      continue;
+    }
+#endif
     accumulate(w.acc.data() + r * D, correction, s + lo, values, hi - lo, D);
   }
 }
@@ -144,28 +164,39 @@ template <typename T>
 void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
   const int64_t D = P.head_dim, tq = item.t1 - item.t0;
   const int64_t rows = (item.h1 - item.h0) * tq * (P.num_heads / P.num_kv_heads);
+  // Widen bf16/fp16 rows once per tile when several rows (queries x heads of a group) share them; a decode
+  // of MHA has one, and reads them straight from the pool (a bf16 pool as bf16 pairs, KILN_BF16_PAIRS).
+  const bool widen = tq * (P.num_heads / P.num_kv_heads) > 2;
+  const bool pairs = !widen && kPairs<T>;
   for (int64_t r = 0, head; r < rows; ++r) {
     const int64_t token = row_token_and_head(P, item, r, &head);
+    const T* q = P.q + token * P.q_stride_token + head * P.q_stride_head;
+    if constexpr (kPairs<T>) {
+      if (pairs) {
+        std::copy(q, q + D, w.q16.data() + r * D);
+        continue;
+      }
+    }
     float* q_row = w.q.data() + r * D;
-    to_float(P.q + token * P.q_stride_token + head * P.q_stride_head, q_row, D);
+    to_float(q, q_row, D);
     for (int64_t d = 0; d < D; ++d) q_row[d] *= P.scale;
   }
-  std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);
+  if (pairs)
+    std::fill(w.pairs.begin(), w.pairs.begin() + rows * ((D + 31) / 32 * 32), 0.0f);
+  else
+    std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);
   std::fill(w.max.begin(), w.max.begin() + rows, kNegInf);
   std::fill(w.sum.begin(), w.sum.begin() + rows, 0.0f);
   const int64_t first_position = P.context_lens[item.seq] - P.query_lens[item.seq] + item.t0;
   const int64_t key_end = first_position + tq;  // one past the last query's position
   const int64_t key_begin = P.window > 0 ? std::max<int64_t>(0, first_position - P.window + 1) : 0;
   const int32_t* table = P.block_tables + item.seq * P.table_width;
-  // Widen bf16/fp16 rows once per tile when several rows (queries x heads of a group) share them; a decode
-  // of MHA has one, and widens on load instead of writing and rereading a buffer.
-  const bool widen = tq * (P.num_heads / P.num_kv_heads) > 2;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyTile) {
     const int64_t count = std::min(kKeyTile, key_end - j0);
-    load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, item, j0, count, key_end, widen,
-              w.keys.data(), w.key_rows.data());
-    load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, item, j0, count, key_end, widen,
-              w.values.data(), w.value_rows.data());
+    load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, item, j0, count, widen, w.keys.data(),
+              w.key_rows.data());
+    load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, item, j0, count, widen, w.values.data(),
+              w.value_rows.data());
     if (widen)
       attend_key_tile<T, float>(P, w, item, first_position, j0, count);
     else
@@ -173,6 +204,9 @@ void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
   }
   for (int64_t r = 0, head; r < rows; ++r) {
     const int64_t token = row_token_and_head(P, item, r, &head);
+#ifdef KILN_BF16_PAIRS
+    if (pairs) from_pairs(w.pairs.data() + r * split_width(D), w.acc.data() + r * D, D);
+#endif
     from_float(w.acc.data() + r * D, 1.0f / w.sum[r], P.out + (token * P.num_heads + head) * D, D);
   }
 }

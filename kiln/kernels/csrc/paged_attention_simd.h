@@ -11,6 +11,26 @@
 
 namespace {
 
+#ifdef KILN_AVX512
+// Lane k of the result: the sum of p[k]'s 16 lanes. A transposing add tree (45 shuffles/adds) instead of
+// 16 horizontal reductions.
+inline __m512 sum16(const __m512 (&p)[16]) {
+  __m512 t[8], u[4], v[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit lane positions (a, b, a, b) of keys 2i, 2i + 1
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]),
+                         _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // position q of each 128-bit lane: key 4i + q
+    const __m512d c = _mm512_castps_pd(t[2 * i]), e = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, e)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, e)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: keys 8i..8i+3 (twice), 8i+4..8i+7 (twice)
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+}
+#endif
+
 template <typename R>
 inline float dot(const float* a, const R* b, int64_t n) {
 #ifdef KILN_AVX512
@@ -27,8 +47,7 @@ inline float dot(const float* a, const R* b, int64_t n) {
 #endif
 }
 
-// out[k] = dot(q, rows[k], n) for k in [0, count). With AVX-512, 16 keys at a time: their 16 product
-// vectors are summed by a transposing add tree (45 shuffles/adds) instead of 16 horizontal reductions.
+// out[k] = dot(q, rows[k], n) for k in [0, count). With AVX-512, 16 keys at a time, summed by sum16.
 template <typename R>
 inline void dots(const float* q, const R* const* rows, int64_t count, int64_t n, float* out) {
 #ifdef KILN_AVX512
@@ -41,21 +60,7 @@ inline void dots(const float* q, const R* const* rows, int64_t count, int64_t n,
       const __m512 qd = _mm512_maskz_loadu_ps(m, q + d);
       for (int64_t i = 0; i < keys; ++i) p[i] = _mm512_fmadd_ps(qd, load_ps(rows[k0 + i] + d, m), p[i]);
     }
-    __m512 t[8], u[4], v[2];
-    for (int i = 0; i < 8; ++i)  // 128-bit lane positions (a, b, a, b) of keys 2i, 2i + 1
-      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]),
-                           _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
-    for (int i = 0; i < 4; ++i) {  // position q of each 128-bit lane: key 4i + q
-      const __m512d c = _mm512_castps_pd(t[2 * i]), e = _mm512_castps_pd(t[2 * i + 1]);
-      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, e)),
-                           _mm512_castpd_ps(_mm512_unpackhi_pd(c, e)));
-    }
-    for (int i = 0; i < 2; ++i)  // 128-bit lanes: keys 8i..8i+3 (twice), 8i+4..8i+7 (twice)
-      v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
-                           _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-    const __m512 sums =
-        _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
-    _mm512_mask_storeu_ps(out + k0, tail_mask(keys), sums);  // lane k: key k0 + k
+    _mm512_mask_storeu_ps(out + k0, tail_mask(keys), sum16(p));  // lane k: key k0 + k
   }
 #else
   for (int64_t k = 0; k < count; ++k) out[k] = dot(q, rows[k], n);
@@ -135,5 +140,62 @@ inline void from_float(const float* src, float factor, c10::BFloat16* dst, int64
 inline void from_float(const float* src, float factor, c10::Half* dst, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = c10::Half(src[d] * factor);
 }
+
+
+#if defined(KILN_AVX512) && defined(__AVX512BF16__)
+#define KILN_BF16_PAIRS 1
+// bf16 rows read as pairs of values per 32-bit lane, never widened one value at a time: an MHA decode of a
+// bf16 pool reads each K/V row once, and widening it (load, vpmovzxwd, shift per 16 values) cost more
+// than the arithmetic.
+
+inline __mmask32 tail_mask32(int64_t n) { return n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1); }
+
+// out[k] = sum_d q[d] * rows[k][d] for k in [0, count), q and rows bf16: vdpbf16ps multiplies bf16 pairs
+// exactly and adds them into fp32 lanes; 16 keys at a time, summed by sum16.
+inline void dots_bf16(const c10::BFloat16* q, const c10::BFloat16* const* rows, int64_t count, int64_t n,
+                      float* out) {
+  for (int64_t k0 = 0; k0 < count; k0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, count - k0);
+    __m512 p[16];
+    for (int64_t i = 0; i < 16; ++i) p[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 32) {
+      const __mmask32 m = tail_mask32(n - d);
+      const __m512bh qd = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
+      for (int64_t i = 0; i < keys; ++i)
+        p[i] = _mm512_dpbf16_ps(p[i], qd, (__m512bh)_mm512_maskz_loadu_epi16(m, rows[k0 + i] + d));
+    }
+    _mm512_mask_storeu_ps(out + k0, tail_mask(keys), sum16(p));
+  }
+}
+
+// The "pairs" layout of an fp32 accumulator row: per 32 values of the row, the 16 even ones, then the 16
+// odd ones (a bf16 pair's low half widens by a shift, its high half by a mask). `split_width(n)` floats.
+inline int64_t split_width(int64_t n) { return (n + 31) / 32 * 32; }
+
+// acc = acc * correction + sum_k weights[k] * rows[k], acc in the pairs layout, rows bf16 (n,).
+inline void accumulate_bf16(float* acc, float correction, const float* weights,
+                            const c10::BFloat16* const* rows, int64_t count, int64_t n) {
+  const __m512i high = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  const __m512 scale = _mm512_set1_ps(correction);
+  for (int64_t d = 0; d < n; d += 32) {
+    const __mmask32 m = tail_mask32(n - d);
+    __m512 even = _mm512_mul_ps(_mm512_loadu_ps(acc + d), scale);
+    __m512 odd = _mm512_mul_ps(_mm512_loadu_ps(acc + d + 16), scale);
+    for (int64_t k = 0; k < count; ++k) {
+      const __m512i x = _mm512_maskz_loadu_epi16(m, rows[k] + d);
+      const __m512 weight = _mm512_set1_ps(weights[k]);
+      even = _mm512_fmadd_ps(weight, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), even);
+      odd = _mm512_fmadd_ps(weight, _mm512_castsi512_ps(_mm512_and_si512(x, high)), odd);
+    }
+    _mm512_storeu_ps(acc + d, even);
+    _mm512_storeu_ps(acc + d + 16, odd);
+  }
+}
+
+// row[d] = value d of an accumulator in the pairs layout, d in [0, n).
+inline void from_pairs(const float* acc, float* row, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) row[d] = acc[d / 32 * 32 + (d % 2) * 16 + d % 32 / 2];
+}
+#endif
 
 }  // namespace
