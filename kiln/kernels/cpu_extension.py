@@ -2,13 +2,19 @@
 torch.utils.cpp_extension, registering its ops under `torch.ops.kiln.*` (TORCH_LIBRARY_FRAGMENT(kiln, m)).
 
 The library is built once per machine and source version (about a minute; `make install` builds it) and
-cached under $KILN_CACHE/cpu_ops (default ~/.cache/kiln/cpu_ops). Without a C++ compiler or OpenMP, or
+cached under $KILN_CACHE/cpu_ops (default ~/.cache/kiln/cpu_ops). The sources are copied into the cache
+folder and built from there, so every checkout of the same sources shares one build (ninja's commands hold
+the source paths: two checkouts rebuilt each other's library), and the build runs under an OS file lock that
+dies with its process (torch's own lock file outlives a build killed midway and made every later start wait
+on it forever). Without a C++ compiler or OpenMP, or
 when the build fails, `cpu_ops_available()` is False, one line says why, and every caller runs its torch
 reference instead. `KILN_CPU_OPS=0` switches the ops off (to compare against the references).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -16,6 +22,7 @@ import os
 import shutil
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,27 +69,50 @@ def _load() -> str | None:
         return f"no C++ compiler: {compiler!r} is not on PATH"
     if not _find_ninja():
         return "no ninja: `pip install ninja` (a kiln dependency) puts it beside this Python"
-    sources = sorted(str(path) for path in CSRC.glob("*.cpp"))
-    if not sources:
+    if not any(CSRC.glob("*.cpp")):
         return f"no sources in {CSRC}"
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(
-            name="kiln_cpu_ops",
-            sources=sources,
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _build_lock(build_dir):
+            cpp_extension.load(
+                name="kiln_cpu_ops",
+                sources=_copy_sources(build_dir / "src"),
+                extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as error:  # a compiler error, no ninja, no OpenMP: fall back, say why in one line
         first = str(error).strip().splitlines()
         return f"build failed: {first[0] if first else type(error).__name__}; see {build_dir}"
     return None
+
+
+def _copy_sources(target: Path) -> list[str]:
+    """The csrc files copied into `target` (rewritten only when they differ, so ninja sees no change)."""
+    target.mkdir(exist_ok=True)
+    for path in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
+        copy = target / path.name
+        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
+            shutil.copyfile(path, copy)
+    return [str(target / path.name) for path in sorted(CSRC.glob("*.cpp"))]
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """One process at a time builds or loads in `build_dir`; the OS releases the lock when its holder dies.
+    Inside it no other kiln process is building here, so torch's `lock` file, if any, is a killed build's."""
+    with open(build_dir / ".kiln-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _find_ninja() -> bool:
