@@ -53,8 +53,19 @@ def open_store(db: str) -> Iterator:
 
 @batch_app.command("submit")
 def submit_command(
-    input: Annotated[Path, typer.Argument(help="OpenAI batch JSONL, or a table: .jsonl, .csv, .parquet.")],
+    input: Annotated[
+        Path | None, typer.Argument(help="OpenAI batch JSONL, or a table: .jsonl, .csv, .parquet.")
+    ] = None,
     db: Db = DEFAULT_DB,
+    query: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of INPUT: a table job over the rows of this SQL query (needs --template)."
+        ),
+    ] = None,
+    source_db: Annotated[
+        str | None, typer.Option(help="The database --query reads (default: the job store's, --db).")
+    ] = None,
     template: Annotated[
         str | None,
         typer.Option(help="A table job's prompt: jinja2 over the record's columns, e.g. 'Text: {{ text }}'."),
@@ -74,9 +85,11 @@ def submit_command(
 ) -> None:
     """Store a job: the whole input is checked first, then written in one transaction. Without --template
     the input is an OpenAI batch file ({custom_id, method, url, body} per line)."""
-    from kiln.batch.jobs import submit
+    from kiln.batch.jobs import submit, submit_query
     from kiln.batch.spec import JobSpec
 
+    if (input is None) == (query is None):
+        raise KilnError("give either an INPUT file or --query SQL (a table job over the query's rows)")
     if template_file is not None:
         if not template_file.is_file():
             raise KilnError(f"{template_file}: no such template file")
@@ -92,7 +105,10 @@ def submit_command(
         results_table=results_table,
     )
     with open_store(db) as store:
-        new_id = submit(store, input, spec, job_id)
+        if query is not None:
+            new_id = submit_query(store, query, spec, job_id, source_db)
+        else:
+            new_id = submit(store, input, spec, job_id)
         console.print(new_id, highlight=False)
         err_console.print(f"submitted {store.job(new_id).num_records} records as {new_id}", highlight=False)
 

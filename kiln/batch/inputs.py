@@ -1,5 +1,5 @@
 """Reading batch inputs into records: OpenAI batch files (JSONL of {custom_id, method, url, body}) and
-tables (JSONL, CSV, Parquet) whose rows a prompt template turns into prompts.
+tables (JSONL, CSV, Parquet, or the rows of a SQL query) whose rows a prompt template turns into prompts.
 
 Every reader checks the whole input before anything is stored: a malformed line is a one-line error naming
 it, and nothing of the job is written.
@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kiln.batch.database import Database
 from kiln.batch.spec import OPENAI_ENDPOINTS, JobSpec
 from kiln.batch.store import Record
 from kiln.batch.template import PromptTemplate
@@ -52,6 +53,36 @@ def read_table(path: Path, template: PromptTemplate, id_column: str | None) -> l
     """The rows of a JSONL / CSV / Parquet table, each a record keyed by `id_column` (default: the row
     number). The template's columns must exist in the input."""
     rows, columns = _read_rows(path)
+    return _table_records(rows, columns, str(path), template, id_column)
+
+
+def read_query(database: Database, sql: str, template: PromptTemplate, id_column: str | None) -> list[Record]:
+    """The rows a SQL query returns from `database` (SQLite or PostgreSQL), each a record as `read_table`
+    makes them; values JSON cannot hold (dates, decimals) become their text. The query only reads: its
+    transaction is rolled back."""
+    try:
+        cursor = database.connection.execute(sql)  # no parameters: a % or ? in the query stays as written
+        columns = [column[0] for column in cursor.description or ()]
+        rows = [{c: _jsonable(v) for c, v in zip(columns, row, strict=True)} for row in cursor.fetchall()]
+    except database.driver_error as error:
+        message = str(error).strip().splitlines()
+        raise KilnError(
+            f"the query failed on {database.display_url}: {message[0] if message else error}"
+        ) from None
+    finally:
+        database.connection.rollback()
+    if not columns:
+        raise KilnError("the query returns no columns; give a SELECT")
+    return _table_records(rows, set(columns), "the query", template, id_column)
+
+
+def _jsonable(value: Any) -> Any:
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+
+def _table_records(
+    rows: list[dict[str, Any]], columns: set[str], path: str, template: PromptTemplate, id_column: str | None
+) -> list[Record]:
     if not rows:
         raise KilnError(f"{path} has no rows; nothing to submit")
     template.check_columns(columns)
@@ -150,3 +181,10 @@ def read_records(path: Path, spec: JobSpec) -> list[Record]:
     if spec.kind == "openai":
         return read_openai_batch(path, spec.endpoint)
     return read_table(path, PromptTemplate(spec.template or ""), spec.id_column)
+
+
+def read_query_records(database: Database, sql: str, spec: JobSpec) -> list[Record]:
+    """The records of a SQL query for the table job `spec`."""
+    if spec.kind != "table":
+        raise KilnError("a --query job is a table job: give --template (and --labels to tag)")
+    return read_query(database, sql, PromptTemplate(spec.template or ""), spec.id_column)

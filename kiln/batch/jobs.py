@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.batch.backend import LLMBackend
-from kiln.batch.inputs import read_records
+from kiln.batch.database import Database
+from kiln.batch.inputs import read_query_records, read_records
 from kiln.batch.progress import JobProgress
 from kiln.batch.runner import BatchRunner, RunStats
 from kiln.batch.spec import JobSpec
@@ -19,6 +20,21 @@ from kiln.errors import KilnError
 def submit(store: JobStore, path: Path, spec: JobSpec, job_id: str | None = None) -> str:
     """Read and check the whole input, then store the job and its records in one transaction."""
     return store.create_job(spec, read_records(path, spec), job_id)
+
+
+def submit_query(
+    store: JobStore, sql: str, spec: JobSpec, job_id: str | None = None, source: str | None = None
+) -> str:
+    """A table job over the rows of a SQL query, run against `source` (a database URL or SQLite file;
+    default: the job store's own database). The rows are read and checked first, then stored."""
+    if source is None:
+        return store.create_job(spec, read_query_records(store.db, sql, spec), job_id)
+    database = Database(source)
+    try:
+        records = read_query_records(database, sql, spec)
+    finally:
+        database.connection.close()
+    return store.create_job(spec, records, job_id)
 
 
 def run_job(

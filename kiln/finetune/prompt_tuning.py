@@ -91,6 +91,14 @@ class PromptTunedModel(nn.Module):
     def layers(self, value: nn.ModuleList) -> None:
         self.model.layers = value
 
+    def moe_layers(self) -> list[nn.Module]:
+        """The base's MoE layers (the trainer logs their expert loads)."""
+        return self.model.moe_layers()
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """The base's MoE router losses of the last forward (the training objective adds them)."""
+        return self.model.moe_aux_loss()
+
     def virtual_ids(self, batch: int, device: torch.device) -> torch.Tensor:
         first = self.config.vocab_size
         return torch.arange(first, first + self.num_virtual_tokens, device=device).expand(batch, -1)
