@@ -44,6 +44,7 @@ def test_a_query_job_equals_llm(db_url, llm, tmp_path):
     results = {row["custom_id"]: row["output"] for row in store.results(job_id)}
     expected = oracle_labels(llm, [r["text"] for r in chosen])
     assert results == {r["id"]: label for r, (label, _) in zip(chosen, expected, strict=True)}
+    store.close()
 
 
 def test_a_query_against_another_database(llm, tmp_path):
@@ -53,6 +54,7 @@ def test_a_query_against_another_database(llm, tmp_path):
     store = JobStore(str(tmp_path / "jobs.db"))
     job_id = submit_query(store, "SELECT id, text, stars FROM reviews", TAGGING, source=source)
     assert store.job(job_id).num_records == 6
+    store.close()
 
 
 def test_bad_queries_are_one_line_errors_and_store_nothing(db_url, tmp_path):
@@ -67,3 +69,4 @@ def test_bad_queries_are_one_line_errors_and_store_nothing(db_url, tmp_path):
     with pytest.raises(KilnError, match="no rows"):
         submit_query(store, "SELECT id, text FROM reviews WHERE 1 = 0", TAGGING)
     assert store.db.query("SELECT COUNT(*) FROM kiln_batch_jobs")[0][0] == 0
+    store.close()  # ends the read's transaction: the fixture's DROP SCHEMA would wait on it forever
