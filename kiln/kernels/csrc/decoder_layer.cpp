@@ -12,7 +12,12 @@
 // the torch reference is kiln/kernels/cpu_decoder_layer.py's `decoder_layer_reference`).
 //
 // weights: [attn_norm, q, k, v, o, mlp_norm, gate, up, down]; biases: [q, k, v, o, gate, up, down] (None
-// where absent). The new tokens' keys/values are written into key_cache/value_cache (slots, KVH, D) at
+// where absent). A projection may be weight-only quantized (kiln/quant's int8 or int4 QuantizedLinear): its
+// entry in `weights` is then the integer weight, `bits` [q, k, v, o, gate, up, down] says 8 or 4 (0 for a
+// float weight) and `scales`/`offsets` hold its scale and scale * zero point; it runs kiln::quant_linear,
+// the op QuantizedLinear.forward calls for the same rows, so the result is still the Python path's bit for
+// bit. kiln/engine/cpu_decoder.py sends a layer with quantized projections here only for steps of as few rows
+// as QuantizedLinear gives its op. The new tokens' keys/values are written into key_cache/value_cache (slots, KVH, D) at
 // slot_mapping before attention reads the pool in place.
 
 #include <ATen/ATen.h>
@@ -33,6 +38,15 @@ at::Tensor kiln_linear(const at::Tensor& x, const at::Tensor& w, const OptionalT
                        .findSchemaOrThrow("kiln::linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&)>();
   return op.call(x, w, b);
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const OptionalTensor& offset, const OptionalTensor& bias, int64_t bits) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::quant_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptionalTensor&, const OptionalTensor&, int64_t)>();
+  return op.call(x, qweight, scale, offset, bias, bits);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -77,15 +91,23 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                          at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& query_starts, const at::Tensor& query_lens,
                          const at::Tensor& context_lens, int64_t block_size, double scale,
-                         const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows) {
+                         const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows,
+                         const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
+                         at::IntArrayRef bits) {
   TORCH_CHECK(weights.size() == 9 && biases.size() == 7,
               "kiln::decoder_layer: weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and "
               "biases [q, k, v, o, gate, up, down]");
+  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7,
+              "kiln::decoder_layer: scales, offsets and bits must have one entry per projection");
   TORCH_CHECK(x.dim() == 2, "kiln::decoder_layer: x must be (N, hidden), got ", x.sizes());
   TORCH_CHECK(cos.has_value() == sin.has_value(), "kiln::decoder_layer: cos and sin go together");
   const int64_t N = x.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
   auto bias = [&](size_t i) { return biases.get(i); };
+  for (size_t i = 0; i < 7; ++i) {
+    TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(), "kiln::decoder_layer: a quantized projection needs its scale");
+  }
   auto project = [&](const at::Tensor& h, size_t w, size_t b) {
+    if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), bias(b), bits[b]);
     return kiln_linear(h, weights[w], bias(b), max_linear_rows);
   };
   at::Tensor h = rms_norm(x, weights[0], eps);
@@ -108,7 +130,8 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "decoder_layer(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
       "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, "
       "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
-      "Tensor? alibi_slopes, int sliding_window, int max_linear_rows) -> Tensor");
+      "Tensor? alibi_slopes, int sliding_window, int max_linear_rows, Tensor?[] scales, Tensor?[] offsets, "
+      "int[] bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("decoder_layer", &decoder_layer); }
