@@ -26,10 +26,19 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+def _modules(block: Block) -> list[nn.Module]:
+    """[attn_norm, mlp_norm, q, k, v, o, gate, up, down], straight from the modules' dicts
+    (nn.Module.__getattr__ costs microseconds a call, and a decode step asks for these every layer)."""
+    attn, mlp = block.attn._modules, block.mlp._modules
+    return (
+        [block._modules["attn_norm"], block._modules["mlp_norm"]]
+        + [attn[name] for name in _PROJECTIONS]
+        + [mlp[name] for name in _MLP_PROJECTIONS]
+    )
+
+
 def _linears(block: Block) -> list[nn.Module]:
-    return [getattr(block.attn, name) for name in _PROJECTIONS] + [
-        getattr(block.mlp, name) for name in _MLP_PROJECTIONS
-    ]
+    return _modules(block)[2:]
 
 
 def _weight_only(linear: nn.Module) -> bool:
@@ -64,12 +73,9 @@ def layer_weights(block: Block) -> LayerWeights:
     )  # fmt: skip
 
 
-def _parameters(block: Block) -> list[torch.Tensor | None]:
-    """Every module and tensor the op reads, straight from the modules' dicts (nn.Module.__getattr__ costs
-    microseconds a call, and a decode step asks for these every layer)."""
-    attn, mlp = block.attn._modules, block.mlp._modules
-    modules = [block._modules["attn_norm"], block._modules["mlp_norm"]]
-    modules += [attn[name] for name in _PROJECTIONS] + [mlp[name] for name in _MLP_PROJECTIONS]
+def _parameters(block: Block) -> list:
+    """Every module and tensor the op reads (compared by identity each call to see a replaced one)."""
+    modules = _modules(block)
     found: list = list(modules)
     for module in modules:
         found += [module._parameters.get("weight"), module._parameters.get("bias")]

@@ -76,8 +76,7 @@ class Engine:
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
         self.adapters = ServedAdapters(model, adapters) if adapters else None
-        self.num_cpu_linears = _install_cpu_linears(model, config.kernels)
-        self.num_cpu_layers = _install_cpu_decoder_layers(model, config.kernels)
+        self.num_cpu_linears, self.num_cpu_layers = _install_cpu_ops(model, config.kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
@@ -393,24 +392,16 @@ def _uses_cpu_ops(kernels: KernelChoice, weight: torch.Tensor) -> bool:
     return cpu_ops_available()
 
 
-def _install_cpu_linears(model: Transformer, kernels: KernelChoice) -> int:
+def _install_cpu_ops(model: Transformer, kernels: KernelChoice) -> tuple[int, int]:
     """With kiln's C++ CPU ops, route the model's linears (LM head included) through the small-row linear
-    op where it wins (decode-sized batches; BENCHMARKS.md); returns how many."""
+    op where it wins (decode-sized batches; BENCHMARKS.md), and run each Llama-style layer of a decode-only
+    step in one C++ call (kiln/engine/cpu_decoder.py). Returns (linears, layers) that can."""
     if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
-        return 0
+        return 0, 0
+    from kiln.engine.cpu_decoder import install_cpu_decoder_layers
     from kiln.kernels.cpu_linear import install_cpu_linears
 
-    return install_cpu_linears(model)
-
-
-def _install_cpu_decoder_layers(model: Transformer, kernels: KernelChoice) -> int:
-    """With kiln's C++ CPU ops, run each Llama-style layer of a decode-only step in one C++ call
-    (kiln/engine/cpu_decoder.py); returns how many layers can."""
-    if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
-        return 0
-    from kiln.engine.cpu_decoder import install_cpu_decoder_layers
-
-    return install_cpu_decoder_layers(model)
+    return install_cpu_linears(model), install_cpu_decoder_layers(model)
 
 
 def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:
