@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from rich.console import Console
+import torch
 from torch import nn
 
 from kiln.errors import KilnError
@@ -80,7 +81,11 @@ def adapted_model(config: FinetuneConfig) -> nn.Module:
     if config.method == "full":
         return model.requires_grad_(True)
     if config.method == "lora":
-        apply_lora(model, config.lora)
+        # The adapter's initialisation depends on the run's seed alone, not on what drew random numbers
+        # before (a torchrun process and a plain one must start from the same adapter).
+        with torch.random.fork_rng():
+            torch.manual_seed(config.train.seed)
+            apply_lora(model, config.lora)
         return model
     tokenizer = None
     if config.prompt.init_text and (Path(config.base) / "tokenizer.json").is_file():
