@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rich.console import Console
 import torch
+from rich.console import Console
 from torch import nn
 
 from kiln.errors import KilnError
