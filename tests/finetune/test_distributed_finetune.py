@@ -1,6 +1,6 @@
-"""`kiln finetune` under torchrun on CPU (gloo), 2 processes: LoRA under DDP and FSDP2, and prompt tuning
-under DDP, match one process on the same global batch; the optimizer holds only the adapter; rank 0 writes
-one PEFT adapter that loads."""
+"""`kiln finetune` under torchrun on CPU (gloo), 2 processes: LoRA under DDP and FSDP2 (padded and, under
+DDP, packed batches), and prompt tuning under DDP, match one process on the same global batch; the
+optimizer holds only the adapter; rank 0 writes one PEFT adapter that loads."""
 
 import os
 import subprocess
@@ -90,6 +90,15 @@ def test_lora_under_torchrun_matches_one_process(model_dir, task_data, single_lo
     model = kiln.load_model(model_dir)
     attach_adapter(model, adapter)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+@pytest.mark.slow
+def test_packed_lora_under_ddp_matches_one_process(model_dir, task_data, tmp_path):
+    finetune(1, model_dir, task_data, tmp_path / "single", "lora", "--packing", "--seq-len", "64")
+    finetune(
+        2, model_dir, task_data, tmp_path / "ddp", "lora", "--packing", "--seq-len", "64", *LAYOUTS["ddp"]
+    )
+    assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "single"))
 
 
 @pytest.mark.slow
