@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import ModelConfig
-from kiln.kernels.kv_quant import dequantize_kv, kv_cache_bits, packed_dim, quantize_kv
+from kiln.kernels.kv_quant import PARAM_BYTES, dequantize_kv, kv_cache_bits, packed_dim, quantize_kv
 from kiln.kernels.paged_attention import paged_decode_attention
 from kiln.kernels.paged_attention_quantized import paged_decode_attention_quantized
 from kiln.kernels.runtime import use_triton
@@ -28,9 +28,9 @@ class KVPool:
     slot `block * block_size + offset` holds one token.
 
     With kv_cache_dtype int8/int4 (kiln/kernels/kv_quant.py) `keys`/`values` hold uint8 codes
-    (num_layers, slots, KVH, D or D / 2) and `key_params`/`value_params` each row's fp16 (scale, zero),
-    (num_layers, slots, KVH, 2), slot for slot beside them; `bits` is 8 or 4 (0 unquantized). `dtype` is
-    the model's, the dtype attention computes in."""
+    (num_layers, slots, KVH, D or D / 2) and `key_params`/`value_params` each row's fp16 scale and uint8
+    zero point, (num_layers, slots, KVH, 3) bytes, slot for slot beside them; `bits` is 8 or 4 (0 when
+    unquantized). `dtype` is the model's, the dtype attention computes in."""
 
     def __init__(
         self,
@@ -54,8 +54,8 @@ class KVPool:
         codes = (*shape[:3], packed_dim(self.bits, config.head_dim))
         self.keys = torch.zeros(codes, dtype=torch.uint8, device=device)
         self.values = torch.zeros(codes, dtype=torch.uint8, device=device)
-        self.key_params = torch.zeros((*shape[:3], 2), dtype=torch.float16, device=device)
-        self.value_params = torch.zeros((*shape[:3], 2), dtype=torch.float16, device=device)
+        self.key_params = torch.zeros((*shape[:3], PARAM_BYTES), dtype=torch.uint8, device=device)
+        self.value_params = torch.zeros((*shape[:3], PARAM_BYTES), dtype=torch.uint8, device=device)
 
     @property
     def num_bytes(self) -> int:

@@ -103,7 +103,7 @@ def paged_attention_quantized(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention` over a quantized pool (kiln/kernels/kv_quant.py): key/value_codes uint8 (slots, KVH,
-    D, or D / 2 for bits=4), key/value_params fp16 (slots, KVH, 2). Each key tile is dequantized into a
+    D, or D / 2 for bits=4), key/value_params uint8 (slots, KVH, 3). Each key tile is dequantized into a
     per-thread fp32 buffer as the op reaches it; q (and the output) fp32, bf16 or fp16."""
     if not cpu_ops_available():
         raise KilnError(

@@ -1,6 +1,6 @@
-"""Paged decode attention over a quantized KV pool (int8 / int4 codes + fp16 scale and zero per token and
-kv head, kiln/kernels/kv_quant.py), dequantized tile by tile inside the Triton kernel: the context is never
-copied out in full precision.
+"""Paged decode attention over a quantized KV pool (int8 / int4 codes, an fp16 scale and a uint8 zero
+point per token and kv head, kiln/kernels/kv_quant.py), dequantized tile by tile inside the Triton kernel:
+the context is never copied out in full precision.
 
 Same launch as kiln/kernels/paged_attention.py (GQA-aware programs, split-K with the same combine kernel).
 An int4 row's byte d holds values d and d + D / 2, so a program works on the two half rows side by side:
@@ -38,13 +38,16 @@ def _dequantize(Codes, Params, slots, stride_s, stride_ps, offs_p, tile_ok, key_
     """A key tile's two half rows (INT4) or whole rows (int8) in fp32, (N, P) each (the second is unused
     for int8)."""
     codes = tl.load(Codes + slots[:, None] * stride_s + offs_p[None, :], mask=tile_ok, other=0)
-    scale = tl.load(Params + slots * stride_ps, mask=key_ok, other=0.0).to(tl.float32)[:, None]
-    zero = tl.load(Params + slots * stride_ps + 1, mask=key_ok, other=0.0).to(tl.float32)[:, None]
+    # params: the scale's fp16 bits (little-endian), then the zero point
+    scale_low = tl.load(Params + slots * stride_ps, mask=key_ok, other=0).to(tl.uint16)
+    scale_high = tl.load(Params + slots * stride_ps + 1, mask=key_ok, other=0).to(tl.uint16)
+    scale = (scale_low | (scale_high << 8)).to(tl.float16, bitcast=True).to(tl.float32)[:, None]
+    zero = tl.load(Params + slots * stride_ps + 2, mask=key_ok, other=0).to(tl.float32)[:, None]
     if INT4:
-        low = (codes & 15).to(tl.float32) * scale + zero
-        high = (codes >> 4).to(tl.float32) * scale + zero
+        low = ((codes & 15).to(tl.float32) - zero) * scale
+        high = ((codes >> 4).to(tl.float32) - zero) * scale
         return low, high
-    whole = codes.to(tl.float32) * scale + zero
+    whole = (codes.to(tl.float32) - zero) * scale
     return whole, whole
 
 
@@ -154,7 +157,7 @@ def paged_decode_attention_quantized(
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """`kiln.kernels.paged_attention.paged_decode_attention` over a quantized pool: key/value_codes uint8
-    (slots, KVH, D or D / 2 for int4), key/value_params fp16 (slots, KVH, 2). Returns (S, H, D) in q's
+    (slots, KVH, D or D / 2 for int4), key/value_params uint8 (slots, KVH, 3). Returns (S, H, D) in q's
     dtype."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, packed = key_codes.shape[1], key_codes.shape[2]

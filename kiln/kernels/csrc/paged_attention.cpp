@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "paged_attention_simd.h"
@@ -55,12 +56,13 @@ struct Problem {
   int64_t table_width, num_heads, num_kv_heads, head_dim, block_size, window, tile_queries;
   float scale;
   // A quantized pool (paged_attention_quantized): keys/values are null, and rows (slot, kv head) are
-  // `packed` bytes of codes with an fp16 (scale, zero) pair each, all contiguous. bits 0 = unquantized.
+  // `packed` bytes of codes with 3 bytes of params each (fp16 scale bits, uint8 zero point), all contiguous.
+  // bits 0 = unquantized.
   int64_t bits = 0, packed = 0;
   const uint8_t* key_codes = nullptr;
   const uint8_t* value_codes = nullptr;
-  const c10::Half* key_params = nullptr;
-  const c10::Half* value_params = nullptr;
+  const uint8_t* key_params = nullptr;
+  const uint8_t* value_params = nullptr;
 };
 
 // Queries [t0, t1) of sequence `seq` with the query heads of kv heads [h0, h1). Its row r is kv head
@@ -118,7 +120,7 @@ void load_rows(const Problem<T>& P, const T* cache, int64_t stride_slot, int64_t
 
 // load_rows for a quantized pool: every row dequantized into `buffer` (kv_quant.py's layout).
 template <typename T>
-void load_quantized_rows(const Problem<T>& P, const uint8_t* codes, const c10::Half* params, const int32_t* table,
+void load_quantized_rows(const Problem<T>& P, const uint8_t* codes, const uint8_t* params, const int32_t* table,
                          const Item& item, int64_t j0, int64_t count, float* buffer, const void** rows) {
   int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
   for (int64_t k = 0; k < count; ++k) {
@@ -126,7 +128,9 @@ void load_quantized_rows(const Problem<T>& P, const uint8_t* codes, const c10::H
     for (int64_t h = 0; h < item.h1 - item.h0; ++h) {
       const int64_t row = slot * P.num_kv_heads + item.h0 + h;
       float* widened = buffer + (h * kKeyTile + k) * P.head_dim;
-      const float scale = float(params[2 * row]), zero = float(params[2 * row + 1]);
+      c10::Half scale16;
+      std::memcpy(&scale16, params + 3 * row, 2);
+      const float scale = float(scale16), zero = float(params[3 * row + 2]);
       if (P.bits == 8)
         dequantize_int8(codes + row * P.packed, scale, zero, widened, P.head_dim);
       else
@@ -351,7 +355,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, con
   return out;
 }
 
-// The op over a quantized pool: codes uint8 (slots, KVH, D or D / 2), params fp16 (slots, KVH, 2).
+// The op over a quantized pool: codes uint8 (slots, KVH, D or D / 2), params uint8 (slots, KVH, 3).
 at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_codes, const at::Tensor& value_codes,
                                      const at::Tensor& key_params, const at::Tensor& value_params, int64_t bits,
                                      const at::Tensor& block_tables, const at::Tensor& query_starts,
@@ -369,10 +373,10 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_
                     q.size(1) % codes->size(1) == 0,
                 "paged_attention_quantized: codes must be contiguous uint8 (slots, KVH, ", packed, ") on CPU");
   for (const auto* params : {&key_params, &value_params})
-    TORCH_CHECK(params->scalar_type() == at::kHalf && params->dim() == 3 && params->size(0) == key_codes.size(0) &&
-                    params->size(1) == key_codes.size(1) && params->size(2) == 2 && params->is_contiguous() &&
+    TORCH_CHECK(params->scalar_type() == at::kByte && params->dim() == 3 && params->size(0) == key_codes.size(0) &&
+                    params->size(1) == key_codes.size(1) && params->size(2) == 3 && params->is_contiguous() &&
                     params->device().is_cpu(),
-                "paged_attention_quantized: params must be contiguous fp16 (slots, KVH, 2) on CPU");
+                "paged_attention_quantized: params must be contiguous uint8 (slots, KVH, 3) on CPU");
   check_tables(q, key_codes.size(0), block_tables, query_starts, query_lens, context_lens, block_size,
                alibi_slopes);
   const bool covered = query_lens.sum().item<int64_t>() == q.size(0);
@@ -387,7 +391,7 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_
                         q.size(2), block_size, std::max<int64_t>(sliding_window, 0), tile_queries, float(scale)};
     P.bits = bits, P.packed = packed;
     P.key_codes = key_codes.data_ptr<uint8_t>(), P.value_codes = value_codes.data_ptr<uint8_t>();
-    P.key_params = key_params.data_ptr<c10::Half>(), P.value_params = value_params.data_ptr<c10::Half>();
+    P.key_params = key_params.data_ptr<uint8_t>(), P.value_params = value_params.data_ptr<uint8_t>();
     run(P, query_lens.numel());
   }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;
