@@ -65,7 +65,9 @@ def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def split_params(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """params uint8 (..., 3) -> scale fp32 (...,), zero fp32 (...,)."""
-    scale = params[..., :2].contiguous().view(torch.float16)[..., 0].float()
+    # the scale is positive: its sign bit is 0, so the 16 bits fit int16 as they are
+    bits = params[..., 0].to(torch.int16) | (params[..., 1].to(torch.int16) << 8)
+    scale = bits.view(torch.float16).float()
     return scale, params[..., 2].float()
 
 
