@@ -7,6 +7,8 @@ Quality, on the trained demo model (`kiln demo` trains it; fp32 weights, its own
 - validation perplexity over non-overlapping 256-token windows, scored through the engine (prompt logprobs,
   so every position attends the cache's keys/values as that cache holds them).
 Memory: bytes per token = the pool's bytes / its capacity in tokens, from the engine.
+Attention alone: one layer's decode attention on kiln's C++ op at the gpt2-small head shape (12 x 64),
+`context` tokens per sequence, over each cache dtype's pool.
 Speed, at the gpt2-small shape of kiln/bench/engine_speed.py (random weights): decode tokens/s at a long
 context (`context` tokens of prompt, then `new_tokens` decode steps timed, prefill excluded), batch 1 and
 batch `batch`, per model dtype (bf16, fp32) and cache dtype, on kiln's C++ CPU backend.
@@ -39,6 +41,7 @@ class KVCacheBenchResult:
     )  # model dtype -> cache -> bytes
     demo: dict[str, Any] = field(default_factory=dict)
     speed: list[dict[str, Any]] = field(default_factory=list)
+    attention: list[dict[str, Any]] = field(default_factory=list)  # one layer's decode attention, C++ op
 
 
 @torch.no_grad()
@@ -125,6 +128,46 @@ def decode_speed(directory: Path, dtype: str, kv_cache_dtype: str | None, contex
     }  # fmt: skip
 
 
+def attention_op_speed(
+    dtype: str, kv_cache_dtype: str | None, context: int, batch: int, repeats: int = 20
+) -> dict[str, Any]:
+    """Seconds of one layer's decode attention on kiln's C++ op (one query per sequence, MHA at the
+    gpt2-small shape), over a model-dtype or quantized pool: what the cache dtype changes inside attention."""
+    from kiln.bench.timing import best_of
+    from kiln.kernels import cpu_paged_attention as op
+    from kiln.kernels.kv_quant import kv_cache_bits, quantize_kv
+
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    heads, head_dim, block_size = 12, 64, 16
+    generator = torch.Generator().manual_seed(0)
+    blocks = -(-context // block_size)
+    shape = (batch * blocks * block_size, heads, head_dim)
+    keys, values = (torch.randn(shape, generator=generator) for _ in "kv")
+    tables = torch.randperm(batch * blocks, generator=generator).view(batch, blocks).int()
+    q = torch.randn(batch, heads, head_dim, generator=generator).to(torch_dtype)
+    int32 = dict(dtype=torch.int32)
+    metadata = (
+        torch.arange(batch, **int32),
+        torch.ones(batch, **int32),
+        torch.full((batch,), context, **int32),
+    )
+    bits = kv_cache_bits(kv_cache_dtype)
+    if bits:
+        (key_codes, key_params), (value_codes, value_params) = (
+            quantize_kv(keys, bits),
+            quantize_kv(values, bits),
+        )
+        args = (q, key_codes, value_codes, key_params, value_params, bits, tables, *metadata, block_size)
+        call = lambda: op.paged_attention_quantized(*args)  # noqa: E731
+    else:
+        args = (q, keys.to(torch_dtype), values.to(torch_dtype), tables, *metadata, block_size)
+        call = lambda: op.paged_attention(*args)  # noqa: E731
+    call()
+    seconds, _ = best_of(repeats, call)
+    return {"dtype": dtype, "kv_cache": _name(kv_cache_dtype), "batch": batch, "context": context,
+            "seconds": seconds}  # fmt: skip
+
+
 def bench_kv_cache(
     shape: str = "gpt2-small",
     context: int = 2000,
@@ -143,6 +186,18 @@ def bench_kv_cache(
     if demo_model is not None and demo_val is not None and demo_model.is_dir() and demo_val.is_file():
         result.demo = demo_quality(demo_model, demo_val)
         log(f"demo model: {result.demo}")
+    from kiln.kernels.cpu_extension import cpu_ops_available
+
+    if cpu_ops_available():
+        for dtype in dtypes:
+            for batch in batches:
+                for kv_cache_dtype in CACHE_DTYPES:
+                    entry = attention_op_speed(dtype, kv_cache_dtype, context, batch)
+                    result.attention.append(entry)
+                    log(
+                        f"attention op {dtype} {entry['kv_cache']:>11} batch {batch} @ {context}: "
+                        f"{entry['seconds'] * 1e3:.3f} ms"
+                    )
     directory, _ = build_shape_dir(shape)
     for dtype in dtypes:
         for batch in batches:

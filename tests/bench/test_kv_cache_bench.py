@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from kiln.bench.kv_cache import demo_quality
 from kiln.cli import app
+from kiln.kernels.cpu_extension import cpu_ops_available
 from tests.hf_cases import build_text_model
 
 
@@ -33,6 +34,8 @@ def test_bench_kv_cache_tiny(tmp_path):
         (b, c) for b in (1, 2) for c in ("model dtype", "int8", "int4")
     ]
     assert all(row["tokens_per_second"] > 0 for row in written["speed"])
+    if cpu_ops_available():
+        assert len(written["attention"]) == 6 and all(row["seconds"] > 0 for row in written["attention"])
     per_token = written["bytes_per_token"]["float32"]
     # tiny: head_dim 64, 2 layers, 2 kv heads: fp32 rows 256 bytes, int8 64 + 3, int4 32 + 3
     assert per_token == {"model dtype": 2 * 2 * 2 * 256, "int8": 2 * 2 * 2 * 67, "int4": 2 * 2 * 2 * 35}
