@@ -44,11 +44,10 @@ class CppPagedAttention:
         width = max((len(batch.block_tables[i]) for i in paged), default=1)
         tables = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in paged]
         self.block_tables = torch.tensor(tables, **int32).reshape(len(paged), width)
-        # A step of decodes only can run whole layers in one C++ call (kiln/engine/cpu_decoder.py); not over
-        # a quantized pool, whose layers run their Python forward (kiln::decoder_layer writes and reads
-        # the pool in the model dtype), with this backend's quantized op.
+        # A step of decodes only can run whole layers in one C++ call (kiln/engine/cpu_decoder.py;
+        # kiln::decoder_layer_quantized over a quantized pool).
         self.decode_step = None
-        if paged and self.torch_backend is None and not pool.bits:
+        if paged and self.torch_backend is None:
             self.decode_step = PagedDecode(
                 slot_mapping=self.slot_mapping, block_tables=self.block_tables,
                 query_starts=self.query_starts, query_lens=self.query_lens, context_lens=self.context_lens,

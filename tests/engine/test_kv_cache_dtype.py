@@ -142,21 +142,41 @@ def _generate(llm, prompts, params=GREEDY):
 
 
 @needs_cpu_ops
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
-def test_cpp_engine_equals_the_torch_engine_and_decoder_layers_step_aside(
-    kv_cache_dtype, hf_model_dir, monkeypatch
-):
-    import kiln.engine.cpu_decoder as cpu_decoder
+@pytest.mark.parametrize("case", ["llama-gqa3-untied", "mistral-gqa4-window"])
+def test_quantized_decoder_layers_in_cpp_equal_the_python_forward(case, kv_cache_dtype, dtype, hf_model_dir):
+    """kiln::decoder_layer_quantized (decode steps in one C++ call per layer) gives exactly the tokens and
+    logprobs of the blocks' Python forward over the same backend, and the torch backend's tokens."""
+    from kiln.engine import cpu_decoder
 
     calls = []
-    monkeypatch.setattr(cpu_decoder, "decoder_layer", lambda *args, **kw: calls.append(1))
+    real = cpu_decoder.decoder_layer_quantized
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
     prompts = random_prompts([3, 11, 30, 7], seed=1)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
     options = dict(block_size=4, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype, verbose=False)
-    cpp = LLM(hf_model_dir("llama-gqa3-untied"), **options)
-    assert cpp.engine.runner.attention.__name__ == "CppPagedAttention" and cpp.engine.num_cpu_layers > 0
-    reference = LLM(hf_model_dir("llama-gqa3-untied"), kernels="torch", **options)
-    assert _generate(cpp, prompts) == _generate(reference, prompts)
-    assert not calls  # kiln::decoder_layer reads a model-dtype pool: a quantized one takes the Python forward
+    llm = LLM(hf_model_dir(case), dtype=dtype, **options)
+    assert llm.engine.runner.attention.__name__ == "CppPagedAttention" and llm.engine.num_cpu_layers > 0
+
+    def run():
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_decoder, "decoder_layer_quantized", spy)
+        fused = run()
+    assert len(calls) >= llm.engine.model.config.num_layers * (params.max_tokens - 1)
+    for block in llm.engine.model.layers:
+        block.__dict__.pop("forward", None)  # the Python forward from here on
+    assert run() == fused
+    reference = LLM(hf_model_dir(case), dtype=dtype, kernels="torch", **options)
+    torch_tokens = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    if dtype == "float32":
+        assert torch_tokens == [tokens for tokens, _ in fused]
 
 
 class FakeQuantizedAttention(TorchPagedAttention):
