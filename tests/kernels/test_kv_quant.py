@@ -177,3 +177,26 @@ def test_triton_kernel_equals_dequantize_then_reference(case, bits):
         )
         expected = paged_decode_quantized_reference(q, *pool, bits, tables, context, page_size, **options)
         assert_close(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_triton_kernel_full_size_on_gpu(dtype, bits):
+    """The 16-bit dot path (tensor cores; the interpreter always computes in fp32) at a 7B-like shape."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from kiln.kernels.paged_attention_quantized import (
+        paged_decode_attention_quantized,
+        paged_decode_quantized_reference,
+    )
+
+    lengths = [1, 17, 1000, 4096, 16384, 333]
+    generator = torch.Generator().manual_seed(0)
+    *pool, tables = (t.cuda() for t in _pool(lengths, 8, 128, 16, bits, generator))
+    q = torch.randn(len(lengths), 32, 128, generator=generator).cuda().to(dtype)
+    context = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    got = paged_decode_attention_quantized(q, *pool, bits, tables, context, 16, max(lengths))
+    expected = paged_decode_quantized_reference(q.float(), *pool, bits, tables, context, 16)
+    assert got.dtype == dtype
+    assert_close(got, expected, 2e-2)
