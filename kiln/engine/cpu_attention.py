@@ -8,7 +8,8 @@ context out of the pool. Sequences with several new queries go through the torch
 scratch attends its own new keys there, which was as fast as the op at 128 tokens and 7-12% faster at 512,
 and a prefill chunk over cached context (1 < query_len < context_len) is gathered and batched, which ran a
 64-token chunk over 448 cached tokens 1.5-1.75x faster than the op (134M shape, fp32 and bf16, one thread,
-python -m kiln.bench.paged_attention --mode cpp).
+python -m kiln.bench.paged_attention --mode cpp). Over a quantized pool (kv_cache_dtype int8/int4) every
+sequence goes to `paged_attention_quantized`, which dequantizes key tiles as it reads them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ class CppPagedAttention:
         # queries each) to the torch backend's SDPA groups, over the same pool.
         paged = [i for i, n in enumerate(batch.query_lens) if n == 1]
         several = [i for i, n in enumerate(batch.query_lens) if n > 1]
-        self.torch_backend = TorchPagedAttention(pool, _members(batch, several), config) if several else None
+        self.torch_backend = None
+        if pool.bits:  # a quantized pool: every sequence to the op, so no context is copied out dequantized
+            paged = list(range(len(batch.query_lens)))
+        elif several:
+            self.torch_backend = TorchPagedAttention(pool, _members(batch, several), config)
         # Metadata of the op, built once per step rather than per layer.
         int32 = dict(dtype=torch.int32)
         self.query_starts = torch.tensor([batch.query_starts[i] for i in paged], **int32)
@@ -47,7 +52,7 @@ class CppPagedAttention:
         # A step of decodes only can run whole layers in one C++ call (kiln/engine/cpu_decoder.py;
         # kiln::decoder_layer_quantized over a quantized pool).
         self.decode_step = None
-        if paged and self.torch_backend is None:
+        if paged and not several:
             self.decode_step = PagedDecode(
                 slot_mapping=self.slot_mapping, block_tables=self.block_tables,
                 query_starts=self.query_starts, query_lens=self.query_lens, context_lens=self.context_lens,

@@ -263,3 +263,18 @@ def test_cli_flag(text_model_dir):
     assert "(int4, " in result.stderr
     bad = CliRunner().invoke(app, [*args, "--kv-cache-dtype", "int2", "-p", "def f():"])
     assert bad.exit_code != 0 and "unknown kv_cache_dtype 'int2'" in str(bad.exception)
+
+
+@needs_cpu_ops
+def test_the_cpp_backend_never_copies_a_context_out_dequantized(text_model_dir, monkeypatch):
+    """Prompts, chunks over cached context (a prefix-cache hit, chunked prefill) and decodes all read the
+    quantized pool in place through the op: the torch reference's dequantizing gather never runs."""
+    prefix, first_tail, second_tail = random_prompts([70, 10, 13], seed=5, vocab_size=400)
+    llm = LLM(text_model_dir, block_size=8, max_num_batched_tokens=32, kv_cache_dtype="int8", verbose=False)
+
+    def refuse(*args):
+        raise AssertionError("a context was gathered and dequantized")
+
+    monkeypatch.setattr(KVPool, "gather", refuse)
+    llm.generate([prefix + first_tail], GREEDY)
+    assert llm.generate([prefix + second_tail], GREEDY)[0].num_cached_tokens == 64
