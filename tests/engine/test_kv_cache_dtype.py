@@ -278,3 +278,20 @@ def test_the_cpp_backend_never_copies_a_context_out_dequantized(text_model_dir, 
     monkeypatch.setattr(KVPool, "gather", refuse)
     llm.generate([prefix + first_tail], GREEDY)
     assert llm.generate([prefix + second_tail], GREEDY)[0].num_cached_tokens == 64
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_triton_engine_equals_the_torch_engine(kv_cache_dtype, hf_model_dir):
+    pytest.importorskip("triton")
+    from kiln.engine.attention import TritonPagedAttention
+
+    prompts = random_prompts([3, 11], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    runs = []
+    for backend in (TorchPagedAttention, TritonPagedAttention):
+        llm = LLM(
+            hf_model_dir("llama-gqa3-untied"), block_size=4, kv_cache_dtype=kv_cache_dtype, verbose=False
+        )
+        llm.engine.runner.attention = backend
+        runs.append(_generate(llm, prompts, params))
+    assert runs[0] == runs[1]
