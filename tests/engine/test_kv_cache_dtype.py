@@ -295,3 +295,24 @@ def test_triton_engine_equals_the_torch_engine(kv_cache_dtype, hf_model_dir):
         llm.engine.runner.attention = backend
         runs.append(_generate(llm, prompts, params))
     assert runs[0] == runs[1]
+
+
+@needs_cpu_ops
+def test_quantized_weights_and_a_quantized_kv_cache_together(hf_model_dir):
+    """Weight-only int8 linears run inside kiln::decoder_layer_quantized as in kiln::decoder_layer: the fused
+    decode steps equal the blocks' Python forward."""
+    prompts = random_prompts([5, 12], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    llm = LLM(
+        hf_model_dir("llama-gqa3-untied"), block_size=4, quantization="int8", kv_cache_dtype="int4",
+        enable_prefix_caching=False, verbose=False,
+    )  # fmt: skip
+    assert llm.engine.num_cpu_layers == llm.engine.model.config.num_layers
+
+    def run():
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    fused = run()
+    for block in llm.engine.model.layers:
+        block.__dict__.pop("forward", None)
+    assert run() == fused
