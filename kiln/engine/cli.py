@@ -14,6 +14,7 @@ from kiln.engine.options import (
     Device,
     Dtype,
     Kernels,
+    KVCacheDtype,
     KVCacheMemory,
     MaxModelLen,
     ModelDir,
@@ -76,6 +77,7 @@ def generate_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    kv_cache_dtype: KVCacheDtype = DEFAULT.kv_cache_dtype,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
     flags = dict(locals())  # the parameters, before any other local exists
@@ -121,6 +123,7 @@ def chat_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    kv_cache_dtype: KVCacheDtype = DEFAULT.kv_cache_dtype,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
 

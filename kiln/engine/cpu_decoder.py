@@ -4,9 +4,10 @@
 plain linears) at `CpuDecoderForward`, from outside, so the model code stays unchanged. When a step holds
 only decodes on the C++ paged attention backend (`CppPagedAttention.decode_step`), the block runs as
 `kiln::decoder_layer` (kiln/kernels/cpu_decoder_layer.py): the same registered ops as the Python forward,
-called from C++, equal to it bit for bit. Projections quantized weight-only (kiln/quant int8/int4) run there
-too, on the op QuantizedLinear uses for as many rows (MAX_OP_ROWS); larger steps of such a layer, and
-anything else (prompts, chunks, training, w8a8 or adapter layers) run the block's own forward.
+called from C++, equal to it bit for bit (`kiln::decoder_layer_quantized` over an int8/int4 KV pool).
+Projections quantized weight-only (kiln/quant int8/int4) run there too, on the op QuantizedLinear uses for
+as many rows (MAX_OP_ROWS); larger steps of such a layer, and anything else (prompts, chunks, training,
+w8a8 or adapter layers) run the block's own forward.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import weakref
 import torch
 from torch import nn
 
-from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer
+from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer, decoder_layer_quantized
 from kiln.kernels.cpu_linear import MAX_ROWS
 from kiln.models.layers import MLP, AttentionInputs, RMSNorm
 from kiln.models.transformer import Block, Transformer
@@ -112,6 +113,12 @@ class CpuDecoderForward:
         if inputs.cos is not None:
             head_dim = inputs.cos.shape[-1]
             cos, sin = inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
+        if pool.bits:
+            caches = (pool.keys[index], pool.values[index], pool.key_params[index], pool.value_params[index])
+            rows = decoder_layer_quantized(
+                x.reshape(-1, x.shape[-1]), layer, cos, sin, caches, pool.bits, step, MAX_ROWS[x.dtype]
+            )
+            return rows.view(x.shape)
         rows = decoder_layer(
             x.reshape(-1, x.shape[-1]), layer, cos, sin, pool.keys[index], pool.values[index], step,
             MAX_ROWS[x.dtype],

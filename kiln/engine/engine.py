@@ -27,6 +27,7 @@ from kiln.engine.sequence import EngineRequest, Sequence, sampling_batch
 from kiln.engine.threads import apply_num_threads
 from kiln.errors import KilnError
 from kiln.finetune.serving import ServedAdapters
+from kiln.kernels.kv_quant import kv_cache_bits
 from kiln.kernels.runtime import KernelChoice, use_triton
 from kiln.models.transformer import Transformer
 from kiln.parsing import resolve_device
@@ -72,6 +73,7 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         self.num_threads = apply_num_threads(config.num_threads) if self.device.type == "cpu" else None
         self.max_model_len = config.resolve_max_model_len(model_config)
+        kv_cache_bits(config.kv_cache_dtype, model_config.head_dim)  # int4 on an odd head_dim fails here
         num_blocks = num_kv_blocks(config, model_config, self.dtype, self.device, self.max_model_len)
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
@@ -85,6 +87,7 @@ class Engine:
             config.block_size,
             attention=_paged_attention(config.kernels, weight),
             adapters=self.adapters,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         self.sampler = Sampler(self.device, config.seed)
         self.request_factory = RequestFactory(
@@ -121,6 +124,11 @@ class Engine:
     # --------------------------------------------------------------------------------------- set-up
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take in the pool, all layers (quantized ones included)."""
+        return kv_bytes_per_token(self.model.config, self.dtype, self.config.kv_cache_dtype)
+
+    @property
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size
 
@@ -128,7 +136,7 @@ class Engine:
         capacity = num_blocks * self.config.block_size
         if capacity >= self.max_model_len:
             return
-        block_bytes = kv_bytes_per_token(self.model.config, self.dtype) * self.config.block_size
+        block_bytes = self.kv_bytes_per_token * self.config.block_size
         needed = -(-self.max_model_len // self.config.block_size) * block_bytes
         raise KilnError(
             f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.config.block_size}), "
@@ -146,7 +154,7 @@ class Engine:
         weights = f"{weight_bytes(self.model) / 2**20:.1f}MiB {dtype}"
         if self.quantization_summary is not None:
             scheme, before, after = self.quantization_summary
-            freed_tokens = (before - after) // kv_bytes_per_token(self.model.config, self.dtype)
+            freed_tokens = (before - after) // self.kv_bytes_per_token
             weights = (
                 f"{scheme}: weights {before / 2**20:.1f}MiB -> {after / 2**20:.1f}MiB, "
                 f"the {(before - after) / 2**20:.1f}MiB saved hold {freed_tokens:,} more KV tokens"
@@ -154,9 +162,14 @@ class Engine:
         config = self.model.config
         idle = config.num_parameters() - config.num_active_parameters()  # routed experts a token skips
         active = f", {(parameters - idle) / 1e6:.2f}M active per token" if config.num_experts else ""
+        kv = ""
+        if self.runner.pool.bits:
+            # What the quantized cache buys: tokens per byte against the model dtype's cache.
+            ratio = kv_bytes_per_token(config, self.dtype) / self.kv_bytes_per_token
+            kv = f"{self.config.kv_cache_dtype}, {ratio:.2f}x the tokens of a {dtype} cache, "
         return (
             f"model: {parameters / 1e6:.2f}M parameters{active} ({weights}) "
-            f"on {self.device}; KV cache: {capacity:,} tokens ({self.block_manager.num_blocks} blocks of "
+            f"on {self.device}; KV cache: {capacity:,} tokens ({kv}{self.block_manager.num_blocks} blocks of "
             f"{self.config.block_size}, {self.runner.pool.num_bytes / 2**20:.1f}MiB); "
             f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "
             f"attention: {self.runner.attention.__name__}"

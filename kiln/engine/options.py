@@ -54,6 +54,13 @@ Quantization = Annotated[
     str | None,
     typer.Option(help="Quantize the weights on load: int8, int4 (group 128) or w8a8 (default: as stored)."),
 ]
+KVCacheDtype = Annotated[
+    str | None,
+    typer.Option(
+        help="KV cache element type: int8 (about 1/2 of bf16's bytes per token) or int4 (about 0.28), "
+        "quantized per token and head on write and dequantized inside attention (default: the model dtype)."
+    ),
+]
 
 # A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
 # parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
@@ -70,6 +77,7 @@ ENGINE_FLAGS = {
     "kernels": "kernels",
     "threads": "num_threads",
     "quantization": "quantization",
+    "kv_cache_dtype": "kv_cache_dtype",
 }
 
 

@@ -81,6 +81,26 @@ def decoder_layer(
     )  # fmt: skip
 
 
+def decoder_layer_quantized(
+    x: torch.Tensor,
+    layer: LayerWeights,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    bits: int,
+    step: PagedDecode,
+    max_linear_rows: int,
+) -> torch.Tensor:
+    """`decoder_layer` over a quantized pool (kiln/kernels/kv_quant.py): caches = (key_codes, value_codes,
+    key_params, value_params) of one layer; the rows' keys/values are quantized into them."""
+    return torch.ops.kiln.decoder_layer_quantized(
+        x, layer.weights(), list(layer.biases), layer.eps, cos, sin, *caches, bits,
+        step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
+        step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
+        list(layer.scales), list(layer.offsets), list(layer.bits),
+    )  # fmt: skip
+
+
 def decoder_layer_reference(
     x: torch.Tensor,
     layer: LayerWeights,

@@ -16,6 +16,7 @@ from kiln.engine.options import (
     Dtype,
     EngineSeed,
     Kernels,
+    KVCacheDtype,
     KVCacheMemory,
     MaxModelLen,
     MaxNumBatchedTokens,
@@ -58,6 +59,7 @@ def serve_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    kv_cache_dtype: KVCacheDtype = DEFAULT.kv_cache_dtype,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,
