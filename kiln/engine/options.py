@@ -54,6 +54,17 @@ Quantization = Annotated[
     str | None,
     typer.Option(help="Quantize the weights on load: int8, int4 (group 128) or w8a8 (default: as stored)."),
 ]
+LokiTopK = Annotated[
+    float | None,
+    typer.Option(
+        help="Loki sparse attention: the fraction of the context each decode attends, e.g. 0.25 (needs "
+        "`kiln calibrate-loki` first; default: dense attention)."
+    ),
+]
+LokiRank = Annotated[
+    int | None,
+    typer.Option(help="Loki: principal key dimensions that score the context (default head_dim/4)."),
+]
 
 # A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
 # parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
@@ -70,6 +81,8 @@ ENGINE_FLAGS = {
     "kernels": "kernels",
     "threads": "num_threads",
     "quantization": "quantization",
+    "loki_top_k": "loki_top_k",
+    "loki_rank": "loki_rank",
 }
 
 

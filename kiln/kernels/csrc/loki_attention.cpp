@@ -1,0 +1,126 @@
+// kiln::loki_decode_attention: Loki sparse attention (Singhania et al., NeurIPS 2024) of one decode query
+// per sequence over the paged KV pool, read in place. The pool holds keys rotated by the layer's PCA basis
+// and the query comes rotated the same way (kiln/kernels/loki_attention.py), so the first `rank`
+// coordinates of each key are its top principal components.
+//
+// One work item per (sequence, query head), run under OpenMP: score each visible key on the first `rank`
+// coordinates (a strided read of rank of the D elements of each key row), keep the `count` best with
+// std::nth_element (O(n)), then exact softmax attention over the kept keys only, in fp32. With count = n
+// nothing is scored or selected and every key is attended, in position order.
+
+#include <ATen/ATen.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t n) {
+  float total = 0.f;
+  for (int64_t d = 0; d < n; ++d) total += q[d] * static_cast<float>(k[d]);
+  return total;
+}
+
+template <typename T>
+void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t* tables, const int32_t* lens,
+               int64_t num_seqs, int64_t table_width, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
+               int64_t rank, double top_k, float scale, int64_t window) {
+  const int64_t group = H / KVH;
+  const int64_t row = KVH * D;  // elements per pool slot
+#pragma omp parallel
+  {
+    std::vector<float> approx, scores, qf(D), acc(D);
+    std::vector<int64_t> slots, chosen;
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < num_seqs * H; ++item) {
+      const int64_t seq = item / H, h = item % H, kv = h / group;
+      const int64_t length = lens[seq];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
+      const int64_t n = length - first;
+      const int32_t* table = tables + seq * table_width;
+      slots.resize(n);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t p = first + j;
+        slots[j] = (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size) * row + kv * D;
+      }
+      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[(seq * H + h) * D + d]);
+      int64_t count = static_cast<int64_t>(std::ceil(top_k * n - 1e-9));
+      count = std::max<int64_t>(1, std::min(count, n));
+      chosen.resize(n);
+      std::iota(chosen.begin(), chosen.end(), 0);
+      if (count < n) {
+        approx.resize(n);
+        for (int64_t j = 0; j < n; ++j) approx[j] = dot(qf.data(), keys + slots[j], rank);
+        std::nth_element(chosen.begin(), chosen.begin() + count, chosen.end(),
+                         [&](int64_t a, int64_t b) { return approx[a] > approx[b]; });
+        chosen.resize(count);
+        std::sort(chosen.begin(), chosen.end());  // visit the kept keys in pool order
+      }
+      scores.resize(count);
+      float best = -INFINITY;
+      for (int64_t i = 0; i < count; ++i) {
+        scores[i] = dot(qf.data(), keys + slots[chosen[i]], D) * scale;
+        best = std::max(best, scores[i]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      for (int64_t i = 0; i < count; ++i) {
+        const float p = std::exp(scores[i] - best);
+        total += p;
+        const T* v = values + slots[chosen[i]];
+        for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+      }
+      T* o = out + (seq * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] / total);
+    }
+  }
+}
+
+at::Tensor loki_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                 int64_t block_size, int64_t rank, double top_k, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 3 && value_cache.dim() == 3, "q and the caches are 3-D");
+  TORCH_CHECK(q.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
+              "q and the caches must be contiguous");
+  TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() && q.scalar_type() == value_cache.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "block_tables and context_lens are int32");
+  const auto tables = block_tables.contiguous();
+  const auto lens = context_lens.contiguous();
+  const int64_t M = q.size(0), H = q.size(1), D = q.size(2), KVH = key_cache.size(1);
+  TORCH_CHECK(H % KVH == 0 && key_cache.size(2) == D && rank >= 1 && rank <= D, "bad shapes or rank");
+  auto out = at::empty_like(q);
+  const int64_t width = tables.size(1);
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat) {
+    loki_impl<float>(q.const_data_ptr<float>(), key_cache.const_data_ptr<float>(),
+                     value_cache.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                     tables.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), M, width, H, KVH, D,
+                     block_size, rank, top_k, s, window);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    loki_impl<at::BFloat16>(q.const_data_ptr<at::BFloat16>(), key_cache.const_data_ptr<at::BFloat16>(),
+                            value_cache.const_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>(),
+                            tables.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), M, width, H, KVH,
+                            D, block_size, rank, top_k, s, window);
+  } else {
+    TORCH_CHECK(false, "loki_decode_attention takes fp32 or bf16");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kiln, m) {
+  m.def(
+      "loki_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor context_lens, int block_size, int rank, float top_k, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("loki_decode_attention", &loki_decode_attention); }
