@@ -70,7 +70,7 @@ class Engine:
         if model_config.attention_pattern != "dense":
             raise KilnError(
                 f"the engine serves dense attention only and this model uses "
-                f"attention_pattern={model_config.attention_pattern!r}; generate with kiln.generation.generate"
+                f"attention_pattern={model_config.attention_pattern!r}; generate with kiln.generation instead"
             )
         self.quantization_summary = _quantize(model, config.quantization)
         weight = model.embed_tokens.weight

@@ -124,7 +124,8 @@ class LokiPagedAttention:
         if self.decode_rows.numel():
             result = loki_decode_attention(
                 q_rows.index_select(0, self.decode_rows), keys, values, self.block_tables, self.context_lens,
-                self.pool.block_size, self.settings.rank, self.settings.top_k, self.scale, self.window, self.settings.use_cpp,
+                self.pool.block_size, self.settings.rank, self.settings.top_k, self.scale, self.window,
+                self.settings.use_cpp,
             )  # fmt: skip  # (M, H, D)
             out.index_copy_(0, self.decode_rows, result)
         return out.transpose(0, 1)[None]

@@ -37,7 +37,7 @@ class KeyMoments:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
     def basis(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, KVH, D, D) orthonormal bases (column j = direction j) and (L, KVH, D) eigenvalues, descending."""
+        """(L, KVH, D, D) orthonormal bases (column j = direction j), (L, KVH, D) eigenvalues descending."""
         eigenvalues, vectors = torch.linalg.eigh(self.moments / max(self.num_keys, 1))
         return vectors.flip(-1).float(), eigenvalues.flip(-1).float()
 
@@ -96,5 +96,6 @@ def calibrate_loki_command(
     save_loki_basis(target, basis, eigenvalues)
     explained = (eigenvalues[..., : max(1, model.config.head_dim // 4)].sum(-1) / eigenvalues.sum(-1)).mean()
     typer.echo(
-        f"wrote {target}: {basis.shape[0]} layers; the top quarter of dims keeps {explained:.1%} of key energy"
+        f"wrote {target}: {basis.shape[0]} layers; the top quarter of dimensions keeps {explained:.1%} "
+        "of the keys' energy"
     )

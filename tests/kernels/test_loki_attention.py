@@ -84,10 +84,8 @@ def test_paged_decode_at_top_k_one_equals_dense_paged_attention(use_cpp):
     lens = torch.tensor([45, 30], dtype=torch.int32)  # the second sequence sees only its first 30 keys
     queries = torch.stack([q[0, :, 44], q[1, :, 29]])  # (M, H, D)
     out = loki_decode_attention(queries, keys, values, tables, lens, 16, rank=6, top_k=1.0, use_cpp=use_cpp)
-    dense = paged_attention_reference(
-        queries, keys, values, tables, torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, dtype=torch.int32),
-        lens, 16,
-    )  # fmt: skip
+    starts, ones = torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    dense = paged_attention_reference(queries, keys, values, tables, starts, ones, lens, 16)
     torch.testing.assert_close(out, dense, atol=1e-6, rtol=0)
 
 

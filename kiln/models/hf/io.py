@@ -247,7 +247,7 @@ def hf_config(model: Transformer, family: Family, dtype: torch.dtype) -> dict[st
     if config.attention_pattern != "dense" and family.name != "llama":
         raise KilnError(
             f"this model uses attention_pattern={config.attention_pattern!r}, which the {family.name!r} "
-            "family cannot express; save it as family='llama' (kiln writes the pattern as a kiln-specific key)"
+            "family cannot express; save it as family='llama' (kiln writes it under a kiln-specific key)"
         )
     extra = config.extra_hf_config if family.name == config.family else {}
     return {
