@@ -17,6 +17,8 @@ from kiln.engine.options import (
     KVCacheMemory,
     MaxModelLen,
     ModelDir,
+    LokiRank,
+    LokiTopK,
     Quantization,
     Threads,
     engine_config_from_flags,
@@ -76,6 +78,8 @@ def generate_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    loki_top_k: LokiTopK = DEFAULT.loki_top_k,
+    loki_rank: LokiRank = DEFAULT.loki_rank,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
     flags = dict(locals())  # the parameters, before any other local exists
@@ -121,6 +125,8 @@ def chat_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    loki_top_k: LokiTopK = DEFAULT.loki_top_k,
+    loki_rank: LokiRank = DEFAULT.loki_rank,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
 

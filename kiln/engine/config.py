@@ -46,7 +46,7 @@ class EngineConfig:
     quantization: str | None = None
     # Loki sparse attention for decodes (kiln/engine/loki.py): the fraction of each context a decode attends
     # (None = dense attention), the principal key dimensions that pick those tokens (None = head_dim / 4),
-    # and the basis file `kiln calibrate-loki` wrote (None = loki.safetensors in the model directory).
+    # and the basis file `kiln calibrate-loki` wrote (None = loki/pca.safetensors in the model directory).
     loki_top_k: float | None = None
     loki_rank: int | None = None
     loki_basis: str | None = None

@@ -1,7 +1,7 @@
 """Loki sparse attention in the engine (Singhania et al., NeurIPS 2024; kiln/kernels/loki_attention.py).
 
-`kiln calibrate-loki DIR --data FILES` (kiln.engine.loki_calibration) writes `loki.safetensors` beside the
-model: per layer an orthonormal PCA basis (KVH, D, D) of the post-RoPE keys, columns by explained
+`kiln calibrate-loki DIR --data FILES` (kiln.engine.loki_calibration) writes `loki/pca.safetensors` into the
+model directory: per layer an orthonormal PCA basis (KVH, D, D) of the post-RoPE keys, columns by explained
 variance. With `loki_top_k` set, the engine's backend `LokiPagedAttention` rotates each layer's new keys
 and queries by that basis before they reach the pool, so the pool holds rotated keys (q . k is unchanged:
 the basis is orthogonal). Prompts and prefill chunks then attend exactly (the torch backend's SDPA groups,
@@ -26,7 +26,8 @@ from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
 from kiln.errors import KilnError
 from kiln.kernels.loki_attention import loki_decode_attention
 
-LOKI_FILE = "loki.safetensors"
+# In a folder of its own: kiln's loader reads every *.safetensors at the top of a model directory as weights.
+LOKI_FILE = "loki/pca.safetensors"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,6 +40,7 @@ class LokiSettings:
 
 def save_loki_basis(path: str | Path, basis: torch.Tensor, eigenvalues: torch.Tensor) -> None:
     """basis (L, KVH, D, D), eigenvalues (L, KVH, D) -> a safetensors file (metadata says which keys)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tensors = {"basis": basis.float().contiguous(), "eigenvalues": eigenvalues.float().contiguous()}
     save_file(tensors, str(path), metadata={"keys": "post_rope", "method": "loki-pca"})
 
@@ -52,7 +54,7 @@ def load_loki_settings(
         where = f" ({path} does not exist)" if path is not None else ""
         raise KilnError(
             f"Loki needs the model's key PCA basis{where}; run `kiln calibrate-loki MODEL_DIR --data "
-            "TOKENS.npy` first (it writes loki.safetensors beside the model), or pass loki_basis=PATH"
+            "TOKENS.npy` first (it writes loki/pca.safetensors into the model directory), or pass loki_basis=PATH"
         )
     if config.position == "alibi":
         raise KilnError("Loki is implemented for RoPE and learned positions, not ALiBi; turn loki_top_k off")

@@ -1,5 +1,5 @@
 """`kiln calibrate-loki DIR --data FILES`: the per-layer PCA bases of the post-RoPE keys that Loki scores in
-(kiln/engine/loki.py), from a model's keys over calibration tokens, saved as DIR/loki.safetensors.
+(kiln/engine/loki.py), from a model's keys over calibration tokens, saved as DIR/loki/pca.safetensors.
 
 The basis of each (layer, KV head) is the eigenbasis of the keys' second moment E[k k^T] (uncentred: the
 SVD of the key matrix), eigenvalues descending, so its first r directions keep the most of the keys
@@ -72,13 +72,13 @@ def calibrate(
 
 def calibrate_loki_command(
     model_dir: Annotated[
-        Path, typer.Argument(help="HF model directory; loki.safetensors is written into it.")
+        Path, typer.Argument(help="HF model directory; loki/pca.safetensors is written into it.")
     ],
     data: Annotated[list[Path], typer.Option(help="Token shards (.npy, kiln data prepare) to calibrate on.")],
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     num_tokens: Annotated[int, typer.Option(help="Calibration tokens in all.")] = 131072,
     output: Annotated[
-        Path | None, typer.Option(help="Where to write (default DIR/loki.safetensors).")
+        Path | None, typer.Option(help="Where to write (default DIR/loki/pca.safetensors).")
     ] = None,
 ) -> None:
     """Compute Loki's per-layer PCA bases of the post-RoPE keys (then serve with --loki-top-k)."""

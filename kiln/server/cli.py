@@ -22,6 +22,8 @@ from kiln.engine.options import (
     MaxNumSeqs,
     ModelDir,
     PrefixCaching,
+    LokiRank,
+    LokiTopK,
     Quantization,
     Threads,
     engine_config_from_flags,
@@ -58,6 +60,8 @@ def serve_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    loki_top_k: LokiTopK = DEFAULT.loki_top_k,
+    loki_rank: LokiRank = DEFAULT.loki_rank,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,
