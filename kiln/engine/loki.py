@@ -54,7 +54,7 @@ def load_loki_settings(
         where = f" ({path} does not exist)" if path is not None else ""
         raise KilnError(
             f"Loki needs the model's key PCA basis{where}; run `kiln calibrate-loki MODEL_DIR --data "
-            "TOKENS.npy` first (it writes loki/pca.safetensors into the model directory), or pass loki_basis=PATH"
+            "TOKENS.npy` first (it writes DIR/loki/pca.safetensors), or pass loki_basis=PATH"
         )
     if config.position == "alibi":
         raise KilnError("Loki is implemented for RoPE and learned positions, not ALiBi; turn loki_top_k off")
