@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.kernels.cpu_extension import cpu_ops_available
 
 
@@ -83,6 +84,8 @@ def loki_decode_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_cpp is None:
         use_cpp = q.device.type == "cpu" and cpu_ops_available()
+    elif use_cpp and not cpu_ops_available():  # the call also loads the library
+        raise KilnError("kiln's C++ CPU ops are not built (see the line above for why); pass use_cpp=False")
     if use_cpp:
         return torch.ops.kiln.loki_decode_attention(
             q.contiguous(), key_cache, value_cache, block_tables, context_lens, block_size, rank, top_k,

@@ -3,16 +3,18 @@
 // and the query comes rotated the same way (kiln/kernels/loki_attention.py), so the first `rank`
 // coordinates of each key are its top principal components.
 //
-// One work item per (sequence, query head), run under OpenMP: score each visible key on the first `rank`
-// coordinates (a strided read of rank of the D elements of each key row), keep the `count` best with
-// std::nth_element (O(n)), then exact softmax attention over the kept keys only, in fp32. With count = n
-// nothing is scored or selected and every key is attended, in position order.
+// One work item per (sequence, KV head), run under OpenMP: score each visible key on its first `rank`
+// coordinates for all the KV head's query heads at once (each key's first r elements read once), then per
+// query head find the count-th largest score with std::nth_element (O(n)), keep the keys at or above it in
+// pool order, and run exact softmax attention over those only, in fp32. With count = n nothing is scored or
+// selected and every key is attended, in position order.
 
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -35,49 +37,69 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
   const int64_t row = KVH * D;  // elements per pool slot
 #pragma omp parallel
   {
-    std::vector<float> approx, scores, qf(D), acc(D);
-    std::vector<int64_t> slots, chosen;
+    std::vector<float> approx, threshold_buffer, scores, qf(group * D), acc(D);
+    std::vector<int64_t> base;
+    std::vector<int32_t> kept;
 #pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < num_seqs * H; ++item) {
-      const int64_t seq = item / H, h = item % H, kv = h / group;
+    for (int64_t item = 0; item < num_seqs * KVH; ++item) {
+      const int64_t seq = item / KVH, kv = item % KVH;
       const int64_t length = lens[seq];
       const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
       const int64_t n = length - first;
       const int32_t* table = tables + seq * table_width;
-      slots.resize(n);
+      base.resize(n);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t p = first + j;
-        slots[j] = (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size) * row + kv * D;
+        base[j] = (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size) * row + kv * D;
       }
-      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[(seq * H + h) * D + d]);
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[(seq * H + kv * group + g) * D + d]);
       int64_t count = static_cast<int64_t>(std::ceil(top_k * n - 1e-9));
       count = std::max<int64_t>(1, std::min(count, n));
-      chosen.resize(n);
-      std::iota(chosen.begin(), chosen.end(), 0);
-      if (count < n) {
-        approx.resize(n);
-        for (int64_t j = 0; j < n; ++j) approx[j] = dot(qf.data(), keys + slots[j], rank);
-        std::nth_element(chosen.begin(), chosen.begin() + count, chosen.end(),
-                         [&](int64_t a, int64_t b) { return approx[a] > approx[b]; });
-        chosen.resize(count);
-        std::sort(chosen.begin(), chosen.end());  // visit the kept keys in pool order
+      const bool sparse = count < n;
+      if (sparse) {  // rank-r scores of all G heads, each key's first r coordinates read once
+        approx.resize(group * n);
+        for (int64_t j = 0; j < n; ++j) {
+          const T* k = keys + base[j];
+          for (int64_t g = 0; g < group; ++g) approx[g * n + j] = dot(qf.data() + g * D, k, rank);
+        }
       }
-      scores.resize(count);
-      float best = -INFINITY;
-      for (int64_t i = 0; i < count; ++i) {
-        scores[i] = dot(qf.data(), keys + slots[chosen[i]], D) * scale;
-        best = std::max(best, scores[i]);
+      for (int64_t g = 0; g < group; ++g) {
+        kept.clear();
+        if (sparse) {  // the count-th largest score, then the keys at or above it in pool order
+          const float* row_scores = approx.data() + g * n;
+          threshold_buffer.assign(row_scores, row_scores + n);
+          std::nth_element(threshold_buffer.begin(), threshold_buffer.begin() + (count - 1), threshold_buffer.end(),
+                           std::greater<float>());
+          const float threshold = threshold_buffer[count - 1];
+          int64_t above = 0;  // keys strictly above the threshold are all kept; ties fill the rest in order
+          for (int64_t j = 0; j < n; ++j) above += row_scores[j] > threshold;
+          int64_t ties = count - above;
+          for (int64_t j = 0; j < n; ++j) {
+            if (row_scores[j] > threshold || (row_scores[j] == threshold && ties-- > 0)) kept.push_back(j);
+          }
+        } else {
+          kept.resize(n);
+          std::iota(kept.begin(), kept.end(), 0);
+        }
+        const float* qg = qf.data() + g * D;
+        scores.resize(kept.size());
+        float best = -INFINITY;
+        for (size_t i = 0; i < kept.size(); ++i) {
+          scores[i] = dot(qg, keys + base[kept[i]], D) * scale;
+          best = std::max(best, scores[i]);
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float total = 0.f;
+        for (size_t i = 0; i < kept.size(); ++i) {
+          const float p = std::exp(scores[i] - best);
+          total += p;
+          const T* v = values + base[kept[i]];
+          for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+        }
+        T* o = out + (seq * H + kv * group + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] / total);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float total = 0.f;
-      for (int64_t i = 0; i < count; ++i) {
-        const float p = std::exp(scores[i] - best);
-        total += p;
-        const T* v = values + slots[chosen[i]];
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
-      }
-      T* o = out + (seq * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] / total);
     }
   }
 }
