@@ -1,6 +1,8 @@
 """Loki sparse attention in the engine (kiln/engine/loki.py): calibration, the missing-basis error, dense
 equality at top_k = 1, and sparse decodes equal to the whole-sequence reference."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,30 @@ def test_sparse_decodes_equal_the_whole_sequence_reference(model_dir, kernels):
         with torch.no_grad():
             dense = model(ids)[0, :-1].log_softmax(-1)
         assert (dense - logprobs).abs().max() > 1e-3  # and it is not dense attention
+
+
+def test_cli_flags_reach_the_engine(text_model_dir, tmp_path):
+    from kiln.engine.options import engine_config_from_flags
+
+    config = engine_config_from_flags({"loki_top_k": 0.25, "loki_rank": 8, "prompt": "ignored"})
+    assert (config.loki_top_k, config.loki_rank) == (0.25, 8)
+    directory = tmp_path / "model"
+    shutil.copytree(text_model_dir, directory)
+    generate = ["generate", "-m", str(directory), "-p", "def f():", "--max-new-tokens", "3", "--no-stream"]
+    result = CliRunner().invoke(app, [*generate, "--loki-top-k", "0.5"])
+    assert result.exit_code != 0 and "kiln calibrate-loki" in str(result.exception)
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 400, 2048).astype(np.uint16))
+    calibrate = [
+        "calibrate-loki",
+        str(directory),
+        "--data",
+        str(tokens),
+        "--seq-len",
+        "32",
+        "--num-tokens",
+        "256",
+    ]
+    assert CliRunner().invoke(app, calibrate).exit_code == 0
+    result = CliRunner().invoke(app, [*generate, "--loki-top-k", "0.5", "--loki-rank", "4"])
+    assert result.exit_code == 0, result.output

@@ -5,8 +5,8 @@
 //
 // One work item per (sequence, KV head), run under OpenMP: score each visible key on its first `rank`
 // coordinates for all the KV head's query heads at once (each key's first r elements read once), then per
-// query head find the count-th largest score with std::nth_element (O(n)), keep the keys at or above it in
-// pool order, and run exact softmax attention over those only, in fp32. With count = n nothing is scored or
+// query head find the count-th largest score (a histogram pass, then std::nth_element inside one bucket:
+// O(n), and ~10x fewer comparisons than nth_element over all n), keep the keys at or above it in pool order, and run exact softmax attention over those only, in fp32. With count = n nothing is scored or
 // selected and every key is attended, in position order.
 
 #include <ATen/ATen.h>
@@ -29,6 +29,35 @@ inline float dot(const float* q, const T* k, int64_t n) {
   return total;
 }
 
+// The count-th largest of scores[0, n): a 256-bucket histogram between min and max finds the bucket it
+// falls in (one pass), then nth_element runs inside that bucket only.
+inline float kth_largest(const float* scores, int64_t n, int64_t count, std::vector<float>& buffer) {
+  float low = scores[0], high = scores[0];
+  for (int64_t j = 1; j < n; ++j) {
+    low = std::min(low, scores[j]);
+    high = std::max(high, scores[j]);
+  }
+  if (!(high > low)) return high;
+  constexpr int kBuckets = 256;
+  const float inverse = kBuckets / (high - low);
+  int64_t histogram[kBuckets] = {0};
+  for (int64_t j = 0; j < n; ++j) {
+    const int bucket = std::min(kBuckets - 1, static_cast<int>((scores[j] - low) * inverse));
+    ++histogram[bucket];
+  }
+  int64_t above = 0;
+  int bucket = kBuckets - 1;
+  while (above + histogram[bucket] < count) above += histogram[bucket--];
+  buffer.clear();
+  for (int64_t j = 0; j < n; ++j) {
+    const int b = std::min(kBuckets - 1, static_cast<int>((scores[j] - low) * inverse));
+    if (b == bucket) buffer.push_back(scores[j]);
+  }
+  const int64_t within = count - above;  // 1 <= within <= buffer.size()
+  std::nth_element(buffer.begin(), buffer.begin() + (within - 1), buffer.end(), std::greater<float>());
+  return buffer[within - 1];
+}
+
 template <typename T>
 void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t* tables, const int32_t* lens,
                int64_t num_seqs, int64_t table_width, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
@@ -37,7 +66,7 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
   const int64_t row = KVH * D;  // elements per pool slot
 #pragma omp parallel
   {
-    std::vector<float> approx, threshold_buffer, scores, qf(group * D), acc(D);
+    std::vector<float> approx, bucket_buffer, scores, qf(group * D), acc(D);
     std::vector<int64_t> base;
     std::vector<int32_t> kept;
 #pragma omp for schedule(dynamic)
@@ -65,36 +94,40 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        kept.clear();
-        if (sparse) {  // the count-th largest score, then the keys at or above it in pool order
+        kept.resize(n);
+        int64_t num_kept = n;
+        if (sparse) {  // the keys at or above the count-th largest score, in pool order
           const float* row_scores = approx.data() + g * n;
-          threshold_buffer.assign(row_scores, row_scores + n);
-          std::nth_element(threshold_buffer.begin(), threshold_buffer.begin() + (count - 1), threshold_buffer.end(),
-                           std::greater<float>());
-          const float threshold = threshold_buffer[count - 1];
+          const float threshold = kth_largest(row_scores, n, count, bucket_buffer);
           int64_t above = 0;  // keys strictly above the threshold are all kept; ties fill the rest in order
           for (int64_t j = 0; j < n; ++j) above += row_scores[j] > threshold;
           int64_t ties = count - above;
-          for (int64_t j = 0; j < n; ++j) {
-            if (row_scores[j] > threshold || (row_scores[j] == threshold && ties-- > 0)) kept.push_back(j);
+          num_kept = 0;
+          for (int64_t j = 0; j < n; ++j) {  // branch-free compaction
+            const bool keep = row_scores[j] > threshold || (row_scores[j] == threshold && ties > 0);
+            ties -= row_scores[j] == threshold && keep;
+            kept[num_kept] = static_cast<int32_t>(j);
+            num_kept += keep;
           }
         } else {
-          kept.resize(n);
           std::iota(kept.begin(), kept.end(), 0);
         }
         const float* qg = qf.data() + g * D;
-        scores.resize(kept.size());
+        scores.resize(num_kept);
         float best = -INFINITY;
-        for (size_t i = 0; i < kept.size(); ++i) {
+        for (int64_t i = 0; i < num_kept; ++i) {
           scores[i] = dot(qg, keys + base[kept[i]], D) * scale;
           best = std::max(best, scores[i]);
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
         float total = 0.f;
-        for (size_t i = 0; i < kept.size(); ++i) {
-          const float p = std::exp(scores[i] - best);
-          total += p;
+        for (int64_t i = 0; i < num_kept; ++i) {  // a plain loop over an array: vectorised expf
+          scores[i] = std::exp(scores[i] - best);
+          total += scores[i];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t i = 0; i < num_kept; ++i) {
           const T* v = values + base[kept[i]];
+          const float p = scores[i];
           for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
         }
         T* o = out + (seq * H + kv * group + g) * D;
