@@ -25,7 +25,7 @@ from kiln.models.transformer import Transformer
 
 
 class KeyMoments:
-    """An attention backend that accumulates each layer's key sums and second moments, then attends causally."""
+    """An attention backend that sums each layer's keys and their outer products, then attends causally."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         self.moments = torch.zeros(num_layers, num_kv_heads, head_dim, head_dim, dtype=torch.float64)
