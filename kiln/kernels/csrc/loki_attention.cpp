@@ -5,8 +5,7 @@
 //
 // One work item per (sequence, KV head), run under OpenMP: score each visible key on its first `rank`
 // coordinates for all the KV head's query heads at once (each key's first r elements read once), then per
-// query head find the count-th largest score (a histogram pass, then std::nth_element inside one bucket:
-// O(n), and ~10x fewer comparisons than nth_element over all n), keep the keys at or above it in pool order, and run exact softmax attention over those only, in fp32. With count = n nothing is scored or
+// query head keep the top `count` (`select_top`: a histogram pass and a compaction pass, O(n)), and run exact softmax attention over those only, in fp32. With count = n nothing is scored or
 // selected and every key is attended, in position order.
 
 #include <ATen/ATen.h>
@@ -18,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -29,33 +29,57 @@ inline float dot(const float* q, const T* k, int64_t n) {
   return total;
 }
 
-// The count-th largest of scores[0, n): a 256-bucket histogram between min and max finds the bucket it
-// falls in (one pass), then nth_element runs inside that bucket only.
-inline float kth_largest(const float* scores, int64_t n, int64_t count, std::vector<float>& buffer) {
-  float low = scores[0], high = scores[0];
-  for (int64_t j = 1; j < n; ++j) {
-    low = std::min(low, scores[j]);
-    high = std::max(high, scores[j]);
+// Fixed-length dot products the compiler unrolls into a few vector FMAs (rank 8, head_dim 32/64/128).
+template <int N, typename T>
+inline float dot_fixed(const float* q, const T* k) {
+  float total = 0.f;
+  for (int d = 0; d < N; ++d) total += q[d] * static_cast<float>(k[d]);
+  return total;
+}
+
+template <typename T>
+inline float dot_any(const float* q, const T* k, int64_t n) {
+  switch (n) {
+    case 8: return dot_fixed<8>(q, k);
+    case 16: return dot_fixed<16>(q, k);
+    case 32: return dot_fixed<32>(q, k);
+    case 64: return dot_fixed<64>(q, k);
+    case 128: return dot_fixed<128>(q, k);
+    default: return dot(q, k, n);
   }
-  if (!(high > low)) return high;
-  constexpr int kBuckets = 256;
-  const float inverse = kBuckets / (high - low);
-  int64_t histogram[kBuckets] = {0};
-  for (int64_t j = 0; j < n; ++j) {
-    const int bucket = std::min(kBuckets - 1, static_cast<int>((scores[j] - low) * inverse));
-    ++histogram[bucket];
+}
+
+constexpr int kBuckets = 256;
+
+// Keep the `count` largest of scores[0, n) (lo/hi their min and max): a 256-bucket histogram finds the
+// bucket the count-th largest falls in; one pass then keeps every key above that bucket and collects the
+// bucket's own, of which nth_element picks the rest. O(n) with two passes, ~10x fewer comparisons than
+// nth_element over all n. `kept` gets the indices (those above the bucket in pool order, then the rest).
+inline int64_t select_top(const float* scores, int64_t n, int64_t count, float lo, float hi, int32_t* kept,
+                          std::vector<std::pair<float, int32_t>>& bucket_members) {
+  if (!(hi > lo)) {  // all equal: the first count
+    for (int64_t j = 0; j < count; ++j) kept[j] = static_cast<int32_t>(j);
+    return count;
   }
+  const float inverse = kBuckets / (hi - lo);
+  int32_t histogram[kBuckets] = {0};
+  for (int64_t j = 0; j < n; ++j) ++histogram[std::min(kBuckets - 1, static_cast<int>((scores[j] - lo) * inverse))];
   int64_t above = 0;
   int bucket = kBuckets - 1;
   while (above + histogram[bucket] < count) above += histogram[bucket--];
-  buffer.clear();
+  int64_t num_kept = 0;
+  bucket_members.clear();
   for (int64_t j = 0; j < n; ++j) {
-    const int b = std::min(kBuckets - 1, static_cast<int>((scores[j] - low) * inverse));
-    if (b == bucket) buffer.push_back(scores[j]);
+    const int b = std::min(kBuckets - 1, static_cast<int>((scores[j] - lo) * inverse));
+    kept[num_kept] = static_cast<int32_t>(j);
+    num_kept += b > bucket;
+    if (b == bucket) bucket_members.emplace_back(scores[j], static_cast<int32_t>(j));
   }
-  const int64_t within = count - above;  // 1 <= within <= buffer.size()
-  std::nth_element(buffer.begin(), buffer.begin() + (within - 1), buffer.end(), std::greater<float>());
-  return buffer[within - 1];
+  const int64_t within = count - above;  // 1 <= within <= bucket_members.size()
+  std::nth_element(bucket_members.begin(), bucket_members.begin() + (within - 1), bucket_members.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  for (int64_t i = 0; i < within; ++i) kept[num_kept++] = bucket_members[i].second;
+  return num_kept;
 }
 
 template <typename T>
@@ -66,9 +90,10 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
   const int64_t row = KVH * D;  // elements per pool slot
 #pragma omp parallel
   {
-    std::vector<float> approx, bucket_buffer, scores, qf(group * D), acc(D);
+    std::vector<float> approx, scores, qf(group * D), acc(D), lo(group), hi(group);
     std::vector<int64_t> base;
     std::vector<int32_t> kept;
+    std::vector<std::pair<float, int32_t>> bucket_members;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < num_seqs * KVH; ++item) {
       const int64_t seq = item / KVH, kv = item % KVH;
@@ -86,29 +111,25 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
       int64_t count = static_cast<int64_t>(std::ceil(top_k * n - 1e-9));
       count = std::max<int64_t>(1, std::min(count, n));
       const bool sparse = count < n;
-      if (sparse) {  // rank-r scores of all G heads, each key's first r coordinates read once
+      if (sparse) {  // rank-r scores of all G heads (each key's first r coordinates read once), min and max
         approx.resize(group * n);
+        std::fill(lo.begin(), lo.end(), INFINITY);
+        std::fill(hi.begin(), hi.end(), -INFINITY);
         for (int64_t j = 0; j < n; ++j) {
           const T* k = keys + base[j];
-          for (int64_t g = 0; g < group; ++g) approx[g * n + j] = dot(qf.data() + g * D, k, rank);
+          for (int64_t g = 0; g < group; ++g) {
+            const float a = rank == 8 ? dot_fixed<8>(qf.data() + g * D, k) : dot_any(qf.data() + g * D, k, rank);
+            approx[g * n + j] = a;
+            lo[g] = std::min(lo[g], a);
+            hi[g] = std::max(hi[g], a);
+          }
         }
       }
+      kept.resize(n);
       for (int64_t g = 0; g < group; ++g) {
-        kept.resize(n);
         int64_t num_kept = n;
-        if (sparse) {  // the keys at or above the count-th largest score, in pool order
-          const float* row_scores = approx.data() + g * n;
-          const float threshold = kth_largest(row_scores, n, count, bucket_buffer);
-          int64_t above = 0;  // keys strictly above the threshold are all kept; ties fill the rest in order
-          for (int64_t j = 0; j < n; ++j) above += row_scores[j] > threshold;
-          int64_t ties = count - above;
-          num_kept = 0;
-          for (int64_t j = 0; j < n; ++j) {  // branch-free compaction
-            const bool keep = row_scores[j] > threshold || (row_scores[j] == threshold && ties > 0);
-            ties -= row_scores[j] == threshold && keep;
-            kept[num_kept] = static_cast<int32_t>(j);
-            num_kept += keep;
-          }
+        if (sparse) {
+          num_kept = select_top(approx.data() + g * n, n, count, lo[g], hi[g], kept.data(), bucket_members);
         } else {
           std::iota(kept.begin(), kept.end(), 0);
         }
@@ -116,7 +137,7 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
         scores.resize(num_kept);
         float best = -INFINITY;
         for (int64_t i = 0; i < num_kept; ++i) {
-          scores[i] = dot(qg, keys + base[kept[i]], D) * scale;
+          scores[i] = dot_any(qg, keys + base[kept[i]], D) * scale;
           best = std::max(best, scores[i]);
         }
         float total = 0.f;
