@@ -41,8 +41,12 @@ def test_pattern_lists_window_global_and_seeded_random_blocks():
     assert torch.equal(table, bigbird.key_blocks(config, 0, 12))
 
 
+@pytest.mark.parametrize("blocks_per_chunk", [16, 3])
 @pytest.mark.parametrize("length", [1, 5, 16, 37])
-def test_block_sparse_equals_dense_masked_reference_with_gradients(length):
+def test_block_sparse_equals_dense_masked_reference_with_gradients(length, blocks_per_chunk, monkeypatch):
+    from kiln.kernels import block_sparse_attention as module
+
+    monkeypatch.setattr(module, "QUERY_BLOCKS_PER_CHUNK", blocks_per_chunk)
     config = _config()
     num_blocks = -(-length // 4)
     q, k, v = _qkv(length, requires_grad=True)
