@@ -47,6 +47,12 @@ class EngineConfig:
     quantization: str | None = None
     # KV cache element type: None/"auto" (the model dtype), int8 or int4 (kiln/kernels/kv_quant.py).
     kv_cache_dtype: str | None = None
+    # Loki sparse attention for decodes (kiln/engine/loki.py): the fraction of each context a decode attends
+    # (None = dense attention), the principal key dimensions that pick those tokens (None = head_dim / 4),
+    # and the basis file `kiln calibrate-loki` wrote (None = loki/pca.safetensors in the model directory).
+    loki_top_k: float | None = None
+    loki_rank: int | None = None
+    loki_basis: str | None = None
 
     def __post_init__(self) -> None:
         check_kernels(self.kernels)
@@ -58,6 +64,10 @@ class EngineConfig:
 
             parse_scheme(self.quantization)
         kv_cache_bits(self.kv_cache_dtype)  # an unknown name fails here
+        if self.loki_top_k is not None and not 0 < self.loki_top_k <= 1:
+            raise KilnError(f"loki_top_k is a fraction of the context in (0, 1], got {self.loki_top_k}")
+        if self.loki_rank is not None and self.loki_rank <= 0:
+            raise KilnError(f"loki_rank must be positive or None, got {self.loki_rank}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise KilnError(f"{name} must be positive, got {getattr(self, name)}")

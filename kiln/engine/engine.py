@@ -68,6 +68,11 @@ class Engine:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                 f"{model_config.vocab_size}; they do not belong together"
             )
+        if model_config.attention_pattern != "dense":
+            raise KilnError(
+                f"the engine serves dense attention only and this model uses "
+                f"attention_pattern={model_config.attention_pattern!r}; generate with kiln.generation instead"
+            )
         self.quantization_summary = _quantize(model, config.quantization)
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -85,7 +90,7 @@ class Engine:
             model,
             num_blocks,
             config.block_size,
-            attention=_paged_attention(config.kernels, weight),
+            attention=_attention_backend(config, model_config, weight),
             adapters=self.adapters,
             kv_cache_dtype=config.kv_cache_dtype,
         )
@@ -117,6 +122,10 @@ class Engine:
         from kiln.models.hf.io import load_model
 
         config = (config or EngineConfig()).replace(**overrides)
+        if config.loki_top_k is not None and config.loki_basis is None:
+            from kiln.engine.loki import LOKI_FILE
+
+            config = config.replace(loki_basis=str(Path(model_dir) / LOKI_FILE))
         model = load_model(model_dir, dtype=config.dtype, device=resolve_device(config.device))
         has_tokenizer = (Path(model_dir) / "tokenizer.json").is_file()
         return cls(model, Tokenizer.from_dir(model_dir) if has_tokenizer else None, config, adapters)
@@ -415,6 +424,19 @@ def _install_cpu_ops(model: Transformer, kernels: KernelChoice) -> tuple[int, in
     from kiln.kernels.cpu_linear import install_cpu_linears
 
     return install_cpu_linears(model), install_cpu_decoder_layers(model)
+
+
+def _attention_backend(config: EngineConfig, model_config, weight: torch.Tensor):
+    """The paged backend `_paged_attention` picks, or Loki's (kiln/engine/loki.py) when loki_top_k is set."""
+    if config.loki_top_k is None:
+        return _paged_attention(config.kernels, weight)
+    from kiln.engine.loki import load_loki_settings, loki_backend
+
+    settings = load_loki_settings(
+        config.loki_basis, model_config, config.loki_rank, config.loki_top_k, weight.dtype, weight.device
+    )
+    settings.use_cpp = _uses_cpu_ops(config.kernels, weight)
+    return loki_backend(settings)
 
 
 def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:

@@ -61,6 +61,17 @@ KVCacheDtype = Annotated[
         "quantized per token and head on write and dequantized inside attention (default: the model dtype)."
     ),
 ]
+LokiTopK = Annotated[
+    float | None,
+    typer.Option(
+        help="Loki sparse attention: the fraction of the context each decode attends, e.g. 0.25 (needs "
+        "`kiln calibrate-loki` first; default: dense attention)."
+    ),
+]
+LokiRank = Annotated[
+    int | None,
+    typer.Option(help="Loki: principal key dimensions that score the context (default head_dim/4)."),
+]
 
 # A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
 # parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
@@ -78,6 +89,8 @@ ENGINE_FLAGS = {
     "threads": "num_threads",
     "quantization": "quantization",
     "kv_cache_dtype": "kv_cache_dtype",
+    "loki_top_k": "loki_top_k",
+    "loki_rank": "loki_rank",
 }
 
 

@@ -18,6 +18,8 @@ from kiln.engine.options import (
     Kernels,
     KVCacheDtype,
     KVCacheMemory,
+    LokiRank,
+    LokiTopK,
     MaxModelLen,
     MaxNumBatchedTokens,
     MaxNumSeqs,
@@ -60,6 +62,8 @@ def serve_command(
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
     kv_cache_dtype: KVCacheDtype = DEFAULT.kv_cache_dtype,
+    loki_top_k: LokiTopK = DEFAULT.loki_top_k,
+    loki_rank: LokiRank = DEFAULT.loki_rank,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,
