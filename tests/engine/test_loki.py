@@ -131,3 +131,11 @@ def test_cli_flags_reach_the_engine(text_model_dir, tmp_path):
     assert CliRunner().invoke(app, calibrate).exit_code == 0
     result = CliRunner().invoke(app, [*generate, "--loki-top-k", "0.5", "--loki-rank", "4"])
     assert result.exit_code == 0, result.output
+
+
+def test_loki_with_a_quantized_kv_cache_is_refused():
+    from kiln.engine.config import EngineConfig
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match="do not combine"):
+        EngineConfig(loki_top_k=0.25, kv_cache_dtype="int8")
