@@ -151,10 +151,11 @@ def _rng_key(path: Path, rank: int) -> str:
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Only the model's weights (any saved layout) into an unsharded `model`; returns the JSON state."""
+    """Only the model's weights (any saved layout) into an unsharded `model`; returns the JSON state.
+    Reads in this process alone, even inside a torchrun job (no collective)."""
     trainer_state = read_trainer_state(path)
     state = {"model": model.state_dict()}
     with _quiet():
-        dcp.load(state, checkpoint_id=Path(path))
+        dcp.load(state, checkpoint_id=Path(path), no_dist=True)
     model.load_state_dict(state["model"])
     return trainer_state

@@ -69,6 +69,18 @@ def train_command(
         int | None,
         typer.Option(help="Expert-parallel degree (MoE models): divides --dp-shard and num_experts."),
     ] = None,
+    pp: Annotated[
+        int | None, typer.Option(help="Pipeline-parallel degree: the layers split into this many stages.")
+    ] = None,
+    pp_schedule: Annotated[
+        str | None, typer.Option(help="Pipeline schedule: 1f1b (default), interleaved-1f1b or gpipe.")
+    ] = None,
+    pp_microbatches: Annotated[
+        int | None, typer.Option(help="Micro-batches per batch in the pipeline (default: --pp).")
+    ] = None,
+    pp_virtual_stages: Annotated[
+        int | None, typer.Option(help="Stages per pipeline rank (interleaved-1f1b: >= 2).")
+    ] = None,
     collective_timeout_s: Annotated[
         float | None, typer.Option(help="Fail the job when a collective waits this long (hung rank).")
     ] = None,
@@ -77,7 +89,7 @@ def train_command(
     """Train a model from a recipe; every TrainConfig field can be overridden. Ends with an HF export.
 
     Under torchrun (`torchrun --nproc-per-node N -m kiln.cli train ...`) the processes split the work as
-    --dp-replicate x --dp-shard x --tp; a restarted job (--max-restarts) resumes by itself."""
+    --pp x --dp-replicate x --dp-shard x --tp; a restarted job (--max-restarts) resumes by itself."""
     from kiln.errors import KilnError
     from kiln.train import checkpoint
     from kiln.train.distributed import restart_count
@@ -95,6 +107,10 @@ def train_command(
         dp_replicate=dp_replicate,
         tp=tp,
         ep=ep,
+        pp=pp,
+        pp_schedule=pp_schedule,
+        pp_microbatches=pp_microbatches,
+        pp_virtual_stages=pp_virtual_stages,
         collective_timeout_s=collective_timeout_s,
     )
     config = config.override([f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or []))
