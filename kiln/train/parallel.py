@@ -111,6 +111,8 @@ def parallelize_pipeline(
     activation_checkpointing: bool,
     compile_blocks: bool,
     fsdp_param_dtype: torch.dtype | None,
+    microbatch_size: int,
+    seq_len: int,
 ) -> None:
     """Apply the run's layout to this rank's pipeline stages (split by kiln.train.pipeline.split_model),
     then build their PipelineStages and schedule: TP on the pruned model, FSDP2 per block and per stage
@@ -136,7 +138,16 @@ def parallelize_pipeline(
             fully_shard(module, mesh=dp_mesh, mp_policy=policy)
     if model.lm_head is None:  # tied embeddings: the first and last stages' ranks sum their gradients
         pipeline.tied_group = tied_embedding_groups(mesh, distributed.pp_rank)
-    pipeline.start(distributed.device, mesh["pp"].get_group())
+    # The residual stream is in FSDP's param_dtype when it casts the weights, else fp32 (autocast only).
+    hidden_dtype = fsdp_param_dtype if layout.uses_fsdp and fsdp_param_dtype is not None else torch.float32
+    pipeline.start(
+        distributed.device,
+        mesh["pp"].get_group(),
+        microbatch_size=microbatch_size,
+        seq_len=seq_len,
+        tp=layout.tp,
+        hidden_dtype=hidden_dtype,
+    )
 
 
 def parallelize(

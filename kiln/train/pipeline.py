@@ -232,10 +232,39 @@ class Pipeline:
         """The LM head here is a copy of the embedding that the first stage's rank also holds."""
         return self.tied_group is not None and self.holds_last_stage and 0 not in self.stage_indices
 
-    def start(self, device: torch.device, group: dist.ProcessGroup) -> None:
-        """Build the PipelineStages (after TP/FSDP have been applied to the modules) and the schedule."""
+    def start(
+        self,
+        device: torch.device,
+        group: dist.ProcessGroup,
+        *,
+        microbatch_size: int,
+        seq_len: int,
+        tp: int,
+        hidden_dtype: torch.dtype,
+    ) -> None:
+        """Build the PipelineStages (after TP/FSDP have been applied to the modules) and the schedule.
+
+        Every stage's input and output shapes are given (static mode), not inferred by a meta-device
+        forward, which gets sequence-parallel shapes wrong: token ids (mb, T) into the first stage,
+        hidden states (mb, T/tp, H) between stages, a scalar loss out of the last."""
+        hidden = self.model.config.hidden_size
+        activation = torch.empty(
+            microbatch_size, seq_len // tp, hidden, dtype=hidden_dtype, device="meta", requires_grad=True
+        )
+        ids = torch.empty(microbatch_size, seq_len, dtype=torch.long, device="meta")
+        loss = torch.empty((), dtype=torch.float32, device="meta", requires_grad=True)
         self.stages = [
-            PipelineStage(module, index, self.num_stages, device, group=group)
+            PipelineStage(
+                module,
+                index,
+                self.num_stages,
+                device,
+                input_args=ids if index == 0 else activation,
+                output_args=loss if index == self.num_stages - 1 else activation,
+                output_grads=None if index == self.num_stages - 1 else activation,
+                input_grads=None if index == 0 else activation,
+                group=group,
+            )
             for module, index in zip(self.modules, self.stage_indices, strict=True)
         ]
         if self.schedule_name == "interleaved-1f1b":
@@ -269,12 +298,14 @@ class Pipeline:
         return float(torch.stack([loss.detach() for loss in losses]).sum()) if losses else 0.0
 
     def _sum_tied_gradients(self) -> None:
-        """The embedding (first stage) and its copy as LM head (last stage): both get the summed gradient."""
-        if 0 not in self.stage_indices and not self.holds_last_stage:
-            return
-        grad = self.model.embed_tokens.weight.grad
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
-        dist.all_reduce(local, group=self.tied_group)
+        """The embedding (first stage) and its copy as LM head (last stage): both get the summed gradient.
+        Under TP the embedding's gradient can come back replicated: it is first laid out like the weight
+        (a local slice, no communication), so both ranks' local pieces match."""
+        weight = self.model.embed_tokens.weight
+        grad = weight.grad
+        if hasattr(grad, "placements") and grad.placements != weight.placements:
+            grad = weight.grad = grad.redistribute(weight.device_mesh, weight.placements)
+        dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.tied_group)
 
     def norm_parameters(self) -> list[nn.Parameter]:
         """The parameters whose gradients count toward the global norm (the tied copy counts once)."""

@@ -146,6 +146,8 @@ class Trainer:
             activation_checkpointing=self.config.activation_checkpointing,
             compile_blocks=self.config.compile,
             fsdp_param_dtype=self.compute_dtype,
+            microbatch_size=self.config.batch_size // self.pipeline.microbatches,
+            seq_len=self.config.seq_len,
         )
         return None, None
 
