@@ -70,7 +70,8 @@ class ParallelLayout:
             shard = "(the rest)" if automatic else str(dp_shard)
             count = f"a multiple of {needed}" if automatic else str(needed)
             raise KilnError(
-                f"the layout pp={pp} x dp_replicate={dp_replicate} x dp_shard={shard} x tp={tp} needs {count} "
+                f"the layout pp={pp} x dp_replicate={dp_replicate} x dp_shard={shard} x tp={tp} needs "
+                f"{count} "
                 f"processes but {world_size} are running; launch with torchrun --nproc-per-node={needed} "
                 f"(on one node), or choose degrees whose product is {world_size}"
             )

@@ -199,7 +199,8 @@ def clip_grad_norm(
     Under pipeline parallelism each rank holds only its stages' parameters: the squared norms of
     `counted` (default: all of `parameters`) are summed over `pipeline_group` as well."""
     counted = parameters if counted is None else counted
-    norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in g], 2.0)) for g in _by_mesh(counted).values()]
+    groups = _by_mesh(counted).values()
+    norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)) for group in groups]
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     if pipeline_group is not None:
         squared = total.double() ** 2

@@ -98,7 +98,7 @@ def stage_layer_counts(model_config, num_stages: int, explicit: str = "") -> lis
         try:
             counts = [int(part) for part in explicit.split(",")]
         except ValueError:
-            raise KilnError(f"pp_stage_layers must be comma-separated layer counts, got {explicit!r}") from None
+            raise KilnError(f"pp_stage_layers must be comma-separated layer counts: {explicit!r}") from None
         if len(counts) != num_stages or sum(counts) != num_layers or min(counts) < 1:
             raise KilnError(
                 f"pp_stage_layers={explicit!r} must give {num_stages} stages >= 1 layer each, summing to "
