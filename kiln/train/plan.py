@@ -12,6 +12,8 @@ Under expert parallelism (--ep) a rank holds num_experts / ep of each MoE layer'
 splits over the dp_shard / ep ranks holding the same ones; FSDP's unsharded block then holds those only.
 The peak is their sum, except that gradients are not yet allocated when activations peak (the start of
 backward) unless DDP holds them: peak = parameters + optimizer + activations + buffers (+ gradients, DDP).
+Under pipeline parallelism (--pp) each pipeline rank is planned on its own (kiln.train.plan_pipeline):
+its stages' share of the weights, and the activations of the micro-batches its schedule keeps in flight.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class MemoryPlan:
     activations: int
     buffers: int
     gradients_at_peak: bool  # DDP: gradient buckets exist for the whole run
+    stage_peaks: tuple[int, ...] = ()  # under --pp: each pipeline rank's peak (this plan is the largest)
+    bubble_fraction: float = 0.0  # under --pp: the schedule's idle share of a step
 
     @property
     def peak(self) -> int:
@@ -116,9 +120,23 @@ def plan_memory(
     batch_size: int,
     precision: str = "fp32",
     activation_checkpointing: bool = False,
+    pipeline: PipelineSettings | None = None,
 ) -> MemoryPlan:
     """Estimate per-rank training memory for `batch_size` sequences of `seq_len` tokens per data-parallel
-    rank (TrainConfig.batch_size) under `layout`."""
+    rank (TrainConfig.batch_size) under `layout` (under --pp: the busiest pipeline rank's, see
+    kiln.train.plan_pipeline; `pipeline` gives the schedule, default 1F1B with pp micro-batches)."""
+    if layout.pp > 1:
+        from kiln.train.plan_pipeline import plan_pipeline_memory
+
+        return plan_pipeline_memory(
+            config,
+            layout,
+            pipeline or PipelineSettings(),
+            seq_len=seq_len,
+            batch_size=batch_size,
+            precision=precision,
+            activation_checkpointing=activation_checkpointing,
+        )
     with torch.device("meta"):
         model = Transformer(config)
     total, root, block, experts = _numel_per_rank(model, layout)
@@ -142,6 +160,26 @@ def plan_memory(
         buffers=buffers,
         gradients_at_peak=layout.uses_ddp,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    """The pipeline options of a TrainConfig (pp_schedule, pp_microbatches, ...) that `kiln plan` needs."""
+
+    schedule: str = "1f1b"
+    microbatches: int = 0  # 0 = pp
+    virtual_stages: int = 1
+    stage_layers: str = ""
+
+    @classmethod
+    def of(cls, config) -> PipelineSettings:
+        """A TrainConfig's pipeline options."""
+        return cls(
+            schedule=config.pp_schedule,
+            microbatches=config.pp_microbatches,
+            virtual_stages=config.pp_virtual_stages,
+            stage_layers=config.pp_stage_layers,
+        )
 
 
 def _loss_buffers(config: ModelConfig, tokens: int, tp: int, element_bytes: int) -> int:
