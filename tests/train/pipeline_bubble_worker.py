@@ -5,7 +5,7 @@ backward computation (waiting for its neighbours, and the sends themselves).
     torchrun --nproc-per-node 2 tests/train/pipeline_bubble_worker.py OUT_PREFIX '{"pp": 2, ...}'
 
 writes {"rank", "busy_s", "step_s", "bubble"} to OUT_PREFIX.rank<N>, over `steps` timed steps after two
-warm-up steps; compare with kiln.train.plan_pipeline.bubble_fraction.
+warm-up steps; compare with kiln.train.plan.bubble_fraction.
 """
 
 import json

@@ -9,9 +9,8 @@ import pytest
 import kiln
 from kiln.errors import KilnError
 from kiln.train.layout import ParallelLayout
-from kiln.train.plan import PipelineSettings, plan_memory
+from kiln.train.plan import PipelineSettings, bubble_fraction, in_flight_chunks, plan_memory
 from kiln.train.plan_layout import Cluster, recommend_layouts
-from kiln.train.plan_pipeline import bubble_fraction, in_flight_chunks
 
 MODEL = kiln.preset("demo").replace(num_layers=8, tie_word_embeddings=False)
 
