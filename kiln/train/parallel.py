@@ -136,7 +136,7 @@ def parallelize_pipeline(
             for block in module.layers:
                 fully_shard(block, mesh=dp_mesh, mp_policy=policy)
             fully_shard(module, mesh=dp_mesh, mp_policy=policy)
-    if model.lm_head is None:  # tied embeddings: the first and last stages' ranks sum their gradients
+    if model.config.tie_word_embeddings:  # the first and last stages' ranks sum their gradients
         pipeline.tied_group = tied_embedding_groups(mesh, distributed.pp_rank)
     # The residual stream is in FSDP's param_dtype when it casts the weights, else fp32 (autocast only).
     hidden_dtype = fsdp_param_dtype if layout.uses_fsdp and fsdp_param_dtype is not None else torch.float32

@@ -63,6 +63,7 @@ INTERLEAVED = ("--pp-schedule", "interleaved-1f1b", "--pp-virtual-stages", "2")
 LAYOUTS = {
     "pp2-interleaved": (2, FOUR_LAYERS, ("--pp", "2", *INTERLEAVED)),
     "pp2-gpipe-goldfish": (2, (*FOUR_LAYERS, *GOLDFISH), ("--pp", "2", "--pp-schedule", "gpipe")),
+    "pp2-untied": (2, (*FOUR_LAYERS, "--set", "model.tie_word_embeddings=false"), ("--pp", "2")),
     "pp4-1f1b": (4, FOUR_LAYERS, ("--pp", "4")),
     "pp4-interleaved": (4, EIGHT_LAYERS, ("--pp", "4", *INTERLEAVED, "--pp-microbatches", "4")),
     "pp2xdp2-goldfish": (4, (*FOUR_LAYERS, *GOLDFISH), ("--pp", "2", "--set", "batch_size=4")),
