@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from kiln.errors import KilnError
 from kiln.train import faults
@@ -31,6 +31,10 @@ from kiln.train.distributed import Distributed
 STATE_NAME = "trainer_state.json"
 COMPLETE_NAME = "COMPLETE"
 CRASH_ENV = faults.CRASH_DURING_CHECKPOINT  # kept for callers of the single-process fault test
+# Optimizer state keyed by parameter name, hyperparameters included (optim.param_groups.<fqn>.lr): under
+# pipeline parallelism each rank's param groups hold other parameters, and a group saved as a list
+# (optim.param_groups.0.params) would be written by one rank only.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -87,7 +91,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # the remains of a save that died
     distributed.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=FLAT)
     # RNG states differ per rank in general, so each is its own entry (a shared key would be deduplicated).
     rng = {f"rank{distributed.rank}": _rng_state()}
     with _quiet():
@@ -131,12 +135,17 @@ def load_checkpoint(
     torchrun); return the trainer's JSON state."""
     distributed = distributed or Distributed.single()
     trainer_state = read_trainer_state(path)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    rng_key = _rng_key(Path(path), distributed.rank)
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    # Checkpoints from before the flat format keep their param groups as a list (optim.param_groups.0.lr).
+    options = StateDictOptions() if "optim.param_groups.0.lr" in keys else FLAT
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    rng_key = _rng_key(keys, distributed.rank)
     state = {"model": model_state, "optim": optim_state, "rng": {rng_key: _rng_state()}}
     with _quiet():
         dcp.load(state, checkpoint_id=Path(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+    )
     rng = state["rng"][rng_key]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -144,17 +153,17 @@ def load_checkpoint(
     return trainer_state
 
 
-def _rng_key(path: Path, rank: int) -> str:
+def _rng_key(keys, rank: int) -> str:
     """This rank's saved RNG entry, or rank 0's when the checkpoint came from fewer ranks."""
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     return f"rank{rank}" if f"rng.rank{rank}.torch" in keys else "rank0"
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Only the model's weights (any saved layout) into an unsharded `model`; returns the JSON state."""
+    """Only the model's weights (any saved layout) into an unsharded `model`; returns the JSON state.
+    Reads in this process alone, even inside a torchrun job (no collective)."""
     trainer_state = read_trainer_state(path)
     state = {"model": model.state_dict()}
     with _quiet():
-        dcp.load(state, checkpoint_id=Path(path))
+        dcp.load(state, checkpoint_id=Path(path), no_dist=True)
     model.load_state_dict(state["model"])
     return trainer_state

@@ -69,6 +69,18 @@ def train_command(
         int | None,
         typer.Option(help="Expert-parallel degree (MoE models): divides --dp-shard and num_experts."),
     ] = None,
+    pp: Annotated[
+        int | None, typer.Option(help="Pipeline-parallel degree: the layers split into this many stages.")
+    ] = None,
+    pp_schedule: Annotated[
+        str | None, typer.Option(help="Pipeline schedule: 1f1b (default), interleaved-1f1b or gpipe.")
+    ] = None,
+    pp_microbatches: Annotated[
+        int | None, typer.Option(help="Micro-batches per batch in the pipeline (default: --pp).")
+    ] = None,
+    pp_virtual_stages: Annotated[
+        int | None, typer.Option(help="Stages per pipeline rank (interleaved-1f1b: >= 2).")
+    ] = None,
     collective_timeout_s: Annotated[
         float | None, typer.Option(help="Fail the job when a collective waits this long (hung rank).")
     ] = None,
@@ -77,7 +89,7 @@ def train_command(
     """Train a model from a recipe; every TrainConfig field can be overridden. Ends with an HF export.
 
     Under torchrun (`torchrun --nproc-per-node N -m kiln.cli train ...`) the processes split the work as
-    --dp-replicate x --dp-shard x --tp; a restarted job (--max-restarts) resumes by itself."""
+    --pp x --dp-replicate x --dp-shard x --tp; a restarted job (--max-restarts) resumes by itself."""
     from kiln.errors import KilnError
     from kiln.train import checkpoint
     from kiln.train.distributed import restart_count
@@ -95,6 +107,10 @@ def train_command(
         dp_replicate=dp_replicate,
         tp=tp,
         ep=ep,
+        pp=pp,
+        pp_schedule=pp_schedule,
+        pp_microbatches=pp_microbatches,
+        pp_virtual_stages=pp_virtual_stages,
         collective_timeout_s=collective_timeout_s,
     )
     config = config.override([f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or []))
@@ -142,16 +158,58 @@ def plan_command(
     ] = 1,
     tp: Annotated[int, typer.Option(help="Tensor-parallel degree.")] = 1,
     ep: Annotated[int, typer.Option(help="Expert-parallel degree (MoE models).")] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel degree.")] = 1,
+    pp_schedule: Annotated[str, typer.Option(help="1f1b, interleaved-1f1b or gpipe.")] = "1f1b",
+    pp_microbatches: Annotated[int, typer.Option(help="Pipeline micro-batches (0 = --pp).")] = 0,
+    pp_virtual_stages: Annotated[int, typer.Option(help="Stages per pipeline rank.")] = 1,
+    gpus: Annotated[
+        int, typer.Option(help="Recommend a layout for this many GPUs instead (see the options below).")
+    ] = 0,
+    gpus_per_node: Annotated[int, typer.Option(help="With --gpus: GPUs per node.")] = 8,
+    gpu_memory_gib: Annotated[float, typer.Option(help="With --gpus: memory per GPU.")] = 80.0,
+    gpu_tflops: Annotated[float, typer.Option(help="With --gpus: dense bf16 peak per GPU.")] = 989.0,
+    intra_node_gbps: Annotated[float, typer.Option(help="With --gpus: GB/s per GPU inside a node.")] = 450.0,
+    inter_node_gbps: Annotated[float, typer.Option(help="With --gpus: GB/s per GPU between nodes.")] = 50.0,
+    global_batch: Annotated[
+        int, typer.Option(help="With --gpus: sequences per step (default: batch_size x GPUs).")
+    ] = 0,
     set_: SetOption = None,
 ) -> None:
     """Estimate training memory per rank (parameters, gradients, optimizer state, activations) for a
-    recipe's model and batch under a parallel layout; the formulas are in docs/scaling.md."""
+    recipe's model and batch under a parallel layout; with --gpus, rank the layouts that fit a cluster.
+    The formulas are in docs/scaling.md."""
     from kiln.train.layout import ParallelLayout
-    from kiln.train.plan import format_bytes, plan_memory
+    from kiln.train.plan import PipelineSettings, format_bytes, plan_memory
 
     config = _recipe_config(recipe, None, None, None).override(list(set_ or []))
-    layout = ParallelLayout(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep)
+    if gpus:
+        from kiln.train.plan_layout import Cluster
+
+        cluster = Cluster(
+            num_gpus=gpus,
+            gpus_per_node=gpus_per_node,
+            gpu_memory_bytes=int(gpu_memory_gib * 2**30),
+            peak_flops=gpu_tflops * 1e12,
+            intra_node_bytes_per_s=intra_node_gbps * 1e9,
+            inter_node_bytes_per_s=inter_node_gbps * 1e9,
+        )
+        _print_recommendations(recipe, config, cluster, global_batch or config.batch_size * gpus)
+        return
+    layout = ParallelLayout(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep, pp=pp)
     layout.check_model(config.model, config.seq_len)
+    settings = PipelineSettings(pp_schedule, pp_microbatches, pp_virtual_stages)
+    if pp > 1:
+        from kiln.train.pipeline import check_pipeline_config
+
+        check_pipeline_config(
+            dataclasses.replace(
+                config,
+                pp=pp,
+                pp_schedule=pp_schedule,
+                pp_microbatches=pp_microbatches,
+                pp_virtual_stages=pp_virtual_stages,
+            )
+        )
     precision = "bf16" if config.precision == "auto" else config.precision  # what GPUs choose for auto
     plan = plan_memory(
         config.model,
@@ -160,6 +218,7 @@ def plan_command(
         batch_size=config.batch_size,
         precision=precision,
         activation_checkpointing=config.activation_checkpointing,
+        pipeline=settings,
     )
     processes = "1 process" if layout.world_size == 1 else f"{layout.world_size} processes"
     console = Console()
@@ -176,8 +235,43 @@ def plan_command(
         table.add_row(name, format_bytes(value))
     table.add_row("[bold]peak[/]", f"[bold]{format_bytes(plan.peak)}[/]")
     console.print(table)
+    if plan.stage_peaks:
+        peaks = ", ".join(format_bytes(peak) for peak in plan.stage_peaks)
+        console.print(
+            f"pipeline ranks' peaks: {peaks} (the table is the largest); {pp_schedule} bubble "
+            f"{plan.bubble_fraction:.1%} of each step"
+        )
     if not plan.gradients_at_peak:
         console.print("peak = parameters + optimizer state + activations + buffers (gradients come later)")
+
+
+def _print_recommendations(recipe: str, config, cluster, global_batch: int) -> None:
+    from kiln.train.plan import format_bytes
+    from kiln.train.plan_layout import recommend_layouts
+
+    choices = recommend_layouts(config.model, cluster, seq_len=config.seq_len, global_batch=global_batch)
+    console = Console()
+    console.print(
+        f"kiln plan --recipe {recipe} --gpus {cluster.num_gpus}: "
+        f"{config.model.num_parameters() / 1e9:,.2f}B parameters, global batch {global_batch} x "
+        f"{config.seq_len} tokens, {cluster.gpu_memory_bytes / 2**30:.0f} GiB per GPU; fastest first"
+    )
+    table = Table()
+    columns = ("layout", "micro-batches", "recompute", "peak/GPU", "bubble", "step (est.)", "comm tp/pp/dp")
+    for column in columns:
+        table.add_column(column)
+    for choice in choices:
+        parts = choice.parts
+        table.add_row(
+            choice.layout.describe(),
+            str(choice.microbatches),
+            "yes" if choice.activation_checkpointing else "no",
+            format_bytes(choice.plan.peak),
+            f"{choice.plan.bubble_fraction:.0%}",
+            f"{choice.step_seconds:.2f} s",
+            f"{parts['tp']:.2f} / {parts['pp']:.2f} / {parts['dp']:.2f} s",
+        )
+    console.print(table)
 
 
 def export_command(

@@ -47,11 +47,17 @@ class TrainConfig:
     # "triton", or "auto" = Triton on CUDA, torch elsewhere (see kiln.kernels.runtime).
     kernels: str = "auto"
 
-    # Parallel layout under torchrun: dp_replicate x dp_shard x tp must equal the number of processes.
+    # Parallel layout under torchrun: pp x dp_replicate x dp_shard x tp must equal the number of processes.
     dp_shard: int = -1  # FSDP2 shard degree; -1 = the processes dp_replicate and tp leave (1 when alone)
     dp_replicate: int = 1  # full replicas: plain DDP when dp_shard is 1, HSDP when it is > 1
     tp: int = 1  # tensor (+ sequence) parallel degree
     ep: int = 1  # expert parallel degree (MoE models): divides dp_shard and num_experts
+    pp: int = 1  # pipeline parallel degree: the layers split into pp x pp_virtual_stages stages
+    pp_schedule: str = "1f1b"  # 1f1b, interleaved-1f1b or gpipe
+    pp_microbatches: int = 0  # micro-batches each batch is split into for the pipeline; 0 = pp
+    pp_virtual_stages: int = 1  # stages per pipeline rank (interleaved-1f1b: > 1)
+    # Layers per stage, comma-separated ("3,5" for 8 layers on 2 stages); empty = balanced by parameters.
+    pp_stage_layers: str = ""
     collective_timeout_s: float = 600.0  # a collective waiting longer (a hung or dead rank) fails the job
 
     goldfish_k: int = 0  # >= 2 enables Goldfish loss: drop ~1/k of targets by a hash of...
@@ -87,6 +93,10 @@ class TrainConfig:
                 "dp_replicate and tp must be >= 1 and dp_shard >= 1 or -1 (the rest); got "
                 f"dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}, tp={self.tp}"
             )
+        if self.pp > 1 or self.pp_virtual_stages != 1 or self.pp_stage_layers:
+            from kiln.train.pipeline import check_pipeline_config
+
+            check_pipeline_config(self)
         if self.collective_timeout_s <= 0:
             raise KilnError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -106,7 +116,13 @@ class TrainConfig:
 
     @property
     def layout_args(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "ep": self.ep}
+        return {
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "tp": self.tp,
+            "ep": self.ep,
+            "pp": self.pp,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prepare"}

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from kiln.errors import KilnError
 from kiln.train.layout import ParallelLayout
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 def launched_world_size() -> int:
@@ -36,7 +36,8 @@ def restart_count() -> int:
 @dataclass
 class Distributed:
     """This process's place in the job. `rank`/`world_size` count processes; `dp_rank`/`dp_size` count
-    data-parallel ranks (the tensor-parallel ranks of one group see the same data)."""
+    data-parallel ranks (the tensor-parallel ranks of one group, and the pipeline stages of one
+    pipeline, see the same data); `pp_rank` is the pipeline stage (group) this process runs."""
 
     layout: ParallelLayout
     rank: int = 0
@@ -68,7 +69,17 @@ class Distributed:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.layout.tp  # tp is the mesh's innermost dimension
+        # tp is the mesh's innermost dimension, pp its outermost
+        return (self.rank // self.layout.tp) % self.layout.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.layout.dp_size * self.layout.tp)
+
+    @property
+    def data_copies(self) -> int:
+        """How many processes hold each data-parallel rank's batch (its tp ranks x pp stages)."""
+        return self.layout.tp * self.layout.pp
 
     def barrier(self) -> None:
         if self.enabled:
@@ -107,8 +118,8 @@ class Distributed:
 
 
 def setup(layout_args: dict[str, int], device: torch.device, timeout_s: float) -> Distributed:
-    """Join the torchrun job (if any) and build its device mesh. `layout_args` are dp_replicate, dp_shard
-    and tp as configured (dp_shard may be -1: the rest of the world)."""
+    """Join the torchrun job (if any) and build its device mesh. `layout_args` are pp, dp_replicate,
+    dp_shard, tp and ep as configured (dp_shard may be -1: the rest of the world)."""
     world_size = launched_world_size()
     layout = ParallelLayout.resolve(world_size, **layout_args)
     if world_size == 1:
@@ -136,13 +147,14 @@ def setup(layout_args: dict[str, int], device: torch.device, timeout_s: float) -
 
 
 def _device_mesh(layout: ParallelLayout, device: torch.device) -> DeviceMesh:
-    """(dp_replicate, dp_shard, tp); with expert parallelism dp_shard is (dp_shard_mod_ep, ep) flattened,
-    so experts shard over "ep" and replicate over "dp_shard_mod_ep" while the rest shards over "dp_shard"."""
+    """(pp, dp_replicate, dp_shard, tp); with expert parallelism dp_shard is (dp_shard_mod_ep, ep)
+    flattened, so experts shard over "ep" and replicate over "dp_shard_mod_ep" while the rest shards over
+    "dp_shard"."""
     if layout.ep == 1:
-        shape = (layout.dp_replicate, layout.dp_shard, layout.tp)
+        shape = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp)
         return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
-    shape = (layout.dp_replicate, layout.dp_shard // layout.ep, layout.ep, layout.tp)
-    names = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+    shape = (layout.pp, layout.dp_replicate, layout.dp_shard // layout.ep, layout.ep, layout.tp)
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
     return mesh

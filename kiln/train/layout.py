@@ -1,5 +1,6 @@
-"""ParallelLayout: how a run's processes divide the work (data-parallel replicas and shards, tensor
-parallelism), resolved from the config's --dp-replicate/--dp-shard/--tp against the world size."""
+"""ParallelLayout: how a run's processes divide the work (pipeline stages, data-parallel replicas and
+shards, tensor parallelism), resolved from the config's --pp/--dp-replicate/--dp-shard/--tp against the
+world size."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from kiln.errors import KilnError
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ParallelLayout:
-    """dp_replicate x dp_shard x tp processes, in that order on the device mesh (tp innermost, so a
-    tensor-parallel group shares a node's fast links).
+    """pp x dp_replicate x dp_shard x tp processes, in that order on the device mesh (tp innermost, so a
+    tensor-parallel group shares a node's fast links; pp outermost, since a pipeline sends only one
+    activation per micro-batch between neighbouring stages and tolerates the slowest links).
 
     dp_shard > 1 shards parameters, gradients and optimizer state over that many data-parallel ranks
     (FSDP2, ZeRO-3-like); dp_replicate > 1 keeps full replicas (plain DDP when dp_shard == 1, HSDP when
@@ -25,9 +27,11 @@ class ParallelLayout:
     # Expert parallel degree: each MoE layer's experts are split over groups of ep data-parallel shard
     # ranks (EP borrows from dp_shard, as in torchtitan), tokens travel to them by all-to-all.
     ep: int = 1
+    # Pipeline parallel degree: the model's layers split into pp consecutive stages (kiln.train.pipeline).
+    pp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "dp_shard", "tp", "ep"):
+        for name in ("dp_replicate", "dp_shard", "tp", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise KilnError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ep > 1 and self.dp_shard % self.ep:
@@ -39,34 +43,43 @@ class ParallelLayout:
             raise KilnError(
                 "--ep does not combine with --tp or --dp-replicate yet; use --ep with --dp-shard (FSDP2)"
             )
+        if self.ep > 1 and self.pp > 1:
+            raise KilnError("--ep does not combine with --pp yet; use --ep with --dp-shard (FSDP2)")
 
     @classmethod
     def resolve(
-        cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1, ep: int = 1
+        cls,
+        world_size: int,
+        dp_replicate: int = 1,
+        dp_shard: int = -1,
+        tp: int = 1,
+        ep: int = 1,
+        pp: int = 1,
     ) -> ParallelLayout:
-        """The layout for `world_size` processes; dp_shard=-1 takes whatever dp_replicate * tp leaves."""
-        if dp_replicate < 1 or tp < 1 or (dp_shard < 1 and dp_shard != -1):
+        """The layout for `world_size` processes; dp_shard=-1 takes whatever pp * dp_replicate * tp leaves."""
+        if dp_replicate < 1 or tp < 1 or pp < 1 or (dp_shard < 1 and dp_shard != -1):
             raise KilnError(
-                f"need dp_replicate >= 1, tp >= 1 and dp_shard >= 1 (or -1 for the rest); got "
-                f"dp_replicate={dp_replicate}, dp_shard={dp_shard}, tp={tp}"
+                f"need pp >= 1, dp_replicate >= 1, tp >= 1 and dp_shard >= 1 (or -1 for the rest); got "
+                f"pp={pp}, dp_replicate={dp_replicate}, dp_shard={dp_shard}, tp={tp}"
             )
         automatic = dp_shard == -1
-        needed = dp_replicate * tp * (1 if automatic else dp_shard)
+        needed = pp * dp_replicate * tp * (1 if automatic else dp_shard)
         if automatic and world_size % needed == 0:
             dp_shard = world_size // needed
-        if (automatic and dp_shard == -1) or dp_replicate * dp_shard * tp != world_size:
+        if (automatic and dp_shard == -1) or pp * dp_replicate * dp_shard * tp != world_size:
             shard = "(the rest)" if automatic else str(dp_shard)
             count = f"a multiple of {needed}" if automatic else str(needed)
             raise KilnError(
-                f"the layout dp_replicate={dp_replicate} x dp_shard={shard} x tp={tp} needs {count} "
+                f"the layout pp={pp} x dp_replicate={dp_replicate} x dp_shard={shard} x tp={tp} needs "
+                f"{count} "
                 f"processes but {world_size} are running; launch with torchrun --nproc-per-node={needed} "
                 f"(on one node), or choose degrees whose product is {world_size}"
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep)
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep, pp=pp)
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
 
     @property
     def dp_size(self) -> int:
@@ -75,8 +88,9 @@ class ParallelLayout:
 
     @property
     def uses_fsdp(self) -> bool:
-        # With tensor parallelism, replicas are kept by HSDP (fully_shard on a 2-D mesh) rather than DDP.
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
+        # With tensor or pipeline parallelism, replicas are kept by HSDP (fully_shard on a 2-D mesh) rather
+        # than DDP (whose autograd hooks the pipeline's per-stage backward bypasses).
+        return self.dp_shard > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def uses_ddp(self) -> bool:
@@ -93,6 +107,8 @@ class ParallelLayout:
             parts.append(f"DDP {self.dp_replicate}")
         if self.tp > 1:
             parts.append(f"TP {self.tp}")
+        if self.pp > 1:
+            parts.append(f"PP {self.pp}")
         if self.ep > 1:
             parts.append(f"EP {self.ep}")
         return " + ".join(parts) or "single process"
@@ -105,6 +121,8 @@ class ParallelLayout:
                 f"ep={self.ep} must divide the model's num_experts ({model.num_experts}); a dense model "
                 "has no experts to split"
             )
+        if self.pp > 1 and model.num_experts:
+            raise KilnError("pipeline parallelism does not support MoE models yet; use --dp-shard and --ep")
         if self.tp == 1:
             return
         if model.num_experts:

@@ -49,12 +49,21 @@ class LanguageModelObjective(nn.Module):
         return loss if aux is None else loss + aux
 
     def _cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if not self.vocab_parallel:
-            return fused_language_model_loss(hidden, self.model.output_weight, targets, kernels=self.kernels)
-        hidden = hidden.redistribute(placements=[Replicate()])  # (B, T/tp, H) -> (B, T, H) on each rank
-        logits = F.linear(hidden, self.model.output_weight)  # DTensor (B, T, V) sharded on V
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return cross_entropy(hidden, self.model.output_weight, targets, self.vocab_parallel, self.kernels)
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         """Wrap forward *and* backward in this: vocab-parallel cross-entropy needs it for both."""
         return loss_parallel() if self.vocab_parallel else contextlib.nullcontext()
+
+
+def cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_parallel: bool, kernels: str
+) -> torch.Tensor:
+    """Mean next-token cross-entropy from final hidden states (B, T, H) and the LM head weight (V, H):
+    the fused linear + cross-entropy, or under tensor parallelism vocab-parallel cross-entropy (call it
+    inside `loss_parallel()`, backward included)."""
+    if not vocab_parallel:
+        return fused_language_model_loss(hidden, weight, targets, kernels=kernels)
+    hidden = hidden.redistribute(placements=[Replicate()])  # (B, T/tp, H) -> (B, T, H) on each rank
+    logits = F.linear(hidden, weight)  # DTensor (B, T, V) sharded on V
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -12,17 +12,21 @@ Under expert parallelism (--ep) a rank holds num_experts / ep of each MoE layer'
 splits over the dp_shard / ep ranks holding the same ones; FSDP's unsharded block then holds those only.
 The peak is their sum, except that gradients are not yet allocated when activations peak (the start of
 backward) unless DDP holds them: peak = parameters + optimizer + activations + buffers (+ gradients, DDP).
+Under pipeline parallelism (--pp) each pipeline rank is planned on its own (plan_pipeline_memory):
+its stages' share of the weights, and the activations of the micro-batches its schedule keeps in flight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from kiln.config import ModelConfig
 from kiln.models.transformer import Transformer
 from kiln.train.layout import ParallelLayout
+from kiln.train.pipeline import split_model, stage_layer_counts
 
 LOSS_CHUNK_TOKENS = 256  # kiln.kernels.linear_cross_entropy's default chunk
 FP32 = 4
@@ -44,6 +48,8 @@ class MemoryPlan:
     activations: int
     buffers: int
     gradients_at_peak: bool  # DDP: gradient buckets exist for the whole run
+    stage_peaks: tuple[int, ...] = ()  # under --pp: each pipeline rank's peak (this plan is the largest)
+    bubble_fraction: float = 0.0  # under --pp: the schedule's idle share of a step
 
     @property
     def peak(self) -> int:
@@ -116,9 +122,21 @@ def plan_memory(
     batch_size: int,
     precision: str = "fp32",
     activation_checkpointing: bool = False,
+    pipeline: PipelineSettings | None = None,
 ) -> MemoryPlan:
     """Estimate per-rank training memory for `batch_size` sequences of `seq_len` tokens per data-parallel
-    rank (TrainConfig.batch_size) under `layout`."""
+    rank (TrainConfig.batch_size) under `layout` (under --pp: the busiest pipeline rank's, see
+    plan_pipeline_memory; `pipeline` gives the schedule, default 1F1B with pp micro-batches)."""
+    if layout.pp > 1:
+        return plan_pipeline_memory(
+            config,
+            layout,
+            pipeline or PipelineSettings(),
+            seq_len=seq_len,
+            batch_size=batch_size,
+            precision=precision,
+            activation_checkpointing=activation_checkpointing,
+        )
     with torch.device("meta"):
         model = Transformer(config)
     total, root, block, experts = _numel_per_rank(model, layout)
@@ -144,6 +162,26 @@ def plan_memory(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    """The pipeline options of a TrainConfig (pp_schedule, pp_microbatches, ...) that `kiln plan` needs."""
+
+    schedule: str = "1f1b"
+    microbatches: int = 0  # 0 = pp
+    virtual_stages: int = 1
+    stage_layers: str = ""
+
+    @classmethod
+    def of(cls, config) -> PipelineSettings:
+        """A TrainConfig's pipeline options."""
+        return cls(
+            schedule=config.pp_schedule,
+            microbatches=config.pp_microbatches,
+            virtual_stages=config.pp_virtual_stages,
+            stage_layers=config.pp_stage_layers,
+        )
+
+
 def _loss_buffers(config: ModelConfig, tokens: int, tp: int, element_bytes: int) -> int:
     vocab, hidden = config.vocab_size, config.hidden_size
     if tp > 1:  # vocab-parallel cross-entropy: logits, log-probabilities and their gradient, V/tp wide
@@ -158,3 +196,121 @@ def format_bytes(count: float) -> str:
             return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------- pipeline parallelism
+# `kiln plan` under pipeline parallelism: each pipeline rank's memory and the schedule's bubble.
+#
+# A pipeline rank holds its stages' weights (split by kiln.train.pipeline exactly as a run splits them:
+# embeddings on the first stage, final norm and head on the last, the tied head's copy included) and the
+# activations of every micro-batch its schedule has run forward but not yet backward. At the start of the
+# first backward that is (rank r of p, m micro-batches, v stages per rank):
+#   GPipe            m micro-batches (all forwards run first)
+#   1F1B             min(m, p - r)
+#   interleaved 1F1B min(m v, (v - 1) m_round + 2 (p - 1 - r) + 1) stage chunks of 1/v of the rank's
+#                    layers each, m_round = m / max(1, m // p) (torch's ScheduleInterleaved1F1B warm-up)
+# The bubble, the share of a step a rank idles while the pipeline fills and drains, is (p - 1) / (m + p - 1)
+# for GPipe and 1F1B, and (p - 1) / (v m + p - 1) interleaved (each chunk is 1/v as long).
+
+
+def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """The idle share of a step on each rank: (p - 1) / (m v + p - 1), v = 1 unless interleaved."""
+    chunks = microbatches * (virtual_stages if schedule == "interleaved-1f1b" else 1)
+    return (pp - 1) / (chunks + pp - 1)
+
+
+def in_flight_chunks(schedule: str, pp: int, rank: int, microbatches: int, virtual_stages: int = 1) -> int:
+    """Stage chunks (one micro-batch through one of the rank's stages) whose activations rank `rank`
+    holds at its peak."""
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "1f1b":
+        return min(microbatches, pp - rank)
+    per_round = microbatches // max(1, microbatches // pp)
+    warmup = (virtual_stages - 1) * per_round + 2 * (pp - 1 - rank)
+    return min(microbatches * virtual_stages, warmup + 1)
+
+
+def plan_pipeline_memory(
+    config: ModelConfig,
+    layout: ParallelLayout,
+    settings: PipelineSettings,
+    *,
+    seq_len: int,
+    batch_size: int,
+    precision: str,
+    activation_checkpointing: bool,
+) -> MemoryPlan:
+    """The plan of the pipeline rank with the largest peak (`stage_peaks` lists every rank's)."""
+    recompute = activation_checkpointing
+    microbatches = settings.microbatches or layout.pp
+    plans = [
+        _rank_plan(config, layout, settings, rank, microbatches, seq_len, batch_size, precision, recompute)
+        for rank in range(layout.pp)
+    ]
+    busiest = max(plans, key=lambda plan: plan.peak)
+    bubble = bubble_fraction(settings.schedule, layout.pp, microbatches, settings.virtual_stages)
+    return MemoryPlan(
+        layout=busiest.layout,
+        tokens_per_rank=busiest.tokens_per_rank,
+        parameters=busiest.parameters,
+        gradients=busiest.gradients,
+        optimizer=busiest.optimizer,
+        activations=busiest.activations,
+        buffers=busiest.buffers,
+        gradients_at_peak=True,
+        stage_peaks=tuple(plan.peak for plan in plans),
+        bubble_fraction=bubble,
+    )
+
+
+def _rank_plan(
+    config: ModelConfig,
+    layout: ParallelLayout,
+    settings: PipelineSettings,
+    rank: int,
+    microbatches: int,
+    seq_len: int,
+    batch_size: int,
+    precision: str,
+    activation_checkpointing: bool,
+) -> MemoryPlan:
+    split = SimpleNamespace(
+        pp=layout.pp,
+        pp_virtual_stages=settings.virtual_stages,
+        pp_stage_layers=settings.stage_layers,
+        pp_schedule=settings.schedule,
+        pp_microbatches=microbatches,
+    )
+    with torch.device("meta"):
+        pipeline = split_model(Transformer(config), split, rank)
+    total = _numel_per_rank(pipeline.model, layout)[0]
+    shard = layout.dp_shard if layout.uses_fsdp else 1
+    element_bytes = 2 if precision in ("bf16", "fp16") else FP32
+    tokens = batch_size // microbatches * seq_len  # one micro-batch
+    counts = stage_layer_counts(config, pipeline.num_stages, settings.stage_layers)
+    chunk_layers = max(counts[index] for index in pipeline.stage_indices)
+    chunk = config.replace(num_layers=chunk_layers)
+    per_chunk = activation_bytes(chunk, tokens, layout.tp, element_bytes, activation_checkpointing)
+    chunks = in_flight_chunks(settings.schedule, layout.pp, rank, microbatches, settings.virtual_stages)
+    # the received input and the gradient sent back of the micro-batch in flight: (mb, T/tp, H) each
+    buffers = 2 * tokens * config.hidden_size // layout.tp * element_bytes
+    if pipeline.holds_last_stage:
+        buffers += _loss_buffers(config, tokens, layout.tp, element_bytes)
+    parameters = FP32 * total // shard
+    gradients = parameters
+    if layout.uses_fsdp:
+        # The pipeline defers FSDP's reduce-scatter and resharding to the last micro-batch's backward: from
+        # the first backward on, the stage's weights stay unsharded and its gradients accumulate unsharded.
+        buffers += (element_bytes if precision == "bf16" else FP32) * total
+        gradients = FP32 * total
+    return MemoryPlan(
+        layout=layout,
+        tokens_per_rank=tokens,
+        parameters=parameters,
+        gradients=gradients,
+        optimizer=2 * parameters,
+        activations=chunks * per_chunk,
+        buffers=buffers,
+        gradients_at_peak=True,  # the first micro-batches' gradients exist while later ones' activations do
+    )

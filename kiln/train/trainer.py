@@ -21,13 +21,19 @@ from kiln.parsing import resolve_device
 from kiln.train import checkpoint as ckpt
 from kiln.train import distributed as dist
 from kiln.train.config import TrainConfig
-from kiln.train.export import save_with_tokenizer
+from kiln.train.export import load_checkpoint_model, save_with_tokenizer
 from kiln.train.flops import choose_precision
 from kiln.train.loop import RunInfo, StepResult, TrainingLoop, TrainSummary
 from kiln.train.losses import IGNORE_INDEX, goldfish_mask
 from kiln.train.objective import LanguageModelObjective
 from kiln.train.optim import build_optimizer, learning_rate, set_learning_rate
-from kiln.train.parallel import apply_activation_checkpointing, clip_grad_norm, parallelize
+from kiln.train.parallel import (
+    apply_activation_checkpointing,
+    clip_grad_norm,
+    parallelize,
+    parallelize_pipeline,
+)
+from kiln.train.pipeline import Pipeline, split_model
 from kiln.train.token_data import open_token_data
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,6 +94,7 @@ class Trainer:
         precision = choose_precision(self.device) if config.precision == "auto" else config.precision
         self.precision = self.distributed.broadcast(precision)  # ranks could measure differently
         self.compute_dtype = AUTOCAST_DTYPES.get(self.precision)
+        self.pipeline: Pipeline | None = None  # this rank's stages under --pp > 1
         self.objective, self.loss_module = self._parallelize()
         self.optimizer = build_optimizer(
             self.model, config.lr, config.weight_decay, (config.beta1, config.beta2)
@@ -116,6 +123,8 @@ class Trainer:
             raise KilnError("fp16 loss scaling is not supported with FSDP or TP; use --precision bf16")
         if config.compile and layout.tp > 1:  # DTensor's redistribute backward fails under torch.compile
             raise KilnError("compile=true does not work with --tp > 1 yet; turn compile off for TP runs")
+        if layout.pp > 1:
+            return self._parallelize_pipeline()
         objective = LanguageModelObjective(self.model, self.hidden_states_function(), kernels=self.kernels)
         module = parallelize(
             objective,
@@ -130,6 +139,23 @@ class Trainer:
         """input_ids (B, T) -> final hidden states, what the loss is computed on (a subclass may run the
         model differently, e.g. over packed documents)."""
         return self.model.hidden_states
+
+    def _parallelize_pipeline(self) -> tuple[None, None]:
+        """Prune the model to this rank's pipeline stages (kiln.train.pipeline) and lay them out."""
+        if self.precision == "fp16":
+            raise KilnError("fp16 loss scaling is not supported with --pp; use --precision bf16")
+        self.pipeline = split_model(self.model, self.config, self.distributed.pp_rank)
+        self.pipeline.set_loss(vocab_parallel=False, kernels=self.kernels)
+        parallelize_pipeline(
+            self.pipeline,
+            self.distributed,
+            activation_checkpointing=self.config.activation_checkpointing,
+            compile_blocks=self.config.compile,
+            fsdp_param_dtype=self.compute_dtype,
+            microbatch_size=self.config.batch_size // self.pipeline.microbatches,
+            seq_len=self.config.seq_len,
+        )
+        return None, None
 
     def _kernel_choice(self) -> str:
         """config.kernels for the model and the fused loss. Tensor-parallel runs use torch: their
@@ -179,7 +205,7 @@ class Trainer:
         tokens = self.global_tokens_per_step
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(clip_grad_norm(self.parameters, config.grad_clip))
+        grad_norm = float(self._clip_gradients())
         # Loss and norm are global, so every rank takes the same decision.
         finite = math.isfinite(total_loss) and (self.scaler is not None or math.isfinite(grad_norm))
         if finite:
@@ -198,6 +224,16 @@ class Trainer:
             total_loss, grad_norm, lr, tokens, skipped=not finite, expert_load=self._expert_load()
         )
 
+    def _clip_gradients(self) -> torch.Tensor:
+        if self.pipeline is None:
+            return clip_grad_norm(self.parameters, self.config.grad_clip)
+        return clip_grad_norm(
+            self.parameters,
+            self.config.grad_clip,
+            counted=self.pipeline.norm_parameters(),
+            pipeline_group=self.distributed.mesh["pp"].get_group(),
+        )
+
     def _expert_load(self) -> float | None:
         """MoE routing balance of the last micro-batch on this rank: max / mean tokens per expert,
         averaged over MoE layers (1.0 = perfectly balanced); None for a dense model."""
@@ -214,6 +250,13 @@ class Trainer:
         if config.goldfish_k:
             dropped = goldfish_mask(inputs, config.goldfish_k, config.goldfish_h)
             targets = targets.masked_fill(dropped, IGNORE_INDEX)
+        if self.pipeline is not None:
+            # Each micro-batch's summed cross-entropy x dp_size / (global kept targets x accumulation):
+            # the gradients of one process's mean over the global batch (see kiln.train.pipeline).
+            scale = self.distributed.dp_size / (self._global_kept(targets) * config.grad_accum_steps)
+            with self._autocast():
+                loss = self.pipeline.run(inputs, targets, scale, train=True)
+            return loss * config.grad_accum_steps
         share = self._target_share(targets)
         with self.objective.loss_context():  # vocab-parallel cross-entropy needs it around backward too
             with self._autocast():
@@ -235,15 +278,21 @@ class Trainer:
         if self.distributed.dp_size == 1:
             return None
         kept = (targets != IGNORE_INDEX).sum().double()
-        total = self.distributed.sum(kept.clone()).item() / self.distributed.layout.tp  # tp ranks repeat
-        return kept.item() * self.distributed.dp_size / max(total, 1.0)
+        return kept.item() * self.distributed.dp_size / self._global_kept(targets)
+
+    def _global_kept(self, targets: torch.Tensor) -> float:
+        """Kept targets (not IGNORE_INDEX) in the global micro-batch (at least 1)."""
+        kept = (targets != IGNORE_INDEX).sum().double()
+        total = self.distributed.sum(kept).item() / self.distributed.data_copies  # tp and pp ranks repeat
+        return max(total, 1.0)
 
     def _global_mean(self, value: float) -> float:
-        """The mean over data-parallel ranks of a per-rank value (tensor-parallel ranks hold equal ones)."""
+        """The mean over data-parallel ranks of a per-rank value (tensor-parallel ranks hold equal ones;
+        under pipeline parallelism only the last stage's ranks hold it, the others pass 0)."""
         if not self.distributed.enabled:
             return value
         total = self.distributed.sum(torch.tensor(value, dtype=torch.float64))
-        return total.item() / self.distributed.world_size
+        return total.item() / (self.distributed.world_size // self.distributed.layout.pp)
 
     def _gradient_sync(self, last_micro_batch: bool):
         """DDP all-reduces gradients only after the last micro-batch of a step (FSDP reduce-scatters
@@ -261,6 +310,11 @@ class Trainer:
         losses = []
         for index in range(self.config.eval_batches):
             inputs, targets = self._batch(self.val_data, index)
+            if self.pipeline is not None:  # the local batch's mean, as one process computes it
+                scale = 1 / max(float((targets != IGNORE_INDEX).sum()), 1.0)
+                with self._autocast():
+                    losses.append(self.pipeline.run(inputs, targets, scale, train=False))
+                continue
             with self.objective.loss_context(), self._autocast():
                 losses.append(_local(self.loss_module(inputs, targets)).item())
         return self._global_mean(sum(losses) / len(losses))
@@ -349,6 +403,12 @@ class Trainer:
         target = Path(directory) if directory else self.out_dir / "model"
         if not self.distributed.enabled:
             return save_with_tokenizer(self.model, target, self.config.data_dir)
+        if self.pipeline is not None:  # each rank holds some stages: rank 0 reads the final checkpoint
+            if self.distributed.is_main:
+                model, _ = load_checkpoint_model(ckpt.latest_checkpoint(self.checkpoint_dir))
+                save_with_tokenizer(model, target, self.config.data_dir)
+            self.distributed.barrier()
+            return target
         full = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )

@@ -13,7 +13,7 @@ import kiln
 from kiln.recipes import get_recipe
 from kiln.train.config import TrainConfig
 from kiln.train.layout import ParallelLayout
-from kiln.train.plan import format_bytes, plan_memory
+from kiln.train.plan import PipelineSettings, format_bytes, plan_memory
 from kiln.train.trainer import Trainer
 from tests.train.memory_data import MemoryData
 
@@ -39,6 +39,9 @@ LAYOUTS = {
     "tp": ({"tp": 2, "dp_shard": 1}, 2),
     "ddp": ({"dp_replicate": 2, "dp_shard": 1}, 2),
     "fsdp+checkpointing": ({"dp_shard": 2, "activation_checkpointing": True}, 2),
+    "pp2-1f1b": ({"pp": 2, "dp_shard": 1}, 2),
+    "pp2-gpipe": ({"pp": 2, "dp_shard": 1, "pp_schedule": "gpipe", "pp_microbatches": 2}, 2),
+    "pp2+fsdp2": ({"pp": 2, "dp_shard": 2}, 4),
 }
 
 
@@ -127,6 +130,9 @@ def measure(layout: dict, num_processes: int, tmp_path: Path) -> list[int]:
         pytest.param("tp", marks=pytest.mark.slow),
         pytest.param("ddp", marks=pytest.mark.slow),
         pytest.param("fsdp+checkpointing", marks=pytest.mark.slow),
+        pytest.param("pp2-1f1b", marks=pytest.mark.slow),
+        pytest.param("pp2-gpipe", marks=pytest.mark.slow),
+        pytest.param("pp2+fsdp2", marks=pytest.mark.slow),
     ],
 )
 def test_plan_is_within_25_percent_of_the_measured_peak(name, tmp_path, capsys):
@@ -141,6 +147,7 @@ def test_plan_is_within_25_percent_of_the_measured_peak(name, tmp_path, capsys):
         seq_len=config.seq_len,
         batch_size=config.batch_size,
         activation_checkpointing=config.activation_checkpointing,
+        pipeline=PipelineSettings.of(config),
     )
     measured = max(measure(layout, num_processes, tmp_path))
     with capsys.disabled():
