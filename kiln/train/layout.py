@@ -35,10 +35,6 @@ class ParallelLayout:
                 f"ep={self.ep} must divide dp_shard={self.dp_shard}: expert-parallel ranks are data-parallel "
                 "shard ranks; launch dp_shard (the processes dp_replicate and tp leave) as a multiple of ep"
             )
-        if self.ep > 1 and (self.tp > 1 or self.dp_replicate > 1):
-            raise KilnError(
-                "--ep does not combine with --tp or --dp-replicate yet; use --ep with --dp-shard (FSDP2)"
-            )
 
     @classmethod
     def resolve(
@@ -107,8 +103,6 @@ class ParallelLayout:
             )
         if self.tp == 1:
             return
-        if model.num_experts:
-            raise KilnError("tensor parallelism does not support MoE models yet; use --dp-shard and --ep")
         if model.position == "alibi":
             raise KilnError(
                 "tensor parallelism does not support ALiBi models; use --dp-shard instead of --tp"
