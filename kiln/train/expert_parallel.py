@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, PrepareModuleInput, SequenceParallel
 
-from kiln.models.moe import MoE, Experts, combine, grouped_mlp, sort_by_expert
+from kiln.models.moe import Experts, MoE, combine, grouped_mlp, sort_by_expert
 from kiln.models.transformer import Transformer
 
 
