@@ -1,6 +1,6 @@
-"""Expert parallelism under torchrun on CPU (gloo): EP 2 and EP 2 x DP 2 match one process on the same
-global batch, an EP 2 checkpoint resumes under EP 1 (one process) and EP 4, and the job exports an HF
-Mixtral model; layouts that cannot hold are refused."""
+"""Expert parallelism under torchrun on CPU (gloo): EP 2, EP 2 x DP 2, EP 2 x TP 2 and EP 2 under HSDP
+(--dp-replicate 2) match one process on the same global batch, an EP 2 checkpoint resumes under EP 1 (one
+process) and EP 4, and the job exports an HF Mixtral model; layouts that cannot hold are refused."""
 
 import shutil
 import subprocess
@@ -107,17 +107,34 @@ def test_ep2_by_dp2_matches_single_process(data_dir, single_run, tmp_path):
     assert_close(losses(tmp_path), losses(single_run))
 
 
-@pytest.mark.parametrize(
-    "layout,match",
-    [
-        (dict(dp_shard=3, ep=2), "must divide dp_shard"),
-        (dict(dp_shard=2, tp=2, ep=2), "does not combine with --tp"),
-        (dict(dp_replicate=2, dp_shard=2, ep=2), "does not combine"),
-    ],
-)
-def test_layouts_expert_parallelism_cannot_hold_are_refused(layout, match):
-    with pytest.raises(KilnError, match=match):
-        ParallelLayout(**layout)
+@pytest.mark.slow
+def test_ep2_by_tp2_matches_single_process(data_dir, single_run, tmp_path):
+    # 4 processes: dp_shard 2 (= ep 2) x tp 2; each tp rank routes its half of every sequence
+    result = ok(
+        train(4, data_dir, tmp_path, *MOE, "--ep", "2", "--tp", "2", "--set", "batch_size=4", max_steps=10)
+    )
+    assert "FSDP 2 + TP 2 + EP 2" in result.stderr
+    assert len(losses(tmp_path)) == 10
+    assert_close(losses(tmp_path), losses(single_run))
+    assert_close(val_losses(tmp_path), val_losses(single_run))
+
+
+@pytest.mark.slow
+def test_ep2_under_hsdp_matches_single_process(data_dir, single_run, tmp_path):
+    # 4 processes: dp_replicate 2 x dp_shard 2 (= ep 2); experts replicate over dp_replicate
+    extra = ("--ep", "2", "--dp-replicate", "2", "--set", "batch_size=2")
+    result = ok(train(4, data_dir, tmp_path, *MOE, *extra, max_steps=10))
+    assert "HSDP 2x2 + EP 2" in result.stderr
+    assert len(losses(tmp_path)) == 10
+    assert_close(losses(tmp_path), losses(single_run))
+
+
+def test_layouts_expert_parallelism_cannot_hold_are_refused():
+    with pytest.raises(KilnError, match="must divide dp_shard"):
+        ParallelLayout(dp_shard=3, ep=2)
+    # EP borrows from dp_shard, so it combines with tp and dp_replicate
+    assert ParallelLayout(dp_shard=2, tp=2, ep=2).describe() == "FSDP 2 + TP 2 + EP 2"
+    assert ParallelLayout(dp_replicate=2, dp_shard=2, ep=2).describe() == "HSDP 2x2 + EP 2"
 
 
 def test_ep_must_divide_the_experts_of_an_moe_model():
@@ -127,5 +144,6 @@ def test_ep_must_divide_the_experts_of_an_moe_model():
         ParallelLayout(dp_shard=4, ep=4).check_model(moe, 256)
     with pytest.raises(KilnError, match="dense model"):
         ParallelLayout(dp_shard=2, ep=2).check_model(kiln.preset("tiny"), 256)
-    with pytest.raises(KilnError, match="tensor parallelism does not support MoE"):
-        ParallelLayout(dp_shard=1, tp=2).check_model(moe, 256)
+    ParallelLayout(dp_shard=2, tp=2, ep=2).check_model(moe, 256)
+    with pytest.raises(KilnError, match="tp=2 must divide seq_len=255"):
+        ParallelLayout(dp_shard=2, tp=2, ep=2).check_model(moe, 255)
