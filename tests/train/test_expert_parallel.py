@@ -111,10 +111,10 @@ def test_ep2_by_dp2_matches_single_process(data_dir, single_run, tmp_path):
 def test_ep2_by_tp2_matches_single_process(data_dir, single_run, tmp_path):
     # 4 processes: dp_shard 2 (= ep 2) x tp 2; each tp rank routes its half of every sequence
     result = ok(
-        train(4, data_dir, tmp_path, *MOE, "--ep", "2", "--tp", "2", "--set", "batch_size=4", max_steps=10)
+        train(4, data_dir, tmp_path, *MOE, "--ep", "2", "--tp", "2", "--set", "batch_size=4", max_steps=STEPS)
     )
     assert "FSDP 2 + TP 2 + EP 2" in result.stderr
-    assert len(losses(tmp_path)) == 10
+    assert len(losses(tmp_path)) == STEPS
     assert_close(losses(tmp_path), losses(single_run))
     assert_close(val_losses(tmp_path), val_losses(single_run))
 
