@@ -53,6 +53,9 @@ def _configs():
         "qwen2-gqa2-tied": T.Qwen2Config(
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **llama, **COMMON
         ),
+        "qwen3-gqa2-bias-headdim8": T.Qwen3Config(
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=True, **llama, **COMMON
+        ),
         "bloom-heads3": T.BloomConfig(hidden_size=48, n_layer=2, n_head=3, **COMMON),
         "bloom-heads4-untied": T.BloomConfig(
             hidden_size=32, n_layer=2, n_head=4, tie_word_embeddings=False, **COMMON
@@ -151,6 +154,7 @@ CASE_NAMES = [
     "llama-mqa-llama3-rope",
     "mistral-gqa4-window",
     "qwen2-gqa2-tied",
+    "qwen3-gqa2-bias-headdim8",
     "bloom-heads3",
     "bloom-heads4-untied",
     "bigcode-mqa",

@@ -76,6 +76,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
             "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         }
+        if block.attn.q_norm is not None:  # q/k-norm (Qwen3): on the rank's own heads, weights replicated
+            for name in ("attn.q_norm", "attn.k_norm"):
+                block_plan[name] = SequenceParallel(sequence_dim=0, use_local_output=True)
         if isinstance(block.mlp, MoE):  # routed on each rank's sequence slice (kiln.train.expert_parallel)
             block_plan = {k: v for k, v in block_plan.items() if k != "mlp" and not k.startswith("mlp.")}
             block_plan.update(moe_tensor_parallel_plan(block.mlp))

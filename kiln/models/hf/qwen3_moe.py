@@ -1,6 +1,7 @@
-"""Qwen3-MoE: Llama's attention with each head's q and k RMS-normalised before RoPE (`qk_norm`), and routed
-SwiGLU experts without a shared expert; some layers may keep a dense MLP (`mlp_only_layers`,
-`decoder_sparse_step`). The top-k probabilities are renormalised only when `norm_topk_prob` is set.
+"""Qwen3 and Qwen3-MoE: Llama's attention with each head's q and k RMS-normalised before RoPE (`qk_norm`).
+Qwen3-MoE has routed SwiGLU experts without a shared expert; some layers may keep a dense MLP
+(`mlp_only_layers`, `decoder_sparse_step`). The top-k probabilities are renormalised only when
+`norm_topk_prob` is set.
 """
 
 from __future__ import annotations
@@ -16,7 +17,25 @@ QK_NORM_WEIGHTS = tuple(
     rename(f"model.layers.{{i}}.self_attn.{name}.weight", f"layers.{{i}}.attn.{name}.weight")
     for name in ("q_norm", "k_norm")
 )
+_IGNORE = ("rotary_emb.inv_freq",)
 ROUTER = rename("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight")
+
+
+def _qwen3_from_hf(hf: ConfigReader) -> ModelConfig:
+    # Qwen3 layers switch to sliding-window attention per layer; kiln applies one rule to all layers.
+    hf.unsupported("use_sliding_window", bool, "per-layer sliding windows")
+    for key in ("sliding_window", "max_window_layers", "layer_types"):
+        hf.get(key)
+    return _from_hf(hf, "qwen3", qk_norm=True, out_bias=hf.get("attention_bias", False))
+
+
+def _qwen3_to_hf(config: ModelConfig) -> dict[str, Any]:
+    require(config, "qwen3", out_bias=config.qkv_bias, mlp_bias=False, sliding_window=None)
+    return {
+        **_to_hf(config, "qwen3", qk_norm=True),
+        "attention_bias": config.qkv_bias,
+        "use_sliding_window": False,
+    }
 
 
 def _qwen3_moe_from_hf(hf: ConfigReader) -> ModelConfig:
@@ -54,6 +73,9 @@ def _qwen3_moe_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+QWEN3 = Family(
+    "qwen3", "Qwen3ForCausalLM", _qwen3_from_hf, _qwen3_to_hf, (*WEIGHTS, *QK_NORM_WEIGHTS), "model.", _IGNORE
+)
 QWEN3_MOE = Family(
     "qwen3_moe",
     "Qwen3MoeForCausalLM",
@@ -61,6 +83,6 @@ QWEN3_MOE = Family(
     _qwen3_moe_to_hf,
     (*WEIGHTS, *QK_NORM_WEIGHTS, ROUTER),
     "model.",
-    ("rotary_emb.inv_freq",),
+    _IGNORE,
     expert_stacks=EXPERT_STACKS,
 )
