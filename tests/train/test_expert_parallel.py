@@ -111,7 +111,20 @@ def test_ep2_by_dp2_matches_single_process(data_dir, single_run, tmp_path):
 def test_ep2_by_tp2_matches_single_process(data_dir, single_run, tmp_path):
     # 4 processes: dp_shard 2 (= ep 2) x tp 2; each tp rank routes its half of every sequence
     result = ok(
-        train(4, data_dir, tmp_path, *MOE, "--ep", "2", "--tp", "2", "--set", "batch_size=4", max_steps=STEPS)
+        train(
+            4,
+            data_dir,
+            tmp_path,
+            *MOE,
+            "--ep",
+            "2",
+            "--tp",
+            "2",
+            "--set",
+            "batch_size=4",
+            max_steps=STEPS,
+            timeout=600,
+        )
     )
     assert "FSDP 2 + TP 2 + EP 2" in result.stderr
     assert len(losses(tmp_path)) == STEPS
@@ -123,7 +136,7 @@ def test_ep2_by_tp2_matches_single_process(data_dir, single_run, tmp_path):
 def test_ep2_under_hsdp_matches_single_process(data_dir, single_run, tmp_path):
     # 4 processes: dp_replicate 2 x dp_shard 2 (= ep 2); experts replicate over dp_replicate
     extra = ("--ep", "2", "--dp-replicate", "2", "--set", "batch_size=2")
-    result = ok(train(4, data_dir, tmp_path, *MOE, *extra, max_steps=STEPS))
+    result = ok(train(4, data_dir, tmp_path, *MOE, *extra, max_steps=STEPS, timeout=600))
     assert "HSDP 2x2 + EP 2" in result.stderr
     assert len(losses(tmp_path)) == STEPS
     assert_close(losses(tmp_path), losses(single_run))
