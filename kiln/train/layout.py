@@ -23,7 +23,8 @@ class ParallelLayout:
     dp_shard: int = 1
     tp: int = 1
     # Expert parallel degree: each MoE layer's experts are split over groups of ep data-parallel shard
-    # ranks (EP borrows from dp_shard, as in torchtitan), tokens travel to them by all-to-all.
+    # ranks (EP borrows from dp_shard, as in torchtitan), tokens travel to them by all-to-all. Combines
+    # with tp (each tp rank routes its sequence slice) and dp_replicate (experts replicate like the rest).
     ep: int = 1
 
     def __post_init__(self) -> None:
