@@ -1,6 +1,7 @@
 """Expert parallelism under torchrun on CPU (gloo): EP 2, EP 2 x DP 2, EP 2 x TP 2 and EP 2 under HSDP
 (--dp-replicate 2) match one process on the same global batch, an EP 2 checkpoint resumes under EP 1 (one
-process) and EP 4, and the job exports an HF Mixtral model; layouts that cannot hold are refused."""
+process) and EP 4 (and an EP 2 x TP 2 one in one process), and the job exports an HF Mixtral model; layouts
+that cannot hold are refused."""
 
 import shutil
 import subprocess
@@ -40,7 +41,7 @@ def data_dir(tmp_path_factory):
 def single_run(data_dir, tmp_path_factory):
     """The MoE tiny model in one process, 8 sequences per step: the reference."""
     out = tmp_path_factory.mktemp("single")
-    ok(train(1, data_dir, out, *MOE, "--set", "batch_size=8", *CHECKPOINTS, max_steps=STEPS))
+    ok(train(1, data_dir, out, *MOE, "--set", "batch_size=8", *CHECKPOINTS, max_steps=STEPS, timeout=600))
     return out
 
 
@@ -107,29 +108,30 @@ def test_ep2_by_dp2_matches_single_process(data_dir, single_run, tmp_path):
     assert_close(losses(tmp_path), losses(single_run))
 
 
-@pytest.mark.slow
-def test_ep2_by_tp2_matches_single_process(data_dir, single_run, tmp_path):
-    # 4 processes: dp_shard 2 (= ep 2) x tp 2; each tp rank routes its half of every sequence
-    result = ok(
-        train(
-            4,
-            data_dir,
-            tmp_path,
-            *MOE,
-            "--ep",
-            "2",
-            "--tp",
-            "2",
-            "--set",
-            "batch_size=4",
-            max_steps=STEPS,
-            timeout=600,
-        )
-    )
+@pytest.fixture(scope="module")
+def ep2_tp2_run(data_dir, tmp_path_factory):
+    """4 processes: dp_shard 2 (= ep 2) x tp 2; each tp rank routes its half of every sequence."""
+    out = tmp_path_factory.mktemp("ep2tp2")
+    extra = ("--ep", "2", "--tp", "2", "--set", "batch_size=4", *CHECKPOINTS)
+    result = ok(train(4, data_dir, out, *MOE, *extra, max_steps=STEPS, timeout=600))
     assert "FSDP 2 + TP 2 + EP 2" in result.stderr
-    assert len(losses(tmp_path)) == STEPS
-    assert_close(losses(tmp_path), losses(single_run))
-    assert_close(val_losses(tmp_path), val_losses(single_run))
+    return out
+
+
+@pytest.mark.slow
+def test_ep2_by_tp2_matches_single_process(single_run, ep2_tp2_run):
+    assert len(losses(ep2_tp2_run)) == STEPS
+    assert_close(losses(ep2_tp2_run), losses(single_run))
+    assert_close(val_losses(ep2_tp2_run), val_losses(single_run))
+
+
+@pytest.mark.slow
+def test_ep2_by_tp2_checkpoint_resumes_in_one_process(data_dir, ep2_tp2_run, tmp_path):
+    _copy_checkpoint(ep2_tp2_run, 10, tmp_path)
+    ok(train(1, data_dir, tmp_path, *MOE, "--resume", "--set", "batch_size=8", max_steps=STEPS, timeout=600))
+    resumed = losses(tmp_path)
+    assert sorted(resumed) == list(range(11, STEPS + 1))
+    assert_close(resumed, losses(ep2_tp2_run))
 
 
 @pytest.mark.slow
