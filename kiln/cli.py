@@ -15,6 +15,7 @@ from kiln.batch.cli import batch_app
 from kiln.bench.cli import bench_app
 from kiln.data.cli import data_app
 from kiln.engine.cli import chat_command, generate_command
+from kiln.engine.loki_calibration import calibrate_loki_command
 from kiln.engine.options import Dtype
 from kiln.errors import KilnError
 from kiln.server.cli import serve_command
@@ -41,6 +42,7 @@ app.command("finetune")(finetune_command)
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
 app.command("serve")(serve_command)
+app.command("calibrate-loki")(calibrate_loki_command)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -13,6 +13,7 @@ NormKind = Literal["layernorm", "rmsnorm"]
 MlpKind = Literal["plain", "gated"]
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
 RopeScalingKind = Literal["linear", "llama3"]
+AttentionPattern = Literal["dense", "bigbird"]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -54,6 +55,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # keys further back than this many tokens are not attended
+    # "bigbird": block-sparse causal attention (kiln/models/bigbird.py): each block of bigbird_block_size
+    # queries attends its window blocks (its own and the ones before), the global blocks at the start and
+    # random earlier blocks (seeded, fixed per layer).
+    attention_pattern: AttentionPattern = "dense"
+    bigbird_block_size: int = 64
+    bigbird_num_window_blocks: int = 3
+    bigbird_num_global_blocks: int = 1
+    bigbird_num_random_blocks: int = 1
+    bigbird_seed: int = 0
 
     norm: NormKind = "rmsnorm"
     norm_eps: float = 1e-5
@@ -134,6 +144,14 @@ class ModelConfig:
             raise KilnError(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.norm_eps <= 0:
             raise KilnError(f"norm_eps must be > 0, got {self.norm_eps}")
+        _check_choice("attention_pattern", self.attention_pattern, ("dense", "bigbird"))
+        if self.attention_pattern == "bigbird":
+            if self.bigbird_block_size <= 0 or self.bigbird_num_window_blocks <= 0:
+                raise KilnError("bigbird_block_size and bigbird_num_window_blocks must be positive")
+            if self.bigbird_num_global_blocks < 0 or self.bigbird_num_random_blocks < 0:
+                raise KilnError("bigbird_num_global_blocks and bigbird_num_random_blocks must be >= 0")
+            if self.sliding_window is not None or self.position == "alibi":
+                raise KilnError("attention_pattern='bigbird' replaces sliding_window and ALiBi; unset them")
 
     def _validate_moe(self) -> None:
         if self.num_experts < 0 or self.num_experts == 1:

@@ -73,6 +73,7 @@ def run_demo(
     num_tokens = len(output.token_ids)
     console.print(f"[dim]{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.0f} tokens/s)[/]")
     if serve:
+        from kiln.engine.config import EngineConfig
         from kiln.server.app import serve as serve_model
         from kiln.server.config import ServerConfig
 
@@ -81,5 +82,6 @@ def run_demo(
             f"[bold]serving[/] the demo model: API http://127.0.0.1:{port}/v1, "
             f"web UI http://127.0.0.1:{port}/ (Ctrl-C stops)"
         )
-        serve_model(directory, ServerConfig(port=port, served_model_name=f"kiln-{recipe}"), dtype="float32")
+        server = ServerConfig(port=port, served_model_name=f"kiln-{recipe}")
+        serve_model(directory, server, engine_config=EngineConfig(dtype="float32"))
     return output.text

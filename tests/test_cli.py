@@ -128,6 +128,27 @@ def test_demo_trains_once_and_completes(tmp_path, monkeypatch):
     assert second.exit_code == 0 and "training" not in second.output and "tokens/s" in second.output
 
 
+def test_demo_ends_by_serving_the_model(model_dir, tmp_path, monkeypatch):
+    """`make demo` = `kiln demo`, which serves by default: the call into the server must take the demo's
+    arguments (a stand-in with the real serve's signature records them instead of listening)."""
+    import inspect
+    import shutil
+
+    import kiln.server.app
+
+    shutil.copytree(model_dir, tmp_path / "demo")
+    calls = []
+    signature = inspect.signature(kiln.server.app.serve)
+    monkeypatch.setattr(kiln.server.app, "serve", lambda *a, **k: calls.append(signature.bind(*a, **k)) or 0)
+    result = runner.invoke(
+        app, ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "4", "--port", "8123"]
+    )
+    assert result.exit_code == 0, result.output
+    (bound,) = calls
+    assert bound.arguments["config"].port == 8123 and bound.arguments["engine_config"].dtype == "float32"
+    assert "serving" in result.output
+
+
 def test_demo_uses_a_cached_model(model_dir, tmp_path):
     import shutil
 

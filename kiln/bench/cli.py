@@ -208,6 +208,37 @@ def generate_command(
     )
 
 
+@bench_app.command("kv-cache")
+def kv_cache_command(
+    shape: Annotated[
+        str, typer.Option(help="Model shape (random weights) for decode speed: gpt2-small (134M) or tiny.")
+    ] = "gpt2-small",
+    context: Annotated[int, typer.Option(help="Prompt tokens per sequence before the timed decodes.")] = 2000,
+    batches: Annotated[str, typer.Option(help="Comma-separated decode batch sizes.")] = "1,4",
+    new_tokens: Annotated[int, typer.Option(help="Decode steps timed per sequence.")] = 16,
+    dtypes: Annotated[str, typer.Option(help="Comma-separated model dtypes.")] = "bfloat16,float32",
+    threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
+    demo_model: Annotated[
+        Path, typer.Option(help="Trained model for greedy agreement and perplexity (skipped if absent).")
+    ] = Path.home() / ".cache/kiln/models/demo",
+    demo_val: Annotated[Path, typer.Option(help="Its validation token shard (.npy).")] = Path.home()
+    / ".cache/kiln/data/stdlib-bpe8k/val_00000.npy",
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "benchmarks/kv_cache.json"
+    ),
+) -> None:
+    """Quantized KV cache (int8/int4) vs the model-dtype cache: bytes per token, long-context decode speed,
+    and on the demo model greedy agreement, logprob change and validation perplexity."""
+    from kiln.bench.kv_cache import bench_kv_cache, write_kv_cache_result
+
+    result = bench_kv_cache(
+        shape, context, tuple(int(b) for b in batches.split(",") if b), new_tokens,
+        tuple(d for d in dtypes.split(",") if d), threads, demo_model, demo_val,
+    )  # fmt: skip
+    write_kv_cache_result(result, output)
+    print(f"wrote {output}")
+
+
 @bench_app.command("quant")
 def quant_command(
     shape: Annotated[

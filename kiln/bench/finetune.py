@@ -149,6 +149,10 @@ class LearningCurve:
     exact_match: float = 0.0
     loss_cut: float = 0.0  # 1 - final / initial held-out loss
     seconds: float = 0.0
+    lr: float = 0.0
+    num_virtual_tokens: int = 0  # prompt tuning
+    init_text: str | None = None  # prompt tuning (None: random vocabulary embeddings)
+    samples: list[str] = field(default_factory=list)  # the first held-out greedy replies, "word -> reply"
 
 
 def bench_learning(
@@ -158,6 +162,8 @@ def bench_learning(
     eval_every: int = 25,
     lr: float | None = None,
     held_out: int = 60,
+    num_virtual_tokens: int = 20,
+    init_text: str | None = "reverse the letters",
 ) -> LearningCurve:
     """Finetune `method` on the reverse task: held-out loss every `eval_every` steps, exact match at the
     start and the end."""
@@ -183,12 +189,18 @@ def bench_learning(
         base=base,
         method=method,
         lora=LoraConfig(rank=8, alpha=16, targets="q,v"),
-        prompt=PromptTuningConfig(num_virtual_tokens=20, init_text="reverse the letters"),
+        prompt=PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, init_text=init_text),
         train=train,
     )
     trainer = FinetuneTrainer(config)
     model = trainer.model
-    curve = LearningCurve(method=method, trainable_parameters=count_trainable_parameters(model)[0])
+    curve = LearningCurve(
+        method=method,
+        trainable_parameters=count_trainable_parameters(model)[0],
+        lr=lr,
+        num_virtual_tokens=num_virtual_tokens if method == "prompt" else 0,
+        init_text=init_text if method == "prompt" else None,
+    )
     curve.base_exact_match = exact_match(load_model(base), tokenizer, test_examples)
     start = time.perf_counter()
     for step in range(steps + 1):
@@ -199,9 +211,27 @@ def bench_learning(
             trainer.train_step()
     curve.seconds = time.perf_counter() - start
     curve.exact_match = exact_match(model, tokenizer, test_examples)
+    curve.samples = _samples(model, tokenizer, test_examples[:4])
     curve.loss_cut = 1 - curve.held_out_loss[-1] / curve.held_out_loss[0]
     trainer.export(folder / f"{method}-adapter")
     return curve
+
+
+def _samples(model, tokenizer, examples: list[dict]) -> list[str]:
+    """'question -> greedy reply' of a few held-out examples (what a wrong exact match looks like)."""
+    from kiln.finetune.evaluation import greedy_completions
+
+    model.eval()
+    prompts = [
+        tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True, tokenize=True)
+        for e in examples
+    ]
+    replies = greedy_completions(model, prompts, set(tokenizer.eos_token_ids), max_new_tokens=8)
+    model.train()
+    return [
+        f"{e['messages'][0]['content']} -> {tokenizer.decode(r, skip_special_tokens=False)!r}"
+        for e, r in zip(examples, replies, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------------------- serve

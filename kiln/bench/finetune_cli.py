@@ -17,6 +17,14 @@ def finetune_command(
         list[str] | None, typer.Option(help="step, learning, serve (repeatable; default: all three).")
     ] = None,
     steps: Annotated[int, typer.Option(help="learning: finetuning steps per method.")] = 200,
+    method: Annotated[
+        list[str] | None, typer.Option(help="learning: lora, prompt (repeatable; default: both).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="learning: peak lr (default: per method).")] = None,
+    num_virtual_tokens: Annotated[int, typer.Option(help="learning: prompt tuning's virtual tokens.")] = 20,
+    prompt_init: Annotated[
+        str, typer.Option(help="learning: prompt tuning's init text; 'random' for vocabulary embeddings.")
+    ] = "reverse the letters",
     step_batch_size: Annotated[int, typer.Option(help="step: sequences per step.")] = 8,
     step_seq_len: Annotated[int, typer.Option(help="step: tokens per sequence.")] = 256,
     step_steps: Annotated[int, typer.Option(help="step: timed steps per method (after 2 warm-up).")] = 10,
@@ -48,14 +56,26 @@ def finetune_command(
                 f"(after load {row['rss_after_load_mib']:.0f})"
             )
     if "learning" in parts:
+        init_text = None if prompt_init == "random" else prompt_init
         result["learning"] = [
-            asdict(bench_learning(str(base), method, steps=steps)) for method in ("lora", "prompt")
+            asdict(
+                bench_learning(
+                    str(base),
+                    name,
+                    steps=steps,
+                    lr=lr,
+                    num_virtual_tokens=num_virtual_tokens,
+                    init_text=init_text,
+                )
+            )
+            for name in method or ("lora", "prompt")
         ]
         for curve in result["learning"]:
             first, last = curve["held_out_loss"][0], curve["held_out_loss"][-1]
             console.print(
                 f"{curve['method']:>6}: held-out loss {first:.3f} -> {last:.3f} (-{curve['loss_cut']:.0%}), "
-                f"exact match {curve['base_exact_match']:.2f} -> {curve['exact_match']:.2f}"
+                f"exact match {curve['base_exact_match']:.2f} -> {curve['exact_match']:.2f}; "
+                f"e.g. {'; '.join(curve['samples'][:2])}"
             )
     if "serve" in parts:
         result["serve"] = asdict(bench_serve(str(base), num_requests=num_requests, max_tokens=max_tokens))

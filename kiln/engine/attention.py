@@ -16,27 +16,68 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import ModelConfig
+from kiln.kernels.kv_quant import PARAM_BYTES, dequantize_kv, kv_cache_bits, packed_dim, quantize_kv
 from kiln.kernels.paged_attention import paged_decode_attention
+from kiln.kernels.paged_attention_quantized import paged_decode_attention_quantized
 from kiln.kernels.runtime import use_triton
 from kiln.models.layers import alibi_slopes
 
 
 class KVPool:
     """Preallocated keys and values of every layer, (num_layers, num_blocks * block_size, KVH, D) each;
-    slot `block * block_size + offset` holds one token."""
+    slot `block * block_size + offset` holds one token.
+
+    With kv_cache_dtype int8/int4 (kiln/kernels/kv_quant.py) `keys`/`values` hold uint8 codes
+    (num_layers, slots, KVH, D or D / 2) and `key_params`/`value_params` each row's fp16 scale and uint8
+    zero point, (num_layers, slots, KVH, 3) bytes, slot for slot beside them; `bits` is 8 or 4 (0 when
+    unquantized). `dtype` is the model's, the dtype attention computes in."""
 
     def __init__(
-        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kv_cache_dtype: str | None = None,
     ) -> None:
-        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.bits = kv_cache_bits(kv_cache_dtype, config.head_dim)
+        self.dtype = dtype
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.key_params = self.value_params = None
+        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        if not self.bits:
+            self.keys = torch.zeros(shape, dtype=dtype, device=device)
+            self.values = torch.zeros(shape, dtype=dtype, device=device)
+            return
+        codes = (*shape[:3], packed_dim(self.bits, config.head_dim))
+        self.keys = torch.zeros(codes, dtype=torch.uint8, device=device)
+        self.values = torch.zeros(codes, dtype=torch.uint8, device=device)
+        self.key_params = torch.zeros((*shape[:3], PARAM_BYTES), dtype=torch.uint8, device=device)
+        self.value_params = torch.zeros((*shape[:3], PARAM_BYTES), dtype=torch.uint8, device=device)
 
     @property
     def num_bytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        params = 0 if not self.bits else 2 * self.key_params.numel() * self.key_params.element_size()
+        return 2 * self.keys.numel() * self.keys.element_size() + params
+
+    def write(self, layer_index: int, slot_mapping: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor):
+        """Quantize the new k/v rows (N, KVH, D) into their slots of a quantized pool."""
+        for rows, codes, params in (
+            (k_rows, self.keys, self.key_params),
+            (v_rows, self.values, self.value_params),
+        ):
+            row_codes, row_params = quantize_kv(rows, self.bits)
+            codes[layer_index].index_copy_(0, slot_mapping, row_codes)
+            params[layer_index].index_copy_(0, slot_mapping, row_params)
+
+    def gather(self, layer_index: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys and values (len(slots), KVH, D) in `dtype` of a quantized pool's slots."""
+        return tuple(
+            dequantize_kv(codes[layer_index][slots], params[layer_index][slots], self.bits, self.dtype)
+            for codes, params in ((self.keys, self.key_params), (self.values, self.value_params))
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -81,7 +122,7 @@ class TorchPagedAttention:
 
     def __init__(self, pool: KVPool, batch: PagedBatch, config: ModelConfig) -> None:
         self.pool = pool
-        self.dtype = pool.keys.dtype
+        self.dtype = pool.dtype
         self.slot_mapping = batch.slot_mapping
         self.num_heads = config.num_heads
         self.window = config.sliding_window
@@ -92,9 +133,12 @@ class TorchPagedAttention:
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""
         q_rows, k_rows, v_rows = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, *, D)
-        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
-        keys.index_copy_(0, self.slot_mapping, k_rows)
-        values.index_copy_(0, self.slot_mapping, v_rows)
+        if self.pool.bits:
+            self.pool.write(layer_index, self.slot_mapping, k_rows, v_rows)
+        else:
+            keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
+            keys.index_copy_(0, self.slot_mapping, k_rows)
+            values.index_copy_(0, self.slot_mapping, v_rows)
         out = torch.empty_like(q_rows)  # (N, H, D)
         self.attend(layer_index, q_rows, k_rows, v_rows, out)
         return out.transpose(0, 1)[None]
@@ -108,7 +152,8 @@ class TorchPagedAttention:
         out: torch.Tensor,
     ) -> None:
         """Write the attention of this batch's sequences into their rows of `out` (N, H, D); q_rows (N, H, D),
-        k/v_rows (N, KVH, D). The step's new keys/values must already be in the pool."""
+        k/v_rows (N, KVH, D). The step's new keys/values must already be in the pool. A quantized pool's
+        group keys/values are dequantized as they are gathered (this is the reference backend)."""
         keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
         for group in self.groups:
             rows = slice(group.start, group.end)
@@ -117,8 +162,11 @@ class TorchPagedAttention:
                 k_group, v_group = k_rows[rows].reshape(shape), v_rows[rows].reshape(shape)
             else:
                 shape = (group.num_seqs, group.num_keys, -1, q_rows.shape[-1])  # (G, S, KVH, D)
-                k_group = keys.index_select(0, group.key_slots).view(shape)
-                v_group = values.index_select(0, group.key_slots).view(shape)
+                if self.pool.bits:
+                    k_group, v_group = (t.view(shape) for t in self.pool.gather(layer_index, group.key_slots))
+                else:
+                    k_group = keys.index_select(0, group.key_slots).view(shape)
+                    v_group = values.index_select(0, group.key_slots).view(shape)
             result = F.scaled_dot_product_attention(
                 q_rows[rows].reshape(group.num_seqs, group.num_queries, *q_rows.shape[1:]).transpose(1, 2),
                 k_group.transpose(1, 2),
@@ -135,7 +183,9 @@ class TorchPagedAttention:
         context_lens = [batch.context_lens[i] for i in members]
         num_keys = max(context_lens)
         device = batch.slot_mapping.device
-        fresh = len(members) == 1 and num_keys == num_queries  # a whole prompt computed from scratch
+        # A whole prompt computed from scratch attends its new keys as they are, but over a quantized pool
+        # as the pool holds them, as every later step (and a prefix-cache hit) will see them.
+        fresh = len(members) == 1 and num_keys == num_queries and not self.pool.bits
         key_slots = (
             None if fresh else self._key_slots([batch.block_tables[i] for i in members], num_keys, device)
         )
@@ -247,6 +297,9 @@ class TritonPagedAttention:
         keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
         if self.prefill is not None:
             out = self.prefill(layer_index, q, k, v)
+        elif self.pool.bits:
+            self.pool.write(layer_index, self.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            out = torch.empty_like(q)
         else:
             keys.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
             values.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
@@ -255,10 +308,18 @@ class TritonPagedAttention:
             return out
         q_rows = q[0].transpose(0, 1)  # (N, H, D)
         q_decode = q_rows if self.all_decodes else q_rows.index_select(0, self.decode_rows)
-        result = paged_decode_attention(
-            q_decode, keys, values, self.block_tables, self.context_lens, self.pool.block_size,
-            self.max_context, alibi_slopes=self.slopes, sliding_window=self.window,
-        )  # fmt: skip
+        if self.pool.bits:
+            pool = self.pool
+            result = paged_decode_attention_quantized(
+                q_decode, keys, values, pool.key_params[layer_index], pool.value_params[layer_index],
+                pool.bits, self.block_tables, self.context_lens, pool.block_size, self.max_context,
+                alibi_slopes=self.slopes, sliding_window=self.window,
+            )  # fmt: skip
+        else:
+            result = paged_decode_attention(
+                q_decode, keys, values, self.block_tables, self.context_lens, self.pool.block_size,
+                self.max_context, alibi_slopes=self.slopes, sliding_window=self.window,
+            )  # fmt: skip
         if self.all_decodes:
             return result.transpose(0, 1)[None]
         out[0].transpose(0, 1).index_copy_(0, self.decode_rows, result)

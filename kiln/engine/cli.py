@@ -14,7 +14,10 @@ from kiln.engine.options import (
     Device,
     Dtype,
     Kernels,
+    KVCacheDtype,
     KVCacheMemory,
+    LokiRank,
+    LokiTopK,
     MaxModelLen,
     ModelDir,
     Quantization,
@@ -76,6 +79,9 @@ def generate_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    kv_cache_dtype: KVCacheDtype = DEFAULT.kv_cache_dtype,
+    loki_top_k: LokiTopK = DEFAULT.loki_top_k,
+    loki_rank: LokiRank = DEFAULT.loki_rank,
 ) -> None:
     """Generate text for one or more prompts with the engine (greedy or sampled, batched together)."""
     flags = dict(locals())  # the parameters, before any other local exists
@@ -121,6 +127,9 @@ def chat_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    kv_cache_dtype: KVCacheDtype = DEFAULT.kv_cache_dtype,
+    loki_top_k: LokiTopK = DEFAULT.loki_top_k,
+    loki_rank: LokiRank = DEFAULT.loki_rank,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated, the history is kept.
 

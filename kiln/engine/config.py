@@ -11,6 +11,7 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
+from kiln.kernels.kv_quant import PARAM_BYTES, kv_cache_bits, packed_dim
 from kiln.kernels.runtime import KernelChoice, check_kernels
 from kiln.parsing import parse_dtype, parse_size
 
@@ -44,6 +45,14 @@ class EngineConfig:
     num_threads: int | None = None
     # Quantize the weights on load (kiln.quant): None (as stored), int8, int4 (group 128) or w8a8.
     quantization: str | None = None
+    # KV cache element type: None/"auto" (the model dtype), int8 or int4 (kiln/kernels/kv_quant.py).
+    kv_cache_dtype: str | None = None
+    # Loki sparse attention for decodes (kiln/engine/loki.py): the fraction of each context a decode attends
+    # (None = dense attention), the principal key dimensions that pick those tokens (None = head_dim / 4),
+    # and the basis file `kiln calibrate-loki` wrote (None = loki/pca.safetensors in the model directory).
+    loki_top_k: float | None = None
+    loki_rank: int | None = None
+    loki_basis: str | None = None
 
     def __post_init__(self) -> None:
         check_kernels(self.kernels)
@@ -54,6 +63,11 @@ class EngineConfig:
             from kiln.quant import parse_scheme
 
             parse_scheme(self.quantization)
+        kv_cache_bits(self.kv_cache_dtype)  # an unknown name fails here
+        if self.loki_top_k is not None and not 0 < self.loki_top_k <= 1:
+            raise KilnError(f"loki_top_k is a fraction of the context in (0, 1], got {self.loki_top_k}")
+        if self.loki_rank is not None and self.loki_rank <= 0:
+            raise KilnError(f"loki_rank must be positive or None, got {self.loki_rank}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise KilnError(f"{name} must be positive, got {getattr(self, name)}")
@@ -84,10 +98,15 @@ class EngineConfig:
         return self.max_model_len
 
 
-def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of keys plus values one token occupies across all layers."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * element_size
+def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str | None = None) -> int:
+    """Bytes of keys plus values one token occupies across all layers (a quantized row: its codes and its
+    fp16 scale and zero)."""
+    bits = kv_cache_bits(kv_cache_dtype, model.head_dim)
+    if bits:
+        row_bytes = packed_dim(bits, model.head_dim) + PARAM_BYTES
+    else:
+        row_bytes = model.head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * model.num_kv_heads * row_bytes
 
 
 def num_kv_blocks(
@@ -96,7 +115,7 @@ def num_kv_blocks(
     """How many KV blocks to preallocate, from num_kv_blocks, kv_cache_memory or the device's memory."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    block_bytes = kv_bytes_per_token(model, dtype) * config.block_size
+    block_bytes = kv_bytes_per_token(model, dtype, config.kv_cache_dtype) * config.block_size
     if config.kv_cache_memory is not None:
         return parse_size(config.kv_cache_memory) // block_bytes
     if device.type == "cuda":

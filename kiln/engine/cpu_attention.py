@@ -8,7 +8,8 @@ context out of the pool. Sequences with several new queries go through the torch
 scratch attends its own new keys there, which was as fast as the op at 128 tokens and 7-12% faster at 512,
 and a prefill chunk over cached context (1 < query_len < context_len) is gathered and batched, which ran a
 64-token chunk over 448 cached tokens 1.5-1.75x faster than the op (134M shape, fp32 and bf16, one thread,
-python -m kiln.bench.paged_attention --mode cpp).
+python -m kiln.bench.paged_attention --mode cpp). Over a quantized pool (kv_cache_dtype int8/int4) every
+sequence goes to `paged_attention_quantized`, which dequantizes key tiles as it reads them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from kiln.config import ModelConfig
 from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
 from kiln.kernels.cpu_decoder_layer import PagedDecode
-from kiln.kernels.cpu_paged_attention import paged_attention
+from kiln.kernels.cpu_paged_attention import paged_attention, paged_attention_quantized
 from kiln.models.layers import alibi_slopes
 
 
@@ -35,7 +36,11 @@ class CppPagedAttention:
         # queries each) to the torch backend's SDPA groups, over the same pool.
         paged = [i for i, n in enumerate(batch.query_lens) if n == 1]
         several = [i for i, n in enumerate(batch.query_lens) if n > 1]
-        self.torch_backend = TorchPagedAttention(pool, _members(batch, several), config) if several else None
+        self.torch_backend = None
+        if pool.bits:  # a quantized pool: every sequence to the op, so no context is copied out dequantized
+            paged = list(range(len(batch.query_lens)))
+        elif several:
+            self.torch_backend = TorchPagedAttention(pool, _members(batch, several), config)
         # Metadata of the op, built once per step rather than per layer.
         int32 = dict(dtype=torch.int32)
         self.query_starts = torch.tensor([batch.query_starts[i] for i in paged], **int32)
@@ -44,9 +49,10 @@ class CppPagedAttention:
         width = max((len(batch.block_tables[i]) for i in paged), default=1)
         tables = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in paged]
         self.block_tables = torch.tensor(tables, **int32).reshape(len(paged), width)
-        # A step of decodes only can run whole layers in one C++ call (kiln/engine/cpu_decoder.py).
+        # A step of decodes only can run whole layers in one C++ call (kiln/engine/cpu_decoder.py;
+        # kiln::decoder_layer_quantized over a quantized pool).
         self.decode_step = None
-        if paged and self.torch_backend is None:
+        if paged and not several:
             self.decode_step = PagedDecode(
                 slot_mapping=self.slot_mapping, block_tables=self.block_tables,
                 query_starts=self.query_starts, query_lens=self.query_lens, context_lens=self.context_lens,
@@ -57,20 +63,39 @@ class CppPagedAttention:
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""
         q_rows, k_rows, v_rows = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, *, D)
-        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
-        keys.index_copy_(0, self.slot_mapping, k_rows)
-        values.index_copy_(0, self.slot_mapping, v_rows)
-        if self.query_lens.numel():
-            out = paged_attention(
-                q_rows if q_rows.stride(-1) == 1 else q_rows.contiguous(), keys, values, self.block_tables,
-                self.query_starts, self.query_lens, self.context_lens, self.pool.block_size, self.scale,
-                self.slopes, self.window,
-            )  # fmt: skip  # (N, H, D); the rows of multi-query sequences are zero, filled below
+        if self.pool.bits:
+            out = self._quantized(layer_index, q_rows, k_rows, v_rows)
         else:
-            out = torch.empty(q_rows.shape, dtype=q.dtype)
+            out = self._unquantized(layer_index, q_rows, k_rows, v_rows)
         if self.torch_backend is not None:
             self.torch_backend.attend(layer_index, q_rows, k_rows, v_rows, out)
         return out.transpose(0, 1)[None]
+
+    def _unquantized(self, layer_index: int, q_rows, k_rows, v_rows) -> torch.Tensor:
+        """Write the new rows into the pool; the op's output (N, H, D) for the decodes and prefill chunks."""
+        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
+        keys.index_copy_(0, self.slot_mapping, k_rows)
+        values.index_copy_(0, self.slot_mapping, v_rows)
+        if not self.query_lens.numel():
+            return torch.empty(q_rows.shape, dtype=q_rows.dtype)
+        return paged_attention(
+            q_rows if q_rows.stride(-1) == 1 else q_rows.contiguous(), keys, values, self.block_tables,
+            self.query_starts, self.query_lens, self.context_lens, self.pool.block_size, self.scale,
+            self.slopes, self.window,
+        )  # fmt: skip  # (N, H, D); the rows of multi-query sequences are zero, filled below
+
+    def _quantized(self, layer_index: int, q_rows, k_rows, v_rows) -> torch.Tensor:
+        """Write the new rows into the quantized pool; the op's output (N, H, D) for the decodes."""
+        pool = self.pool
+        pool.write(layer_index, self.slot_mapping, k_rows, v_rows)
+        if not self.query_lens.numel():
+            return torch.empty(q_rows.shape, dtype=q_rows.dtype)
+        return paged_attention_quantized(
+            q_rows if q_rows.stride(-1) == 1 else q_rows.contiguous(), pool.keys[layer_index],
+            pool.values[layer_index], pool.key_params[layer_index], pool.value_params[layer_index], pool.bits,
+            self.block_tables, self.query_starts, self.query_lens, self.context_lens, pool.block_size,
+            self.scale, self.slopes, self.window,
+        )  # fmt: skip
 
 
 def _members(batch: PagedBatch, members: list[int]) -> PagedBatch:

@@ -4,8 +4,10 @@
 plain linears) at `CpuDecoderForward`, from outside, so the model code stays unchanged. When a step holds
 only decodes on the C++ paged attention backend (`CppPagedAttention.decode_step`), the block runs as
 `kiln::decoder_layer` (kiln/kernels/cpu_decoder_layer.py): the same registered ops as the Python forward,
-called from C++, equal to it bit for bit. Anything else (prompts, chunks, training, a layer whose linears
-were replaced by quantized or adapter layers) runs the block's own forward.
+called from C++, equal to it bit for bit (`kiln::decoder_layer_quantized` over an int8/int4 KV pool).
+Projections quantized weight-only (kiln/quant int8/int4) run there too, on the op QuantizedLinear uses for
+as many rows (MAX_OP_ROWS); larger steps of such a layer, and anything else (prompts, chunks, training,
+w8a8 or adapter layers) run the block's own forward.
 """
 
 from __future__ import annotations
@@ -15,51 +17,73 @@ import weakref
 import torch
 from torch import nn
 
-from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer
+from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer, decoder_layer_quantized
 from kiln.kernels.cpu_linear import MAX_ROWS
 from kiln.models.layers import MLP, AttentionInputs, RMSNorm
 from kiln.models.transformer import Block, Transformer
+from kiln.quant.linear import MAX_OP_ROWS, QuantizedLinear
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+def _modules(block: Block) -> list[nn.Module]:
+    """[attn_norm, mlp_norm, q, k, v, o, gate, up, down], straight from the modules' dicts
+    (nn.Module.__getattr__ costs microseconds a call, and a decode step asks for these every layer)."""
+    attn, mlp = block.attn._modules, block.mlp._modules
+    return (
+        [block._modules["attn_norm"], block._modules["mlp_norm"]]
+        + [attn[name] for name in _PROJECTIONS]
+        + [mlp[name] for name in _MLP_PROJECTIONS]
+    )
+
+
 def _linears(block: Block) -> list[nn.Module]:
-    return [getattr(block.attn, name) for name in _PROJECTIONS] + [
-        getattr(block.mlp, name) for name in _MLP_PROJECTIONS
-    ]
+    return _modules(block)[2:]
+
+
+def _weight_only(linear: nn.Module) -> bool:
+    return type(linear) is QuantizedLinear and linear.scheme.name in ("int8", "int4")
 
 
 def fits(block: nn.Module) -> bool:
     """Whether `block` has the layer the op computes: kiln's Block with RMSNorms, a SwiGLU MLP and plain
-    nn.Linear projections (quantized or adapter layers keep their own forward)."""
+    nn.Linear or weight-only quantized projections (w8a8 and adapter layers keep their own forward)."""
     if type(block) is not Block or type(block.mlp) is not MLP or not block.mlp.swiglu:
         return False
     if block.attn.q_norm is not None:  # q/k-norm (Qwen3) is not in the C++ layer
         return False
     if type(block.attn_norm) is not RMSNorm or type(block.mlp_norm) is not RMSNorm:
         return False
-    return all(type(linear) is nn.Linear for linear in _linears(block))
+    return all(type(linear) is nn.Linear or _weight_only(linear) for linear in _linears(block))
 
 
 def layer_weights(block: Block) -> LayerWeights:
     linears = _linears(block)
-    q, k, v, o, gate, up, down = (linear.weight for linear in linears)
+    # (weight, bits, scale, offset) per projection: the integer weight and its scales where quantized
+    parts = [
+        (linear.qweight, linear.scheme.bits, linear.scale, linear.offset)
+        if _weight_only(linear)
+        else (linear.weight, 0, None, None)
+        for linear in linears
+    ]
+    q, k, v, o, gate, up, down = (part[0] for part in parts)
     return LayerWeights(
         attn_norm=block.attn_norm.weight, q=q, k=k, v=v, o=o, mlp_norm=block.mlp_norm.weight,
         gate=gate, up=up, down=down, biases=tuple(linear.bias for linear in linears), eps=block.attn_norm.eps,
+        bits=tuple(part[1] for part in parts), scales=tuple(part[2] for part in parts),
+        offsets=tuple(part[3] for part in parts),
     )  # fmt: skip
 
 
-def _parameters(block: Block) -> list[torch.Tensor | None]:
-    """Every module and tensor the op reads, straight from the modules' dicts (nn.Module.__getattr__ costs
-    microseconds a call, and a decode step asks for these every layer)."""
-    attn, mlp = block.attn._modules, block.mlp._modules
-    modules = [block._modules["attn_norm"], block._modules["mlp_norm"]]
-    modules += [attn[name] for name in _PROJECTIONS] + [mlp[name] for name in _MLP_PROJECTIONS]
+def _parameters(block: Block) -> list:
+    """Every module and tensor the op reads (compared by identity each call to see a replaced one)."""
+    modules = _modules(block)
     found: list = list(modules)
     for module in modules:
         found += [module._parameters.get("weight"), module._parameters.get("bias")]
+        if module._buffers:  # a QuantizedLinear's integer weight, scale, offset and bias
+            found += list(module._buffers.values())
     return found
 
 
@@ -70,13 +94,14 @@ class CpuDecoderForward:
     The layer's weights are gathered once and reused while the block keeps the same modules and tensors
     (checked by identity every call, so a linear replaced later, e.g. quantized, is seen)."""
 
-    __slots__ = ("block", "_seen", "_held", "_layer")
+    __slots__ = ("block", "_seen", "_held", "_layer", "_max_rows")
 
     def __init__(self, block: Block) -> None:
         self.block = weakref.ref(block)
         self._seen: tuple[int, ...] = ()
         self._held: list = []  # the objects of `_seen`, kept alive so that no new object takes their ids
         self._layer: LayerWeights | None = None
+        self._max_rows = 0  # most rows the layer's quantized projections take in the op (no limit: 0)
 
     def __call__(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
         block = self.block()
@@ -90,6 +115,12 @@ class CpuDecoderForward:
         if inputs.cos is not None:
             head_dim = inputs.cos.shape[-1]
             cos, sin = inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
+        if pool.bits:
+            caches = (pool.keys[index], pool.values[index], pool.key_params[index], pool.value_params[index])
+            rows = decoder_layer_quantized(
+                x.reshape(-1, x.shape[-1]), layer, cos, sin, caches, pool.bits, step, MAX_ROWS[x.dtype]
+            )
+            return rows.view(x.shape)
         rows = decoder_layer(
             x.reshape(-1, x.shape[-1]), layer, cos, sin, pool.keys[index], pool.values[index], step,
             MAX_ROWS[x.dtype],
@@ -105,8 +136,11 @@ class CpuDecoderForward:
         if seen != self._seen:
             self._seen, self._held = seen, found
             self._layer = layer_weights(block) if fits(block) else None
+            self._max_rows = MAX_OP_ROWS if self._layer is not None and any(self._layer.bits) else 0
         layer = self._layer
-        return layer if layer is not None and layer.q.dtype == x.dtype else None
+        if layer is None or layer.attn_norm.dtype != x.dtype:
+            return None
+        return None if self._max_rows and x.numel() // x.shape[-1] > self._max_rows else layer
 
 
 def install_cpu_decoder_layers(model: Transformer) -> int:

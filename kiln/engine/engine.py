@@ -27,6 +27,7 @@ from kiln.engine.sequence import EngineRequest, Sequence, sampling_batch
 from kiln.engine.threads import apply_num_threads
 from kiln.errors import KilnError
 from kiln.finetune.serving import ServedAdapters
+from kiln.kernels.kv_quant import kv_cache_bits
 from kiln.kernels.runtime import KernelChoice, use_triton
 from kiln.models.transformer import Transformer
 from kiln.parsing import resolve_device
@@ -67,25 +68,31 @@ class Engine:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                 f"{model_config.vocab_size}; they do not belong together"
             )
+        if model_config.attention_pattern != "dense":
+            raise KilnError(
+                f"the engine serves dense attention only and this model uses "
+                f"attention_pattern={model_config.attention_pattern!r}; generate with kiln.generation instead"
+            )
         self.quantization_summary = _quantize(model, config.quantization)
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.num_threads = apply_num_threads(config.num_threads) if self.device.type == "cpu" else None
         self.max_model_len = config.resolve_max_model_len(model_config)
+        kv_cache_bits(config.kv_cache_dtype, model_config.head_dim)  # int4 on an odd head_dim fails here
         num_blocks = num_kv_blocks(config, model_config, self.dtype, self.device, self.max_model_len)
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
         self.adapters = ServedAdapters(model, adapters) if adapters else None
-        self.num_cpu_linears = _install_cpu_linears(model, config.kernels)
-        self.num_cpu_layers = _install_cpu_decoder_layers(model, config.kernels)
+        self.num_cpu_linears, self.num_cpu_layers = _install_cpu_ops(model, config.kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
             model,
             num_blocks,
             config.block_size,
-            attention=_paged_attention(config.kernels, weight),
+            attention=_attention_backend(config, model_config, weight),
             adapters=self.adapters,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         self.sampler = Sampler(self.device, config.seed)
         self.request_factory = RequestFactory(
@@ -115,11 +122,20 @@ class Engine:
         from kiln.models.hf.io import load_model
 
         config = (config or EngineConfig()).replace(**overrides)
+        if config.loki_top_k is not None and config.loki_basis is None:
+            from kiln.engine.loki import LOKI_FILE
+
+            config = config.replace(loki_basis=str(Path(model_dir) / LOKI_FILE))
         model = load_model(model_dir, dtype=config.dtype, device=resolve_device(config.device))
         has_tokenizer = (Path(model_dir) / "tokenizer.json").is_file()
         return cls(model, Tokenizer.from_dir(model_dir) if has_tokenizer else None, config, adapters)
 
     # --------------------------------------------------------------------------------------- set-up
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take in the pool, all layers (quantized ones included)."""
+        return kv_bytes_per_token(self.model.config, self.dtype, self.config.kv_cache_dtype)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -129,7 +145,7 @@ class Engine:
         capacity = num_blocks * self.config.block_size
         if capacity >= self.max_model_len:
             return
-        block_bytes = kv_bytes_per_token(self.model.config, self.dtype) * self.config.block_size
+        block_bytes = self.kv_bytes_per_token * self.config.block_size
         needed = -(-self.max_model_len // self.config.block_size) * block_bytes
         raise KilnError(
             f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.config.block_size}), "
@@ -147,7 +163,7 @@ class Engine:
         weights = f"{weight_bytes(self.model) / 2**20:.1f}MiB {dtype}"
         if self.quantization_summary is not None:
             scheme, before, after = self.quantization_summary
-            freed_tokens = (before - after) // kv_bytes_per_token(self.model.config, self.dtype)
+            freed_tokens = (before - after) // self.kv_bytes_per_token
             weights = (
                 f"{scheme}: weights {before / 2**20:.1f}MiB -> {after / 2**20:.1f}MiB, "
                 f"the {(before - after) / 2**20:.1f}MiB saved hold {freed_tokens:,} more KV tokens"
@@ -155,9 +171,14 @@ class Engine:
         config = self.model.config
         idle = config.num_parameters() - config.num_active_parameters()  # routed experts a token skips
         active = f", {(parameters - idle) / 1e6:.2f}M active per token" if config.num_experts else ""
+        kv = ""
+        if self.runner.pool.bits:
+            # What the quantized cache buys: tokens per byte against the model dtype's cache.
+            ratio = kv_bytes_per_token(config, self.dtype) / self.kv_bytes_per_token
+            kv = f"{self.config.kv_cache_dtype}, {ratio:.2f}x the tokens of a {dtype} cache, "
         return (
             f"model: {parameters / 1e6:.2f}M parameters{active} ({weights}) "
-            f"on {self.device}; KV cache: {capacity:,} tokens ({self.block_manager.num_blocks} blocks of "
+            f"on {self.device}; KV cache: {capacity:,} tokens ({kv}{self.block_manager.num_blocks} blocks of "
             f"{self.config.block_size}, {self.runner.pool.num_bytes / 2**20:.1f}MiB); "
             f"max concurrency at {self.max_model_len:,} tokens: {capacity / self.max_model_len:.2f}x; "
             f"attention: {self.runner.attention.__name__}"
@@ -393,24 +414,29 @@ def _uses_cpu_ops(kernels: KernelChoice, weight: torch.Tensor) -> bool:
     return cpu_ops_available()
 
 
-def _install_cpu_linears(model: Transformer, kernels: KernelChoice) -> int:
+def _install_cpu_ops(model: Transformer, kernels: KernelChoice) -> tuple[int, int]:
     """With kiln's C++ CPU ops, route the model's linears (LM head included) through the small-row linear
-    op where it wins (decode-sized batches; BENCHMARKS.md); returns how many."""
+    op where it wins (decode-sized batches; BENCHMARKS.md), and run each Llama-style layer of a decode-only
+    step in one C++ call (kiln/engine/cpu_decoder.py). Returns (linears, layers) that can."""
     if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
-        return 0
+        return 0, 0
+    from kiln.engine.cpu_decoder import install_cpu_decoder_layers
     from kiln.kernels.cpu_linear import install_cpu_linears
 
-    return install_cpu_linears(model)
+    return install_cpu_linears(model), install_cpu_decoder_layers(model)
 
 
-def _install_cpu_decoder_layers(model: Transformer, kernels: KernelChoice) -> int:
-    """With kiln's C++ CPU ops, run each Llama-style layer of a decode-only step in one C++ call
-    (kiln/engine/cpu_decoder.py); returns how many layers can."""
-    if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
-        return 0
-    from kiln.engine.cpu_decoder import install_cpu_decoder_layers
+def _attention_backend(config: EngineConfig, model_config, weight: torch.Tensor):
+    """The paged backend `_paged_attention` picks, or Loki's (kiln/engine/loki.py) when loki_top_k is set."""
+    if config.loki_top_k is None:
+        return _paged_attention(config.kernels, weight)
+    from kiln.engine.loki import load_loki_settings, loki_backend
 
-    return install_cpu_decoder_layers(model)
+    settings = load_loki_settings(
+        config.loki_basis, model_config, config.loki_rank, config.loki_top_k, weight.dtype, weight.device
+    )
+    settings.use_cpp = _uses_cpu_ops(config.kernels, weight)
+    return loki_backend(settings)
 
 
 def _paged_attention(kernels: KernelChoice, weight: torch.Tensor) -> type:

@@ -50,15 +50,17 @@ class ModelRunner:
         block_size: int,
         attention=TorchPagedAttention,
         adapters: ServedAdapters | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> None:
         """`attention` builds the step's paged attention backend from (pool, PagedBatch, ModelConfig);
-        `adapters` apply each row's LoRA (see kiln.finetune.serving)."""
+        `adapters` apply each row's LoRA (see kiln.finetune.serving); `kv_cache_dtype` int8/int4 quantizes
+        the pool (None: the model dtype)."""
         self.adapters = adapters
         self.model = model
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.block_size = block_size
-        self.pool = KVPool(model.config, num_blocks, block_size, self.dtype, self.device)
+        self.pool = KVPool(model.config, num_blocks, block_size, self.dtype, self.device, kv_cache_dtype)
         self.attention = attention
 
     @torch.no_grad()

@@ -54,6 +54,24 @@ Quantization = Annotated[
     str | None,
     typer.Option(help="Quantize the weights on load: int8, int4 (group 128) or w8a8 (default: as stored)."),
 ]
+KVCacheDtype = Annotated[
+    str | None,
+    typer.Option(
+        help="KV cache element type: int8 (about 1/2 of bf16's bytes per token) or int4 (about 0.28), "
+        "quantized per token and head on write and dequantized inside attention (default: the model dtype)."
+    ),
+]
+LokiTopK = Annotated[
+    float | None,
+    typer.Option(
+        help="Loki sparse attention: the fraction of the context each decode attends, e.g. 0.25 (needs "
+        "`kiln calibrate-loki` first; default: dense attention)."
+    ),
+]
+LokiRank = Annotated[
+    int | None,
+    typer.Option(help="Loki: principal key dimensions that score the context (default head_dim/4)."),
+]
 
 # A command's parameter name of each engine flag -> the EngineConfig field it sets. The engine seed's
 # parameter is `engine_seed` (spelled --seed on kiln serve), as `seed` is kiln generate's sampling seed.
@@ -70,6 +88,9 @@ ENGINE_FLAGS = {
     "kernels": "kernels",
     "threads": "num_threads",
     "quantization": "quantization",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "loki_top_k": "loki_top_k",
+    "loki_rank": "loki_rank",
 }
 
 

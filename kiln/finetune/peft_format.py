@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from kiln.errors import KilnError
 from kiln.finetune.lora import LoRALinear, install_lora, lora_layers
@@ -80,12 +81,26 @@ class AdapterWeights:
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
     """Write the adapter of `model` (a PromptTunedModel, or a model with LoRALinears) as a PEFT directory."""
-    directory = Path(directory)
+    return write_adapter(*adapter_state(model, base_model), directory)
+
+
+def adapter_state(model: nn.Module, base_model: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(PEFT tensors, adapter_config) of `model`'s adapter, full tensors on the CPU. Under FSDP2 the
+    parameters are sharded DTensors: every rank must call this (it gathers them), then one writes."""
     if isinstance(model, PromptTunedModel):
-        tensors = {PROMPT_KEY: model.prompt.detach().float().cpu().contiguous()}
-        config = _prompt_config(model, base_model)
-    else:
-        tensors, config = _lora_tensors_and_config(model, base_model)
+        return {PROMPT_KEY: _full_cpu(model.prompt)}, _prompt_config(model, base_model)
+    return _lora_tensors_and_config(model, base_model)
+
+
+def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().float().cpu().contiguous()
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], config: dict, directory: str | Path) -> Path:
+    """Write `adapter_state`'s tensors and config as a PEFT directory."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -122,8 +137,8 @@ def _lora_tensors_and_config(model: nn.Module, base_model: str | None):
                 "layout fuses it with other projections into one tensor; target other linears "
                 "(e.g. o,up,down) or export a merged model (kiln export --merge)"
             )
-        tensors[f"{PREFIX}{name.hf}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
-        tensors[f"{PREFIX}{name.hf}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
+        tensors[f"{PREFIX}{name.hf}.lora_A.weight"] = _full_cpu(layer.lora_A)
+        tensors[f"{PREFIX}{name.hf}.lora_B.weight"] = _full_cpu(layer.lora_B)
         targets.append(name.hf)
         transposed.add(name.transposed)
     ranks = {layer.rank for layer in layers.values()}

@@ -36,6 +36,11 @@ class LayerWeights:
     down: torch.Tensor  # (hidden, inner)
     biases: tuple[torch.Tensor | None, ...] = (None,) * 7  # q, k, v, o, gate, up, down
     eps: float = 1e-6
+    # Weight-only quantized projections (kiln/quant's int8/int4 layout; the weight above is then the integer
+    # one): bits 8 or 4 per projection, 0 for a float weight; scale (N, G) fp32 and offset = scale * zero.
+    bits: tuple[int, ...] = (0,) * 7
+    scales: tuple[torch.Tensor | None, ...] = (None,) * 7
+    offsets: tuple[torch.Tensor | None, ...] = (None,) * 7
 
     def weights(self) -> list[torch.Tensor]:
         return [self.attn_norm, self.q, self.k, self.v, self.o, self.mlp_norm, self.gate, self.up, self.down]
@@ -72,6 +77,27 @@ def decoder_layer(
         x, layer.weights(), list(layer.biases), layer.eps, cos, sin, key_cache, value_cache,
         step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
         step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
+        list(layer.scales), list(layer.offsets), list(layer.bits),
+    )  # fmt: skip
+
+
+def decoder_layer_quantized(
+    x: torch.Tensor,
+    layer: LayerWeights,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    bits: int,
+    step: PagedDecode,
+    max_linear_rows: int,
+) -> torch.Tensor:
+    """`decoder_layer` over a quantized pool (kiln/kernels/kv_quant.py): caches = (key_codes, value_codes,
+    key_params, value_params) of one layer; the rows' keys/values are quantized into them."""
+    return torch.ops.kiln.decoder_layer_quantized(
+        x, layer.weights(), list(layer.biases), layer.eps, cos, sin, *caches, bits,
+        step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
+        step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
+        list(layer.scales), list(layer.offsets), list(layer.bits),
     )  # fmt: skip
 
 
@@ -85,10 +111,18 @@ def decoder_layer_reference(
     step: PagedDecode,
 ) -> torch.Tensor:
     """`decoder_layer` in plain torch from the kernels' references (attention in float64)."""
-    q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias = layer.biases
     rows, (_, kv_heads, head_dim) = x.shape[0], key_cache.shape
+    weights = layer.weights()[1:5] + layer.weights()[6:]  # the projections: q, k, v, o, gate, up, down
+
+    def project(h: torch.Tensor, i: int) -> torch.Tensor:
+        weight, bits = weights[i], layer.bits[i]
+        if bits:
+            weight = dequantize_reference(weight, layer.scales[i], layer.offsets[i], bits).to(h.dtype)
+        bias = layer.biases[i]
+        return F.linear(h, weight, None if bias is None else bias.to(h.dtype))
+
     h = rms_norm_reference(x, layer.attn_norm, layer.eps)
-    q, k, v = F.linear(h, layer.q, q_bias), F.linear(h, layer.k, k_bias), F.linear(h, layer.v, v_bias)
+    q, k, v = project(h, 0), project(h, 1), project(h, 2)
     if cos is not None:
         q, k = rope_reference(q, k, cos, sin)
     key_cache.index_copy_(0, step.slot_mapping, k.view(rows, kv_heads, head_dim))
@@ -98,7 +132,26 @@ def decoder_layer_reference(
         step.query_lens, step.context_lens, step.block_size, step.scale, step.alibi_slopes,
         step.sliding_window,
     )  # fmt: skip
-    x = x + F.linear(attended.view(rows, -1), layer.o, o_bias)
+    x = x + project(attended.view(rows, -1), 3)
     h = rms_norm_reference(x, layer.mlp_norm, layer.eps)
-    gated = swiglu_reference(F.linear(h, layer.gate, gate_bias), F.linear(h, layer.up, up_bias))
-    return x + F.linear(gated, layer.down, down_bias)
+    gated = swiglu_reference(project(h, 4), project(h, 5))
+    return x + project(gated, 6)
+
+
+def dequantize_reference(
+    qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """(N, K) fp32 from kiln::quant_linear's weight layout (csrc/quant_linear.cpp): int8 (N, K), or int4
+    packed (N, K / 2) uint8 in 32-element chunks whose byte j holds element j (low nibble) and j + 16
+    (high); w = u * scale - offset per group (offset = scale * zero, absent for int8)."""
+    if bits == 4:
+        chunks = qweight.view(qweight.shape[0], -1, 16)
+        u = torch.cat((chunks & 0xF, chunks >> 4), dim=-1).reshape(qweight.shape[0], -1)
+    else:
+        u = qweight
+    out_features, in_features = u.shape
+    groups = scale.shape[1]
+    w = u.float().view(out_features, groups, in_features // groups) * scale[..., None]
+    if offset is not None:
+        w = w - offset[..., None]
+    return w.view(out_features, in_features)

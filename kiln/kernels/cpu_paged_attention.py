@@ -7,7 +7,8 @@ query_lens[s] of its context_lens[s] tokens, whose keys/values sit in key_cache/
 Query t sits at position p = context_len - query_len + t and attends key positions j <= p (and
 p - j < sliding_window when one is set); ALiBi adds slope_h * j to the scaled scores. Decodes (one
 query) and prefill chunks over cached context mix freely in one call. The engine's backend around the op
-is `kiln.engine.cpu_attention.CppPagedAttention`.
+is `kiln.engine.cpu_attention.CppPagedAttention`. `paged_attention_quantized` is the op over an int8/int4
+pool (kiln/kernels/kv_quant.py), dequantizing each key tile as it reads it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.kernels.kv_quant import dequantize_kv
 
 
 def paged_attention(
@@ -82,3 +84,43 @@ def paged_attention_reference(
         probabilities = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         out[start : start + num_queries] = torch.einsum("hts,shd->thd", probabilities, values)
     return out.to(q.dtype)
+
+
+def paged_attention_quantized(
+    q: torch.Tensor,
+    key_codes: torch.Tensor,
+    value_codes: torch.Tensor,
+    key_params: torch.Tensor,
+    value_params: torch.Tensor,
+    bits: int,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """`paged_attention` over a quantized pool (kiln/kernels/kv_quant.py): key/value_codes uint8 (slots, KVH,
+    D, or D / 2 for bits=4), key/value_params uint8 (slots, KVH, 3). Each key tile is dequantized into a
+    per-thread fp32 buffer as the op reaches it; q (and the output) fp32, bf16 or fp16."""
+    if not cpu_ops_available():
+        raise KilnError(
+            "kiln's C++ CPU ops are not built (see the line above for why); use the torch paged-attention "
+            "backend, or install a C++ compiler and run `python -m kiln.kernels.cpu_extension`"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.kiln.paged_attention_quantized(
+        q, key_codes, value_codes, key_params, value_params, bits, block_tables, query_starts, query_lens,
+        context_lens, block_size, scale, alibi_slopes, sliding_window or 0,
+    )  # fmt: skip
+
+
+def paged_attention_quantized_reference(
+    q, key_codes, value_codes, key_params, value_params, bits, *metadata, **options
+) -> torch.Tensor:
+    """Dequantize the whole pool (fp32), then `paged_attention_reference`."""
+    keys = dequantize_kv(key_codes, key_params, bits, torch.float32)
+    values = dequantize_kv(value_codes, value_params, bits, torch.float32)
+    return paged_attention_reference(q, keys, values, *metadata, **options)

@@ -22,6 +22,7 @@ from torch import nn
 
 from kiln.config import ModelConfig, RopeScaling
 from kiln.kernels import cpu_fused
+from kiln.kernels.block_sparse_attention import block_sparse_attention
 from kiln.kernels.cpu_fused import fused_applies
 from kiln.kernels.flash_attention_common import MAX_HEAD_DIM
 from kiln.kernels.rope import apply_rope, apply_rope_
@@ -194,6 +195,7 @@ class Attention(nn.Module):
         # Qwen3: each head's q and k RMS-normalised over head_dim (one weight shared by the heads)
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps, kernels) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps, kernels) if config.qk_norm else None
+        self.bigbird = config if config.attention_pattern == "bigbird" else None
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
         fused = use_triton(self.kernels, x)
@@ -204,7 +206,10 @@ class Attention(nn.Module):
         else:
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D)
-            out = self._attend(q, k, v, inputs, fused)
+            if self.bigbird is not None:
+                out = bigbird_attention(self.bigbird, self.layer_index, q, k, v, inputs)
+            else:
+                out = self._attend(q, k, v, inputs, fused)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _project(
@@ -259,6 +264,27 @@ class Attention(nn.Module):
             is_causal=inputs.is_causal,
             enable_gqa=q.shape[1] != k.shape[1],  # no materialised K/V repeat
         )
+
+
+def bigbird_attention(
+    config: ModelConfig, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    inputs: AttentionInputs,
+) -> torch.Tensor:  # fmt: skip
+    """BigBird's block-sparse pattern (kiln/models/bigbird.py): a plain causal pass runs the block-sparse
+    op; a pass over a KV cache or with padding intersects the pattern with the pass's mask under SDPA."""
+    from kiln.models import bigbird
+
+    size = config.bigbird_block_size
+    if inputs.mask is None and q.shape[2] == k.shape[2]:
+        table = bigbird.key_blocks(config, layer_index, -(-q.shape[2] // size), q.device)
+        return block_sparse_attention(q, k, v, table, size)
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    query_positions = torch.arange(num_keys - num_queries, num_keys, device=q.device)
+    mask = bigbird.token_allowed(config, layer_index, query_positions, num_keys)  # (T, S)
+    if inputs.mask is not None:
+        mask = mask & inputs.mask  # padding (B, 1, T, S); the pattern counts cache slots, as the mask does
+        mask = mask | (torch.arange(num_keys, device=q.device) == query_positions[:, None])  # never empty
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 # ------------------------------------------------------------------------------------------------- MLP

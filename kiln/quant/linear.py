@@ -10,7 +10,9 @@ F.linear; w8a8 quantizes x per token and multiplies the integers exactly (float6
   (not exact against this reference); both were far slower than dequantize + GEMM at 64 rows
   (BENCHMARKS.md, "Quantized weights").
 - w8a8, few rows: the same op on the integer activations, then the per-token scale; more rows:
-  `torch._int_mm` (int8 x int8 -> int32, VNNI where present).
+  `torch._int_mm` (int8 x int8 -> int32, VNNI where present). Where kiln's C++ ops are built, both run
+  inside one op, `torch.ops.kiln.w8a8_linear` (kernels/csrc/w8a8_linear.cpp), with the activation
+  quantization: the same ATen kernels in the same order, one Python call instead of about fifteen.
 """
 
 from __future__ import annotations
@@ -112,11 +114,18 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(self.in_features, 1)
-        if self._op_applies(x, rows):
-            if self.scheme.name == "w8a8":
+        if self.scheme.name == "w8a8":
+            if self._cpu_op_applies(x, rows):  # the two paths below, in one call from Python
+                y = torch.ops.kiln.w8a8_linear(
+                    x.reshape(rows, self.in_features), self.qweight, self.scale, self.bias, MAX_OP_ROWS
+                )
+                return y.view(*x.shape[:-1], self.out_features)
+            if x.device.type == "cpu" and rows > MAX_OP_ROWS:  # without kiln's C++ ops
                 q, x_scale = qw.quantize_rows(x.reshape(rows, self.in_features))
-                sums = torch.ops.kiln.quant_linear(q.float(), self.qweight, self.scale, None, None, 8)
-                return self._finish((sums * x_scale).to(x.dtype), x)
+                sums = torch._int_mm(q, self.qweight.T)  # (M, N) int32
+                return self._finish((sums.float() * x_scale * self.scale.T).to(x.dtype), x)
+            return self.reference(x)
+        if self._cpu_op_applies(x, rows, MAX_OP_ROWS):
             y = torch.ops.kiln.quant_linear(
                 x.reshape(rows, self.in_features),
                 self.qweight,
@@ -126,10 +135,6 @@ class QuantizedLinear(nn.Module):
                 self.scheme.bits,
             )
             return y.view(*x.shape[:-1], self.out_features)
-        if self.scheme.name == "w8a8" and x.device.type == "cpu" and rows > MAX_OP_ROWS:
-            q, x_scale = qw.quantize_rows(x.reshape(rows, self.in_features))
-            sums = torch._int_mm(q, self.qweight.T)  # (M, N) int32
-            return self._finish((sums.float() * x_scale * self.scale.T).to(x.dtype), x)
         return self.reference(x)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +143,12 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _op_applies(self, x: torch.Tensor, rows: int) -> bool:
+    def _cpu_op_applies(self, x: torch.Tensor, rows: int, max_rows: int | None = None) -> bool:
+        """Whether kiln's C++ ops take `rows` rows of x (any number when max_rows is None)."""
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return False
-        if not 0 < rows <= MAX_OP_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+        if rows <= 0 or (max_rows is not None and rows > max_rows):
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
             return False
         return cpu_ops_built()

@@ -16,7 +16,10 @@ from kiln.engine.options import (
     Dtype,
     EngineSeed,
     Kernels,
+    KVCacheDtype,
     KVCacheMemory,
+    LokiRank,
+    LokiTopK,
     MaxModelLen,
     MaxNumBatchedTokens,
     MaxNumSeqs,
@@ -58,6 +61,9 @@ def serve_command(
     kernels: Kernels = DEFAULT.kernels,
     threads: Threads = DEFAULT.num_threads,
     quantization: Quantization = DEFAULT.quantization,
+    kv_cache_dtype: KVCacheDtype = DEFAULT.kv_cache_dtype,
+    loki_top_k: LokiTopK = DEFAULT.loki_top_k,
+    loki_rank: LokiRank = DEFAULT.loki_rank,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds in-flight requests may take to finish.")
     ] = 30.0,

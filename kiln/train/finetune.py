@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from rich.console import Console
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.finetune import LoraConfig, PromptTuningConfig, apply_lora, apply_prompt_tuning, save_adapter
+from kiln.finetune import LoraConfig, PromptTuningConfig, apply_lora, apply_prompt_tuning
 from kiln.finetune.lora import merge_lora
-from kiln.finetune.peft_format import attach_adapter, read_adapter
+from kiln.finetune.peft_format import adapter_state, attach_adapter, read_adapter, write_adapter
 from kiln.train.config import TrainConfig
 from kiln.train.trainer import Trainer
 
@@ -32,10 +33,19 @@ class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     train: TrainConfig
+    # Pack whole examples into seq_len rows, attention masked across them (kiln.data.sft_packing), instead
+    # of one right-padded example a row.
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "prompt", "full"):
             raise KilnError(f"method must be lora, prompt or full, got {self.method!r}", param="method")
+        if self.packing and self.method == "prompt":
+            raise KilnError(
+                "packing works with --method lora or full: prompt tuning's virtual tokens lead each row, "
+                "not each packed example; drop --packing",
+                param="packing",
+            )
 
 
 def finetune_train_config(base: str, data_dir: str, out_dir: str, **settings) -> TrainConfig:
@@ -71,7 +81,11 @@ def adapted_model(config: FinetuneConfig) -> nn.Module:
     if config.method == "full":
         return model.requires_grad_(True)
     if config.method == "lora":
-        apply_lora(model, config.lora)
+        # The adapter's initialisation depends on the run's seed alone, not on what drew random numbers
+        # before (a torchrun process and a plain one must start from the same adapter).
+        with torch.random.fork_rng():
+            torch.manual_seed(config.train.seed)
+            apply_lora(model, config.lora)
         return model
     tokenizer = None
     if config.prompt.init_text and (Path(config.base) / "tokenizer.json").is_file():
@@ -84,24 +98,35 @@ class FinetuneTrainer(Trainer):
 
     def __init__(self, config: FinetuneConfig, console: Console | None = None) -> None:
         from kiln.data.sft import SFTLoader
+        from kiln.data.sft_packing import PackedSFTLoader
 
         train = config.train
+        Loader = PackedSFTLoader if config.packing else SFTLoader
         loader = dict(seq_len=train.seq_len, batch_size=train.batch_size, seed=train.seed)
-        train_data = SFTLoader(train.data_dir, "train", **loader)
-        if train_data.longest < train.seq_len:  # no step computes padding that no example needs
+        train_data = Loader(train.data_dir, "train", **loader)
+        # Padding: no step computes padding that no example needs.
+        if not config.packing and train_data.longest < train.seq_len:
             train = dataclasses.replace(train, seq_len=train_data.longest)
             config = dataclasses.replace(config, train=train)
             loader["seq_len"] = train.seq_len
-            train_data = SFTLoader(train.data_dir, "train", **loader)
+            train_data = Loader(train.data_dir, "train", **loader)
         if train_data.manifest["vocab_size"] > train.model.vocab_size:
             raise KilnError("the SFT data's tokenizer is larger than the base model's vocabulary")
-        val_data = (
-            SFTLoader(train.data_dir, "val", **loader) if "val" in train_data.manifest["splits"] else None
-        )
+        val_data = Loader(train.data_dir, "val", **loader) if "val" in train_data.manifest["splits"] else None
         self.finetune = config
         super().__init__(
             train, train_data=train_data, val_data=val_data, console=console, model=adapted_model(config)
         )
+        for data in (train_data, val_data):  # under torchrun, each rank takes its rows of every batch
+            if data is not None:
+                data.rank, data.world_size = self.distributed.dp_rank, self.distributed.dp_size
+
+    def hidden_states_function(self):
+        if not self.finetune.packing:
+            return super().hidden_states_function()
+        from kiln.train.document_attention import packed_hidden_states
+
+        return packed_hidden_states(self.model, self.train_data.pad_token_id, self.kernels)
 
     def export(self, directory: str | Path | None = None) -> Path:
         if self.finetune.method == "full":
@@ -111,7 +136,12 @@ class FinetuneTrainer(Trainer):
             copy_tokenizer_files(self.finetune.base, target)
             return target
         target = Path(directory) if directory else self.out_dir / ADAPTER_DIR
-        return save_adapter(self.model, target, base_model=str(Path(self.finetune.base).resolve()))
+        # Every rank gathers (FSDP2 shards the adapter too); rank 0 alone writes.
+        state = adapter_state(self.model, base_model=str(Path(self.finetune.base).resolve()))
+        if self.distributed.is_main:
+            write_adapter(*state, target)
+        self.distributed.barrier()
+        return target
 
 
 def run_finetune(config: FinetuneConfig, resume: bool = False, console: Console | None = None):

@@ -29,6 +29,14 @@ def finetune_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Longest example in tokens (longer ones are cut).")] = 256,
+    packing: Annotated[
+        bool,
+        typer.Option(
+            "--packing/--padding",
+            help="Pack whole examples into seq_len rows with attention masked across them (lora, full), "
+            "or one right-padded example per row.",
+        ),
+    ] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in out_dir.")] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any TrainConfig field, e.g. --set precision=bf16.")
@@ -48,6 +56,7 @@ def finetune_command(
         lora=LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets),
         prompt=PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, init_text=prompt_init_text),
         train=train,
+        packing=packing,
     )
     trainer, summary = run_finetune(config, resume=resume, console=Console(stderr=True))
     trainable, total = count_trainable_parameters(trainer.model)

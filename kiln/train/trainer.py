@@ -108,14 +108,15 @@ class Trainer:
             if config.activation_checkpointing:
                 apply_activation_checkpointing(self.model)
             # The loss takes final hidden states: the fused LM head + cross-entropy never builds logits.
-            compiled = torch.compile(self.model.hidden_states) if config.compile else None
+            hidden_states = self.hidden_states_function()
+            compiled = torch.compile(hidden_states) if config.compile else hidden_states
             objective = LanguageModelObjective(self.model, compiled, kernels=self.kernels)
             return objective, objective
         if self.precision == "fp16" and (layout.uses_fsdp or layout.tp > 1):
             raise KilnError("fp16 loss scaling is not supported with FSDP or TP; use --precision bf16")
         if config.compile and layout.tp > 1:  # DTensor's redistribute backward fails under torch.compile
             raise KilnError("compile=true does not work with --tp > 1 yet; turn compile off for TP runs")
-        objective = LanguageModelObjective(self.model, kernels=self.kernels)
+        objective = LanguageModelObjective(self.model, self.hidden_states_function(), kernels=self.kernels)
         module = parallelize(
             objective,
             self.distributed,
@@ -124,6 +125,11 @@ class Trainer:
             fsdp_param_dtype=self.compute_dtype,
         )
         return objective, module
+
+    def hidden_states_function(self):
+        """input_ids (B, T) -> final hidden states, what the loss is computed on (a subclass may run the
+        model differently, e.g. over packed documents)."""
+        return self.model.hidden_states
 
     def _kernel_choice(self) -> str:
         """config.kernels for the model and the fused loss. Tensor-parallel runs use torch: their

@@ -103,3 +103,38 @@ def test_a_replaced_linear_is_seen_and_its_layer_runs_in_python(tmp_path, op_cal
     assert op_calls and len(op_calls) % (num_layers - 1) == 0  # every layer but the first
     remove_layers(llm)
     assert generate(llm, prompts) == with_replacement
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weight_only_quantized_layers_run_in_cpp(scheme, dtype, tmp_path, op_calls):
+    """kiln.LLM(quantization=int8|int4): decode steps of up to MAX_OP_ROWS rows run each layer as the op
+    (its projections on kiln::quant_linear, as QuantizedLinear's forward), bit for bit the Python forward;
+    a step of more rows keeps the Python forward."""
+    from kiln.config import ModelConfig
+    from kiln.models.hf.io import save_model
+    from kiln.models.transformer import Transformer
+    from kiln.quant.linear import MAX_OP_ROWS
+
+    config = ModelConfig(
+        vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+        max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_model(Transformer(config), tmp_path)
+    llm = LLM(
+        tmp_path, dtype=dtype, quantization=scheme, block_size=4, enable_prefix_caching=False, verbose=False
+    )
+    assert llm.engine.num_cpu_layers == config.num_layers
+    prompts = random_prompts(PROMPT_LENGTHS, vocab_size=config.vocab_size, seed=3)
+    fused = generate(llm, prompts)
+    assert len(op_calls) >= config.num_layers * (PARAMS.max_tokens - 1)
+    many = random_prompts([3] * (MAX_OP_ROWS + 2), vocab_size=config.vocab_size, seed=5)
+    op_calls.clear()
+    fused_many = generate(llm, many)
+    assert not op_calls  # every step held 18 decodes: more rows than the quantized op takes
+    remove_layers(llm)
+    op_calls.clear()
+    assert generate(llm, prompts) == fused
+    assert generate(llm, many) == fused_many
+    assert not op_calls

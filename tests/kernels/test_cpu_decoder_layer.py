@@ -118,5 +118,55 @@ def test_bad_weight_lists_are_refused():
         torch.ops.kiln.decoder_layer(
             torch.randn(1, 16), layer.weights()[:8], list(layer.biases), 1e-5, None, None, keys, values,
             step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
-            step.block_size, step.scale, None, 0, 64,
+            step.block_size, step.scale, None, 0, 64, [None] * 7, [None] * 7, [0] * 7,
         )  # fmt: skip
+
+
+def quantize_projections(layer: LayerWeights, scheme, which: str) -> LayerWeights:
+    """`layer` with the projections named in `which` (of "qkvogud") replaced by their weight-only
+    quantization under `scheme` (kiln/quant's layout: integer weight, scale, offset)."""
+    from kiln.quant import QuantizedLinear, parse_scheme
+
+    names = ["q", "k", "v", "o", "gate", "up", "down"]
+    bits, scales, offsets = list(layer.bits), list(layer.scales), list(layer.offsets)
+    for i, name in enumerate(names):
+        if "qkvogud"[i] not in which:
+            continue
+        quantized = QuantizedLinear.from_float(getattr(layer, name).float(), None, parse_scheme(*scheme))
+        setattr(layer, name, quantized.qweight)
+        bits[i], scales[i], offsets[i] = quantized.scheme.bits, quantized.scale, quantized.offset
+    layer.bits, layer.scales, layer.offsets = tuple(bits), tuple(scales), tuple(offsets)
+    return layer
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "int4-g64-zp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["qkvogud", "qvd"])  # all projections, or a mix with float weights
+def test_quantized_projections_match_reference(scheme, dtype, which):
+    """Weight-only int8/int4 projections (kiln/quant's QuantizedLinear layout) inside the op: equal to the
+    reference with the weights dequantized, biases included."""
+    scheme = {"int8": ("int8",), "int4-g32": ("int4", 32), "int4-g64-zp": ("int4", 64, False)}[scheme]
+    generator = torch.Generator().manual_seed(7)
+    hidden, heads, kv_heads, head_dim, inner = 128, 4, 2, 32, 192
+    layer = random_layer(hidden, heads, kv_heads, head_dim, inner, dtype, True, generator)
+    layer = quantize_projections(layer, scheme, which)
+    keys, values, step = decode_step([9, 40, 1], kv_heads, head_dim, 16, dtype, generator)
+    x = torch.randn(3, hidden, generator=generator).to(dtype)
+    angles = torch.rand(3, head_dim // 2, generator=generator) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = decoder_layer_reference(x, layer, cos, sin, ref_keys, ref_values, step)
+    got = decoder_layer(x, layer, cos, sin, keys, values, step, 16)
+    assert_close(got, expected, dtype)
+    assert_close(keys[step.slot_mapping], ref_keys[step.slot_mapping], dtype)
+
+
+def test_quantized_projection_without_scale_is_refused():
+    generator = torch.Generator().manual_seed(0)
+    layer = random_layer(32, 2, 2, 16, 32, torch.float32, False, generator)
+    layer = quantize_projections(layer, ("int8",), "q")
+    layer.scales = (None,) * 7
+    keys, values, step = decode_step([3], 2, 16, 4, torch.float32, generator)
+    with pytest.raises(RuntimeError, match="needs its scale"):
+        decoder_layer(torch.randn(1, 32), layer, None, None, keys, values, step, 16)

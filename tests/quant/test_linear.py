@@ -119,3 +119,25 @@ def test_group_size_not_dividing_names_the_tensor():
 def test_bad_schemes(name, group_size, symmetric, message):
     with pytest.raises(KilnError, match=message):
         parse_scheme(name, group_size, symmetric)
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 16, 17, 64])
+def test_w8a8_op_equals_its_steps_in_torch(rows, dtype):
+    """kiln::w8a8_linear is QuantizedLinear's w8a8 forward in one call: bit for bit the same steps in torch
+    (quantize_rows, kiln::quant_linear up to MAX_OP_ROWS rows or torch._int_mm above, scales, bias)."""
+    from kiln.quant.linear import MAX_OP_ROWS
+
+    _, layer = _layer(parse_scheme("w8a8"), 768, 65, bias=True)
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows)).to(dtype) * 3
+    q, x_scale = qw.quantize_rows(x)
+    if rows <= MAX_OP_ROWS:
+        sums = torch.ops.kiln.quant_linear(q.float(), layer.qweight, layer.scale, None, None, 8)
+        expected = (sums * x_scale).to(dtype)
+    else:
+        expected = (torch._int_mm(q, layer.qweight.T).float() * x_scale * layer.scale.T).to(dtype)
+    expected = expected + layer.bias.to(dtype)
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.equal(got, expected)

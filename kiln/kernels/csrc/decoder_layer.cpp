@@ -12,8 +12,14 @@
 // the torch reference is kiln/kernels/cpu_decoder_layer.py's `decoder_layer_reference`).
 //
 // weights: [attn_norm, q, k, v, o, mlp_norm, gate, up, down]; biases: [q, k, v, o, gate, up, down] (None
-// where absent). The new tokens' keys/values are written into key_cache/value_cache (slots, KVH, D) at
-// slot_mapping before attention reads the pool in place.
+// where absent). A projection may be weight-only quantized (kiln/quant's int8 or int4 QuantizedLinear): its
+// entry in `weights` is then the integer weight, `bits` [q, k, v, o, gate, up, down] says 8 or 4 (0 for a
+// float weight) and `scales`/`offsets` hold its scale and scale * zero point; it runs kiln::quant_linear,
+// the op QuantizedLinear.forward calls for the same rows, so the result is still the Python path's bit for
+// bit. kiln/engine/cpu_decoder.py sends a layer with quantized projections here only for steps of as few rows
+// as QuantizedLinear gives its op. The new tokens' keys/values are written into key_cache/value_cache (slots, KVH, D) at
+// slot_mapping before attention reads the pool in place. kiln::decoder_layer_quantized is the same layer over
+// a quantized KV pool (kv_cache_dtype int8/int4).
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -33,6 +39,15 @@ at::Tensor kiln_linear(const at::Tensor& x, const at::Tensor& w, const OptionalT
                        .findSchemaOrThrow("kiln::linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&)>();
   return op.call(x, w, b);
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const OptionalTensor& offset, const OptionalTensor& bias, int64_t bits) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::quant_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptionalTensor&, const OptionalTensor&, int64_t)>();
+  return op.call(x, qweight, scale, offset, bias, bits);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -72,20 +87,61 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at
                  window);
 }
 
+at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_codes, const at::Tensor& value_codes,
+                                     const at::Tensor& key_params, const at::Tensor& value_params, int64_t bits,
+                                     const at::Tensor& block_tables, const at::Tensor& query_starts,
+                                     const at::Tensor& query_lens, const at::Tensor& context_lens,
+                                     int64_t block_size, double scale, const OptionalTensor& slopes, int64_t window) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::paged_attention_quantized", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
+                                         const OptionalTensor&, int64_t)>();
+  return op.call(q, key_codes, value_codes, key_params, value_params, bits, block_tables, query_starts, query_lens,
+                 context_lens, block_size, scale, slopes, window);
+}
+
+// rows (N, KVH, D) -> uint8 codes (N, KVH, D or D / 2) and params (N, KVH, 3): kiln/kernels/kv_quant.py's
+// quantize_kv, op for op (the same ATen kernels, so the same bits).
+std::tuple<at::Tensor, at::Tensor> quantize_kv(const at::Tensor& x, int64_t bits) {
+  const double levels = double((int64_t(1) << bits) - 1);
+  const at::Tensor x32 = x.to(at::kFloat);
+  const at::Tensor low = x32.amin(-1).clamp_max(0), high = x32.amax(-1).clamp_min(0);
+  const at::Tensor scale = ((high - low) / levels).clamp_min(5.9604644775390625e-08).to(at::kHalf);  // 2^-24
+  const at::Tensor scale32 = scale.to(at::kFloat);
+  const at::Tensor zero = (-low / scale32).round_().clamp_(0, levels);
+  at::Tensor codes = (x32 / scale32.unsqueeze(-1)).round_().add_(zero.unsqueeze(-1)).clamp_(0, levels).to(at::kByte);
+  if (bits == 4) {
+    const int64_t half = x.size(-1) / 2;
+    codes = codes.narrow(-1, 0, half).bitwise_or(codes.narrow(-1, half, half).bitwise_left_shift(4));
+  }
+  at::Tensor params = at::cat({scale.unsqueeze(-1).view(at::kByte), zero.to(at::kByte).unsqueeze(-1)}, -1);
+  return {codes, params};
+}
+
 at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
                          double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::Tensor& key_cache,
                          at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& query_starts, const at::Tensor& query_lens,
                          const at::Tensor& context_lens, int64_t block_size, double scale,
-                         const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows) {
+                         const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows,
+                         const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
+                         at::IntArrayRef bits) {
   TORCH_CHECK(weights.size() == 9 && biases.size() == 7,
               "kiln::decoder_layer: weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and "
               "biases [q, k, v, o, gate, up, down]");
+  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7,
+              "kiln::decoder_layer: scales, offsets and bits must have one entry per projection");
   TORCH_CHECK(x.dim() == 2, "kiln::decoder_layer: x must be (N, hidden), got ", x.sizes());
   TORCH_CHECK(cos.has_value() == sin.has_value(), "kiln::decoder_layer: cos and sin go together");
   const int64_t N = x.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
   auto bias = [&](size_t i) { return biases.get(i); };
+  for (size_t i = 0; i < 7; ++i) {
+    TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(), "kiln::decoder_layer: a quantized projection needs its scale");
+  }
   auto project = [&](const at::Tensor& h, size_t w, size_t b) {
+    if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), bias(b), bits[b]);
     return kiln_linear(h, weights[w], bias(b), max_linear_rows);
   };
   at::Tensor h = rms_norm(x, weights[0], eps);
@@ -101,6 +157,55 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
   return out.add_(project(gated, 8, 6));
 }
 
+// decoder_layer over a quantized pool (kv_quant.py): the new keys/values are quantized and written as codes
+// (slots, KVH, D or D / 2) and params (slots, KVH, 3), and attention is kiln::paged_attention_quantized.
+at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
+                                   const c10::List<OptionalTensor>& biases, double eps, const OptionalTensor& cos,
+                                   const OptionalTensor& sin, at::Tensor& key_codes, at::Tensor& value_codes,
+                                   at::Tensor& key_params, at::Tensor& value_params, int64_t kv_bits,
+                                   const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                   const at::Tensor& query_starts, const at::Tensor& query_lens,
+                                   const at::Tensor& context_lens, int64_t block_size, double scale,
+                                   const OptionalTensor& alibi_slopes, int64_t sliding_window,
+                                   int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
+                                   const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits) {
+  TORCH_CHECK(weights.size() == 9 && biases.size() == 7,
+              "kiln::decoder_layer_quantized: weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] "
+              "and biases [q, k, v, o, gate, up, down]");
+  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7,
+              "kiln::decoder_layer_quantized: scales, offsets and bits must have one entry per projection");
+  TORCH_CHECK(x.dim() == 2, "kiln::decoder_layer_quantized: x must be (N, hidden), got ", x.sizes());
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "kiln::decoder_layer_quantized: cos and sin go together");
+  TORCH_CHECK(kv_bits == 8 || kv_bits == 4, "kiln::decoder_layer_quantized: kv_bits must be 8 or 4");
+  const int64_t N = x.size(0), kv_heads = key_codes.size(1);
+  auto bias = [&](size_t i) { return biases.get(i); };
+  for (size_t i = 0; i < 7; ++i) {
+    TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(),
+                "kiln::decoder_layer_quantized: a quantized projection needs its scale");
+  }
+  auto project = [&](const at::Tensor& h, size_t w, size_t b) {
+    if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), bias(b), bits[b]);
+    return kiln_linear(h, weights[w], bias(b), max_linear_rows);
+  };
+  at::Tensor h = rms_norm(x, weights[0], eps);
+  at::Tensor q = project(h, 1, 0), k = project(h, 2, 1), v = project(h, 3, 2);  // (N, H*D), (N, KVH*D)
+  if (cos.has_value()) std::tie(q, k) = rope(q, k, *cos, *sin);
+  const int64_t D = k.size(1) / kv_heads;
+  auto [k_codes, k_params] = quantize_kv(k.view({N, kv_heads, D}), kv_bits);
+  auto [v_codes, v_params] = quantize_kv(v.view({N, kv_heads, D}), kv_bits);
+  key_codes.index_copy_(0, slot_mapping, k_codes);
+  key_params.index_copy_(0, slot_mapping, k_params);
+  value_codes.index_copy_(0, slot_mapping, v_codes);
+  value_params.index_copy_(0, slot_mapping, v_params);
+  at::Tensor attended = paged_attention_quantized(q.view({N, -1, D}), key_codes, value_codes, key_params, value_params,
+                                                  kv_bits, block_tables, query_starts, query_lens, context_lens,
+                                                  block_size, scale, alibi_slopes, sliding_window);
+  at::Tensor out = x + project(attended.view({N, -1}), 4, 3);
+  h = rms_norm(out, weights[5], eps);
+  at::Tensor gated = swiglu(project(h, 6, 4), project(h, 7, 5));
+  return out.add_(project(gated, 8, 6));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
@@ -108,7 +213,17 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "decoder_layer(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
       "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, "
       "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
-      "Tensor? alibi_slopes, int sliding_window, int max_linear_rows) -> Tensor");
+      "Tensor? alibi_slopes, int sliding_window, int max_linear_rows, Tensor?[] scales, Tensor?[] offsets, "
+      "int[] bits) -> Tensor");
+  m.def(
+      "decoder_layer_quantized(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
+      "Tensor(a!) key_codes, Tensor(b!) value_codes, Tensor(c!) key_params, Tensor(d!) value_params, int kv_bits, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor query_starts, Tensor query_lens, Tensor context_lens, "
+      "int block_size, float scale, Tensor? alibi_slopes, int sliding_window, int max_linear_rows, "
+      "Tensor?[] scales, Tensor?[] offsets, int[] bits) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("decoder_layer", &decoder_layer); }
+TORCH_LIBRARY_IMPL(kiln, CPU, m) {
+  m.impl("decoder_layer", &decoder_layer);
+  m.impl("decoder_layer_quantized", &decoder_layer_quantized);
+}

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "paged_attention_simd.h"
@@ -54,6 +55,14 @@ struct Problem {
   int64_t q_stride_token, q_stride_head, k_stride_slot, k_stride_head, v_stride_slot, v_stride_head;
   int64_t table_width, num_heads, num_kv_heads, head_dim, block_size, window, tile_queries;
   float scale;
+  // A quantized pool (paged_attention_quantized): keys/values are null, and rows (slot, kv head) are
+  // `packed` bytes of codes with 3 bytes of params each (fp16 scale bits, uint8 zero point), all contiguous.
+  // bits 0 = unquantized.
+  int64_t bits = 0, packed = 0;
+  const uint8_t* key_codes = nullptr;
+  const uint8_t* value_codes = nullptr;
+  const uint8_t* key_params = nullptr;
+  const uint8_t* value_params = nullptr;
 };
 
 // Queries [t0, t1) of sequence `seq` with the query heads of kv heads [h0, h1). Its row r is kv head
@@ -104,6 +113,29 @@ void load_rows(const Problem<T>& P, const T* cache, int64_t stride_slot, int64_t
         to_float(row, widened, P.head_dim);
         rows[h * kKeyTile + k] = widened;
       }
+    }
+    if (++offset == P.block_size) offset = 0, ++block;
+  }
+}
+
+// load_rows for a quantized pool: every row dequantized into `buffer` (kv_quant.py's layout).
+template <typename T>
+void load_quantized_rows(const Problem<T>& P, const uint8_t* codes, const uint8_t* params, const int32_t* table,
+                         const Item& item, int64_t j0, int64_t count, float* buffer, const void** rows) {
+  int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t slot = int64_t(table[block]) * P.block_size + offset;
+    for (int64_t h = 0; h < item.h1 - item.h0; ++h) {
+      const int64_t row = slot * P.num_kv_heads + item.h0 + h;
+      float* widened = buffer + (h * kKeyTile + k) * P.head_dim;
+      c10::Half scale16;
+      std::memcpy(&scale16, params + 3 * row, 2);
+      const float scale = float(scale16), zero = float(params[3 * row + 2]);
+      if (P.bits == 8)
+        dequantize_int8(codes + row * P.packed, scale, zero, widened, P.head_dim);
+      else
+        dequantize_int4(codes + row * P.packed, scale, zero, widened, P.packed);
+      rows[h * kKeyTile + k] = widened;
     }
     if (++offset == P.block_size) offset = 0, ++block;
   }
@@ -166,7 +198,7 @@ void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
   const int64_t rows = (item.h1 - item.h0) * tq * (P.num_heads / P.num_kv_heads);
   // Widen bf16/fp16 rows once per tile when several rows (queries x heads of a group) share them; a decode
   // of MHA has one, and reads them straight from the pool (a bf16 pool as bf16 pairs, KILN_BF16_PAIRS).
-  const bool widen = tq * (P.num_heads / P.num_kv_heads) > 2;
+  const bool widen = tq * (P.num_heads / P.num_kv_heads) > 2 || P.bits;
   const bool pairs = !widen && kPairs<T>;
   for (int64_t r = 0, head; r < rows; ++r) {
     const int64_t token = row_token_and_head(P, item, r, &head);
@@ -193,6 +225,13 @@ void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
   const int32_t* table = P.block_tables + item.seq * P.table_width;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyTile) {
     const int64_t count = std::min(kKeyTile, key_end - j0);
+    if (P.bits) {
+      load_quantized_rows(P, P.key_codes, P.key_params, table, item, j0, count, w.keys.data(), w.key_rows.data());
+      load_quantized_rows(P, P.value_codes, P.value_params, table, item, j0, count, w.values.data(),
+                          w.value_rows.data());
+      attend_key_tile<T, float>(P, w, item, first_position, j0, count);
+      continue;
+    }
     load_rows(P, P.keys, P.k_stride_slot, P.k_stride_head, table, item, j0, count, widen, w.keys.data(),
               w.key_rows.data());
     load_rows(P, P.values, P.v_stride_slot, P.v_stride_head, table, item, j0, count, widen, w.values.data(),
@@ -237,7 +276,36 @@ void run(const Problem<T>& P, int64_t num_seqs) {
   }
 }
 
-// Shapes, dtypes and every block a sequence reads, checked before any thread starts.
+// The lengths and every block a sequence reads, checked before any thread starts.
+void check_tables(const at::Tensor& q, int64_t num_slots, const at::Tensor& block_tables,
+                  const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& context_lens,
+                  int64_t block_size, const std::optional<at::Tensor>& slopes) {
+  for (const auto* t : {&block_tables, &query_starts, &query_lens, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device().is_cpu(),
+                "paged_attention: block_tables and the lengths must be contiguous int32 CPU tensors");
+  const int64_t num_seqs = query_lens.numel(), width = block_tables.size(-1);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs && query_starts.numel() == num_seqs &&
+                  context_lens.numel() == num_seqs,
+              "paged_attention: block_tables (S, max_blocks) and the (S,) lengths disagree on S");
+  TORCH_CHECK(block_size > 0 && num_slots % block_size == 0, "paged_attention: bad block_size");
+  TORCH_CHECK(!slopes || (slopes->scalar_type() == at::kFloat && slopes->numel() == q.size(1) &&
+                          slopes->is_contiguous() && slopes->device().is_cpu()),
+              "paged_attention: alibi_slopes must be (H,) contiguous fp32 on CPU");
+  const int32_t *tables = block_tables.data_ptr<int32_t>(), *starts = query_starts.data_ptr<int32_t>();
+  const int32_t *lens = query_lens.data_ptr<int32_t>(), *contexts = context_lens.data_ptr<int32_t>();
+  const int64_t num_blocks = num_slots / block_size;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(lens[s] >= 0 && lens[s] <= contexts[s] && starts[s] >= 0 && starts[s] + lens[s] <= q.size(0),
+                "paged_attention: sequence ", s, " has bad query_starts/query_lens/context_lens");
+    const int64_t used = (int64_t(contexts[s]) + block_size - 1) / block_size;
+    TORCH_CHECK(used <= width, "paged_attention: sequence ", s, " needs ", used, " blocks; its table has ", width);
+    for (int64_t b = 0; b < used; ++b)
+      TORCH_CHECK(tables[s * width + b] >= 0 && tables[s * width + b] < num_blocks,
+                  "paged_attention: sequence ", s, " names block ", tables[s * width + b], " outside the pool");
+  }
+}
+
+// Shapes and dtypes of an unquantized pool, then the tables.
 void check_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                   const at::Tensor& block_tables, const at::Tensor& query_starts, const at::Tensor& query_lens,
                   const at::Tensor& context_lens, int64_t block_size, const std::optional<at::Tensor>& slopes) {
@@ -251,29 +319,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Te
               "paged_attention: head dims differ, or H is not a multiple of KVH");
   TORCH_CHECK(q.stride(2) == 1 && key_cache.stride(2) == 1 && value_cache.stride(2) == 1,
               "paged_attention: the head dim must be contiguous");
-  for (const auto* t : {&block_tables, &query_starts, &query_lens, &context_lens})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device().is_cpu(),
-                "paged_attention: block_tables and the lengths must be contiguous int32 CPU tensors");
-  const int64_t num_seqs = query_lens.numel(), width = block_tables.size(-1);
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs && query_starts.numel() == num_seqs &&
-                  context_lens.numel() == num_seqs,
-              "paged_attention: block_tables (S, max_blocks) and the (S,) lengths disagree on S");
-  TORCH_CHECK(block_size > 0 && key_cache.size(0) % block_size == 0, "paged_attention: bad block_size");
-  TORCH_CHECK(!slopes || (slopes->scalar_type() == at::kFloat && slopes->numel() == q.size(1) &&
-                          slopes->is_contiguous() && slopes->device().is_cpu()),
-              "paged_attention: alibi_slopes must be (H,) contiguous fp32 on CPU");
-  const int32_t *tables = block_tables.data_ptr<int32_t>(), *starts = query_starts.data_ptr<int32_t>();
-  const int32_t *lens = query_lens.data_ptr<int32_t>(), *contexts = context_lens.data_ptr<int32_t>();
-  const int64_t num_blocks = key_cache.size(0) / block_size;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(lens[s] >= 0 && lens[s] <= contexts[s] && starts[s] >= 0 && starts[s] + lens[s] <= q.size(0),
-                "paged_attention: sequence ", s, " has bad query_starts/query_lens/context_lens");
-    const int64_t used = (int64_t(contexts[s]) + block_size - 1) / block_size;
-    TORCH_CHECK(used <= width, "paged_attention: sequence ", s, " needs ", used, " blocks; its table has ", width);
-    for (int64_t b = 0; b < used; ++b)
-      TORCH_CHECK(tables[s * width + b] >= 0 && tables[s * width + b] < num_blocks,
-                  "paged_attention: sequence ", s, " names block ", tables[s * width + b], " outside the pool");
-  }
+  check_tables(q, key_cache.size(0), block_tables, query_starts, query_lens, context_lens, block_size, slopes);
 }
 
 template <typename T>
@@ -309,6 +355,48 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, con
   return out;
 }
 
+// The op over a quantized pool: codes uint8 (slots, KVH, D or D / 2), params uint8 (slots, KVH, 3).
+at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_codes, const at::Tensor& value_codes,
+                                     const at::Tensor& key_params, const at::Tensor& value_params, int64_t bits,
+                                     const at::Tensor& block_tables, const at::Tensor& query_starts,
+                                     const at::Tensor& query_lens, const at::Tensor& context_lens,
+                                     int64_t block_size, double scale, const std::optional<at::Tensor>& alibi_slopes,
+                                     int64_t sliding_window) {
+  TORCH_CHECK(bits == 8 || (bits == 4 && q.size(2) % 2 == 0), "paged_attention_quantized: bits must be 8, or 4 "
+              "with an even head dim");
+  const int64_t packed = bits == 8 ? q.size(2) : q.size(2) / 2;
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.device().is_cpu(),
+              "paged_attention_quantized: q must be (N, H, D) on CPU, the head dim contiguous");
+  for (const auto* codes : {&key_codes, &value_codes})
+    TORCH_CHECK(codes->scalar_type() == at::kByte && codes->dim() == 3 && codes->size(2) == packed &&
+                    codes->sizes() == key_codes.sizes() && codes->is_contiguous() && codes->device().is_cpu() &&
+                    q.size(1) % codes->size(1) == 0,
+                "paged_attention_quantized: codes must be contiguous uint8 (slots, KVH, ", packed, ") on CPU");
+  for (const auto* params : {&key_params, &value_params})
+    TORCH_CHECK(params->scalar_type() == at::kByte && params->dim() == 3 && params->size(0) == key_codes.size(0) &&
+                    params->size(1) == key_codes.size(1) && params->size(2) == 3 && params->is_contiguous() &&
+                    params->device().is_cpu(),
+                "paged_attention_quantized: params must be contiguous uint8 (slots, KVH, 3) on CPU");
+  check_tables(q, key_codes.size(0), block_tables, query_starts, query_lens, context_lens, block_size,
+               alibi_slopes);
+  const bool covered = query_lens.sum().item<int64_t>() == q.size(0);
+  at::Tensor out = covered ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
+  const int64_t tile_queries = std::max<int64_t>(1, kTargetRows / (q.size(1) / key_codes.size(1)));
+  AT_DISPATCH_V2(q.scalar_type(), "paged_attention_quantized", AT_WRAP([&] {
+    Problem<scalar_t> P{q.data_ptr<scalar_t>(), nullptr, nullptr, out.data_ptr<scalar_t>(),
+                        block_tables.data_ptr<int32_t>(), query_starts.data_ptr<int32_t>(),
+                        query_lens.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(),
+                        alibi_slopes ? alibi_slopes->data_ptr<float>() : nullptr,
+                        q.stride(0), q.stride(1), 0, 0, 0, 0, block_tables.size(1), q.size(1), key_codes.size(1),
+                        q.size(2), block_size, std::max<int64_t>(sliding_window, 0), tile_queries, float(scale)};
+    P.bits = bits, P.packed = packed;
+    P.key_codes = key_codes.data_ptr<uint8_t>(), P.value_codes = value_codes.data_ptr<uint8_t>();
+    P.key_params = key_params.data_ptr<uint8_t>(), P.value_params = value_params.data_ptr<uint8_t>();
+    run(P, query_lens.numel());
+  }), at::kFloat, at::kBFloat16, at::kHalf);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
@@ -316,6 +404,13 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor query_starts, "
       "Tensor query_lens, Tensor context_lens, int block_size, float scale, Tensor? alibi_slopes, "
       "int sliding_window) -> Tensor");
+  m.def(
+      "paged_attention_quantized(Tensor q, Tensor key_codes, Tensor value_codes, Tensor key_params, "
+      "Tensor value_params, int bits, Tensor block_tables, Tensor query_starts, Tensor query_lens, "
+      "Tensor context_lens, int block_size, float scale, Tensor? alibi_slopes, int sliding_window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(kiln, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("paged_attention_quantized", &paged_attention_quantized);
+}

@@ -141,6 +141,40 @@ inline void from_float(const float* src, float factor, c10::Half* dst, int64_t n
   for (int64_t d = 0; d < n; ++d) dst[d] = c10::Half(src[d] * factor);
 }
 
+// dst (n,) = (codes - zero) * scale: one int8 KV row (kv_quant.py) in fp32, rounded as torch rounds it.
+inline void dequantize_int8(const uint8_t* codes, float scale, float zero, float* dst, int64_t n) {
+#ifdef KILN_AVX512
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + d)));
+    _mm512_mask_storeu_ps(dst + d, m, _mm512_mul_ps(_mm512_sub_ps(x, z), s));
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) dst[d] = (float(codes[d]) - zero) * scale;
+#endif
+}
+
+// One int4 KV row of `half` bytes: the low nibbles are values [0, half), the high ones [half, 2 * half).
+inline void dequantize_int4(const uint8_t* codes, float scale, float zero, float* dst, int64_t half) {
+#ifdef KILN_AVX512
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
+  const __m512i low_bits = _mm512_set1_epi32(15);
+  for (int64_t d = 0; d < half; d += 16) {
+    const __mmask16 m = tail_mask(half - d);
+    const __m512i x = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + d));
+    const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(x, low_bits));
+    const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+    _mm512_mask_storeu_ps(dst + d, m, _mm512_mul_ps(_mm512_sub_ps(low, z), s));
+    _mm512_mask_storeu_ps(dst + half + d, m, _mm512_mul_ps(_mm512_sub_ps(high, z), s));
+  }
+#else
+  for (int64_t d = 0; d < half; ++d) {
+    dst[d] = (float(codes[d] & 15) - zero) * scale;
+    dst[half + d] = (float(codes[d] >> 4) - zero) * scale;
+  }
+#endif
+}
 
 #if defined(KILN_AVX512) && defined(__AVX512BF16__)
 #define KILN_BF16_PAIRS 1

@@ -37,6 +37,7 @@ constexpr int64_t PREFETCH_BYTES = 8 * 1024;  // as linear.cpp: a tile or two of
 
 struct QuantArgs {
   const float* x;       // (M, K) fp32
+  const uint16_t* xb;   // (M, K) bf16 in the int4 pair order (see tile_int4_bf16), or null
   const uint8_t* w;     // (N, row_bytes)
   const float* scale;   // (N, G)
   const float* offset;  // (N, G) or null
@@ -153,12 +154,67 @@ void tile_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
   }
   finish<R, C>(a, m0, n0, total);
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define KILN_INT4_BF16 1
+// int4 with a bf16 x (the bf16 models' decode): 64 weights (32 bytes) per step, turned into bf16 by a
+// 16-entry table lookup and multiplied with vdpbf16ps, about half the instructions per weight of
+// tile_int4's widen-convert-fma (which left int4 compute-bound: BENCHMARKS.md, "Quantized weights").
+// The step's 32 bytes widened to 16-bit lanes hold, in lane j < 16, elements j (low nibble) and j + 16
+// (high) of the first chunk, in lane 16 + j elements 32 + j and 48 + j of the second: so the low nibbles
+// pair with x[0..15], x[32..47] and the high ones with x[16..31], x[48..63], which is how quant_linear lays
+// out `xb` per 64 elements. Products of a bf16 x and an integer below 16 are exact in fp32, so only the
+// fp32 accumulation order differs from the reference. Groups are multiples of 64 here.
+template <int R, int C>
+void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
+  __m512 total[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
+  const uint8_t* w = a.w + n0 * a.row_bytes;
+  const int64_t ahead = C * a.row_bytes * std::max<int64_t>(1, PREFETCH_BYTES / (C * a.row_bytes));
+  alignas(64) static const uint16_t bf16_of[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0,
+                                                   0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
+                                                   0x4160, 0x4170};  // bf16 bits of 0..15
+  const __m512i table = _mm512_load_si512(bf16_of), low_nibble = _mm512_set1_epi16(0xF);
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 acc[R][C];
+    for (int m = 0; m < R; ++m)
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {
+      __m512bh lo[C], hi[C];
+      for (int c = 0; c < C; ++c) {
+        const uint8_t* p = w + c * a.row_bytes + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        lo[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low_nibble), table);
+        hi[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      }
+      for (int m = 0; m < R; ++m) {
+        const uint16_t* xr = a.xb + (m0 + m) * a.K + k;
+        const __m512bh xl = (__m512bh)_mm512_loadu_si512(xr), xh = (__m512bh)_mm512_loadu_si512(xr + 32);
+        for (int c = 0; c < C; ++c) {
+          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xl, lo[c]);
+          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xh, hi[c]);
+        }
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512 s = _mm512_set1_ps(a.scale[(n0 + c) * a.G + g]);
+      for (int m = 0; m < R; ++m) total[m][c] = _mm512_fmadd_ps(acc[m][c], s, total[m][c]);
+    }
+  }
+  finish<R, C>(a, m0, n0, total);
+}
+#endif
 #endif
 
 template <int R, int C>
 inline void run_tile(const QuantArgs& a, int64_t m0, int64_t n0) {
 #if defined(__AVX512F__)
   if (a.bits == 8) return tile_int8<R, C>(a, m0, n0);
+#if defined(KILN_INT4_BF16)
+  if (a.xb != nullptr) return tile_int4_bf16<R, C>(a, m0, n0);
+#endif
   return tile_int4<R, C>(a, m0, n0);
 #else
   tile_scalar<R, C>(a, m0, n0);
@@ -223,7 +279,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   }
   if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
   if (M == 0 || N == 0) return out.to(x.scalar_type());
+  at::Tensor xb;
+#if defined(KILN_INT4_BF16)
+  if (bits == 4 && x.scalar_type() == at::kBFloat16 && (K / G) % 64 == 0) {
+    // per 64 elements [0..15, 32..47, 16..31, 48..63]: the lanes tile_int4_bf16's weights land in
+    xb = x.contiguous().view({M, K / 64, 2, 2, 16}).transpose(2, 3).contiguous();
+  }
+#endif
   QuantArgs args{xf.const_data_ptr<float>(),
+                 xb.defined() ? reinterpret_cast<const uint16_t*>(xb.const_data_ptr()) : nullptr,
                  reinterpret_cast<const uint8_t*>(wc.const_data_ptr()),
                  sc.const_data_ptr<float>(),
                  off.defined() ? off.const_data_ptr<float>() : nullptr,

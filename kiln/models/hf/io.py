@@ -244,6 +244,11 @@ def hf_state_dict(
 
 def hf_config(model: Transformer, family: Family, dtype: torch.dtype) -> dict[str, Any]:
     config = model.config
+    if config.attention_pattern != "dense" and family.name != "llama":
+        raise KilnError(
+            f"this model uses attention_pattern={config.attention_pattern!r}, which the {family.name!r} "
+            "family cannot express; save it as family='llama' (kiln writes it under a kiln-specific key)"
+        )
     extra = config.extra_hf_config if family.name == config.family else {}
     return {
         **extra,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.config import ModelConfig
+from kiln.errors import ModelLoadError
 from kiln.models.hf.spec import (
     ConfigReader,
     Family,
@@ -94,14 +95,32 @@ def _to_hf(config: ModelConfig, family: str, moe: bool = False, qk_norm: bool = 
     }
 
 
+# kiln's block-sparse attention (kiln/models/bigbird.py), saved under a key transformers does not read: a
+# Llama reader there runs the model with dense attention, which is a different model.
+PATTERN_KEY = "kiln_attention_pattern"
+_BIGBIRD_FIELDS = ("block_size", "num_window_blocks", "num_global_blocks", "num_random_blocks", "seed")
+
+
 def _llama_from_hf(hf: ConfigReader) -> ModelConfig:
-    return _from_hf(hf, "llama")
+    pattern = dict(hf.get(PATTERN_KEY) or {})
+    if not pattern:
+        return _from_hf(hf, "llama")
+    kind = pattern.pop("kind", None)
+    unknown = sorted(set(pattern) - set(_BIGBIRD_FIELDS))
+    if kind != "bigbird" or unknown:
+        raise ModelLoadError(f"{hf.source}: {PATTERN_KEY}={hf.get(PATTERN_KEY)!r} is not a pattern kiln has")
+    fields = {f"bigbird_{name}": value for name, value in pattern.items()}
+    return _from_hf(hf, "llama", attention_pattern="bigbird", **fields)
 
 
 def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
     require(config, "llama", sliding_window=None, out_bias=config.qkv_bias)
     attention_bias = {"attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias}
-    return {**_to_hf(config, "llama"), **attention_bias}
+    pattern = {}
+    if config.attention_pattern == "bigbird":
+        values = {name: getattr(config, f"bigbird_{name}") for name in _BIGBIRD_FIELDS}
+        pattern = {PATTERN_KEY: {"kind": "bigbird", **values}}
+    return {**_to_hf(config, "llama"), **attention_bias, **pattern}
 
 
 def _mistral_from_hf(hf: ConfigReader) -> ModelConfig:

@@ -1,0 +1,177 @@
+"""Loki sparse attention (kiln/engine/loki.py): quality and decode attention time against dense attention.
+
+python -m kiln.bench.loki perplexity --model DIR --val VAL.npy     # dense vs Loki perplexity, whole windows
+python -m kiln.bench.loki decode                                    # attention time per decode step
+
+`perplexity` runs every query of each --seq-len window of the validation tokens as Loki would at decode
+(query t keeps ceil(top_k * (t + 1)) keys; kiln.engine.loki.LokiSequenceAttention) against the model's dense
+attention. The model directory needs `kiln calibrate-loki` first.
+
+`decode` times one engine decode step's attention (all layers: the backend call per layer, which writes the
+new key/value and attends) for --batch sequences at each --contexts length on the demo shape (6 heads, 2 KV
+heads, head_dim 32, 4 layers, fp32): the dense C++ paged-attention backend (the engine's default on CPU),
+the dense torch backend, and Loki on its C++ op and on torch, with a random orthonormal basis (the time
+does not depend on the basis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.bench.results import write_result
+from kiln.bench.timing import best_of
+from kiln.config import ModelConfig
+from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
+from kiln.engine.loki import (
+    LOKI_FILE,
+    LokiPagedAttention,
+    LokiSequenceAttention,
+    LokiSettings,
+    load_loki_settings,
+)
+from kiln.kernels.cpu_extension import cpu_ops_available
+
+
+@dataclass
+class PerplexityResult:
+    model: str
+    seq_len: int
+    num_windows: int
+    rank: int
+    top_k: float
+    dense_perplexity: float
+    loki_perplexity: float
+    ratio: float
+
+
+@dataclass
+class DecodeResult:
+    shape: str
+    batch: int
+    rank: int
+    top_k: float
+    threads: int
+    # context length -> backend -> seconds of attention per decode step (all layers)
+    seconds: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def perplexity(args: argparse.Namespace) -> PerplexityResult:
+    from kiln.models.hf.io import load_model
+
+    model = load_model(args.model, dtype="float32").eval()
+    settings = load_loki_settings(
+        args.model / LOKI_FILE, model.config, args.rank, args.top_k, torch.float32, torch.device("cpu")
+    )
+    tokens = np.load(args.val, mmap_mode="r")
+    num_windows = min(args.num_windows, len(tokens) // args.seq_len)
+    positions = torch.arange(args.seq_len)[None]
+    losses = {"dense": 0.0, "loki": 0.0}
+    for index in range(num_windows):
+        window = np.asarray(tokens[index * args.seq_len : (index + 1) * args.seq_len], dtype=np.int64)
+        ids = torch.from_numpy(window)[None]
+        for name, attention in (("dense", None), ("loki", LokiSequenceAttention(settings))):
+            if attention is None:
+                hidden = model.hidden_states(ids)
+            else:
+                hidden = model.hidden_states(ids, positions, attention=attention)
+            logits = model.logits(hidden)[0, :-1].float()
+            losses[name] += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+    count = num_windows * (args.seq_len - 1)
+    dense, loki = (math.exp(losses[name] / count) for name in ("dense", "loki"))
+    result = PerplexityResult(
+        model=str(args.model), seq_len=args.seq_len, num_windows=num_windows, rank=settings.rank,
+        top_k=args.top_k, dense_perplexity=dense, loki_perplexity=loki, ratio=loki / dense,
+    )  # fmt: skip
+    print(
+        f"{num_windows} windows x {args.seq_len} tokens: dense perplexity {dense:.3f}, Loki (rank "
+        f"{settings.rank}, top_k {args.top_k:g}) {loki:.3f}: {100 * (loki / dense - 1):+.2f}%"
+    )
+    return result
+
+
+def _decode_step(config: ModelConfig, batch: int, context: int, block_size: int = 16):
+    """A pool holding `batch` sequences of `context` tokens (the last one new) and the step's PagedBatch."""
+    blocks_per_seq = -(-context // block_size)
+    pool = KVPool(config, batch * blocks_per_seq, block_size, torch.float32, torch.device("cpu"))
+    pool.keys.normal_()
+    pool.values.normal_()
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    last = context - 1
+    paged = PagedBatch(
+        slot_mapping=torch.tensor([t[last // block_size] * block_size + last % block_size for t in tables]),
+        query_starts=list(range(batch)), query_lens=[1] * batch, context_lens=[context] * batch,
+        block_tables=tables,
+    )  # fmt: skip
+    return pool, paged
+
+
+def _step(build, pool, paged, config, q, k, v) -> None:
+    """One decode step's attention: build the backend, call it for every layer."""
+    backend = build(pool, paged, config)
+    for layer in range(config.num_layers):
+        backend(layer, q, k, v)
+
+
+def decode(args: argparse.Namespace) -> DecodeResult:
+    config = ModelConfig(vocab_size=8192, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2)
+    rank = args.rank or config.head_dim // 4
+    basis = torch.linalg.qr(torch.randn(config.num_layers, config.num_kv_heads, 32, 32))[0]
+    result = DecodeResult(
+        shape="demo: 6 heads, 2 KV heads, head_dim 32, 4 layers, fp32, block 16",
+        batch=args.batch, rank=rank, top_k=args.top_k, threads=torch.get_num_threads(),
+    )  # fmt: skip
+    backends = {"dense torch": TorchPagedAttention}
+    if cpu_ops_available():
+        from kiln.engine.cpu_attention import CppPagedAttention
+
+        backends["dense C++ (engine default)"] = CppPagedAttention
+    for use_cpp in [False, True] if cpu_ops_available() else [False]:
+        settings = LokiSettings(basis=basis, rank=rank, top_k=args.top_k, use_cpp=use_cpp)
+        name = f"Loki {'C++' if use_cpp else 'torch'}"
+        backends[name] = lambda pool, batch, cfg, s=settings: LokiPagedAttention(pool, batch, cfg, s)
+    for context in args.contexts:
+        pool, paged = _decode_step(config, args.batch, context)
+        q = torch.randn(1, config.num_heads, args.batch, config.head_dim)
+        k = torch.randn(1, config.num_kv_heads, args.batch, config.head_dim)
+        inputs = (pool, paged, config, q, k, torch.randn_like(k))
+        result.seconds[context] = {
+            name: best_of(args.repeats, lambda b=build, i=inputs: _step(b, *i))[0]
+            for name, build in backends.items()
+        }
+        print(
+            f"context {context:>5}, {args.batch} decodes: "
+            + "  ".join(f"{name} {seconds * 1e3:.3f}ms" for name, seconds in result.seconds[context].items())
+        )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=["perplexity", "decode"])
+    parser.add_argument("--model", type=Path, help="HF model directory calibrated by `kiln calibrate-loki`.")
+    parser.add_argument("--val", type=Path, help="Validation token shard (.npy).")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--num-windows", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=None, help="Default: head_dim / 4.")
+    parser.add_argument("--top-k", type=float, default=0.25)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
+    args = parser.parse_args()
+    result = perplexity(args) if args.mode == "perplexity" else decode(args)
+    if args.out is not None:
+        write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Loki sparse attention in the engine (Singhania et al., NeurIPS 2024; kiln/kernels/loki_attention.py).
+
+`kiln calibrate-loki DIR --data FILES` (kiln.engine.loki_calibration) writes `loki/pca.safetensors` into the
+model directory: per layer an orthonormal PCA basis (KVH, D, D) of the post-RoPE keys, columns by explained
+variance. With `loki_top_k` set, the engine's backend `LokiPagedAttention` rotates each layer's new keys
+and queries by that basis before they reach the pool, so the pool holds rotated keys (q . k is unchanged:
+the basis is orthogonal). Prompts and prefill chunks then attend exactly (the torch backend's SDPA groups,
+over the rotated keys); each decode scores its whole context on the first `loki_rank` coordinates, keeps the
+top `loki_top_k` fraction of the tokens and attends exactly over those. Values are stored as they are.
+
+Post-RoPE keys, because the pool holds post-RoPE keys and the score is taken after RoPE: only a basis of
+that space turns the stored keys' first r coordinates into the rank-r score with no projection per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kiln.config import ModelConfig
+from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
+from kiln.errors import KilnError
+from kiln.kernels.loki_attention import loki_decode_attention
+
+# In a folder of its own: kiln's loader reads every *.safetensors at the top of a model directory as weights.
+LOKI_FILE = "loki/pca.safetensors"
+
+
+@dataclass(kw_only=True, slots=True)
+class LokiSettings:
+    basis: torch.Tensor  # (num_layers, KVH, D, D): column j of [layer, head] is principal direction j
+    rank: int  # leading principal coordinates the approximate scores use
+    top_k: float  # fraction of the context each decode attends
+    use_cpp: bool | None = None  # the C++ op for decodes; None = on CPU where it is built
+
+
+def save_loki_basis(path: str | Path, basis: torch.Tensor, eigenvalues: torch.Tensor) -> None:
+    """basis (L, KVH, D, D), eigenvalues (L, KVH, D) -> a safetensors file (metadata says which keys)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"basis": basis.float().contiguous(), "eigenvalues": eigenvalues.float().contiguous()}
+    save_file(tensors, str(path), metadata={"keys": "post_rope", "method": "loki-pca"})
+
+
+def load_loki_settings(
+    path: str | Path | None, config: ModelConfig, rank: int | None, top_k: float, dtype: torch.dtype,
+    device: torch.device,
+) -> LokiSettings:  # fmt: skip
+    """The basis of `path` checked against the model; rank None = a quarter of head_dim."""
+    if path is None or not Path(path).is_file():
+        where = f" ({path} does not exist)" if path is not None else ""
+        raise KilnError(
+            f"Loki needs the model's key PCA basis{where}; run `kiln calibrate-loki MODEL_DIR --data "
+            "TOKENS.npy` first (it writes DIR/loki/pca.safetensors), or pass loki_basis=PATH"
+        )
+    if config.position == "alibi":
+        raise KilnError("Loki is implemented for RoPE and learned positions, not ALiBi; turn loki_top_k off")
+    basis = load_file(str(path))["basis"]
+    expected = (config.num_layers, config.num_kv_heads, config.head_dim, config.head_dim)
+    if tuple(basis.shape) != expected:
+        raise KilnError(
+            f"{path} holds a Loki basis of shape {tuple(basis.shape)}, this model needs {expected}; "
+            "re-run `kiln calibrate-loki` for this model"
+        )
+    rank = max(1, config.head_dim // 4) if rank is None else rank
+    if not 1 <= rank <= config.head_dim:
+        raise KilnError(f"loki_rank must be between 1 and head_dim ({config.head_dim}), got {rank}")
+    return LokiSettings(basis=basis.to(device=device, dtype=dtype), rank=rank, top_k=top_k)
+
+
+def rotate(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """rows (N, H|KVH, D), basis (KVH, D, D) -> rows @ basis of each row's KV head, (N, H|KVH, D)."""
+    num_rows, num_heads, head_dim = rows.shape
+    group = num_heads // basis.shape[0]
+    grouped = rows.reshape(num_rows, basis.shape[0], group, head_dim)
+    return torch.einsum("nkgd,kde->nkge", grouped, basis).reshape(num_rows, num_heads, head_dim)
+
+
+class LokiPagedAttention:
+    """Paged attention over rotated keys: exact for prefill chunks, Loki for decodes (module docstring)."""
+
+    def __init__(self, pool: KVPool, batch: PagedBatch, config: ModelConfig, settings: LokiSettings) -> None:
+        self.pool, self.settings = pool, settings
+        self.slot_mapping = batch.slot_mapping
+        self.window = config.sliding_window
+        self.scale = config.head_dim**-0.5
+        device = batch.slot_mapping.device
+        decodes = [i for i, n in enumerate(batch.query_lens) if n == 1]
+        several = [i for i, n in enumerate(batch.query_lens) if n > 1]
+        self.torch_backend = None
+        if several:
+            pick = lambda values: [values[i] for i in several]  # noqa: E731
+            sub_batch = PagedBatch(
+                slot_mapping=batch.slot_mapping, query_starts=pick(batch.query_starts),
+                query_lens=pick(batch.query_lens), context_lens=pick(batch.context_lens),
+                block_tables=pick(batch.block_tables),
+            )  # fmt: skip
+            self.torch_backend = TorchPagedAttention(pool, sub_batch, config)
+        self.decode_rows = torch.tensor(
+            [batch.query_starts[i] for i in decodes], dtype=torch.long, device=device
+        )
+        self.context_lens = torch.tensor(
+            [batch.context_lens[i] for i in decodes], dtype=torch.int32, device=device
+        )
+        width = max((len(batch.block_tables[i]) for i in decodes), default=1)
+        tables = [batch.block_tables[i] + [0] * (width - len(batch.block_tables[i])) for i in decodes]
+        self.block_tables = torch.tensor(tables, dtype=torch.int32, device=device).reshape(
+            len(decodes), width
+        )
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""
+        basis = self.settings.basis[layer_index]  # (KVH, D, D)
+        q_rows = rotate(q[0].transpose(0, 1), basis)  # (N, H, D)
+        k_rows = rotate(k[0].transpose(0, 1), basis)  # (N, KVH, D)
+        v_rows = v[0].transpose(0, 1)
+        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
+        keys.index_copy_(0, self.slot_mapping, k_rows)
+        values.index_copy_(0, self.slot_mapping, v_rows)
+        out = torch.empty_like(q_rows)
+        if self.torch_backend is not None:
+            self.torch_backend.attend(layer_index, q_rows, k_rows, v_rows, out)
+        if self.decode_rows.numel():
+            result = loki_decode_attention(
+                q_rows.index_select(0, self.decode_rows), keys, values, self.block_tables, self.context_lens,
+                self.pool.block_size, self.settings.rank, self.settings.top_k, self.scale, self.window,
+                self.settings.use_cpp,
+            )  # fmt: skip  # (M, H, D)
+            out.index_copy_(0, self.decode_rows, result)
+        return out.transpose(0, 1)[None]
+
+
+def loki_backend(settings: LokiSettings) -> Callable[[KVPool, PagedBatch, ModelConfig], LokiPagedAttention]:
+    """The engine's backend builder (`ModelRunner(attention=...)`) for `settings`."""
+
+    def build(pool: KVPool, batch: PagedBatch, config: ModelConfig) -> LokiPagedAttention:
+        return LokiPagedAttention(pool, batch, config, settings)
+
+    build.__name__ = f"LokiPagedAttention(rank={settings.rank}, top_k={settings.top_k:g})"
+    return build
+
+
+class LokiSequenceAttention:
+    """A model attention backend (`Transformer.hidden_states(..., attention=...)`) that runs Loki on every
+    query of whole causal sequences: query t keeps ceil(top_k * (t + 1)) keys, as a decode at that position
+    would. Perplexity evaluation and the engine's consistency test run it."""
+
+    def __init__(self, settings: LokiSettings) -> None:
+        self.settings = settings
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, KVH, T, D) -> (B, H, T, D)."""
+        from kiln.kernels.loki_attention import loki_attention_reference
+
+        basis = self.settings.basis[layer_index]  # (KVH, D, D)
+        group = q.shape[1] // k.shape[1]
+        q_rotated = q @ basis.repeat_interleave(group, 0)  # (B, H, T, D) @ (H, D, D)
+        k_rotated = k @ basis
+        return loki_attention_reference(q_rotated, k_rotated, v, self.settings.rank, self.settings.top_k)

@@ -1,0 +1,133 @@
+"""Loki sparse attention in the engine (kiln/engine/loki.py): calibration, the missing-basis error, dense
+equality at top_k = 1, and sparse decodes equal to the whole-sequence reference."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from kiln.cli import app
+from kiln.config import preset
+from kiln.engine import LLM, SamplingParams
+from kiln.engine.loki import LOKI_FILE, LokiSequenceAttention, load_loki_settings
+from kiln.errors import KilnError
+from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.models.hf.io import load_model, save_model
+from kiln.models.transformer import Transformer
+from tests.engine.conftest import random_prompts
+
+KERNELS = [
+    "torch",
+    pytest.param("auto", marks=pytest.mark.skipif(not cpu_ops_available(), reason="no C++ ops")),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model (head_dim 16, GQA 4:2), calibrated by `kiln calibrate-loki` on random tokens."""
+    directory = tmp_path_factory.mktemp("loki-model")
+    torch.manual_seed(0)
+    # large initial weights give sharp attention, so which keys Loki keeps shows in the logits
+    save_model(Transformer(preset("tiny", max_position_embeddings=256, initializer_range=0.3)), directory)
+    tokens = directory / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4096).astype(np.uint16))
+    result = CliRunner().invoke(
+        app,
+        ["calibrate-loki", str(directory), "--data", str(tokens), "--seq-len", "64", "--num-tokens", "1024"],
+    )
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def test_calibration_writes_orthonormal_bases_by_explained_variance(model_dir):
+    saved = load_file(str(model_dir / LOKI_FILE))
+    basis, eigenvalues = saved["basis"], saved["eigenvalues"]
+    assert basis.shape == (2, 2, 16, 16) and eigenvalues.shape == (2, 2, 16)
+    identity = torch.eye(16).expand_as(basis)
+    torch.testing.assert_close(basis.transpose(-1, -2) @ basis, identity, atol=1e-5, rtol=0)
+    assert (eigenvalues[..., :-1] >= eigenvalues[..., 1:]).all() and (eigenvalues > 0).all()
+
+
+def test_loki_without_a_basis_says_to_calibrate(tmp_path):
+    save_model(Transformer(preset("tiny")), tmp_path)
+    with pytest.raises(KilnError, match="run `kiln calibrate-loki"):
+        LLM(tmp_path, loki_top_k=0.25, verbose=False)
+    with pytest.raises(KilnError, match=r"loki_top_k is a fraction"):
+        LLM(tmp_path, loki_top_k=1.5, verbose=False)
+
+
+def _generate(model_dir, prompts, max_tokens, temperature=0.0, **options):
+    llm = LLM(model_dir, block_size=4, max_num_batched_tokens=24, verbose=False, **options)
+    params = SamplingParams(
+        temperature=temperature, seed=3, max_tokens=max_tokens, logprobs=0, ignore_eos=True
+    )
+    return llm.generate(prompts, params)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_top_k_one_equals_dense_attention(model_dir, kernels):
+    prompts = random_prompts([1, 3, 5, 9, 17, 31, 40], seed=1, vocab_size=1024)
+    dense = _generate(model_dir, prompts, 12, kernels=kernels)
+    loki = _generate(model_dir, prompts, 12, kernels=kernels, loki_top_k=1.0, loki_rank=4)
+    for got, want in zip(loki, dense, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for got_position, want_position in zip(
+            got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True
+        ):
+            (token,) = want_position
+            # the rotation by the basis changes fp32 round-off only
+            assert got_position[token].logprob == pytest.approx(want_position[token].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_sparse_decodes_equal_the_whole_sequence_reference(model_dir, kernels):
+    """One-token prompts make every step a decode, so each position is Loki-attended in both; sampled
+    (not greedy) tokens keep the context varied."""
+    prompts = random_prompts([1, 1, 1], seed=2, vocab_size=1024)
+    outputs = _generate(model_dir, prompts, 40, 1.0, kernels=kernels, loki_top_k=0.25, loki_rank=4)
+    model = load_model(model_dir).eval()
+    settings = load_loki_settings(
+        model_dir / LOKI_FILE, model.config, 4, 0.25, torch.float32, torch.device("cpu")
+    )
+    for output in outputs:
+        ids = torch.tensor(output.prompt_token_ids + output.outputs[0].token_ids)[None]
+        positions = torch.arange(ids.shape[1])[None]
+        with torch.no_grad():
+            hidden = model.hidden_states(ids, positions, attention=LokiSequenceAttention(settings))
+            logprobs = model.logits(hidden)[0, :-1].log_softmax(-1)
+        chosen = ids[0, 1:]
+        engine = torch.tensor([next(iter(p.values())).logprob for p in output.outputs[0].logprobs])
+        torch.testing.assert_close(logprobs.gather(1, chosen[:, None])[:, 0], engine, atol=1e-4, rtol=0)
+        with torch.no_grad():
+            dense = model(ids)[0, :-1].log_softmax(-1)
+        assert (dense - logprobs).abs().max() > 1e-3  # and it is not dense attention
+
+
+def test_cli_flags_reach_the_engine(text_model_dir, tmp_path):
+    from kiln.engine.options import engine_config_from_flags
+
+    config = engine_config_from_flags({"loki_top_k": 0.25, "loki_rank": 8, "prompt": "ignored"})
+    assert (config.loki_top_k, config.loki_rank) == (0.25, 8)
+    directory = tmp_path / "model"
+    shutil.copytree(text_model_dir, directory)
+    generate = ["generate", "-m", str(directory), "-p", "def f():", "--max-new-tokens", "3", "--no-stream"]
+    result = CliRunner().invoke(app, [*generate, "--loki-top-k", "0.5"])
+    assert result.exit_code != 0 and "kiln calibrate-loki" in str(result.exception)
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 400, 2048).astype(np.uint16))
+    calibrate = [
+        "calibrate-loki",
+        str(directory),
+        "--data",
+        str(tokens),
+        "--seq-len",
+        "32",
+        "--num-tokens",
+        "256",
+    ]
+    assert CliRunner().invoke(app, calibrate).exit_code == 0
+    result = CliRunner().invoke(app, [*generate, "--loki-top-k", "0.5", "--loki-rank", "4"])
+    assert result.exit_code == 0, result.output

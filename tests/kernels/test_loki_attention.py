@@ -1,0 +1,102 @@
+"""Loki sparse attention (kiln/kernels/loki_attention.py): the dense-sequence reference, the engine's paged
+decode in torch and the C++ op agree; with top_k = 1 every one is dense causal attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.kernels.cpu_paged_attention import paged_attention_reference
+from kiln.kernels.loki_attention import loki_attention_reference, loki_decode_attention, num_selected
+
+needs_cpp = pytest.mark.skipif(not cpu_ops_available(), reason="kiln's C++ CPU ops are not built here")
+
+
+def _paged(k: torch.Tensor, v: torch.Tensor, block_size: int, seed: int = 0):
+    """Scatter (B, KVH, T, D) keys/values into a pool in shuffled blocks: (pool keys, values, tables)."""
+    batch, num_kv_heads, length, head_dim = k.shape
+    blocks_per_seq = -(-length // block_size)
+    order = torch.randperm(batch * blocks_per_seq + 3, generator=torch.Generator().manual_seed(seed))
+    tables = order[: batch * blocks_per_seq].view(batch, blocks_per_seq).int()
+    num_slots = (batch * blocks_per_seq + 3) * block_size
+    keys = torch.randn(num_slots, num_kv_heads, head_dim, dtype=k.dtype)  # garbage outside the sequences
+    values = torch.randn(num_slots, num_kv_heads, head_dim, dtype=k.dtype)
+    positions = torch.arange(length)
+    for seq in range(batch):
+        slots = tables[seq].long()[positions // block_size] * block_size + positions % block_size
+        keys[slots] = k[seq].transpose(0, 1)
+        values[slots] = v[seq].transpose(0, 1)
+    return keys, values, tables
+
+
+def _inputs(batch=2, heads=6, kv_heads=2, length=37, head_dim=24, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=generator).to(dtype)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=generator).to(dtype)
+    return q, k, v
+
+
+def test_reference_at_top_k_one_is_dense_causal_attention():
+    q, k, v = _inputs()
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(loki_attention_reference(q, k, v, rank=6, top_k=1.0), dense, atol=1e-6, rtol=0)
+
+
+def test_reference_keeps_ceil_top_k_keys_per_query():
+    q, k, v = _inputs(batch=1, heads=2, kv_heads=2)
+    # values one-hot per key position: the output's support is the set of keys attended
+    length = k.shape[2]
+    v = torch.eye(length)[None, None].expand(1, 2, length, length)
+    q = F.pad(q, (0, length - q.shape[-1]))
+    k = F.pad(k, (0, length - k.shape[-1]))
+    out = loki_attention_reference(q, k, v, rank=4, top_k=0.25)
+    attended = (out[0] > 0).sum(-1)  # (H, T)
+    expected = torch.tensor([num_selected(t + 1, 0.25) for t in range(length)])
+    assert torch.equal(attended, expected.expand(2, length))
+    assert num_selected(8, 0.25) == 2 and num_selected(9, 0.25) == 3 and num_selected(1, 0.25) == 1
+
+
+@pytest.mark.parametrize("use_cpp", [False, pytest.param(True, marks=needs_cpp)])
+@pytest.mark.parametrize("top_k", [0.25, 0.6, 1.0])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "length", "block_size"),
+    [(6, 2, 24, 37, 16), (4, 4, 32, 50, 4), (8, 1, 16, 9, 8)],
+)
+def test_paged_decode_matches_the_reference_last_query(
+    use_cpp, top_k, heads, kv_heads, head_dim, length, block_size
+):
+    q, k, v = _inputs(heads=heads, kv_heads=kv_heads, length=length, head_dim=head_dim)
+    rank = max(1, head_dim // 4)
+    expected = loki_attention_reference(q, k, v, rank, top_k)[:, :, -1]  # (B, H, D)
+    keys, values, tables = _paged(k, v, block_size)
+    lens = torch.full((q.shape[0],), length, dtype=torch.int32)
+    out = loki_decode_attention(
+        q[:, :, -1], keys, values, tables, lens, block_size, rank, top_k, use_cpp=use_cpp
+    )
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_cpp", [False, pytest.param(True, marks=needs_cpp)])
+def test_paged_decode_at_top_k_one_equals_dense_paged_attention(use_cpp):
+    q, k, v = _inputs(length=45)
+    keys, values, tables = _paged(k, v, block_size=16)
+    lens = torch.tensor([45, 30], dtype=torch.int32)  # the second sequence sees only its first 30 keys
+    queries = torch.stack([q[0, :, 44], q[1, :, 29]])  # (M, H, D)
+    out = loki_decode_attention(queries, keys, values, tables, lens, 16, rank=6, top_k=1.0, use_cpp=use_cpp)
+    starts, ones = torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    dense = paged_attention_reference(queries, keys, values, tables, starts, ones, lens, 16)
+    torch.testing.assert_close(out, dense, atol=1e-6, rtol=0)
+
+
+@needs_cpp
+def test_cpp_op_bf16_and_sliding_window_match_torch():
+    q, k, v = _inputs(length=64, dtype=torch.bfloat16)
+    keys, values, tables = _paged(k, v, block_size=16)
+    lens = torch.tensor([64, 40], dtype=torch.int32)
+    queries = torch.stack([q[0, :, 63], q[1, :, 39]])
+    for window in (None, 20):
+        args = (queries, keys, values, tables, lens, 16, 6, 0.25, None, window)
+        cpp = loki_decode_attention(*args, use_cpp=True)
+        torch_out = loki_decode_attention(*args, use_cpp=False)
+        torch.testing.assert_close(cpp.float(), torch_out.float(), atol=2e-2, rtol=2e-2)
