@@ -75,6 +75,7 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     embedding_norm: bool = False  # BLOOM normalises the token embeddings before the first block
+    qk_norm: bool = False  # RMSNorm over each head's q and k (head_dim wide) before RoPE (Qwen3)
 
     # Mixture of experts (kiln/models/moe.py). num_experts = 0: every layer has the dense MLP.
     num_experts: int = 0
@@ -186,7 +187,7 @@ class ModelConfig:
         q, kv = self.num_heads * d, self.num_kv_heads * d
         norm = h * (2 if self.norm == "layernorm" else 1)
         attn = h * (q + 2 * kv) + q * h
-        attn += (q + 2 * kv) * self.qkv_bias + h * self.out_bias
+        attn += (q + 2 * kv) * self.qkv_bias + h * self.out_bias + 2 * d * self.qk_norm
         num_mlp_in = 2 if self.mlp == "gated" else 1
         mlp = num_mlp_in * h * self.intermediate_size + self.intermediate_size * h
         mlp += (num_mlp_in * self.intermediate_size + h) * self.mlp_bias

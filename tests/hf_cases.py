@@ -53,6 +53,9 @@ def _configs():
         "qwen2-gqa2-tied": T.Qwen2Config(
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **llama, **COMMON
         ),
+        "qwen3-gqa2-bias-headdim8": T.Qwen3Config(
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=True, **llama, **COMMON
+        ),
         "bloom-heads3": T.BloomConfig(hidden_size=48, n_layer=2, n_head=3, **COMMON),
         "bloom-heads4-untied": T.BloomConfig(
             hidden_size=32, n_layer=2, n_head=4, tie_word_embeddings=False, **COMMON
@@ -74,7 +77,8 @@ def _configs():
 
 
 def _moe_configs(llama: dict) -> dict:
-    """Mixtral (no shared experts) and Qwen2-MoE (a gated shared expert): odd expert counts, top-1/top-2."""
+    """Mixtral (no shared experts), Qwen2-MoE (a gated shared expert) and Qwen3-MoE: odd expert counts,
+    top-1/top-2."""
     import transformers as T
 
     llama = {**llama, **COMMON}
@@ -104,6 +108,33 @@ def _moe_configs(llama: dict) -> dict:
             mlp_only_layers=[0],
             **qwen_moe,
         ),
+        **_qwen3_moe_configs(llama),
+    }
+
+
+def _qwen3_moe_configs(llama: dict) -> dict:
+    """Qwen3-MoE (q/k-norm, no shared expert): odd expert counts, top-1/top-2, GQA, a dense layer."""
+    import transformers as T
+
+    qwen3 = dict(moe_intermediate_size=24, head_dim=8, **llama)
+    return {
+        "qwen3moe-e3-top1-gqa3-bias": T.Qwen3MoeConfig(
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            num_experts=3,
+            num_experts_per_tok=1,
+            attention_bias=True,
+            **qwen3,
+        ),
+        "qwen3moe-e8-top2-renorm-gqa2-dense1": T.Qwen3MoeConfig(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            **qwen3,
+        ),
     }
 
 
@@ -112,6 +143,8 @@ MOE_CASE_NAMES = [
     "mixtral-e8-top2-mqa",
     "qwen2moe-e3-top2-shared-tied",
     "qwen2moe-e8-top2-renorm-dense0",
+    "qwen3moe-e3-top1-gqa3-bias",
+    "qwen3moe-e8-top2-renorm-gqa2-dense1",
 ]
 CASE_NAMES = [
     "gpt2-heads3-tied",
@@ -121,6 +154,7 @@ CASE_NAMES = [
     "llama-mqa-llama3-rope",
     "mistral-gqa4-window",
     "qwen2-gqa2-tied",
+    "qwen3-gqa2-bias-headdim8",
     "bloom-heads3",
     "bloom-heads4-untied",
     "bigcode-mqa",
@@ -138,9 +172,11 @@ def build_hf_model(case: str, directory: Path, seed: int = 0, dtype=torch.float3
     model = T.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     # Wider than HF's default init so logits are peaked and greedy choices are far from ties.
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0, 0.2)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # not all ones, so the map is tested
+                param.uniform_(0.5, 1.5)
     model.save_pretrained(directory, **save_kwargs)
     return model
 

@@ -51,6 +51,8 @@ def fits(block: nn.Module) -> bool:
     nn.Linear or weight-only quantized projections (w8a8 and adapter layers keep their own forward)."""
     if type(block) is not Block or type(block.mlp) is not MLP or not block.mlp.swiglu:
         return False
+    if block.attn.q_norm is not None:  # q/k-norm (Qwen3) is not in the C++ layer
+        return False
     if type(block.attn_norm) is not RMSNorm or type(block.mlp_norm) is not RMSNorm:
         return False
     return all(type(linear) is nn.Linear or _weight_only(linear) for linear in _linears(block))

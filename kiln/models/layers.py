@@ -192,6 +192,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q, h, bias=config.out_bias)
+        # Qwen3: each head's q and k RMS-normalised over head_dim (one weight shared by the heads)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps, kernels) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps, kernels) if config.qk_norm else None
         self.bigbird = config if config.attention_pattern == "bigbird" else None
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
@@ -219,12 +222,14 @@ class Attention(nn.Module):
             # (N, hidden): 2-D projections are not views, so RoPE may overwrite them in place
             rows = x.reshape(-1, hidden)
             q, k, v = self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)  # (N, H|KVH * D)
+            q, k = self._normalize_heads(q, k)
             if rotate:
                 cos, sin = inputs.cos.reshape(-1, self.head_dim), inputs.sin.reshape(-1, self.head_dim)
                 q, k = apply_rope_(q, k, cos, sin)
                 rotate = False
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H|KVH * D)
+            q, k = self._normalize_heads(q, k)
             if rotate and cpu_fused.rope_applies(self.kernels, q, k, inputs.cos, inputs.sin):
                 q, k = cpu_fused.rope(q, k, inputs.cos, inputs.sin)  # CPU decode: q and k in one C++ op
                 rotate = False
@@ -232,6 +237,14 @@ class Attention(nn.Module):
         if rotate:
             q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
         return q, k, v
+
+    def _normalize_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q/k (..., heads * D) -> the same with each head's D values RMS-normalised (when qk_norm); the
+        norms see (rows * heads, D), so under tensor parallelism they act on a rank's local heads."""
+        if self.q_norm is None:
+            return q, k
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+        return q, self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, fused: bool

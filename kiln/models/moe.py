@@ -122,26 +122,45 @@ def reference_experts(
     return out
 
 
+SumOverShards = Callable[[torch.Tensor], torch.Tensor]
+
+
 def load_balancing_loss(
-    probs: torch.Tensor, expert_ids: torch.Tensor, num_sequences: int = 1
+    probs: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_sequences: int = 1,
+    sum_over_shards: SumOverShards | None = None,
 ) -> torch.Tensor:
     """Switch Transformer's auxiliary loss as Mixtral computes it, E * sum_e f_e * P_e (f_e: the share of
     (token, slot) assignments to expert e times k; P_e: the mean router probability of e), taken per
     sequence and averaged over the `num_sequences` equal-length sequences the N tokens hold (as DeepSeek's
     sequence-wise loss does). Per sequence, it is the same however a batch is split over data-parallel
-    ranks. k when routing is perfectly uniform. probs (N, E), expert_ids (N, k)."""
+    ranks. k when routing is perfectly uniform. probs (N, E), expert_ids (N, k).
+
+    When each sequence is split over ranks (sequence parallelism), `sum_over_shards` adds the per-sequence
+    counts and probability sums of all its shards, so every rank computes the whole sequences' loss."""
     num_tokens, num_experts = probs.shape
     per_sequence = num_tokens // num_sequences
     ids = expert_ids.reshape(num_sequences, -1)  # (B, T*k)
     counts = torch.zeros(num_sequences, num_experts, device=probs.device, dtype=probs.dtype)
     counts.scatter_add_(1, ids, torch.ones(ids.shape, device=probs.device, dtype=probs.dtype))
-    mean_probs = probs.view(num_sequences, per_sequence, num_experts).mean(dim=1)  # (B, E)
-    return num_experts * (counts / per_sequence * mean_probs).sum(dim=-1).mean()
+    if sum_over_shards is None:
+        mean_probs = probs.view(num_sequences, per_sequence, num_experts).mean(dim=1)  # (B, E)
+        return num_experts * (counts / per_sequence * mean_probs).sum(dim=-1).mean()
+    counts = sum_over_shards(counts)
+    prob_sums = sum_over_shards(probs.view(num_sequences, per_sequence, num_experts).sum(dim=1))  # (B, E)
+    per_sequence = counts[0].sum() / expert_ids.shape[1]  # tokens of a whole sequence
+    return num_experts * (counts / per_sequence * prob_sums / per_sequence).sum(dim=-1).mean()
 
 
-def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's z-loss: mean squared log-partition of the router logits; keeps them small and stable."""
-    return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
+def router_z_loss(router_logits: torch.Tensor, sum_over_shards: SumOverShards | None = None) -> torch.Tensor:
+    """ST-MoE's z-loss: mean squared log-partition of the router logits; keeps them small and stable.
+    `sum_over_shards` as in `load_balancing_loss`: the mean over every shard's tokens."""
+    squares = torch.logsumexp(router_logits.float(), dim=-1).pow(2)
+    if sum_over_shards is None:
+        return squares.mean()
+    total = sum_over_shards(torch.stack([squares.sum(), squares.new_tensor(squares.numel())]))
+    return total[0] / total[1]
 
 
 class MoE(nn.Module):
@@ -166,6 +185,9 @@ class MoE(nn.Module):
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.use_reference = False  # tests: run the dense-loop reference instead of the grouped path
+        # Sequence parallelism (kiln/train/expert_parallel.py) sets this: the sum of a tensor over the ranks
+        # holding the other slices of the same sequences, so the aux losses cover whole sequences.
+        self.sum_over_sequence_shards: SumOverShards | None = None
         self.aux_loss: torch.Tensor | None = None  # weighted aux losses of the last training forward
         self.last_expert_counts: torch.Tensor | None = None  # (E,) assignments per expert, last forward
 
@@ -186,8 +208,10 @@ class MoE(nn.Module):
         self.aux_loss = None
         if self.training:
             num_sequences = shape[0] if len(shape) == 3 else 1
-            self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs, expert_ids, num_sequences)
+            shards = self.sum_over_sequence_shards
+            balance = load_balancing_loss(probs, expert_ids, num_sequences, shards)
+            self.aux_loss = self.aux_loss_coef * balance
             if self.z_loss_coef:
-                self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
+                self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits, shards)
             self.last_expert_counts = torch.bincount(expert_ids.reshape(-1), minlength=probs.shape[1])
         return out.view(shape)

@@ -67,7 +67,10 @@ def train_command(
     tp: Annotated[int | None, typer.Option(help="Tensor (+ sequence) parallel degree.")] = None,
     ep: Annotated[
         int | None,
-        typer.Option(help="Expert-parallel degree (MoE models): divides --dp-shard and num_experts."),
+        typer.Option(
+            help="Expert-parallel degree (MoE models): divides --dp-shard and num_experts; combines with "
+            "--tp and --dp-replicate (docs/scaling.md)."
+        ),
     ] = None,
     pp: Annotated[
         int | None, typer.Option(help="Pipeline-parallel degree: the layers split into this many stages.")

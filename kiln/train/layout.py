@@ -25,7 +25,8 @@ class ParallelLayout:
     dp_shard: int = 1
     tp: int = 1
     # Expert parallel degree: each MoE layer's experts are split over groups of ep data-parallel shard
-    # ranks (EP borrows from dp_shard, as in torchtitan), tokens travel to them by all-to-all.
+    # ranks (EP borrows from dp_shard, as in torchtitan), tokens travel to them by all-to-all. Combines
+    # with tp (each tp rank routes its sequence slice) and dp_replicate (experts replicate like the rest).
     ep: int = 1
     # Pipeline parallel degree: the model's layers split into pp consecutive stages (kiln.train.pipeline).
     pp: int = 1
@@ -38,10 +39,6 @@ class ParallelLayout:
             raise KilnError(
                 f"ep={self.ep} must divide dp_shard={self.dp_shard}: expert-parallel ranks are data-parallel "
                 "shard ranks; launch dp_shard (the processes dp_replicate and tp leave) as a multiple of ep"
-            )
-        if self.ep > 1 and (self.tp > 1 or self.dp_replicate > 1):
-            raise KilnError(
-                "--ep does not combine with --tp or --dp-replicate yet; use --ep with --dp-shard (FSDP2)"
             )
         if self.ep > 1 and self.pp > 1:
             raise KilnError("--ep does not combine with --pp yet; use --ep with --dp-shard (FSDP2)")
@@ -125,8 +122,6 @@ class ParallelLayout:
             raise KilnError("pipeline parallelism does not support MoE models yet; use --dp-shard and --ep")
         if self.tp == 1:
             return
-        if model.num_experts:
-            raise KilnError("tensor parallelism does not support MoE models yet; use --dp-shard and --ep")
         if model.position == "alibi":
             raise KilnError(
                 "tensor parallelism does not support ALiBi models; use --dp-shard instead of --tp"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
 from kiln.models.transformer import Transformer
@@ -46,6 +46,8 @@ class LanguageModelObjective(nn.Module):
         z-loss) that the forward just recorded, so one backward trains the router too."""
         loss = self._cross_entropy(self.hidden_states(inputs), targets)
         aux = self.model.moe_aux_loss() if self.model.training else None
+        if aux is not None and isinstance(loss, DTensor):  # vocab-parallel: the same aux on every tp rank
+            aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()], run_check=False)
         return loss if aux is None else loss + aux
 
     def _cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

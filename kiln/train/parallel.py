@@ -26,7 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 from kiln.models.moe import MoE
 from kiln.models.transformer import Transformer
 from kiln.train.distributed import Distributed
-from kiln.train.expert_parallel import apply_expert_parallel
+from kiln.train.expert_parallel import (
+    apply_expert_parallel,
+    apply_moe_sequence_parallel,
+    moe_tensor_parallel_plan,
+)
 from kiln.train.objective import LanguageModelObjective
 from kiln.train.pipeline import Pipeline, StageLayers, tied_embedding_groups
 
@@ -78,10 +82,17 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
             "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         }
-        if block.mlp.gate_proj is not None:
+        if block.attn.q_norm is not None:  # q/k-norm (Qwen3): on the rank's own heads, weights replicated
+            for name in ("attn.q_norm", "attn.k_norm"):
+                block_plan[name] = SequenceParallel(sequence_dim=0, use_local_output=True)
+        if isinstance(block.mlp, MoE):  # routed on each rank's sequence slice (kiln.train.expert_parallel)
+            block_plan = {k: v for k, v in block_plan.items() if k != "mlp" and not k.startswith("mlp.")}
+            block_plan.update(moe_tensor_parallel_plan(block.mlp))
+        elif block.mlp.gate_proj is not None:
             block_plan["mlp.gate_proj"] = ColwiseParallel()
         # Each rank now projects to its own num_heads / tp heads: attention counts them from its q/k/v widths.
         parallelize_module(block, tp_mesh, block_plan)
+    apply_moe_sequence_parallel(model, tp_mesh)
 
 
 def apply_fsdp(
@@ -165,7 +176,7 @@ def parallelize(
         apply_tensor_parallel(model, mesh["tp"])
         objective.vocab_parallel = True
     if layout.ep > 1:
-        apply_expert_parallel(model, mesh["ep"])
+        apply_expert_parallel(model, mesh["ep"], mesh["tp"] if layout.tp > 1 else None)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile_blocks:  # block by block, inside FSDP's per-block hooks (as torchtitan does)
@@ -173,7 +184,10 @@ def parallelize(
             block.compile()
     if layout.uses_fsdp:
         dp_mesh = mesh["dp_shard"] if layout.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
-        expert_mesh = mesh["dp_shard_mod_ep"] if layout.ep > 1 else None
+        expert_mesh = None
+        if layout.ep > 1:  # experts replicate over dp_replicate (HSDP) and shard over dp_shard_mod_ep
+            replicated = layout.dp_replicate > 1
+            expert_mesh = mesh["dp_replicate", "dp_shard_mod_ep"] if replicated else mesh["dp_shard_mod_ep"]
         apply_fsdp(objective, dp_mesh, fsdp_param_dtype, expert_mesh)
     elif layout.uses_ddp:
         device_ids = [distributed.device.index] if distributed.device.type == "cuda" else None

@@ -10,6 +10,8 @@ The estimate counts what kiln's trainer keeps (docs/scaling.md states the formul
               of that size, and a (256, V) chunk of logits; vocab-parallel: three (N, V/tp) fp32 arrays)
 Under expert parallelism (--ep) a rank holds num_experts / ep of each MoE layer's experts, which FSDP
 splits over the dp_shard / ep ranks holding the same ones; FSDP's unsharded block then holds those only.
+Under tensor parallelism an MoE layer runs whole on each tp rank's sequence slice (expert_parallel.py):
+its router, shared and routed experts are not split tp ways, and its activations cover T / tp tokens.
 The peak is their sum, except that gradients are not yet allocated when activations peak (the start of
 backward) unless DDP holds them: peak = parameters + optimizer + activations + buffers (+ gradients, DDP).
 Under pipeline parallelism (--pp) each pipeline rank is planned on its own (plan_pipeline_memory):
@@ -34,6 +36,8 @@ FP32 = 4
 # Parameters that tensor parallelism keeps whole on every rank: norms, and biases added after the
 # row-parallel reduction. Everything else (matmul weights, embeddings, the LM head) is split tp ways.
 _TP_REPLICATED_SUFFIXES = ("norm.weight", "norm.bias", "o_proj.bias", "down_proj.bias")
+# An MoE layer's router and shared experts (the routed experts are split by ep, not tp).
+_TP_REPLICATED_MOE = (".mlp.router.", ".mlp.shared.", ".mlp.shared_gate.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,9 @@ def _numel_per_rank(model: Transformer, layout: ParallelLayout) -> tuple[int, in
     def local(name: str, param: torch.Tensor) -> int:
         if ".experts." in name:
             return param.numel() // layout.ep
-        replicated = name.endswith(_TP_REPLICATED_SUFFIXES)
+        replicated = name.endswith(_TP_REPLICATED_SUFFIXES) or any(
+            part in name for part in _TP_REPLICATED_MOE
+        )
         return param.numel() // (1 if replicated else layout.tp)
 
     total = sum(local(n, p) for n, p in model.named_parameters())
@@ -91,9 +97,10 @@ def activation_bytes(
     Per layer, in elements per token: each RMSNorm keeps its input and output (2H, of the rank's
     sequence shard under TP: 2H/tp); attention keeps rotated q and k, v and its output (2q + 2kv, split
     by heads); the gated MLP keeps gate, act(gate), up and their product (4I; 2I for a plain MLP), split
-    by columns. Under TP the all-gathered inputs of attention and MLP (H each) are kept whole. The final
-    norm adds 2H. Activation checkpointing keeps only each block's input, plus one block's worth while
-    it is recomputed.
+    by columns. Under TP the all-gathered inputs of attention and MLP (H each) are kept whole; an MoE layer
+    keeps its activations for the rank's T / tp tokens only (it routes the sequence slice). q/k-norm keeps
+    q and k once more (the norms' inputs). The final norm adds 2H. Activation checkpointing keeps only
+    each block's input, plus one block's worth while it is recomputed.
     """
     hidden, intermediate = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -104,13 +111,15 @@ def activation_bytes(
         4 * config.moe_intermediate_size + 2 * hidden
     )
     moe += 4 * config.shared_expert_intermediate_size
-    common = 4 * hidden / tp + (2 * hidden if tp > 1 else 0) + (2 * q + 2 * kv) / tp
+    common = 4 * hidden / tp + (hidden if tp > 1 else 0) + (2 * q + 2 * kv + (q + kv) * config.qk_norm) / tp
+    dense = mlp / tp + (hidden if tp > 1 else 0)  # the MLP's all-gathered input under TP
+    moe /= tp  # routed on the rank's sequence slice
     num_moe = config.num_moe_layers
-    per_layer = common + max(mlp / tp, moe if num_moe else 0)  # the largest layer (recomputed alone)
+    per_layer = common + max(dense, moe if num_moe else 0)  # the largest layer (recomputed alone)
     if activation_checkpointing:
         saved = config.num_layers * hidden / tp + per_layer
     else:
-        saved = config.num_layers * common + (config.num_layers - num_moe) * mlp / tp + num_moe * moe
+        saved = config.num_layers * common + (config.num_layers - num_moe) * dense + num_moe * moe
     return int((saved + 2 * hidden / tp) * tokens * element_bytes)
 
 

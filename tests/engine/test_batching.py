@@ -17,6 +17,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
         "gpt2-heads3-tied",
         "mixtral-e8-top2-mqa",
         "qwen2moe-e3-top2-shared-tied",
+        "qwen3moe-e8-top2-renorm-gqa2-dense1",
     ],
 )
 def test_greedy_alone_equals_in_a_batch_of_32(case, hf_model_dir):

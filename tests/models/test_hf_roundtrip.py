@@ -86,23 +86,30 @@ def test_cannot_save_in_a_family_that_cannot_express_the_model(tmp_path):
         kiln.save_model(model, tmp_path, family="gpt2")
 
 
-@pytest.mark.parametrize("shared", [0, 1])
-def test_kiln_native_moe_model_saves_as_mixtral_or_qwen2_moe(shared, tmp_path):
+@pytest.mark.parametrize(
+    "experts,shared,qk_norm,family",
+    [(4, 0, False, "mixtral"), (4, 1, False, "qwen2_moe"), (4, 0, True, "qwen3_moe"), (0, 0, True, "qwen3")],
+)
+def test_kiln_native_model_saves_as_the_family_that_expresses_it(experts, shared, qk_norm, family, tmp_path):
     import transformers as T
 
     torch.manual_seed(0)
     config = kiln.preset(
         "tiny",
-        num_experts=4,
+        num_experts=experts,
         num_experts_per_token=2,
         num_shared_experts=shared,
         shared_expert_gate=bool(shared),
+        qk_norm=qk_norm,
     )
     model = kiln.Transformer(config).eval()
+    if qk_norm:  # not all ones, so the saved norms are checked
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.attn.k_norm.weight.uniform_(0.5, 1.5)
     kiln.save_model(model, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == (
-        "qwen2_moe" if shared else "mixtral"
-    )
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
     hf = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 1024, (2, 11))
     with torch.no_grad():

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 import kiln
-from kiln.models.moe import MoE, grouped_experts, load_balancing_loss, reference_experts, route
+from kiln.models.moe import (
+    MoE,
+    grouped_experts,
+    load_balancing_loss,
+    reference_experts,
+    route,
+    router_z_loss,
+)
 
 
 def _config(num_experts=8, top_k=2, **overrides):
@@ -106,6 +113,32 @@ def test_load_balancing_loss_is_k_when_uniform_and_larger_when_skewed():
     # per sequence: two sequences of 4 tokens, each the mean of its own loss
     both = torch.cat([probs[:4], skewed_probs[:4]]), torch.cat([ids[:4], skewed_ids[:4]])
     assert load_balancing_loss(*both, num_sequences=2).item() == pytest.approx((top_k + 3.6) / 2)
+
+
+def test_aux_losses_of_sequence_shards_equal_the_whole_sequences_loss_and_gradient():
+    """Under sequence parallelism each rank holds a slice of every sequence and sums the statistics of
+    all slices (`sum_over_shards`): the loss, and each slice's gradient, are the whole sequences'."""
+    num_sequences, length, num_experts, top_k = 3, 8, 5, 2
+    torch.manual_seed(0)
+    logits = torch.randn(num_sequences, length, num_experts, requires_grad=True)
+
+    def losses(part, sum_over_shards=None):
+        rows = part.reshape(-1, num_experts)
+        probs, _, ids = route(rows, top_k, renormalize=True)
+        balance = load_balancing_loss(probs, ids, num_sequences, sum_over_shards)
+        return balance + router_z_loss(rows, sum_over_shards)
+
+    whole = losses(logits)
+    whole.backward()
+    first, second = logits.detach()[:, : length // 2], logits.detach()[:, length // 2 :]
+    recorded = []
+    losses(second, lambda t: recorded.append(t.detach()) or t)  # the other rank's statistics
+    first = first.clone().requires_grad_()
+    sharded = losses(first, lambda t: t + recorded.pop(0))
+    sharded.backward()
+    assert not recorded
+    assert sharded.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(first.grad, logits.grad[:, : length // 2], atol=1e-7)
 
 
 def test_aux_losses_are_recorded_in_training_only_and_reach_the_router():

@@ -175,3 +175,17 @@ def test_plan_accounts_for_experts_and_expert_parallelism():
     assert plans["ep4"].parameters < plans["ep"].parameters
     # top-2 of 8 experts: activations of two MLPs per token, not eight
     assert plans["dense"].activations < plans["fsdp"].activations < 3 * plans["dense"].activations
+
+
+def test_plan_of_expert_by_tensor_parallelism_splits_attention_not_the_moe_layers():
+    moe = kiln.preset("demo", num_experts=8, num_experts_per_token=2, num_shared_experts=1)
+    ep = plan_memory(moe, ParallelLayout(dp_shard=2, ep=2), seq_len=256, batch_size=4)
+    ep_tp = plan_memory(moe, ParallelLayout(dp_shard=2, ep=2, tp=2), seq_len=256, batch_size=4)
+    h, num_layers = moe.hidden_size, moe.num_layers
+    attention = h * (moe.num_heads + 2 * moe.num_kv_heads) * moe.head_dim + moe.num_heads * moe.head_dim * h
+    embeddings = (1 if moe.tie_word_embeddings else 2) * moe.vocab_size * h  # split by vocabulary
+    # tp halves attention and the embeddings; router, shared and routed experts stay whole on each tp rank
+    split_by_tp = (num_layers * attention + embeddings) // 2
+    assert ep.parameters - ep_tp.parameters == FP32_BYTES * split_by_tp // 2  # then FSDP over dp_shard 2
+    # every activation covers the rank's T / tp tokens or heads, except the all-gathered attention input
+    assert ep_tp.activations < ep.activations < 2.2 * ep_tp.activations

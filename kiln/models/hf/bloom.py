@@ -68,7 +68,9 @@ def _from_hf(hf: ConfigReader) -> ModelConfig:
 
 
 def _to_hf(config: ModelConfig) -> dict[str, Any]:
-    require(config, "bloom", position="alibi", norm="layernorm", mlp="plain", embedding_norm=True)
+    require(
+        config, "bloom", position="alibi", norm="layernorm", mlp="plain", embedding_norm=True, qk_norm=False
+    )
     require(config, "bloom", qkv_bias=True, out_bias=True, mlp_bias=True, num_kv_heads=config.num_heads)
     require(config, "bloom", intermediate_size=4 * config.hidden_size, activation="gelu_tanh")
     require(config, "bloom", head_dim=config.hidden_size // config.num_heads, sliding_window=None)

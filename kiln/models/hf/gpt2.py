@@ -76,7 +76,9 @@ def gpt2_style_config(
 
 
 def gpt2_style_to_hf(config: ModelConfig, family: str, tanh_name: str) -> dict[str, Any]:
-    require(config, family, position="learned", norm="layernorm", mlp="plain", embedding_norm=False)
+    require(
+        config, family, position="learned", norm="layernorm", mlp="plain", embedding_norm=False, qk_norm=False
+    )
     require(config, family, qkv_bias=True, out_bias=True, mlp_bias=True, sliding_window=None)
     require(config, family, head_dim=config.hidden_size // config.num_heads)
     return {

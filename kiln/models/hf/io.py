@@ -305,10 +305,15 @@ def save_model(
 
 def _default_family(config: ModelConfig) -> str:
     """The family a model is saved as: the one it was loaded as; kiln's own models (family 'llama') save
-    as Llama, or as Qwen2-MoE (with shared experts) or Mixtral (without) when they have experts."""
-    if config.family != "llama" or not config.num_experts:
+    as Llama (Qwen3 with q/k-norm), or when they have experts as Qwen2-MoE (shared experts), Qwen3-MoE
+    (q/k-norm) or Mixtral."""
+    if config.family != "llama":
         return config.family
-    return "qwen2_moe" if config.shared_expert_intermediate_size else "mixtral"
+    if not config.num_experts:
+        return "qwen3" if config.qk_norm else "llama"
+    if config.shared_expert_intermediate_size:
+        return "qwen2_moe"
+    return "qwen3_moe" if config.qk_norm else "mixtral"
 
 
 def _write_generation_config(directory: Path, tokenizer) -> None:

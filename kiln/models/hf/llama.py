@@ -71,8 +71,10 @@ def _from_hf(hf: ConfigReader, family: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**values, extra_hf_config=hf.unused())
 
 
-def _to_hf(config: ModelConfig, family: str, moe: bool = False) -> dict[str, Any]:
-    require(config, family, position="rope", norm="rmsnorm", mlp="gated", embedding_norm=False)
+def _to_hf(config: ModelConfig, family: str, moe: bool = False, qk_norm: bool = False) -> dict[str, Any]:
+    require(
+        config, family, position="rope", norm="rmsnorm", mlp="gated", embedding_norm=False, qk_norm=qk_norm
+    )
     if not moe:
         require(config, family, num_experts=0)
     return {
