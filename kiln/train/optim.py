@@ -20,13 +20,14 @@ def build_optimizer(
     groups = []
     for experts in (False, True):
         # MoE experts are a group of their own in every layout: under expert parallelism they live on
-        # another device mesh than the rest (the multi-tensor kernels take one mesh at a time), and a
-        # checkpoint's groups must match whichever layout resumes it.
+        # another device mesh than the rest (the multi-tensor kernels take one mesh at a time). Empty
+        # groups are left out: checkpoints store the optimizer flat, by parameter name, and torch cannot
+        # unflatten a group without parameters (a LoRA run has no 1-D trainable tensors).
         params = [(n, p) for n, p in named if (".experts." in n) == experts]
         decay = [p for _, p in params if p.dim() >= 2]
         no_decay = [p for _, p in params if p.dim() < 2]
-        groups += [{"params": decay, "weight_decay": weight_decay}] if decay or not experts else []
-        groups += [{"params": no_decay, "weight_decay": 0.0}] if no_decay or not experts else []
+        groups += [{"params": decay, "weight_decay": weight_decay}] if decay else []
+        groups += [{"params": no_decay, "weight_decay": 0.0}] if no_decay else []
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
