@@ -120,6 +120,38 @@ std::tuple<at::Tensor, at::Tensor> quantize_kv(const at::Tensor& x, int64_t bits
   return {codes, params};
 }
 
+// The layer around its attention: `attend(q, k, v)` (q (N, H*D), k/v (N, KVH*D) after RoPE) writes the new
+// keys/values into the pool and returns the attended rows (N, H, D). `op` names the op in errors.
+template <typename Attend>
+at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights,
+                     const c10::List<OptionalTensor>& biases, double eps, const OptionalTensor& cos,
+                     const OptionalTensor& sin, int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
+                     const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits, Attend attend) {
+  TORCH_CHECK(weights.size() == 9 && biases.size() == 7, op,
+              ": weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and biases [q, k, v, o, "
+              "gate, up, down]");
+  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7, op,
+              ": scales, offsets and bits must have one entry per projection");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (N, hidden), got ", x.sizes());
+  TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin go together");
+  for (size_t i = 0; i < 7; ++i) {
+    TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(), op, ": a quantized projection needs its scale");
+  }
+  auto project = [&](const at::Tensor& h, size_t w, size_t b) {
+    if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), biases.get(b), bits[b]);
+    return kiln_linear(h, weights[w], biases.get(b), max_linear_rows);
+  };
+  const int64_t N = x.size(0);
+  at::Tensor h = rms_norm(x, weights[0], eps);
+  at::Tensor q = project(h, 1, 0), k = project(h, 2, 1), v = project(h, 3, 2);  // (N, H*D), (N, KVH*D)
+  if (cos.has_value()) std::tie(q, k) = rope(q, k, *cos, *sin);
+  at::Tensor attended = attend(q, k, v);
+  at::Tensor out = x + project(attended.view({N, -1}), 4, 3);
+  h = rms_norm(out, weights[5], eps);
+  at::Tensor gated = swiglu(project(h, 6, 4), project(h, 7, 5));
+  return out.add_(project(gated, 8, 6));
+}
+
 at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
                          double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::Tensor& key_cache,
                          at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
@@ -128,33 +160,15 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                          const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows,
                          const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
                          at::IntArrayRef bits) {
-  TORCH_CHECK(weights.size() == 9 && biases.size() == 7,
-              "kiln::decoder_layer: weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and "
-              "biases [q, k, v, o, gate, up, down]");
-  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7,
-              "kiln::decoder_layer: scales, offsets and bits must have one entry per projection");
-  TORCH_CHECK(x.dim() == 2, "kiln::decoder_layer: x must be (N, hidden), got ", x.sizes());
-  TORCH_CHECK(cos.has_value() == sin.has_value(), "kiln::decoder_layer: cos and sin go together");
   const int64_t N = x.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
-  auto bias = [&](size_t i) { return biases.get(i); };
-  for (size_t i = 0; i < 7; ++i) {
-    TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(), "kiln::decoder_layer: a quantized projection needs its scale");
-  }
-  auto project = [&](const at::Tensor& h, size_t w, size_t b) {
-    if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), bias(b), bits[b]);
-    return kiln_linear(h, weights[w], bias(b), max_linear_rows);
+  auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
+    value_cache.index_copy_(0, slot_mapping, v.view({N, kv_heads, D}));
+    return paged_attention(q.view({N, -1, D}), key_cache, value_cache, block_tables, query_starts, query_lens,
+                           context_lens, block_size, scale, alibi_slopes, sliding_window);
   };
-  at::Tensor h = rms_norm(x, weights[0], eps);
-  at::Tensor q = project(h, 1, 0), k = project(h, 2, 1), v = project(h, 3, 2);  // (N, H*D), (N, KVH*D)
-  if (cos.has_value()) std::tie(q, k) = rope(q, k, *cos, *sin);
-  key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
-  value_cache.index_copy_(0, slot_mapping, v.view({N, kv_heads, D}));
-  at::Tensor attended = paged_attention(q.view({N, -1, D}), key_cache, value_cache, block_tables, query_starts,
-                                        query_lens, context_lens, block_size, scale, alibi_slopes, sliding_window);
-  at::Tensor out = x + project(attended.view({N, -1}), 4, 3);
-  h = rms_norm(out, weights[5], eps);
-  at::Tensor gated = swiglu(project(h, 6, 4), project(h, 7, 5));
-  return out.add_(project(gated, 8, 6));
+  return run_layer("kiln::decoder_layer", x, weights, biases, eps, cos, sin, max_linear_rows, scales, offsets,
+                   bits, attend);
 }
 
 // decoder_layer over a quantized pool (kv_quant.py): the new keys/values are quantized and written as codes
@@ -169,41 +183,22 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                    const OptionalTensor& alibi_slopes, int64_t sliding_window,
                                    int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
                                    const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits) {
-  TORCH_CHECK(weights.size() == 9 && biases.size() == 7,
-              "kiln::decoder_layer_quantized: weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] "
-              "and biases [q, k, v, o, gate, up, down]");
-  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7,
-              "kiln::decoder_layer_quantized: scales, offsets and bits must have one entry per projection");
-  TORCH_CHECK(x.dim() == 2, "kiln::decoder_layer_quantized: x must be (N, hidden), got ", x.sizes());
-  TORCH_CHECK(cos.has_value() == sin.has_value(), "kiln::decoder_layer_quantized: cos and sin go together");
   TORCH_CHECK(kv_bits == 8 || kv_bits == 4, "kiln::decoder_layer_quantized: kv_bits must be 8 or 4");
   const int64_t N = x.size(0), kv_heads = key_codes.size(1);
-  auto bias = [&](size_t i) { return biases.get(i); };
-  for (size_t i = 0; i < 7; ++i) {
-    TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(),
-                "kiln::decoder_layer_quantized: a quantized projection needs its scale");
-  }
-  auto project = [&](const at::Tensor& h, size_t w, size_t b) {
-    if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), bias(b), bits[b]);
-    return kiln_linear(h, weights[w], bias(b), max_linear_rows);
+  auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    const int64_t D = k.size(1) / kv_heads;
+    auto [k_codes, k_params] = quantize_kv(k.view({N, kv_heads, D}), kv_bits);
+    auto [v_codes, v_params] = quantize_kv(v.view({N, kv_heads, D}), kv_bits);
+    key_codes.index_copy_(0, slot_mapping, k_codes);
+    key_params.index_copy_(0, slot_mapping, k_params);
+    value_codes.index_copy_(0, slot_mapping, v_codes);
+    value_params.index_copy_(0, slot_mapping, v_params);
+    return paged_attention_quantized(q.view({N, -1, D}), key_codes, value_codes, key_params, value_params, kv_bits,
+                                     block_tables, query_starts, query_lens, context_lens, block_size, scale,
+                                     alibi_slopes, sliding_window);
   };
-  at::Tensor h = rms_norm(x, weights[0], eps);
-  at::Tensor q = project(h, 1, 0), k = project(h, 2, 1), v = project(h, 3, 2);  // (N, H*D), (N, KVH*D)
-  if (cos.has_value()) std::tie(q, k) = rope(q, k, *cos, *sin);
-  const int64_t D = k.size(1) / kv_heads;
-  auto [k_codes, k_params] = quantize_kv(k.view({N, kv_heads, D}), kv_bits);
-  auto [v_codes, v_params] = quantize_kv(v.view({N, kv_heads, D}), kv_bits);
-  key_codes.index_copy_(0, slot_mapping, k_codes);
-  key_params.index_copy_(0, slot_mapping, k_params);
-  value_codes.index_copy_(0, slot_mapping, v_codes);
-  value_params.index_copy_(0, slot_mapping, v_params);
-  at::Tensor attended = paged_attention_quantized(q.view({N, -1, D}), key_codes, value_codes, key_params, value_params,
-                                                  kv_bits, block_tables, query_starts, query_lens, context_lens,
-                                                  block_size, scale, alibi_slopes, sliding_window);
-  at::Tensor out = x + project(attended.view({N, -1}), 4, 3);
-  h = rms_norm(out, weights[5], eps);
-  at::Tensor gated = swiglu(project(h, 6, 4), project(h, 7, 5));
-  return out.add_(project(gated, 8, 6));
+  return run_layer("kiln::decoder_layer_quantized", x, weights, biases, eps, cos, sin, max_linear_rows, scales,
+                   offsets, bits, attend);
 }
 
 }  // namespace
