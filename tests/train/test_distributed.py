@@ -11,15 +11,10 @@ import torch
 
 import kiln
 from kiln.train import checkpoint, faults
-from tests.train.torchrun import assert_close, losses, prepare_data, train, val_losses
+from tests.train.torchrun import assert_close, losses, ok, prepare_data, train, val_losses
 
 STEPS = 20
 CHECKPOINTS = ("--set", "checkpoint_every=10", "--set", "keep_checkpoints=2")
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
 
 
 def unwrapped(text: str) -> str:

@@ -4,7 +4,6 @@ process) and EP 4 (and an EP 2 x TP 2 one in one process), and the job exports a
 that cannot hold are refused."""
 
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import kiln
 from kiln.errors import KilnError
 from kiln.train import checkpoint
 from kiln.train.layout import ParallelLayout
-from tests.train.torchrun import assert_close, losses, prepare_data, train, val_losses
+from tests.train.torchrun import assert_close, losses, ok, prepare_data, train, val_losses
 
 STEPS = 20
 CHECKPOINTS = ("--set", "checkpoint_every=10", "--set", "keep_checkpoints=2")
@@ -25,11 +24,6 @@ MOE = (
     "--set",
     "model.router_z_loss_coef=0.001",
 )
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
 
 
 @pytest.fixture(scope="module")

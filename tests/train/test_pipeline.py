@@ -6,7 +6,6 @@ The tiny recipe ties its embeddings, so every run here also exercises the tied c
 
 import re
 import shutil
-import subprocess
 
 import pytest
 
@@ -15,16 +14,11 @@ from kiln.errors import KilnError
 from kiln.recipes import get_recipe
 from kiln.train import checkpoint, faults
 from kiln.train.pipeline import _balanced_counts, stage_layer_counts
-from tests.train.torchrun import assert_close, losses, prepare_data, train, val_losses
+from tests.train.torchrun import assert_close, losses, ok, prepare_data, train, val_losses
 
 STEPS = 20
 FOUR_LAYERS = ("--set", "model.num_layers=4")
 CHECKPOINTS = ("--set", "checkpoint_every=10", "--set", "keep_checkpoints=2")
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,12 @@ from kiln.train.metrics import read_metrics
 CORPUS = [str(Path(json.__file__).parent / "*.py"), str(Path(os.__file__))]
 
 
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`result`, after asserting its command succeeded (the output's tails otherwise)."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
 def prepare_data(directory: Path) -> Path:
     config = PrepareConfig(
         inputs=CORPUS, output_dir=str(directory), vocab_size=512, val_fraction=0.2, show_progress=False
