@@ -18,6 +18,7 @@ from kiln.engine.options import (
     MaxModelLen,
     MaxNumBatchedTokens,
     MaxNumSeqs,
+    Threads,
     engine_config_from_flags,
 )
 from kiln.errors import KilnError
@@ -131,9 +132,12 @@ def run_command(
     kv_cache_memory: KVCacheMemory = DEFAULT.kv_cache_memory,
     max_num_seqs: MaxNumSeqs = DEFAULT.max_num_seqs,
     max_num_batched_tokens: MaxNumBatchedTokens = DEFAULT.max_num_batched_tokens,
+    threads: Threads = DEFAULT.num_threads,
 ) -> None:
     """Work on a job until no record is left. Rerun the same command after a crash: finished records stay
-    written, unfinished ones are run again. Start more workers (PostgreSQL) to go faster."""
+    written, unfinished ones are run again. Start more workers (PostgreSQL) to go faster: on other machines,
+    or on one machine with --threads splitting its cores between them (each worker's default is all of
+    them, and workers that together run more threads than cores slow each other down several-fold)."""
     flags = dict(locals())
     from kiln.batch.jobs import describe, run_job
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ class BatchRun:
     num_workers: int
     threads_per_worker: int
     num_records: int
-    seconds: float
+    seconds: float  # the median of the repeats
+    all_seconds: list[float]
     records_per_second: float
     records_per_day: float
     label_counts: dict[str, int]
@@ -40,6 +42,7 @@ class BatchBenchResult:
     template: str
     chunk_size: int
     threads: int
+    repeats: int
     runs: list[BatchRun] = field(default_factory=list)
 
 
@@ -61,8 +64,10 @@ def _worker(db: str, job_id: str, model: str, threads: int, chunk_size: int, bar
     from kiln.batch.store import JobStore
     from kiln.engine.llm import LLM
 
-    torch.set_num_threads(threads)
-    llm = LLM(model, verbose=False)
+    # num_threads, not torch.set_num_threads: the engine sets the physical cores otherwise, and two
+    # workers of two threads each on two cores ran 3x slower than one worker (measured, BENCHMARKS.md).
+    llm = LLM(model, verbose=False, num_threads=threads)
+    assert torch.get_num_threads() == threads
     llm.generate("warm up")
     store = JobStore(db)
     runner = BatchRunner(store, job_id, LLMBackend(llm, Path(model).name), chunk_size=chunk_size, poll_s=0.05)
@@ -70,9 +75,9 @@ def _worker(db: str, job_id: str, model: str, threads: int, chunk_size: int, bar
     runner.run()
 
 
-def run_config(
-    db: str, records: Path, model: Path, num_workers: int, threads: int, chunk_size: int
-) -> BatchRun:
+def time_job(db: str, records: Path, model: Path, num_workers: int, threads: int, chunk_size: int):
+    """Seconds for `num_workers` fresh worker processes to finish a fresh job of `records`, and its
+    label counts."""
     from kiln.batch.jobs import submit
     from kiln.batch.spec import JobSpec
     from kiln.batch.store import JobStore
@@ -82,9 +87,8 @@ def run_config(
     job_id = submit(store, records, spec)
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(num_workers + 1)
-    per_worker = max(1, threads // num_workers)
     workers = [
-        context.Process(target=_worker, args=(db, job_id, str(model), per_worker, chunk_size, barrier))
+        context.Process(target=_worker, args=(db, job_id, str(model), threads, chunk_size, barrier))
         for _ in range(num_workers)
     ]
     for worker in workers:
@@ -102,23 +106,21 @@ def run_config(
     for row in store.results(job_id):
         labels[row["output"]] = labels.get(row["output"], 0) + 1
     store.close()
-    rate = job.num_records / seconds
-    return BatchRun(
-        store="postgresql" if db.startswith("postgres") else "sqlite",
-        num_workers=num_workers,
-        threads_per_worker=per_worker,
-        num_records=job.num_records,
-        seconds=seconds,
-        records_per_second=rate,
-        records_per_day=rate * 86_400,
-        label_counts=labels,
-    )
+    return seconds, job.num_records, labels
 
 
 def bench_batch(
-    model: Path, sqlite_path: Path, postgres_url: str | None, num_records: int, threads: int, chunk_size: int
+    model: Path,
+    sqlite_path: Path,
+    postgres_url: str | None,
+    num_records: int,
+    threads: int,
+    chunk_size: int,
+    repeats: int = 3,
 ) -> BatchBenchResult:
-    """SQLite (one worker), then PostgreSQL with one and two workers, on the same records."""
+    """SQLite (one worker), then PostgreSQL with one and two workers, on the same records; each
+    configuration `repeats` times (round-robin, so drift on a shared machine hits every one), the median
+    counts."""
     records = write_records(sqlite_path.with_suffix(".records.jsonl"), num_records)
     result = BatchBenchResult(
         model=str(model),
@@ -127,10 +129,32 @@ def bench_batch(
         template=TEMPLATE,
         chunk_size=chunk_size,
         threads=threads,
+        repeats=repeats,
     )
     configs = [(str(sqlite_path), 1)]
     if postgres_url:
         configs += [(postgres_url, 1), (postgres_url, 2)]
-    for db, num_workers in configs:
-        result.runs.append(run_config(db, records, model, num_workers, threads, chunk_size))
+    timings: list[list[float]] = [[] for _ in configs]
+    labels: list[dict[str, int]] = [{} for _ in configs]
+    for _ in range(repeats):
+        for i, (db, num_workers) in enumerate(configs):
+            seconds, num_records, labels[i] = time_job(
+                db, records, model, num_workers, max(1, threads // num_workers), chunk_size
+            )
+            timings[i].append(seconds)
+    for (db, num_workers), seconds in zip(configs, timings, strict=True):
+        median = statistics.median(seconds)
+        result.runs.append(
+            BatchRun(
+                store="postgresql" if db.startswith("postgres") else "sqlite",
+                num_workers=num_workers,
+                threads_per_worker=max(1, threads // num_workers),
+                num_records=num_records,
+                seconds=median,
+                all_seconds=seconds,
+                records_per_second=num_records / median,
+                records_per_day=num_records / median * 86_400,
+                label_counts=labels[configs.index((db, num_workers))],
+            )
+        )
     return result

@@ -320,6 +320,9 @@ def batch_command(
     ] = None,
     threads: Annotated[int, typer.Option(help="Cores in all; two workers get half each.")] = 2,
     chunk_size: Annotated[int, typer.Option(help="Records a worker claims at a time.")] = 256,
+    repeats: Annotated[
+        int, typer.Option(help="Fresh jobs per configuration (round-robin); the median counts.")
+    ] = 3,
     output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
         "benchmarks/batch.json"
     ),
@@ -333,19 +336,20 @@ def batch_command(
 
     with tempfile.TemporaryDirectory() as scratch:
         result = bench_batch(
-            model.expanduser(), Path(scratch) / "jobs.db", postgres, num_records, threads, chunk_size
+            model.expanduser(), Path(scratch) / "jobs.db", postgres, num_records, threads, chunk_size, repeats
         )
     write_result(result, output)
     table = Table(title=f"tagging job, {num_records} records, 5 labels, {model.name}")
-    for column in ("store", "workers x threads", "seconds", "records/s", "records/day"):
+    for column in ("store", "workers x threads", "seconds (median)", "all runs", "records/s", "records/day"):
         table.add_column(column, justify="right")
     for run in result.runs:
         table.add_row(
             run.store,
             f"{run.num_workers} x {run.threads_per_worker}",
             f"{run.seconds:.1f}",
+            " ".join(f"{s:.1f}" for s in run.all_seconds),
             f"{run.records_per_second:,.1f}",
             f"{run.records_per_day:,.0f}",
         )
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     Console().print(f"wrote {output}")

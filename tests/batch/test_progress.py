@@ -37,3 +37,14 @@ def test_bench_records_are_short_varied_and_deterministic(tmp_path):
     rows = [json.loads(line) for line in first.splitlines()]
     assert len({row["id"] for row in rows}) == 50 and len({row["text"] for row in rows}) == 50
     assert max(len(row["text"].split()) for row in rows) <= 8
+
+
+def test_bench_batch_times_every_configuration_with_each_workers_thread_share(model_dir, postgres_url, tmp_path):
+    from kiln.bench.batch import bench_batch
+
+    result = bench_batch(model_dir, tmp_path / "jobs.db", postgres_url, 24, 2, 8, repeats=1)
+    shapes = [(run.store, run.num_workers, run.threads_per_worker) for run in result.runs]
+    assert shapes == [("sqlite", 1, 2), ("postgresql", 1, 2), ("postgresql", 2, 1)]
+    for run in result.runs:  # a worker whose engine took other than its share of threads fails the run
+        assert run.num_records == 24 and sum(run.label_counts.values()) == 24
+        assert len(run.all_seconds) == 1 and run.seconds == run.all_seconds[0] > 0
