@@ -39,7 +39,7 @@ def test_bench_records_are_short_varied_and_deterministic(tmp_path):
     assert max(len(row["text"].split()) for row in rows) <= 8
 
 
-def test_bench_batch_times_every_configuration_with_each_workers_thread_share(model_dir, postgres_url, tmp_path):
+def test_bench_batch_times_every_configuration_with_each_workers_threads(model_dir, postgres_url, tmp_path):
     from kiln.bench.batch import bench_batch
 
     result = bench_batch(model_dir, tmp_path / "jobs.db", postgres_url, 24, 2, 8, repeats=1)
