@@ -1,7 +1,8 @@
 """The C++ CPU paged-attention op against its float64 torch reference, and the engine backend around it
 (CppPagedAttention) against the torch one (TorchPagedAttention), on odd shapes: 1 and 3 KV heads, GQA 4
 and 8, contexts 1, 15, 16, 17 and 1000, block sizes 1, 16 and 32, shuffled block tables, mixed decode and
-prefill-chunk batches, ALiBi and sliding windows.
+prefill-chunk batches, ALiBi and sliding windows; decodes through both of the op's paths (two passes in token
+order, and the key-tile loop; KILN_PA_DECODE=0 selects the latter).
 
 Tolerance: max |error| <= 1e-5 (fp32) or 2e-2 (bf16, fp16) times max(1, max |expected|).
 """
@@ -71,13 +72,18 @@ SHAPES = [
     ([1, 40, 1], [33, 1000, 16], 24, 3, 128, 32),
     ([100, 1], [1000, 15], 16, 4, 12, 16),
     ([1], [1000], 10, 5, 64, 16),  # one decode: its kv heads split into uneven ranges across threads
+    ([1, 1, 1], [2000, 33, 1], 6, 2, 32, 16),  # decodes of the demo model's shape (GQA 3, head dim 32)
 ]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["plain", "alibi", "window"])
-def test_op_matches_reference(shape, dtype, variant):
+@pytest.mark.parametrize("decode_pass", ["two-pass", "tiles"])
+def test_op_matches_reference(shape, dtype, variant, decode_pass, monkeypatch):
+    # Decodes take the two-pass path where it supports the head dim (fp32: multiples of 16, bf16: of 32)
+    # unless KILN_PA_DECODE=0 sends them through the key-tile loop; both must match the reference.
+    monkeypatch.setenv("KILN_PA_DECODE", "1" if decode_pass == "two-pass" else "0")
     inputs = op_inputs(*shape, dtype)
     options = {}
     if variant == "alibi":

@@ -31,7 +31,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <vector>
 
 #include "paged_attention_simd.h"
@@ -192,8 +194,20 @@ int64_t row_token_and_head(const Problem<T>& P, const Item& item, int64_t r, int
   return P.query_starts[item.seq] + item.t0 + (r / group) % tq;
 }
 
+}  // namespace
+
+#include "paged_attention_decode.h"  // attend_decode: needs Problem and Item above
+
+namespace {
+
 template <typename T>
-void attend_item(const Problem<T>& P, Scratch& w, const Item& item) {
+void attend_item(const Problem<T>& P, Scratch& w, const Item& item, bool decode_path) {
+  if constexpr (std::is_same_v<T, float> || kPairs<T>) {
+    if (decode_path && item.t1 - item.t0 == 1 && P.query_lens[item.seq] == 1) {
+      attend_decode(P, item);
+      return;
+    }
+  }
   const int64_t D = P.head_dim, tq = item.t1 - item.t0;
   const int64_t rows = (item.h1 - item.h0) * tq * (P.num_heads / P.num_kv_heads);
   // Widen bf16/fp16 rows once per tile when several rows (queries x heads of a group) share them; a decode
@@ -268,11 +282,16 @@ void run(const Problem<T>& P, int64_t num_seqs) {
         items.push_back({s, t0, std::min<int64_t>(t0 + P.tile_queries, P.query_lens[s]), h0,
                          std::min(h0 + heads_per_item, P.num_kv_heads)});
   const int64_t rows = P.tile_queries * (P.num_heads / P.num_kv_heads) * heads_per_item;
+  // Decodes of an unquantized pool take attend_decode where it supports the head dim; KILN_PA_DECODE=0
+  // sends them through the tile loop (the tests run both).
+  const char* decode_env = std::getenv("KILN_PA_DECODE");
+  const bool decode_path = P.bits == 0 && decode_supported<T>(P.head_dim) &&
+                           !(decode_env != nullptr && std::string_view(decode_env) == "0");
 #pragma omp parallel if (items.size() > 1)
   {
     Scratch w(rows, heads_per_item, P.head_dim);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < int64_t(items.size()); ++i) attend_item(P, w, items[i]);
+    for (int64_t i = 0; i < int64_t(items.size()); ++i) attend_item(P, w, items[i], decode_path);
   }
 }
 
