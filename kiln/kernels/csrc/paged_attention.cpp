@@ -202,7 +202,7 @@ namespace {
 
 template <typename T>
 void attend_item(const Problem<T>& P, Scratch& w, const Item& item, bool decode_path) {
-  if constexpr (std::is_same_v<T, float> || kPairs<T>) {
+  if constexpr (kDecodeType<T>) {
     if (decode_path && item.t1 - item.t0 == 1 && P.query_lens[item.seq] == 1) {
       attend_decode(P, item);
       return;

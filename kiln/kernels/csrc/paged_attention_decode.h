@@ -24,32 +24,20 @@ namespace {
 
 #if defined(KILN_AVX512)
 
-// Whether attend_decode takes an item of this pool: fp32 (D a multiple of 16) or bf16 with AVX512-BF16
-// (D a multiple of 32), D <= 256.
+// The pool types attend_decode is built for: fp32, and bf16 with AVX512-BF16.
+template <typename T>
+constexpr bool kDecodeType = std::is_same_v<T, float> || kPairs<T>;
+
+// Whether attend_decode takes an item of this pool: one of those types, D a multiple of the vector width
+// (16 fp32 values, 32 bf16 ones) and at most 256.
 template <typename T>
 inline bool decode_supported(int64_t head_dim) {
-  if (head_dim > 256) return false;
-  if constexpr (std::is_same_v<T, float>) return head_dim % 16 == 0;
-#ifdef KILN_BF16_PAIRS
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return head_dim % 32 == 0;
-#endif
-  return false;
-}
-
-// q . k over D values: fp32 rows by FMA, bf16 rows by vdpbf16ps (exact products, fp32 sums).
-inline float row_dot(const float* q, const float* k, int64_t D) {
-  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {
-    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), a);
-    b = _mm512_fmadd_ps(_mm512_loadu_ps(q + d + 16), _mm512_loadu_ps(k + d + 16), b);
-  }
-  if (d < D) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), a);
-  return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  return kDecodeType<T> && head_dim <= 256 && head_dim % (std::is_same_v<T, float> ? 16 : 32) == 0;
 }
 
 #ifdef KILN_BF16_PAIRS
-inline float row_dot(const c10::BFloat16* q, const c10::BFloat16* k, int64_t D) {
+// q . k over D values of bf16 rows by vdpbf16ps (exact products, fp32 sums); fp32 rows take dot().
+inline float dot_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int64_t D) {
   __m512 a = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 32)
     a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
@@ -58,7 +46,9 @@ inline float row_dot(const c10::BFloat16* q, const c10::BFloat16* k, int64_t D) 
 #endif
 
 // acc[r] += weights[r] * v for the G rows r sharing one value row: fp32 in natural order, bf16 in the pairs
-// layout of paged_attention_simd.h (acc rows split_width(D) floats apart).
+// layout of paged_attention_simd.h (acc rows split_width(D) floats apart). Not the tile loop's accumulate
+// / accumulate_bf16 with one key per row: those widen the value row once per row, not per kv head, and
+// rescale the accumulator; with them a bf16 decode of the 134M shape ran 1.4-1.8x slower.
 inline void add_value_row(float* acc, int64_t acc_stride, const float* weights, int64_t G, const float* v,
                           int64_t D) {
   for (int64_t d = 0; d < D; d += 16) {
@@ -106,6 +96,7 @@ void attend_decode(const Problem<T>& P, const Item& item) {
   const int64_t n = position + 1 - begin;
   const int64_t token = P.query_starts[item.seq];
   const int32_t* table = P.block_tables + item.seq * P.table_width;
+  auto slot_of = [&](int64_t j) { return int64_t(table[j / P.block_size]) * P.block_size + j % P.block_size; };
   w.scores.resize(rows * n);
   w.acc.assign(rows * width, 0.0f);
   w.sums.resize(rows);
@@ -125,17 +116,16 @@ void attend_decode(const Problem<T>& P, const Item& item) {
   const float score_scale = kBf16 ? P.scale : 1.0f;
   // Pass 1: scores, token by token (every kv head of a token, then the next token).
   for (int64_t j = begin; j <= position; ++j) {
-    const int64_t slot = int64_t(table[j / P.block_size]) * P.block_size + j % P.block_size;
-    const T* keys = P.keys + slot * P.k_stride_slot + item.h0 * P.k_stride_head;
+    const T* keys = P.keys + slot_of(j) * P.k_stride_slot + item.h0 * P.k_stride_head;
     for (int64_t h = 0; h < heads; ++h) {
       const T* k = keys + h * P.k_stride_head;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = h * G + g;
         float s;
         if constexpr (kBf16)
-          s = row_dot(w.qb.data() + r * D, k, D);
+          s = dot_bf16(w.qb.data() + r * D, k, D);
         else
-          s = row_dot(w.qf.data() + r * D, k, D);
+          s = dot(w.qf.data() + r * D, k, D);
         w.scores[r * n + (j - begin)] = s * score_scale;
       }
     }
@@ -155,8 +145,7 @@ void attend_decode(const Problem<T>& P, const Item& item) {
   // Pass 2: values, token by token; weights of the G rows of a kv head gathered for add_value_row.
   float* weights = w.weights.data();
   for (int64_t j = begin; j <= position; ++j) {
-    const int64_t slot = int64_t(table[j / P.block_size]) * P.block_size + j % P.block_size;
-    const T* values = P.values + slot * P.v_stride_slot + item.h0 * P.v_stride_head;
+    const T* values = P.values + slot_of(j) * P.v_stride_slot + item.h0 * P.v_stride_head;
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t g = 0; g < G; ++g) weights[g] = w.scores[(h * G + g) * n + (j - begin)];
       add_value_row(w.acc.data() + h * G * width, width, weights, G, values + h * P.v_stride_head, D);
@@ -174,6 +163,8 @@ void attend_decode(const Problem<T>& P, const Item& item) {
 }
 
 #else
+template <typename T>
+constexpr bool kDecodeType = false;
 template <typename T>
 inline bool decode_supported(int64_t) {
   return false;
