@@ -76,8 +76,8 @@ def _worker(db: str, job_id: str, model: str, threads: int, chunk_size: int, bar
 
 
 def time_job(db: str, records: Path, model: Path, num_workers: int, threads: int, chunk_size: int):
-    """Seconds for `num_workers` fresh worker processes to finish a fresh job of `records`, and its
-    label counts."""
+    """Seconds for `num_workers` fresh worker processes to finish a fresh job of `records` (every record
+    done, checked), and its label counts."""
     from kiln.batch.jobs import submit
     from kiln.batch.spec import JobSpec
     from kiln.batch.store import JobStore
@@ -106,7 +106,7 @@ def time_job(db: str, records: Path, model: Path, num_workers: int, threads: int
     for row in store.results(job_id):
         labels[row["output"]] = labels.get(row["output"], 0) + 1
     store.close()
-    return seconds, job.num_records, labels
+    return seconds, labels
 
 
 def bench_batch(
@@ -134,27 +134,29 @@ def bench_batch(
     configs = [(str(sqlite_path), 1)]
     if postgres_url:
         configs += [(postgres_url, 1), (postgres_url, 2)]
-    timings: list[list[float]] = [[] for _ in configs]
-    labels: list[dict[str, int]] = [{} for _ in configs]
-    for _ in range(repeats):
-        for i, (db, num_workers) in enumerate(configs):
-            seconds, num_records, labels[i] = time_job(
-                db, records, model, num_workers, max(1, threads // num_workers), chunk_size
-            )
-            timings[i].append(seconds)
-    for (db, num_workers), seconds in zip(configs, timings, strict=True):
-        median = statistics.median(seconds)
-        result.runs.append(
-            BatchRun(
-                store="postgresql" if db.startswith("postgres") else "sqlite",
-                num_workers=num_workers,
-                threads_per_worker=max(1, threads // num_workers),
-                num_records=num_records,
-                seconds=median,
-                all_seconds=seconds,
-                records_per_second=num_records / median,
-                records_per_day=num_records / median * 86_400,
-                label_counts=labels[configs.index((db, num_workers))],
-            )
+    runs = [
+        BatchRun(
+            store="postgresql" if db.startswith("postgres") else "sqlite",
+            num_workers=num_workers,
+            threads_per_worker=max(1, threads // num_workers),
+            num_records=num_records,
+            seconds=0.0,
+            all_seconds=[],
+            records_per_second=0.0,
+            records_per_day=0.0,
+            label_counts={},
         )
+        for db, num_workers in configs
+    ]
+    for _ in range(repeats):
+        for (db, _), run in zip(configs, runs, strict=True):
+            seconds, run.label_counts = time_job(
+                db, records, model, run.num_workers, run.threads_per_worker, chunk_size
+            )
+            run.all_seconds.append(seconds)
+    for run in runs:
+        run.seconds = statistics.median(run.all_seconds)
+        run.records_per_second = num_records / run.seconds
+        run.records_per_day = run.records_per_second * 86_400
+    result.runs = runs
     return result
