@@ -75,9 +75,7 @@ def decoder_layer(
     cos/sin (N, D) or None. Linears of up to `max_linear_rows` rows use kiln's small-row op."""
     return torch.ops.kiln.decoder_layer(
         x, layer.weights(), list(layer.biases), layer.eps, cos, sin, key_cache, value_cache,
-        step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
-        step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
-        list(layer.scales), list(layer.offsets), list(layer.bits),
+        *_step_arguments(step, layer, max_linear_rows),
     )  # fmt: skip
 
 
@@ -95,6 +93,14 @@ def decoder_layer_quantized(
     key_params, value_params) of one layer; the rows' keys/values are quantized into them."""
     return torch.ops.kiln.decoder_layer_quantized(
         x, layer.weights(), list(layer.biases), layer.eps, cos, sin, *caches, bits,
+        *_step_arguments(step, layer, max_linear_rows),
+    )  # fmt: skip
+
+
+def _step_arguments(step: PagedDecode, layer: LayerWeights, max_linear_rows: int) -> tuple:
+    """The arguments both ops take after the pool: the step's placement and attention options, then the
+    layer's quantized-projection parameters."""
+    return (
         step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
         step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
         list(layer.scales), list(layer.offsets), list(layer.bits),

@@ -20,6 +20,16 @@ from kiln.kernels.cpu_extension import cpu_ops_available
 from kiln.kernels.kv_quant import dequantize_kv
 
 
+def _checked_scale(q: torch.Tensor, scale: float | None) -> float:
+    """The softmax scale (head_dim ** -0.5 unless given), once the ops are known to be built."""
+    if not cpu_ops_available():
+        raise KilnError(
+            "kiln's C++ CPU ops are not built (see the line above for why); use the torch paged-attention "
+            "backend, or install a C++ compiler and run `python -m kiln.kernels.cpu_extension`"
+        )
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
 def paged_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -36,12 +46,7 @@ def paged_attention(
     """q (N, H, D); key/value_cache (slots, KVH, D); block_tables int32 (S, max_blocks); query_starts,
     query_lens, context_lens int32 (S,); alibi_slopes fp32 (H,). Returns (N, H, D) in q's dtype (rows of no
     sequence are zeros), accumulated in fp32. fp32, bf16 and fp16; H a multiple of KVH."""
-    if not cpu_ops_available():
-        raise KilnError(
-            "kiln's C++ CPU ops are not built (see the line above for why); use the torch paged-attention "
-            "backend, or install a C++ compiler and run `python -m kiln.kernels.cpu_extension`"
-        )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = _checked_scale(q, scale)
     return torch.ops.kiln.paged_attention(
         q, key_cache, value_cache, block_tables, query_starts, query_lens, context_lens,
         block_size, scale, alibi_slopes, sliding_window or 0,
@@ -105,12 +110,7 @@ def paged_attention_quantized(
     """`paged_attention` over a quantized pool (kiln/kernels/kv_quant.py): key/value_codes uint8 (slots, KVH,
     D, or D / 2 for bits=4), key/value_params uint8 (slots, KVH, 3). Each key tile is dequantized into a
     per-thread fp32 buffer as the op reaches it; q (and the output) fp32, bf16 or fp16."""
-    if not cpu_ops_available():
-        raise KilnError(
-            "kiln's C++ CPU ops are not built (see the line above for why); use the torch paged-attention "
-            "backend, or install a C++ compiler and run `python -m kiln.kernels.cpu_extension`"
-        )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = _checked_scale(q, scale)
     return torch.ops.kiln.paged_attention_quantized(
         q, key_codes, value_codes, key_params, value_params, bits, block_tables, query_starts, query_lens,
         context_lens, block_size, scale, alibi_slopes, sliding_window or 0,
