@@ -42,6 +42,24 @@ def paged_decode_reference(
 
 
 @triton.jit
+def _split_keys(ContextLens, seq, split, keys_per_split, sliding_window, HAS_WINDOW: tl.constexpr):
+    """The sequence's key count and the keys [lo, hi) this split attends (within the window, if any)."""
+    num_keys = tl.load(ContextLens + seq)
+    first_key = 0
+    if HAS_WINDOW:
+        first_key = tl.maximum(num_keys - sliding_window, 0)
+    lo = tl.maximum(split * keys_per_split, first_key)
+    hi = tl.minimum((split + 1) * keys_per_split, num_keys)
+    return num_keys, lo, hi
+
+
+@triton.jit
+def _split_lse(m_i, l_i):
+    """A split's log2-sum-exp2 per row; -inf where it saw no key (zero weight when splits combine)."""
+    return tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+
+
+@triton.jit
 def _attend_pages(
     q, KeyCache, ValueCache, Table, stride_ks, stride_vs, offs_d, col_ok, lo, hi, num_keys, slopes,
     scale_log2,
@@ -91,12 +109,7 @@ def _paged_decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_keys = tl.load(ContextLens + seq)
-    first_key = 0
-    if HAS_WINDOW:
-        first_key = tl.maximum(num_keys - sliding_window, 0)
-    lo = tl.maximum(split * keys_per_split, first_key)
-    hi = tl.minimum((split + 1) * keys_per_split, num_keys)
+    num_keys, lo, hi = _split_keys(ContextLens, seq, split, keys_per_split, sliding_window, HAS_WINDOW)
     offs_g = tl.arange(0, BLOCK_G)  # the query heads sharing this key/value head
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP_SIZE + offs_g
@@ -124,8 +137,7 @@ def _paged_decode_kernel(
     else:
         row = (seq.to(tl.int64) * (GROUP_SIZE * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # (G,)
         tl.store(PartialOut + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        tl.store(PartialLse + row, lse, mask=head_ok)
+        tl.store(PartialLse + row, _split_lse(m_i, l_i), mask=head_ok)
 
 
 @triton.jit
@@ -161,6 +173,32 @@ def _num_splits(
     return max(1, min(wanted, triton.cdiv(max_context, 4 * block_n), 64))
 
 
+def _split_outputs(
+    q: torch.Tensor, num_kv_heads: int, max_context: int, block_n: int, num_splits: int | None
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split count, keys per split (whole key tiles), the output, and the splits' partial outputs
+    (S, H, splits, D) and log-sum-exps (S, H, splits) in fp32 (the output itself where there is one split)."""
+    num_seqs, num_heads, head_dim = q.shape
+    splits = num_splits or _num_splits(num_seqs, num_kv_heads, max_context, block_n, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
+    out = torch.empty_like(q)
+    partial_out = partial_lse = out  # unused without splits
+    if splits > 1:
+        partial_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
+    return splits, keys_per_split, out, partial_out, partial_lse
+
+
+def _combine_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out (S, H, D) = the splits' partial outputs weighted by their shares of the softmax mass."""
+    num_seqs, num_heads, splits, head_dim = partial_out.shape
+    _combine_splits_kernel[(num_seqs, num_heads)](
+        partial_out, partial_lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )  # fmt: skip
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -186,13 +224,9 @@ def paged_decode_attention(
     num_kv_heads = key_cache.shape[1]
     group = num_heads // num_kv_heads
     block_n = KEY_TILE
-    splits = num_splits or _num_splits(num_seqs, num_kv_heads, max_context, block_n, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
-    out = torch.empty_like(q)
-    partial_out = partial_lse = out  # unused without splits
-    if splits > 1:
-        partial_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
+    splits, keys_per_split, out, partial_out, partial_lse = _split_outputs(
+        q, num_kv_heads, max_context, block_n, num_splits
+    )
     scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
     block_d = max(16, triton.next_power_of_2(head_dim))
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
@@ -207,8 +241,5 @@ def paged_decode_attention(
         PRECISION=dot_precision(q.dtype), num_warps=8, num_stages=2,  # 4 warps spill at head dim 128
     )  # fmt: skip
     if splits > 1:
-        _combine_splits_kernel[(num_seqs, num_heads)](
-            partial_out, partial_lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits,
-            BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        )  # fmt: skip
+        _combine_splits(partial_out, partial_lse, out)
     return out

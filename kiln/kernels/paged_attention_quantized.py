@@ -17,8 +17,10 @@ from kiln.kernels.kv_quant import dequantize_kv
 from kiln.kernels.paged_attention import (
     KEY_TILE,
     LOG2_E,
-    _combine_splits_kernel,
-    _num_splits,
+    _combine_splits,
+    _split_keys,
+    _split_lse,
+    _split_outputs,
     paged_decode_reference,
 )
 
@@ -66,12 +68,7 @@ def _quantized_decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_keys = tl.load(ContextLens + seq)
-    first_key = 0
-    if HAS_WINDOW:
-        first_key = tl.maximum(num_keys - sliding_window, 0)
-    lo = tl.maximum(split * keys_per_split, first_key)
-    hi = tl.minimum((split + 1) * keys_per_split, num_keys)
+    num_keys, lo, hi = _split_keys(ContextLens, seq, split, keys_per_split, sliding_window, HAS_WINDOW)
     offs_g = tl.arange(0, BLOCK_G)
     offs_p = tl.arange(0, BLOCK_P)
     heads = kv_head * GROUP_SIZE + offs_g
@@ -135,8 +132,7 @@ def _quantized_decode_kernel(
         tl.store(partial_at, out_a, mask=out_mask)
         if INT4:
             tl.store(partial_at + PACKED, out_b, mask=out_mask)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        tl.store(PartialLse + row, lse, mask=head_ok)
+        tl.store(PartialLse + row, _split_lse(m_i, l_i), mask=head_ok)
 
 
 def paged_decode_attention_quantized(
@@ -165,13 +161,9 @@ def paged_decode_attention_quantized(
     assert key_codes.stride(2) == 1 and key_params.stride(2) == 1, "rows must be contiguous"
     group = num_heads // num_kv_heads
     block_n = KEY_TILE
-    splits = num_splits or _num_splits(num_seqs, num_kv_heads, max_context, block_n, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
-    out = torch.empty_like(q)
-    partial_out = partial_lse = out  # unused without splits
-    if splits > 1:
-        partial_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
+    splits, keys_per_split, out, partial_out, partial_lse = _split_outputs(
+        q, num_kv_heads, max_context, block_n, num_splits
+    )
     scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
     _quantized_decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, key_codes, value_codes, key_params, value_params, block_tables, context_lens,
@@ -187,9 +179,5 @@ def paged_decode_attention_quantized(
         PRECISION=dot_precision(q.dtype), num_warps=8, num_stages=2,
     )  # fmt: skip
     if splits > 1:
-        _combine_splits_kernel[(num_seqs, num_heads)](
-            partial_out, partial_lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits,
-            BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        )  # fmt: skip
+        _combine_splits(partial_out, partial_lse, out)
     return out
