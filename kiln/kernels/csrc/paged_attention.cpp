@@ -295,8 +295,10 @@ void run(const Problem<T>& P, int64_t num_seqs) {
   }
 }
 
-// The lengths and every block a sequence reads, checked before any thread starts.
-void check_tables(const at::Tensor& q, int64_t num_slots, const at::Tensor& block_tables,
+// The lengths and every block a sequence reads, checked before any thread starts. Returns the output:
+// uninitialised when the sequences' queries cover every row of q (the engine's case), else zeros, so rows
+// no sequence covers are zeros, not garbage.
+at::Tensor check_tables(const at::Tensor& q, int64_t num_slots, const at::Tensor& block_tables,
                   const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& context_lens,
                   int64_t block_size, const std::optional<at::Tensor>& slopes) {
   for (const auto* t : {&block_tables, &query_starts, &query_lens, &context_lens})
@@ -313,7 +315,9 @@ void check_tables(const at::Tensor& q, int64_t num_slots, const at::Tensor& bloc
   const int32_t *tables = block_tables.data_ptr<int32_t>(), *starts = query_starts.data_ptr<int32_t>();
   const int32_t *lens = query_lens.data_ptr<int32_t>(), *contexts = context_lens.data_ptr<int32_t>();
   const int64_t num_blocks = num_slots / block_size;
+  int64_t num_queries = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
+    num_queries += lens[s];
     TORCH_CHECK(lens[s] >= 0 && lens[s] <= contexts[s] && starts[s] >= 0 && starts[s] + lens[s] <= q.size(0),
                 "paged_attention: sequence ", s, " has bad query_starts/query_lens/context_lens");
     const int64_t used = (int64_t(contexts[s]) + block_size - 1) / block_size;
@@ -322,12 +326,14 @@ void check_tables(const at::Tensor& q, int64_t num_slots, const at::Tensor& bloc
       TORCH_CHECK(tables[s * width + b] >= 0 && tables[s * width + b] < num_blocks,
                   "paged_attention: sequence ", s, " names block ", tables[s * width + b], " outside the pool");
   }
+  return num_queries == q.size(0) ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
 }
 
-// Shapes and dtypes of an unquantized pool, then the tables.
-void check_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                  const at::Tensor& block_tables, const at::Tensor& query_starts, const at::Tensor& query_lens,
-                  const at::Tensor& context_lens, int64_t block_size, const std::optional<at::Tensor>& slopes) {
+// Shapes and dtypes of an unquantized pool, then the tables; returns check_tables' output.
+at::Tensor check_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                        const at::Tensor& block_tables, const at::Tensor& query_starts,
+                        const at::Tensor& query_lens, const at::Tensor& context_lens, int64_t block_size,
+                        const std::optional<at::Tensor>& slopes) {
   TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 3 && value_cache.sizes() == key_cache.sizes(),
               "paged_attention: q must be (N, H, D) and key/value_cache (slots, KVH, D)");
   TORCH_CHECK(q.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu(),
@@ -338,7 +344,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Te
               "paged_attention: head dims differ, or H is not a multiple of KVH");
   TORCH_CHECK(q.stride(2) == 1 && key_cache.stride(2) == 1 && value_cache.stride(2) == 1,
               "paged_attention: the head dim must be contiguous");
-  check_tables(q, key_cache.size(0), block_tables, query_starts, query_lens, context_lens, block_size, slopes);
+  return check_tables(q, key_cache.size(0), block_tables, query_starts, query_lens, context_lens, block_size,
+                      slopes);
 }
 
 template <typename T>
@@ -359,12 +366,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, con
                            const at::Tensor& block_tables, const at::Tensor& query_starts,
                            const at::Tensor& query_lens, const at::Tensor& context_lens, int64_t block_size,
                            double scale, const std::optional<at::Tensor>& alibi_slopes, int64_t sliding_window) {
-  check_inputs(q, key_cache, value_cache, block_tables, query_starts, query_lens, context_lens, block_size,
-               alibi_slopes);
+  at::Tensor out = check_inputs(q, key_cache, value_cache, block_tables, query_starts, query_lens, context_lens,
+                                block_size, alibi_slopes);
   const int64_t group = q.size(1) / key_cache.size(1);
-  // Rows no sequence covers are zeros, not garbage; the engine's backend covers every row anyway.
-  const bool covered = query_lens.sum().item<int64_t>() == q.size(0);
-  at::Tensor out = covered ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   const float* slopes = alibi_slopes ? alibi_slopes->data_ptr<float>() : nullptr;
   const int64_t tile_queries = std::max<int64_t>(1, kTargetRows / group);
   AT_DISPATCH_V2(q.scalar_type(), "paged_attention", AT_WRAP([&] {
@@ -396,10 +400,8 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_
                     params->size(1) == key_codes.size(1) && params->size(2) == 3 && params->is_contiguous() &&
                     params->device().is_cpu(),
                 "paged_attention_quantized: params must be contiguous uint8 (slots, KVH, 3) on CPU");
-  check_tables(q, key_codes.size(0), block_tables, query_starts, query_lens, context_lens, block_size,
-               alibi_slopes);
-  const bool covered = query_lens.sum().item<int64_t>() == q.size(0);
-  at::Tensor out = covered ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
+  at::Tensor out = check_tables(q, key_codes.size(0), block_tables, query_starts, query_lens, context_lens,
+                                block_size, alibi_slopes);
   const int64_t tile_queries = std::max<int64_t>(1, kTargetRows / (q.size(1) / key_codes.size(1)));
   AT_DISPATCH_V2(q.scalar_type(), "paged_attention_quantized", AT_WRAP([&] {
     Problem<scalar_t> P{q.data_ptr<scalar_t>(), nullptr, nullptr, out.data_ptr<scalar_t>(),
