@@ -68,6 +68,17 @@ def test_op_streams_a_large_weight_across_threads(dtype):
     _check(torch.ops.kiln.linear(x, weight, b), x, weight, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gives_the_same_bits_at_any_row_count(dtype):
+    # Few rows stream one weight row per tile, more rows four; each output's sum runs in the same order
+    # either way, so a sequence's logits do not depend on how many others share its decode step.
+    x, weight, b = _inputs(64, 768, 131, dtype, bias=True)
+    alone = torch.cat([torch.ops.kiln.linear(x[i : i + 1], weight, b) for i in range(64)])
+    for rows in (2, 4, 5, 16, 64):
+        together = torch.cat([torch.ops.kiln.linear(x[i : i + rows], weight, b) for i in range(0, 64, rows)])
+        assert torch.equal(together, alone), rows
+
+
 def test_op_takes_non_contiguous_inputs():
     x, weight, b = _inputs(6, 40, 9, torch.float32, bias=True)
     strided_x = x.t().contiguous().t()  # same values, column-major

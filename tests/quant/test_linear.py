@@ -83,6 +83,19 @@ def test_fast_path_matches_reference(scheme, rows, dtype):
 
 
 @needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES[:4], ids=lambda s: s.describe())
+def test_op_gives_a_row_the_same_bits_at_any_row_count(scheme, dtype):
+    # the op's tiles are one weight row wide for few rows and four wide for more: same sums either way
+    _, layer = _layer(scheme, 256, 67, bias=True)
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(16)])
+        for rows in (2, 5, 16):
+            assert torch.equal(torch.cat([layer(x[i : i + rows]) for i in range(0, 16, rows)]), alone), rows
+
+
+@needs_op
 def test_op_is_used_for_decode_rows(monkeypatch):
     _, layer = _layer(parse_scheme("int4", 32), 64, 8)
     calls = []

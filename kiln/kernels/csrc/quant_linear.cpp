@@ -35,7 +35,8 @@ namespace {
 constexpr int ROWS = 4;  // x rows per register tile
 constexpr int COLS = 4;  // outputs per register tile
 constexpr int64_t GRAIN_TILES = 16;
-constexpr int64_t PREFETCH_BYTES = 8 * 1024;  // as linear.cpp: a tile or two of weight ahead
+constexpr int64_t PREFETCH_BYTES = 8 * 1024;  // as linear.cpp: a tile or two of weight ahead (COLS > 1)
+constexpr int64_t SEQUENTIAL_ROWS = 4;  // up to this many rows a tile is one weight row (linear.cpp: why)
 
 struct QuantArgs {
   const float* x;       // (M, K) fp32
@@ -102,7 +103,7 @@ void tile_int8(const QuantArgs& a, int64_t m0, int64_t n0) {
     __m512 wv[C];
     for (int c = 0; c < C; ++c) {
       const int8_t* p = w + c * a.row_bytes + k;
-      _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+      if constexpr (C > 1) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
       wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
     }
     for (int m = 0; m < R; ++m) {
@@ -135,7 +136,7 @@ void tile_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
       __m512 lo[C], hi[C];
       for (int c = 0; c < C; ++c) {
         const uint8_t* p = w + c * a.row_bytes + k / 2;
-        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+        if constexpr (C > 1) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         lo[c] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low_nibble));
         hi[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
@@ -186,7 +187,7 @@ void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
       __m512bh lo[C], hi[C];
       for (int c = 0; c < C; ++c) {
         const uint8_t* p = w + c * a.row_bytes + k / 2;
-        _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+        if constexpr (C > 1) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
         lo[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low_nibble), table);
         hi[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
@@ -329,11 +330,14 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                  b.defined() ? b.const_data_ptr<float>() : nullptr,
                  out_data,
                  M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
-  const int64_t num_tiles = (N + COLS - 1) / COLS;
-  at::parallel_for(0, num_tiles, GRAIN_TILES, [&](int64_t begin, int64_t end) {
+  // As linear.cpp: few rows take one weight row per tile (a sequential stream per thread), more rows four
+  // (each x load used four times); each output's sums are the same either way.
+  const int64_t tile_cols = M <= SEQUENTIAL_ROWS ? 1 : COLS;
+  const int64_t num_tiles = (N + tile_cols - 1) / tile_cols;
+  at::parallel_for(0, num_tiles, GRAIN_TILES * COLS / tile_cols, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t * COLS;
-      const int cols = static_cast<int>(std::min<int64_t>(COLS, N - n));
+      const int64_t n = t * tile_cols;
+      const int cols = static_cast<int>(std::min<int64_t>(tile_cols, N - n));
       for (int64_t m = 0; m < M; m += ROWS) {
         run_block(static_cast<int>(std::min<int64_t>(ROWS, M - m)), cols, args, m, n);
       }
