@@ -9,6 +9,13 @@ def test_engine_speed_bench_on_the_tiny_shape():
     (entry,) = result.results
     assert entry.identical_offline == 64  # same greedy tokens as transformers on all 64 requests
     assert result.read_bandwidth_gb_s > 0 and entry.weight_bytes_per_token > 0
+    # the roofline's bandwidth is the best of the ways it was read, each of them measured
+    for dtype, best in (
+        ("float32", result.read_bandwidth_gb_s),
+        ("bfloat16", result.read_bandwidth_bf16_gb_s),
+    ):
+        reads = result.read_bandwidths[dtype]
+        assert {"torch.mv", "torch.sum"} <= set(reads) and best == max(reads.values()) > 0
     assert 0 < entry.batch1_kiln_roofline_fraction and 0 < entry.batch1_peer_roofline_fraction
     for side in (entry.batch1_kiln, entry.batch1_peer, entry.offline_kiln, entry.offline_peer):
         assert side.seconds > 0 and side.tokens_per_second > 0
