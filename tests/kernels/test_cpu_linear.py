@@ -204,6 +204,7 @@ import kiln.kernels.cpu_extension as ext
 
 source = Path(sys.argv[1])
 shutil.copy(ext.CSRC / "linear.cpp", source / "linear.cpp")
+shutil.copy(ext.CSRC / "quant_linear.cpp", source / "quant_linear.cpp")
 ext.CSRC = source
 ext.FLAGS = ext.FLAGS + ["-mno-avx512f"]  # no AVX-512 at all: the scalar loops
 assert ext.cpu_ops_available()
@@ -215,13 +216,25 @@ for dtype in (torch.float32, torch.bfloat16):
         scale = max(1.0, expected.abs().max().item())
         error = (torch.ops.kiln.linear(x, w, b).double() - expected).abs().max().item()
         assert error <= (1e-5 if dtype == torch.float32 else 2**-8) * scale, (dtype, rows, k, n, error)
+# kiln::quant_linear's scalar loops: int8 per channel, int4 in groups of 32 with zero points
+for rows in (1, 6):
+    x = torch.randn(rows, 64)
+    q8, s8 = torch.randint(-127, 128, (9, 64), dtype=torch.int8), torch.rand(9, 1) + 0.1
+    got = torch.ops.kiln.quant_linear(x, q8, s8, None, None, 8)
+    assert torch.allclose(got, x @ (q8.float() * s8).T, atol=1e-4, rtol=1e-5), "int8"
+    u = torch.randint(0, 16, (9, 64), dtype=torch.uint8)
+    packed = torch.cat([u[:, :16] | (u[:, 16:32] << 4), u[:, 32:48] | (u[:, 48:] << 4)], 1)
+    s4, z = torch.rand(9, 2) + 0.1, torch.randint(0, 16, (9, 2)).float()
+    got = torch.ops.kiln.quant_linear(x, packed, s4, s4 * z, None, 4)
+    w = (u.float() - z.repeat_interleave(32, 1)) * s4.repeat_interleave(32, 1)
+    assert torch.allclose(got, x @ w.T, atol=1e-4, rtol=1e-5), "int4"
 print("fallback ok")
 """
 
 
 @pytest.mark.slow
 def test_scalar_fallback_matches_reference(tmp_path):
-    """The op built without AVX-512 (a separate build and process) gives the same results."""
+    """The ops built without AVX-512 (a separate build and process) give the same results."""
     source = tmp_path / "csrc"
     source.mkdir()
     completed = subprocess.run(

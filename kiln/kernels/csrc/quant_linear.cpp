@@ -32,11 +32,8 @@
 
 namespace {
 
-constexpr int ROWS = 4;  // x rows per register tile
-constexpr int COLS = 4;  // outputs per register tile
-constexpr int64_t GRAIN_TILES = 16;
-constexpr int64_t PREFETCH_BYTES = 8 * 1024;  // as linear.cpp: a tile or two of weight ahead (COLS > 1)
-constexpr int64_t SEQUENTIAL_ROWS = 4;  // up to this many rows a tile is one weight row (linear.cpp: why)
+constexpr int ROWS = 4;  // x rows per register tile (two accumulators each)
+constexpr int64_t GRAIN_ROWS = 64;  // weight rows per thread at least: tiny layers stay on one thread
 
 struct QuantArgs {
   const float* x;       // (M, K) fp32
@@ -67,95 +64,81 @@ inline float weight_value(const QuantArgs& a, int64_t n, int64_t k) {
   return static_cast<float>((k % 32) < 16 ? (byte & 0xF) : (byte >> 4));
 }
 
-template <int R, int C>
-void tile_scalar(const QuantArgs& a, int64_t m0, int64_t n0) {
+template <int R>
+void tile_scalar(const QuantArgs& a, int64_t m0, int64_t n) {
   for (int m = 0; m < R; ++m) {
-    for (int c = 0; c < C; ++c) {
-      float total = 0.0f;
-      for (int64_t g = 0; g < a.G; ++g) {
-        float sum = 0.0f;
-        for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k)
-          sum += a.x[(m0 + m) * a.K + k] * weight_value(a, n0 + c, k);
-        total += sum * a.scale[(n0 + c) * a.G + g];
-      }
-      a.out[(m0 + m) * a.N + n0 + c] = total + correction(a, m0 + m, n0 + c);
+    float total = 0.0f;
+    for (int64_t g = 0; g < a.G; ++g) {
+      float sum = 0.0f;
+      for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) sum += a.x[(m0 + m) * a.K + k] * weight_value(a, n, k);
+      total += sum * a.scale[n * a.G + g];
     }
+    a.out[(m0 + m) * a.N + n] = total + correction(a, m0 + m, n);
   }
 }
 
 #if defined(__AVX512F__)
-template <int R, int C>
-inline void finish(const QuantArgs& a, int64_t m0, int64_t n0, __m512 (&total)[R][C]) {
+template <int R>
+inline void finish(const QuantArgs& a, int64_t m0, int64_t n, __m512 (&total)[R]) {
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < C; ++c)
-      a.out[(m0 + m) * a.N + n0 + c] = _mm512_reduce_add_ps(total[m][c]) + correction(a, m0 + m, n0 + c);
+    a.out[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(total[m]) + correction(a, m0 + m, n);
 }
+
+// The tiles below take one weight row (output n) and R rows of x, and keep two accumulators per x row that
+// alternate between the steps along k: one chain of dependent multiply-adds per row held the int8 and int4
+// kernels to ~25 GB/s on the Zen 4 EPYC (a 4-cycle FMA per 16-byte step), the bf16 linear's rate.
 
 // int8: 16 weights per step, masked tail (zeros add nothing); one group (per-channel scale).
-template <int R, int C>
-void tile_int8(const QuantArgs& a, int64_t m0, int64_t n0) {
-  __m512 acc[R][C];
-  for (int m = 0; m < R; ++m)
-    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
-  const int8_t* w = reinterpret_cast<const int8_t*>(a.w + n0 * a.row_bytes);
-  const int64_t ahead = C * a.row_bytes * std::max<int64_t>(1, PREFETCH_BYTES / (C * a.row_bytes));
-  auto step = [&](int64_t k, __mmask16 mask) {
-    __m512 wv[C];
-    for (int c = 0; c < C; ++c) {
-      const int8_t* p = w + c * a.row_bytes + k;
-      if constexpr (C > 1) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
-      wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-    }
-    for (int m = 0; m < R; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, a.x + (m0 + m) * a.K + k);
-      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_fmadd_ps(xv, wv[c], acc[m][c]);
-    }
+template <int R>
+void tile_int8(const QuantArgs& a, int64_t m0, int64_t n) {
+  __m512 acc[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
+  const int8_t* w = reinterpret_cast<const int8_t*>(a.w + n * a.row_bytes);
+  auto step = [&](int64_t k, __mmask16 mask, __m512 (&sums)[R]) {
+    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + k)));
+    for (int m = 0; m < R; ++m)
+      sums[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a.x + (m0 + m) * a.K + k), wv, sums[m]);
   };
+  constexpr __mmask16 all = 0xFFFF;
   int64_t k = 0;
-  for (; k + 16 <= a.K; k += 16) step(k, static_cast<__mmask16>(0xFFFF));
-  if (k < a.K) step(k, static_cast<__mmask16>((1u << (a.K - k)) - 1));
-  for (int m = 0; m < R; ++m)
-    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_mul_ps(acc[m][c], _mm512_set1_ps(a.scale[n0 + c]));
-  finish<R, C>(a, m0, n0, acc);
+  for (; k + 32 <= a.K; k += 32) {
+    step(k, all, acc[0]);
+    step(k + 16, all, acc[1]);
+  }
+  if (k + 16 <= a.K) step(k, all, acc[0]), k += 16;
+  if (k < a.K) step(k, static_cast<__mmask16>((1u << (a.K - k)) - 1), acc[1]);
+  const __m512 s = _mm512_set1_ps(a.scale[n]);
+  for (int m = 0; m < R; ++m) acc[0][m] = _mm512_mul_ps(_mm512_add_ps(acc[0][m], acc[1][m]), s);
+  finish<R>(a, m0, n, acc[0]);
 }
 
-// int4: 32 weights (16 bytes) per step; each group's sums scaled into the running total.
-template <int R, int C>
-void tile_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
-  __m512 total[R][C];
-  for (int m = 0; m < R; ++m)
-    for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
-  const uint8_t* w = a.w + n0 * a.row_bytes;
-  const int64_t ahead = C * a.row_bytes * std::max<int64_t>(1, PREFETCH_BYTES / (C * a.row_bytes));
+// int4: 32 weights (16 bytes) per step, the low nibbles into one accumulator and the high into the other;
+// each group's sums scaled into the running total.
+template <int R>
+void tile_int4(const QuantArgs& a, int64_t m0, int64_t n) {
+  __m512 total[R];
+  for (int m = 0; m < R; ++m) total[m] = _mm512_setzero_ps();
+  const uint8_t* w = a.w + n * a.row_bytes;
   const __m512i low_nibble = _mm512_set1_epi32(0xF);
   for (int64_t g = 0; g < a.G; ++g) {
-    __m512 acc[R][C];
-    for (int m = 0; m < R; ++m)
-      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    __m512 acc[2][R];
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
     for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 32) {
-      __m512 lo[C], hi[C];
-      for (int c = 0; c < C; ++c) {
-        const uint8_t* p = w + c * a.row_bytes + k / 2;
-        if constexpr (C > 1) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        lo[c] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low_nibble));
-        hi[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      }
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low_nibble));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
       for (int m = 0; m < R; ++m) {
         const float* xr = a.x + (m0 + m) * a.K + k;
-        const __m512 xl = _mm512_loadu_ps(xr), xh = _mm512_loadu_ps(xr + 16);
-        for (int c = 0; c < C; ++c) {
-          acc[m][c] = _mm512_fmadd_ps(xl, lo[c], acc[m][c]);
-          acc[m][c] = _mm512_fmadd_ps(xh, hi[c], acc[m][c]);
-        }
+        acc[0][m] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), lo, acc[0][m]);
+        acc[1][m] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), hi, acc[1][m]);
       }
     }
-    for (int c = 0; c < C; ++c) {
-      const __m512 s = _mm512_set1_ps(a.scale[(n0 + c) * a.G + g]);
-      for (int m = 0; m < R; ++m) total[m][c] = _mm512_fmadd_ps(acc[m][c], s, total[m][c]);
-    }
+    const __m512 s = _mm512_set1_ps(a.scale[n * a.G + g]);
+    for (int m = 0; m < R; ++m) total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m], acc[1][m]), s, total[m]);
   }
-  finish<R, C>(a, m0, n0, total);
+  finish<R>(a, m0, n, total);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -168,78 +151,56 @@ void tile_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
 // pair with x[0..15], x[32..47] and the high ones with x[16..31], x[48..63], which is how quant_linear lays
 // out `xb` per 64 elements. Products of a bf16 x and an integer below 16 are exact in fp32, so only the
 // fp32 accumulation order differs from the reference. Groups are multiples of 64 here.
-template <int R, int C>
-void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
-  __m512 total[R][C];
-  for (int m = 0; m < R; ++m)
-    for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
-  const uint8_t* w = a.w + n0 * a.row_bytes;
-  const int64_t ahead = C * a.row_bytes * std::max<int64_t>(1, PREFETCH_BYTES / (C * a.row_bytes));
+template <int R>
+void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n) {
+  __m512 total[R];
+  for (int m = 0; m < R; ++m) total[m] = _mm512_setzero_ps();
+  const uint8_t* w = a.w + n * a.row_bytes;
   alignas(64) static const uint16_t bf16_of[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0,
                                                    0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
                                                    0x4160, 0x4170};  // bf16 bits of 0..15
   const __m512i table = _mm512_load_si512(bf16_of), low_nibble = _mm512_set1_epi16(0xF);
   for (int64_t g = 0; g < a.G; ++g) {
-    __m512 acc[R][C];
-    for (int m = 0; m < R; ++m)
-      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    __m512 acc[2][R];
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
     for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {
-      __m512bh lo[C], hi[C];
-      for (int c = 0; c < C; ++c) {
-        const uint8_t* p = w + c * a.row_bytes + k / 2;
-        if constexpr (C > 1) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        lo[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low_nibble), table);
-        hi[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
-      }
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
+      const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low_nibble), table);
+      const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
       for (int m = 0; m < R; ++m) {
         const uint16_t* xr = a.xb + (m0 + m) * a.K + k;
-        const __m512bh xl = (__m512bh)_mm512_loadu_si512(xr), xh = (__m512bh)_mm512_loadu_si512(xr + 32);
-        for (int c = 0; c < C; ++c) {
-          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xl, lo[c]);
-          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xh, hi[c]);
-        }
+        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)_mm512_loadu_si512(xr), lo);
+        acc[1][m] = _mm512_dpbf16_ps(acc[1][m], (__m512bh)_mm512_loadu_si512(xr + 32), hi);
       }
     }
-    for (int c = 0; c < C; ++c) {
-      const __m512 s = _mm512_set1_ps(a.scale[(n0 + c) * a.G + g]);
-      for (int m = 0; m < R; ++m) total[m][c] = _mm512_fmadd_ps(acc[m][c], s, total[m][c]);
-    }
+    const __m512 s = _mm512_set1_ps(a.scale[n * a.G + g]);
+    for (int m = 0; m < R; ++m) total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m], acc[1][m]), s, total[m]);
   }
-  finish<R, C>(a, m0, n0, total);
+  finish<R>(a, m0, n, total);
 }
 #endif
 #endif
-
-template <int R, int C>
-inline void run_tile(const QuantArgs& a, int64_t m0, int64_t n0) {
-#if defined(__AVX512F__)
-  if (a.bits == 8) return tile_int8<R, C>(a, m0, n0);
-#if defined(KILN_INT4_BF16)
-  if (a.xb != nullptr) return tile_int4_bf16<R, C>(a, m0, n0);
-#endif
-  return tile_int4<R, C>(a, m0, n0);
-#else
-  tile_scalar<R, C>(a, m0, n0);
-#endif
-}
 
 template <int R>
-inline void run_rows(int cols, const QuantArgs& a, int64_t m0, int64_t n0) {
-  switch (cols) {
-    case 4: return run_tile<R, 4>(a, m0, n0);
-    case 3: return run_tile<R, 3>(a, m0, n0);
-    case 2: return run_tile<R, 2>(a, m0, n0);
-    default: return run_tile<R, 1>(a, m0, n0);
-  }
+inline void run_tile(const QuantArgs& a, int64_t m0, int64_t n) {
+#if defined(__AVX512F__)
+  if (a.bits == 8) return tile_int8<R>(a, m0, n);
+#if defined(KILN_INT4_BF16)
+  if (a.xb != nullptr) return tile_int4_bf16<R>(a, m0, n);
+#endif
+  return tile_int4<R>(a, m0, n);
+#else
+  tile_scalar<R>(a, m0, n);
+#endif
 }
 
-inline void run_block(int rows, int cols, const QuantArgs& a, int64_t m0, int64_t n0) {
+inline void run_block(int rows, const QuantArgs& a, int64_t m0, int64_t n) {
   switch (rows) {
-    case 4: return run_rows<4>(cols, a, m0, n0);
-    case 3: return run_rows<3>(cols, a, m0, n0);
-    case 2: return run_rows<2>(cols, a, m0, n0);
-    default: return run_rows<1>(cols, a, m0, n0);
+    case 4: return run_tile<4>(a, m0, n);
+    case 3: return run_tile<3>(a, m0, n);
+    case 2: return run_tile<2>(a, m0, n);
+    default: return run_tile<1>(a, m0, n);
   }
 }
 
@@ -330,17 +291,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                  b.defined() ? b.const_data_ptr<float>() : nullptr,
                  out_data,
                  M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
-  // As linear.cpp: few rows take one weight row per tile (a sequential stream per thread), more rows four
-  // (each x load used four times); each output's sums are the same either way.
-  const int64_t tile_cols = M <= SEQUENTIAL_ROWS ? 1 : COLS;
-  const int64_t num_tiles = (N + tile_cols - 1) / tile_cols;
-  at::parallel_for(0, num_tiles, GRAIN_TILES * COLS / tile_cols, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t * tile_cols;
-      const int cols = static_cast<int>(std::min<int64_t>(tile_cols, N - n));
-      for (int64_t m = 0; m < M; m += ROWS) {
-        run_block(static_cast<int>(std::min<int64_t>(ROWS, M - m)), cols, args, m, n);
-      }
+  // One weight row per tile, so each thread reads its slab of the weight as one sequential stream (four
+  // rows read side by side streamed at half the bandwidth on the Zen 4 EPYC: linear.cpp); a row block of
+  // x passes over the row while it sits in L1.
+  at::parallel_for(0, N, GRAIN_ROWS, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m = 0; m < M; m += ROWS) run_block(static_cast<int>(std::min<int64_t>(ROWS, M - m)), args, m, n);
     }
   });
   if (!fp32) {
