@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kiln.bench.generate import peer_generate
-from kiln.bench.timing import best_of
+from kiln.bench.timing import best_of, best_of_each
 from kiln.config import ModelConfig
 from kiln.engine.config import EngineConfig
 
@@ -166,54 +166,66 @@ class Workloads:
 
 
 @torch.no_grad()
-def _time_kiln(directory: Path, config: EngineConfig, work: Workloads, repeats: int) -> dict[str, Any]:
-    from kiln.engine import LLM, SamplingParams
-
-    llm = LLM(directory, config, verbose=False)
-    greedy = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    llm.generate([work.short], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    batch1, _ = best_of(repeats, lambda: llm.generate([work.short], greedy))
-    offline, outputs = best_of(repeats, lambda: llm.generate(work.offline, greedy))
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    prefill, _ = best_of(repeats, lambda: llm.generate([work.long], one))
-    tokens = [output.outputs[0].token_ids for output in outputs]
-    return {"batch1": batch1, "offline": offline, "prefill": prefill, "tokens": tokens}
-
-
-@torch.no_grad()
-def _time_forward(directory: Path, dtype: str, work: Workloads, repeats: int) -> tuple[float, int]:
-    """Seconds of a plain forward pass of the 1024-token prompt, and the weight bytes per decode token."""
-    from kiln.models.hf.io import load_model
-
-    model = load_model(directory, dtype=dtype)
-    ids = torch.tensor([work.long])
-    model(ids)
-    seconds, _ = best_of(repeats, lambda: model(ids))
-    return seconds, _weight_bytes_per_token(model, model.embed_tokens.weight.dtype)
-
-
-@torch.no_grad()
-def _time_peer(directory: Path, dtype: torch.dtype, work: Workloads, repeats: int) -> dict[str, Any]:
+def _time_sides(
+    directory: Path, config: EngineConfig, dtype: str, work: Workloads, repeats: int
+) -> dict[str, Any]:
+    """kiln.LLM, transformers and kiln's plain forward, all loaded at once; each workload timed round-robin
+    between its sides (best of `repeats` each), so that the machine's drift hits both sides of a ratio."""
     import transformers
 
-    peer = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    peer_generate(peer, [work.short], 4, 1)  # warm-up
-    batch1, _ = best_of(repeats, lambda: peer_generate(peer, [work.short], 128, 1))
-    offline, tokens = best_of(repeats, lambda: peer_generate(peer, work.offline, 128, 16))
-    return {"batch1": batch1, "offline": offline, "tokens": tokens}
+    from kiln.engine import LLM, SamplingParams
+    from kiln.models.hf.io import load_model
+
+    llm = LLM(directory, config, verbose=False)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    peer = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval()
+    model = load_model(directory, dtype=dtype)
+    greedy = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    ids = torch.tensor([work.long])
+    llm.generate([work.short], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-ups
+    peer_generate(peer, [work.short], 4, 1)
+    model(ids)
+    batch1 = best_of_each(
+        repeats,
+        {
+            "kiln": lambda: llm.generate([work.short], greedy),
+            "peer": lambda: peer_generate(peer, [work.short], 128, 1),
+        },
+    )
+    offline = best_of_each(
+        repeats,
+        {
+            "kiln": lambda: llm.generate(work.offline, greedy),
+            "peer": lambda: peer_generate(peer, work.offline, 128, 16),
+        },
+    )
+    prefill = best_of_each(
+        repeats, {"kiln": lambda: llm.generate([work.long], one), "forward": lambda: model(ids)}
+    )
+    return {
+        "batch1": (batch1["kiln"][0], batch1["peer"][0]),
+        "offline": (offline["kiln"][0], offline["peer"][0]),
+        "prefill": (prefill["kiln"][0], prefill["forward"][0]),
+        "kiln_tokens": [output.outputs[0].token_ids for output in offline["kiln"][1]],
+        "peer_tokens": offline["peer"][1],
+        "weight_bytes": _weight_bytes_per_token(model, model.embed_tokens.weight.dtype),
+    }
 
 
 def bench_dtype(
     directory: Path, config: ModelConfig, dtype: str, bandwidth: float, engine: EngineConfig, repeats: int
 ) -> DtypeResult:
-    """Both workloads and the prefill in `dtype`, kiln then transformers."""
+    """Both workloads and the prefill in `dtype`, kiln and transformers (kiln's plain forward for the
+    prefill) timed round-robin."""
     work = Workloads.make(config.vocab_size)
     # No prefix caching: repeated runs of the same prompts must compute them again, as the peer does.
     engine = engine.replace(dtype=dtype, max_num_seqs=64, enable_prefix_caching=False)
-    kiln = _time_kiln(directory, engine, work, repeats)
-    forward, weight_bytes = _time_forward(directory, dtype, work, repeats)
-    peer = _time_peer(directory, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], work, repeats)
-    identical = sum(k == p for k, p in zip(kiln["tokens"], peer["tokens"], strict=True))
+    sides = _time_sides(directory, engine, dtype, work, repeats)
+    (kiln_batch1, peer_batch1), (kiln_offline, peer_offline) = sides["batch1"], sides["offline"]
+    kiln_prefill, forward = sides["prefill"]
+    weight_bytes = sides["weight_bytes"]
+    identical = sum(k == p for k, p in zip(sides["kiln_tokens"], sides["peer_tokens"], strict=True))
 
     def roofline(seconds: float) -> float:
         return 128 / seconds * weight_bytes / 1e9 / bandwidth
@@ -221,13 +233,13 @@ def bench_dtype(
     return DtypeResult(
         dtype=dtype,
         weight_bytes_per_token=weight_bytes,
-        batch1_kiln=Side(seconds=kiln["batch1"], tokens_per_second=128 / kiln["batch1"]),
-        batch1_peer=Side(seconds=peer["batch1"], tokens_per_second=128 / peer["batch1"]),
-        batch1_kiln_roofline_fraction=roofline(kiln["batch1"]),
-        batch1_peer_roofline_fraction=roofline(peer["batch1"]),
-        offline_kiln=Side(seconds=kiln["offline"], tokens_per_second=64 * 128 / kiln["offline"]),
-        offline_peer=Side(seconds=peer["offline"], tokens_per_second=64 * 128 / peer["offline"]),
-        prefill_kiln_tokens_per_second=1024 / kiln["prefill"],
+        batch1_kiln=Side(seconds=kiln_batch1, tokens_per_second=128 / kiln_batch1),
+        batch1_peer=Side(seconds=peer_batch1, tokens_per_second=128 / peer_batch1),
+        batch1_kiln_roofline_fraction=roofline(kiln_batch1),
+        batch1_peer_roofline_fraction=roofline(peer_batch1),
+        offline_kiln=Side(seconds=kiln_offline, tokens_per_second=64 * 128 / kiln_offline),
+        offline_peer=Side(seconds=peer_offline, tokens_per_second=64 * 128 / peer_offline),
+        prefill_kiln_tokens_per_second=1024 / kiln_prefill,
         prefill_forward_tokens_per_second=1024 / forward,
         identical_offline=identical,
     )
