@@ -94,6 +94,11 @@ class EngineSpeedResult:
     read_bandwidths: dict[str, dict[str, float]] = field(default_factory=dict)  # dtype -> way -> GB/s
     results: list[DtypeResult] = field(default_factory=list)
 
+    @property
+    def roofline_bandwidth_gb_s(self) -> float:
+        """What batch-1 roofline fractions are taken against: the machine's best read, either dtype."""
+        return max(self.read_bandwidth_gb_s, self.read_bandwidth_bf16_gb_s)
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for entry, result in zip(out["results"], self.results, strict=True):
@@ -118,9 +123,13 @@ def read_bandwidths(dtype: torch.dtype, num_bytes: int = 512 * 2**20, repeats: i
     rows = num_bytes // (columns * torch.empty((), dtype=dtype).element_size())
     weight = torch.randn(rows, columns).to(dtype)
     vector = torch.randn(columns).to(dtype)
-    reads = {"torch.mv": lambda: torch.mv(weight, vector), "torch.sum": lambda: weight.sum()}
+    weight_bytes = weight.numel() * weight.element_size()
+    reads = {  # name -> (read, bytes it reads)
+        "torch.mv": (lambda: torch.mv(weight, vector), weight_bytes),
+        "torch.sum": (lambda: weight.sum(), weight_bytes),
+    }
     if cpu_ops_built():
-        reads["kiln.linear"] = lambda: torch.ops.kiln.linear(vector[None], weight, None)
+        reads["kiln.linear"] = (lambda: torch.ops.kiln.linear(vector[None], weight, None), weight_bytes)
         # the same bytes as layers of the model's shape (SwiGLU 2048 x hidden 768), one call each, as a
         # decode step reads them: on the Zen 4 EPYC bf16 streamed 46.5 GB/s this way against 33.8 as one
         # weight, and kiln's decode read its weights faster than the one-weight figure
@@ -132,12 +141,11 @@ def read_bandwidths(dtype: torch.dtype, num_bytes: int = 512 * 2**20, repeats: i
             for layer in layers:
                 torch.ops.kiln.linear(row, layer, None)
 
-        reads["kiln.linear, 2048x768 layers"] = layer_reads
+        reads["kiln.linear, 2048x768 layers"] = (layer_reads, layers.numel() * layers.element_size())
     out = {}
-    for name, read in reads.items():
+    for name, (read, read_bytes) in reads.items():
         read()
         seconds, _ = best_of(repeats, read)
-        read_bytes = (layers.numel() if name.endswith("layers") else weight.numel()) * weight.element_size()
         out[name] = read_bytes / seconds / 1e9
     return out
 
@@ -291,8 +299,9 @@ def bench_engine_speed(
             + " GB/s"
         )
     for dtype in dtypes:
-        bandwidth = max(result.read_bandwidth_gb_s, result.read_bandwidth_bf16_gb_s)  # the machine's best
-        entry = bench_dtype(directory, config, dtype, bandwidth, engine_config or EngineConfig(), repeats)
+        entry = bench_dtype(
+            directory, config, dtype, result.roofline_bandwidth_gb_s, engine_config or EngineConfig(), repeats
+        )
         result.results.append(entry)
         kiln_1, peer_1 = entry.batch1_kiln.tokens_per_second, entry.batch1_peer.tokens_per_second
         kiln_o, peer_o = entry.offline_kiln.tokens_per_second, entry.offline_peer.tokens_per_second
@@ -310,7 +319,7 @@ def print_engine_speed(result: EngineSpeedResult, output: Path) -> None:
 
     table = Table(
         title=f"{result.shape} ({result.parameters / 1e6:.0f}M), {result.threads} threads, "
-        f"roofline bandwidth {max(result.read_bandwidth_gb_s, result.read_bandwidth_bf16_gb_s):.1f} GB/s "
+        f"roofline bandwidth {result.roofline_bandwidth_gb_s:.1f} GB/s "
         f"(best read, fp32 {result.read_bandwidth_gb_s:.1f}, bf16 {result.read_bandwidth_bf16_gb_s:.1f})"
     )
     for column in (

@@ -201,6 +201,7 @@ import shutil, sys
 from pathlib import Path
 import torch, torch.nn.functional as F
 import kiln.kernels.cpu_extension as ext
+from kiln.quant.weights import pack_int4
 
 source = Path(sys.argv[1])
 shutil.copy(ext.CSRC / "linear.cpp", source / "linear.cpp")
@@ -223,7 +224,7 @@ for rows in (1, 6):
     got = torch.ops.kiln.quant_linear(x, q8, s8, None, None, 8)
     assert torch.allclose(got, x @ (q8.float() * s8).T, atol=1e-4, rtol=1e-5), "int8"
     u = torch.randint(0, 16, (9, 64), dtype=torch.uint8)
-    packed = torch.cat([u[:, :16] | (u[:, 16:32] << 4), u[:, 32:48] | (u[:, 48:] << 4)], 1)
+    packed = pack_int4(u)
     s4, z = torch.rand(9, 2) + 0.1, torch.randint(0, 16, (9, 2)).float()
     got = torch.ops.kiln.quant_linear(x, packed, s4, s4 * z, None, 4)
     w = (u.float() - z.repeat_interleave(32, 1)) * s4.repeat_interleave(32, 1)
