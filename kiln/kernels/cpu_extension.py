@@ -33,12 +33,28 @@ CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-std=c++17"]
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere): what -march=native builds for,
+    and what decides which of the ops' paths (AVX-512, AVX2, scalar) the library holds."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def _build_dir() -> Path:
-    """A folder per source version, compiler flags and torch build, so a stale library is never loaded."""
+    """A folder per source version, compiler flags, CPU flags and torch build, so a stale library, or one
+    built with -march=native for another CPU (a shared home folder), is never loaded."""
     digest = hashlib.sha256()
     for path in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())
     digest.update(" ".join(FLAGS).encode() + torch.__version__.encode())
+    digest.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
     return root / "cpu_ops" / digest.hexdigest()[:16]
 

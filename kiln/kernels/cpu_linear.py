@@ -19,27 +19,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels.cpu_extension import cpu_flags
 from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
 
 
-def _has_amx() -> bool:
-    """Whether this CPU has AMX tiles for bf16 (Linux /proc/cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
-    except OSError:
-        return False
-
-
 # Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
-# faster. Measured with `kiln bench linear` (2 threads, the 134M Llama's weights read from memory):
+# faster. It depends on the paths the op was built with (-march=native: this CPU's flags) and on what
+# torch's GEMM has. Measured with `python -m kiln.bench.linear` (2 threads, the 134M Llama's weights read
+# from memory):
 # - 2-core AVX512-BF16 AMD EPYC (no AMX): fp32 the op was 1.3-1.8x torch at 64 rows; bf16 1.3-2.0x at 16
 #   rows, 0.96-1.4x at 24-32 and 0.9-1.0x from 48.
 # - 2-vCPU Xeon with AMX (2026-12-06): bf16 1.5-2.6x at 1-4 rows, 0.87-1.12x at 8, 0.56-0.66x at 16 (torch's
 #   oneDNN runs AMX tiles); fp32 1.1-3.1x up to 16 rows, 0.87-1.2x at 32, 0.70-1.07x at 64 (MKL).
-MAX_ROWS: dict[torch.dtype, int] = (
-    {torch.float32: 32, torch.bfloat16: 8} if _has_amx() else {torch.float32: 64, torch.bfloat16: 16}
-)
+# - 2-vCPU AMD EPYC Zen 3 (AVX2 + FMA, no AVX-512; 2026-12-06, the op's AVX2 tiles): fp32 1.2-4.1x at 1-16
+#   rows, 0.93-1.8x at 32, 0.59-1.30x at 64, 0.52-0.89x at 256; bf16 1.2-1.4x at 1 row and 2.6-6.5x from 4
+#   to 256 rows: without AVX512-BF16 torch's bf16 GEMM ran at 17-21 GFLOP/s at every size (its fp32 GEMM
+#   at up to 150), so the op takes every bf16 linear, prefill included.
+ALL_ROWS = 1 << 62
+
+
+def _max_rows(flags: frozenset[str]) -> dict[torch.dtype, int]:
+    if "amx_bf16" in flags:
+        return {torch.float32: 32, torch.bfloat16: 8}
+    if "avx512f" not in flags and {"avx2", "fma"} <= flags:
+        return {torch.float32: 32, torch.bfloat16: ALL_ROWS}
+    return {torch.float32: 64, torch.bfloat16: 16}
+
+
+MAX_ROWS: dict[torch.dtype, int] = _max_rows(cpu_flags())
 
 
 def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

@@ -145,8 +145,9 @@ def test_linear_flattens_leading_dims(op_calls):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_leaves_many_rows_and_gradients_to_torch(op_calls, dtype):
-    limit = cpu_linear.MAX_ROWS[dtype]
+def test_linear_leaves_many_rows_and_gradients_to_torch(op_calls, dtype, monkeypatch):
+    limit = min(cpu_linear.MAX_ROWS[dtype], 16)  # AVX2 machines take every bf16 row count: test the rule
+    monkeypatch.setitem(cpu_linear.MAX_ROWS, dtype, limit)
     x, weight, _ = _inputs(limit + 1, 33, 13, dtype, bias=False)
     cpu_linear.linear(x, weight)
     cpu_linear.linear(x[:limit], weight)
@@ -158,6 +159,18 @@ def test_linear_leaves_many_rows_and_gradients_to_torch(op_calls, dtype):
     with torch.no_grad():
         cpu_linear.linear(x[:1], weight)
     assert op_calls == [(limit, 33), (1, 33)]
+
+
+def test_row_limits_follow_the_cpu():
+    """AMX: torch's bf16 GEMM wins from few rows; AVX2 without AVX-512: torch's bf16 GEMM is slow at every
+    size, so the op takes every bf16 linear; elsewhere the AVX-512 limits."""
+    amx = cpu_linear._max_rows(frozenset({"avx2", "fma", "avx512f", "amx_bf16"}))
+    avx2 = cpu_linear._max_rows(frozenset({"avx2", "fma"}))
+    avx512 = cpu_linear._max_rows(frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
+    assert amx == {torch.float32: 32, torch.bfloat16: 8}
+    assert avx2 == {torch.float32: 32, torch.bfloat16: cpu_linear.ALL_ROWS}
+    assert avx512 == {torch.float32: 64, torch.bfloat16: 16}
+    assert cpu_linear._max_rows(frozenset()) == avx512
 
 
 def test_linear_leaves_other_dtypes_and_mixtures_to_torch(op_calls):
@@ -207,7 +220,7 @@ source = Path(sys.argv[1])
 shutil.copy(ext.CSRC / "linear.cpp", source / "linear.cpp")
 shutil.copy(ext.CSRC / "quant_linear.cpp", source / "quant_linear.cpp")
 ext.CSRC = source
-ext.FLAGS = ext.FLAGS + ["-mno-avx512f"]  # no AVX-512 at all: the scalar loops
+ext.FLAGS = ext.FLAGS + sys.argv[2].split()
 assert ext.cpu_ops_available()
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
@@ -217,12 +230,14 @@ for dtype in (torch.float32, torch.bfloat16):
         scale = max(1.0, expected.abs().max().item())
         error = (torch.ops.kiln.linear(x, w, b).double() - expected).abs().max().item()
         assert error <= (1e-5 if dtype == torch.float32 else 2**-8) * scale, (dtype, rows, k, n, error)
-# kiln::quant_linear's scalar loops: int8 per channel, int4 in groups of 32 with zero points
+# kiln::quant_linear's fallback loops: int8 per channel, int4 in groups of 32 with zero points
 for rows in (1, 6):
+    for k in (64, 75):  # 75: a K tail
+        x = torch.randn(rows, k)
+        q8, s8 = torch.randint(-127, 128, (9, k), dtype=torch.int8), torch.rand(9, 1) + 0.1
+        got = torch.ops.kiln.quant_linear(x, q8, s8, None, None, 8)
+        assert torch.allclose(got, x @ (q8.float() * s8).T, atol=1e-4, rtol=1e-5), ("int8", k)
     x = torch.randn(rows, 64)
-    q8, s8 = torch.randint(-127, 128, (9, 64), dtype=torch.int8), torch.rand(9, 1) + 0.1
-    got = torch.ops.kiln.quant_linear(x, q8, s8, None, None, 8)
-    assert torch.allclose(got, x @ (q8.float() * s8).T, atol=1e-4, rtol=1e-5), "int8"
     u = torch.randint(0, 16, (9, 64), dtype=torch.uint8)
     packed = pack_int4(u)
     s4, z = torch.rand(9, 2) + 0.1, torch.randint(0, 16, (9, 2)).float()
@@ -234,12 +249,20 @@ print("fallback ok")
 
 
 @pytest.mark.slow
-def test_scalar_fallback_matches_reference(tmp_path):
-    """The ops built without AVX-512 (a separate build and process) give the same results."""
+@pytest.mark.parametrize(
+    "flags",
+    [
+        "-mno-avx512f",  # the AVX2 + FMA tiles where the machine has them (else the scalar loops)
+        "-mno-avx512f -mno-avx2 -mno-fma",  # the scalar loops
+    ],
+)
+def test_fallback_builds_match_reference(tmp_path, flags):
+    """The ops built without AVX-512, and without AVX2 (separate builds and processes), give the same
+    results."""
     source = tmp_path / "csrc"
     source.mkdir()
     completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FALLBACK_SCRIPT), str(source)],
+        [sys.executable, "-c", textwrap.dedent(FALLBACK_SCRIPT), str(source), flags],
         capture_output=True,
         text=True,
         env={**_environment(), "KILN_CACHE": str(tmp_path / "cache")},

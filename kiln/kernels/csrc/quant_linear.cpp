@@ -14,7 +14,8 @@
 //              group size are multiples of 32.
 // x is converted to fp32 once; products of a bf16/fp32 x and a small integer are exact in fp32, and the
 // sums accumulate in fp32 (AVX-512F), so the result matches the torch reference (dequantize, then matmul
-// in fp32) to fp32 rounding. Without AVX-512 a scalar loop computes the same sums.
+// in fp32) to fp32 rounding. With AVX2 and FMA but no AVX-512, 256-bit versions of the same tiles; without
+// either, a scalar loop computes the same sums.
 // tests/quant/test_linear.py checks it against kiln/quant's torch reference.
 
 #include <ATen/ATen.h>
@@ -23,6 +24,9 @@
 #include <torch/library.h>
 
 #if defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KILN_QUANT_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -182,6 +186,85 @@ void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n) {
 #endif
 #endif
 
+#if defined(KILN_QUANT_AVX2)
+inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int R>
+inline void finish_avx2(const QuantArgs& a, int64_t m0, int64_t n, __m256 (&total)[R]) {
+  for (int m = 0; m < R; ++m) a.out[(m0 + m) * a.N + n] = hsum_avx2(total[m]) + correction(a, m0 + m, n);
+}
+
+// int8 (AVX2): 8 weights per step into two accumulators per x row that alternate along k (as tile_int8);
+// the K tail goes through zero-padded copies.
+template <int R>
+void tile_int8_avx2(const QuantArgs& a, int64_t m0, int64_t n) {
+  __m256 acc[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < R; ++m) acc[h][m] = _mm256_setzero_ps();
+  const int8_t* w = reinterpret_cast<const int8_t*>(a.w + n * a.row_bytes);
+  auto step = [&](const int8_t* wk, const float* const (&xk)[R], __m256 (&sums)[R]) {
+    const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wk))));
+    for (int m = 0; m < R; ++m) sums[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xk[m]), wv, sums[m]);
+  };
+  const float* xk[R];
+  int64_t k = 0;
+  for (; k + 16 <= a.K; k += 16) {
+    for (int m = 0; m < R; ++m) xk[m] = a.x + (m0 + m) * a.K + k;
+    step(w + k, xk, acc[0]);
+    for (int m = 0; m < R; ++m) xk[m] += 8;
+    step(w + k + 8, xk, acc[1]);
+  }
+  for (int h = 0; k < a.K; k += 8, ++h) {  // 1..15 left: padded to 8 (zeros add nothing)
+    const int64_t count = std::min<int64_t>(8, a.K - k);
+    int8_t wt[8] = {};
+    float xt[R][8] = {};
+    std::copy_n(w + k, count, wt);
+    for (int m = 0; m < R; ++m) std::copy_n(a.x + (m0 + m) * a.K + k, count, xt[m]), xk[m] = xt[m];
+    step(wt, xk, acc[h]);
+  }
+  const __m256 s = _mm256_set1_ps(a.scale[n]);
+  for (int m = 0; m < R; ++m) acc[0][m] = _mm256_mul_ps(_mm256_add_ps(acc[0][m], acc[1][m]), s);
+  finish_avx2<R>(a, m0, n, acc[0]);
+}
+
+// int4 (AVX2): a 16-byte chunk is 32 weights: bytes 0..7 and 8..15 widened to 8 lanes each, low nibbles
+// elements 0..15 (into acc[0]), high nibbles 16..31 (into acc[1]); each group's sums scaled into the total.
+template <int R>
+void tile_int4_avx2(const QuantArgs& a, int64_t m0, int64_t n) {
+  __m256 total[R];
+  for (int m = 0; m < R; ++m) total[m] = _mm256_setzero_ps();
+  const uint8_t* w = a.w + n * a.row_bytes;
+  const __m256i low_nibble = _mm256_set1_epi32(0xF);
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m256 acc[2][R];
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < R; ++m) acc[h][m] = _mm256_setzero_ps();
+    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+      const __m256i v0 = _mm256_cvtepu8_epi32(bytes), v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+      const __m256 lo0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low_nibble));
+      const __m256 lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low_nibble));
+      const __m256 hi0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+      const __m256 hi1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+      for (int m = 0; m < R; ++m) {
+        const float* xr = a.x + (m0 + m) * a.K + k;
+        acc[0][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), lo0, acc[0][m]);
+        acc[1][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), hi0, acc[1][m]);
+        acc[0][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), lo1, acc[0][m]);
+        acc[1][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), hi1, acc[1][m]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(a.scale[n * a.G + g]);
+    for (int m = 0; m < R; ++m) total[m] = _mm256_fmadd_ps(_mm256_add_ps(acc[0][m], acc[1][m]), s, total[m]);
+  }
+  finish_avx2<R>(a, m0, n, total);
+}
+#endif
+
 template <int R>
 inline void run_tile(const QuantArgs& a, int64_t m0, int64_t n) {
 #if defined(__AVX512F__)
@@ -190,6 +273,9 @@ inline void run_tile(const QuantArgs& a, int64_t m0, int64_t n) {
   if (a.xb != nullptr) return tile_int4_bf16<R>(a, m0, n);
 #endif
   return tile_int4<R>(a, m0, n);
+#elif defined(KILN_QUANT_AVX2)
+  if (a.bits == 8) return tile_int8_avx2<R>(a, m0, n);
+  return tile_int4_avx2<R>(a, m0, n);
 #else
   tile_scalar<R>(a, m0, n);
 #endif
