@@ -22,7 +22,6 @@ from torch import nn
 from kiln.kernels.cpu_extension import cpu_flags
 from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
 
-
 # Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
 # faster. It depends on the paths the op was built with (-march=native: this CPU's flags) and on what
 # torch's GEMM has. Measured with `python -m kiln.bench.linear` (2 threads, the 134M Llama's weights read
