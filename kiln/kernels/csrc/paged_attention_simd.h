@@ -1,6 +1,7 @@
 // Vector helpers of paged_attention.cpp: fp32 lanes out of fp32/bf16/fp16 rows, dot products (one, or 16
 // keys at a time), the online-softmax exp and the weighted row sum, fp32 <-> pool dtype conversion.
-// AVX-512 (F, BW, VL; simd.h) when the compiler targets it, scalar loops otherwise.
+// AVX-512 (F, BW, VL; simd.h) when the compiler targets it, else AVX2 + FMA (8 lanes, scalar tails), else
+// scalar loops.
 #pragma once
 
 #include <algorithm>
@@ -40,6 +41,13 @@ inline float dot(const float* a, const R* b, int64_t n) {
     sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), load_ps(b + d, m), sum);
   }
   return _mm512_reduce_add_ps(sum);
+#elif defined(KILN_AVX2)
+  __m256 sum = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8_ps(b + d), sum);
+  float total = hsum8(sum);
+  for (; d < n; ++d) total += a[d] * static_cast<float>(b[d]);
+  return total;
 #else
   float sum = 0.0f;
   for (int64_t d = 0; d < n; ++d) sum += a[d] * static_cast<float>(b[d]);
@@ -62,6 +70,24 @@ inline void dots(const float* q, const R* const* rows, int64_t count, int64_t n,
     }
     _mm512_mask_storeu_ps(out + k0, tail_mask(keys), sum16(p));  // lane k: key k0 + k
   }
+#elif defined(KILN_AVX2)
+  // 8 keys at a time, summed by sum8; a key's sum does not depend on the others in its group.
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t k0 = 0; k0 < count; k0 += 8) {
+    const int64_t keys = std::min<int64_t>(8, count - k0);
+    __m256 p[8];
+    for (int64_t i = 0; i < 8; ++i) p[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < n8; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      for (int64_t i = 0; i < keys; ++i) p[i] = _mm256_fmadd_ps(qd, load8_ps(rows[k0 + i] + d), p[i]);
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, sum8(p));
+    for (int64_t i = 0; i < keys; ++i) {
+      for (int64_t d = n8; d < n; ++d) sums[i] += q[d] * static_cast<float>(rows[k0 + i][d]);
+      out[k0 + i] = sums[i];
+    }
+  }
 #else
   for (int64_t k = 0; k < count; ++k) out[k] = dot(q, rows[k], n);
 #endif
@@ -78,6 +104,31 @@ inline void accumulate(float* acc, float correction, const float* weights, const
     for (int64_t k = 0; k < count; ++k)
       a = _mm512_fmadd_ps(_mm512_set1_ps(weights[k]), load_ps(rows[k] + d, m), a);
     _mm512_mask_storeu_ps(acc + d, m, a);
+  }
+#elif defined(KILN_AVX2)
+  // 64 values of acc in 8 registers while every row passes: each row is read front to back (the key-outer
+  // order reads the tile's rows 32 bytes at a time, rows a pool stride apart, at ~half the bandwidth).
+  int64_t d = 0;
+  const __m256 c = _mm256_set1_ps(correction);
+  for (; d + 64 <= n; d += 64) {
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(_mm256_loadu_ps(acc + d + 8 * j), c);
+    for (int64_t k = 0; k < count; ++k) {
+      const __m256 weight = _mm256_set1_ps(weights[k]);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(weight, load8_ps(rows[k] + d + 8 * j), a[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(acc + d + 8 * j, a[j]);
+  }
+  for (; d + 8 <= n; d += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), c);
+    for (int64_t k = 0; k < count; ++k)
+      a = _mm256_fmadd_ps(_mm256_set1_ps(weights[k]), load8_ps(rows[k] + d), a);
+    _mm256_storeu_ps(acc + d, a);
+  }
+  for (; d < n; ++d) {
+    float a = acc[d] * correction;
+    for (int64_t k = 0; k < count; ++k) a += weights[k] * static_cast<float>(rows[k][d]);
+    acc[d] = a;
   }
 #else
   for (int64_t d = 0; d < n; ++d) {
@@ -99,6 +150,24 @@ inline float exp_and_sum(float* s, int64_t n, float max) {
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
   }
   return _mm512_reduce_add_ps(sum);
+#elif defined(KILN_AVX2)
+  __m256 sum = _mm256_setzero_ps();
+  const __m256 top = _mm256_set1_ps(max);
+  for (int64_t k = 0; k < n; k += 8) {
+    const int64_t count = std::min<int64_t>(8, n - k);
+    alignas(32) float tail[8];
+    float* at = s + k;
+    if (count < 8) {  // padded with -inf: exp gives 0
+      std::fill(tail, tail + 8, kNegInf);
+      std::copy(s + k, s + n, tail);
+      at = tail;
+    }
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(at), top));
+    _mm256_storeu_ps(at, e);
+    sum = _mm256_add_ps(sum, e);
+    if (count < 8) std::copy(tail, tail + count, s + k);
+  }
+  return hsum8(sum);
 #else
   float sum = 0.0f;
   for (int64_t k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - max));
@@ -115,6 +184,10 @@ inline void to_float(const T* src, float* dst, int64_t n) {  // bf16/fp16
     const __mmask16 m = tail_mask(n - d);
     _mm512_mask_storeu_ps(dst + d, m, load_ps(src + d, m));
   }
+#elif defined(KILN_AVX2)
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(dst + d, load8_ps(src + d));
+  for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
 #else
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
 #endif
@@ -150,6 +223,14 @@ inline void dequantize_int8(const uint8_t* codes, float scale, float zero, float
     const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + d)));
     _mm512_mask_storeu_ps(dst + d, m, _mm512_mul_ps(_mm512_sub_ps(x, z), s));
   }
+#elif defined(KILN_AVX2)
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + d))));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_sub_ps(x, z), s));
+  }
+  for (; d < n; ++d) dst[d] = (float(codes[d]) - zero) * scale;
 #else
   for (int64_t d = 0; d < n; ++d) dst[d] = (float(codes[d]) - zero) * scale;
 #endif

@@ -1,6 +1,8 @@
 // AVX-512 helpers shared by kiln's CPU ops: masks for vector tails, fp32 lanes out of fp32/bf16/fp16
 // memory and back (round to nearest even, as c10's conversions), and exp.
-// KILN_AVX512 is defined when the compiler targets AVX-512 F/BW/VL; callers keep a scalar path otherwise.
+// KILN_AVX512 is defined when the compiler targets AVX-512 F/BW/VL; KILN_AVX2 when it targets AVX2 and FMA
+// but not those (Zen 2/3, Intel client cores since Alder Lake): 8-lane versions of the helpers; callers keep
+// a scalar path otherwise.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -11,6 +13,9 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define KILN_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KILN_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -68,6 +73,56 @@ inline void store_ps(c10::BFloat16* p, __mmask16 m, __m512 x) { _mm256_mask_stor
 inline __m512 round_ps(__m512 x, const float*) { return x; }
 inline __m512 round_ps(__m512 x, const c10::BFloat16*) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
+}
+#endif
+
+#ifdef KILN_AVX2
+// exp(x) as exp512: Cody-Waite reduction and a degree-7 polynomial, scaled by 2^n built in the exponent
+// field. x below -87.3 (exp under fp32's smallest normal, 1.2e-38) gives 0, as -inf does.
+inline __m256 exp256(__m256 x) {
+  const __m256 clamped = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145751953125f), clamped);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // 2^n for n in [-126, 127]: (n + 127) << 23 as float bits (exp(88.7) and above overflow to +inf below)
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 scaled = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  const __m256 big = _mm256_cmp_ps(x, _mm256_set1_ps(88.72f), _CMP_GT_OQ);
+  const __m256 dead = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  return _mm256_andnot_ps(dead, _mm256_blendv_ps(scaled, _mm256_set1_ps(std::numeric_limits<float>::infinity()), big));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Lane k of the result: the sum of p[k]'s 8 lanes (a transposing hadd tree).
+inline __m256 sum8(const __m256 (&p)[8]) {
+  const __m256 t0 = _mm256_hadd_ps(p[0], p[1]), t1 = _mm256_hadd_ps(p[2], p[3]);
+  const __m256 t2 = _mm256_hadd_ps(p[4], p[5]), t3 = _mm256_hadd_ps(p[6], p[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// 8 elements as fp32 lanes: bf16 widened by a shift, fp16 by vcvtph2ps.
+inline __m256 load8_ps(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_ps(const c10::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+inline __m256 load8_ps(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 #endif
 
