@@ -10,19 +10,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kiln.bench.linear import SHAPES
 from kiln.bench.timing import best_of
+from kiln.kernels import cpu_linear
 from kiln.quant import QuantizedLinear, parse_scheme
 
 
 def _candidates(weight: torch.Tensor, rows: int) -> dict[str, tuple[Callable, Any]]:
     """name -> (function of (x, prepared weight), prepare(weight)); x is bf16 (rows, K)."""
     int8, int4 = parse_scheme("int8"), parse_scheme("int4", 128)
-    bf16_linear = torch.ops.kiln.linear if rows <= 16 else F.linear
-    return {
-        "bf16 (kiln linear / F.linear)": (lambda x, w: bf16_linear(x, w), lambda w: w.bfloat16()),
+    return {  # kiln's linear routing: its op up to the CPU's row limit (cpu_linear.MAX_ROWS), else F.linear
+        "bf16 (kiln linear / F.linear)": (lambda x, w: cpu_linear.linear(x, w), lambda w: w.bfloat16()),
         "kiln quant_linear int8": (
             lambda x, q: torch.ops.kiln.quant_linear(x, q.qweight, q.scale, None, None, 8),
             lambda w: QuantizedLinear.from_float(w, None, int8),

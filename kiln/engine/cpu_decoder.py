@@ -6,8 +6,8 @@ only decodes on the C++ paged attention backend (`CppPagedAttention.decode_step`
 `kiln::decoder_layer` (kiln/kernels/cpu_decoder_layer.py): the same registered ops as the Python forward,
 called from C++, equal to it bit for bit (`kiln::decoder_layer_quantized` over an int8/int4 KV pool).
 Projections quantized weight-only (kiln/quant int8/int4) run there too, on the op QuantizedLinear uses for
-as many rows (MAX_OP_ROWS); larger steps of such a layer, and anything else (prompts, chunks, training,
-w8a8 or adapter layers) run the block's own forward.
+as many rows (MAX_OP_ROWS for its dtype); larger steps of such a layer, and anything else (prompts, chunks,
+training, w8a8 or adapter layers) run the block's own forward.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class CpuDecoderForward:
         if seen != self._seen:
             self._seen, self._held = seen, found
             self._layer = layer_weights(block) if fits(block) else None
-            self._max_rows = MAX_OP_ROWS if self._layer is not None and any(self._layer.bits) else 0
+            quantized = self._layer is not None and any(self._layer.bits)
+            self._max_rows = MAX_OP_ROWS.get(self._layer.attn_norm.dtype, 16) if quantized else 0
         layer = self._layer
         if layer is None or layer.attn_norm.dtype != x.dtype:
             return None

@@ -21,14 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.cpu_extension import cpu_ops_built
+from kiln.kernels.cpu_extension import cpu_flags, cpu_ops_built
+from kiln.kernels.cpu_linear import ALL_ROWS
 from kiln.quant import weights as qw
 from kiln.quant.scheme import QuantScheme
 
+
 # Most rows the C++ op takes; above them the reference (weight-only: dequantize + torch's GEMM) or
-# torch._int_mm (w8a8) runs. `kiln bench quant` timed 1 row (op faster) and 64 (op 3-7x slower than
-# the GEMM); 16 is kiln's bf16 linear threshold, not tuned separately.
-MAX_OP_ROWS = 16
+# torch._int_mm (w8a8) runs. `kiln bench quant` on AVX-512 EPYCs and an AMX Xeon timed 1 row (op faster)
+# and 64 (op 3-7x slower than the GEMM); 16 is kiln's bf16 linear threshold, not tuned separately. On a
+# Zen 3 EPYC (AVX2, no AVX-512, no VNNI; 2026-12-06) at 64 rows the op (int8 2.8-2.9 ms for the 768 x
+# 2048 layers) beat torch's bf16 GEMM behind the reference (9.4-11.2 ms) and torch._int_mm (34 ms, no VNNI)
+# several times over, so there the op takes every row count of bf16 x, and w8a8 wherever VNNI is absent.
+def _op_row_limits(flags: frozenset[str]) -> tuple[dict[torch.dtype, int], int]:
+    """(weight-only limits by x dtype, the w8a8 limit) for a CPU with these flags."""
+    avx2_only = "avx512f" not in flags and {"avx2", "fma"} <= flags
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    weight_only = {torch.float32: 16, torch.bfloat16: ALL_ROWS if avx2_only else 16}
+    return weight_only, 16 if vnni else ALL_ROWS
+
+
+MAX_OP_ROWS, W8A8_MAX_OP_ROWS = _op_row_limits(cpu_flags())
 
 
 class QuantizedLinear(nn.Module):
@@ -117,15 +130,15 @@ class QuantizedLinear(nn.Module):
         if self.scheme.name == "w8a8":
             if self._cpu_op_applies(x, rows):  # the two paths below, in one call from Python
                 y = torch.ops.kiln.w8a8_linear(
-                    x.reshape(rows, self.in_features), self.qweight, self.scale, self.bias, MAX_OP_ROWS
+                    x.reshape(rows, self.in_features), self.qweight, self.scale, self.bias, W8A8_MAX_OP_ROWS
                 )
                 return y.view(*x.shape[:-1], self.out_features)
-            if x.device.type == "cpu" and rows > MAX_OP_ROWS:  # without kiln's C++ ops
+            if x.device.type == "cpu" and rows > W8A8_MAX_OP_ROWS:  # without kiln's C++ ops
                 q, x_scale = qw.quantize_rows(x.reshape(rows, self.in_features))
                 sums = torch._int_mm(q, self.qweight.T)  # (M, N) int32
                 return self._finish((sums.float() * x_scale * self.scale.T).to(x.dtype), x)
             return self.reference(x)
-        if self._cpu_op_applies(x, rows, MAX_OP_ROWS):
+        if self._cpu_op_applies(x, rows, MAX_OP_ROWS.get(x.dtype, 0)):
             y = torch.ops.kiln.quant_linear(
                 x.reshape(rows, self.in_features),
                 self.qweight,

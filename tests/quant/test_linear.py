@@ -137,10 +137,16 @@ def test_bad_schemes(name, group_size, symmetric, message):
 @needs_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [1, 16, 17, 64])
-def test_w8a8_op_equals_its_steps_in_torch(rows, dtype):
+@pytest.mark.parametrize("limit", [16, None], ids=["limit16", "cpu-limit"])
+def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, monkeypatch):
     """kiln::w8a8_linear is QuantizedLinear's w8a8 forward in one call: bit for bit the same steps in torch
-    (quantize_rows, kiln::quant_linear up to MAX_OP_ROWS rows or torch._int_mm above, scales, bias)."""
-    from kiln.quant.linear import MAX_OP_ROWS
+    (quantize_rows, kiln::quant_linear up to W8A8_MAX_OP_ROWS rows or torch._int_mm above, scales, bias),
+    at a limit of 16 rows (VNNI CPUs) and at this CPU's own."""
+    import kiln.quant.linear as quant_linear
+
+    if limit is not None:
+        monkeypatch.setattr(quant_linear, "W8A8_MAX_OP_ROWS", limit)
+    MAX_OP_ROWS = quant_linear.W8A8_MAX_OP_ROWS
 
     _, layer = _layer(parse_scheme("w8a8"), 768, 65, bias=True)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows)).to(dtype) * 3
@@ -154,3 +160,16 @@ def test_w8a8_op_equals_its_steps_in_torch(rows, dtype):
     with torch.no_grad():
         got = layer(x)
     assert torch.equal(got, expected)
+
+
+def test_op_row_limits_follow_the_cpu():
+    """Without AVX-512 (AVX2 only) the op takes every row count of bf16 x (torch's bf16 GEMM there is
+    slower); without VNNI, every w8a8 row count (torch._int_mm is slower); else 16 rows."""
+    from kiln.kernels.cpu_linear import ALL_ROWS
+    from kiln.quant.linear import _op_row_limits
+
+    zen3 = _op_row_limits(frozenset({"avx2", "fma"}))
+    zen4 = _op_row_limits(frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}))
+    assert zen3 == ({torch.float32: 16, torch.bfloat16: ALL_ROWS}, ALL_ROWS)
+    assert zen4 == ({torch.float32: 16, torch.bfloat16: 16}, 16)
+    assert _op_row_limits(frozenset({"avx2", "fma", "avx_vnni"}))[1] == 16
