@@ -217,8 +217,9 @@ import kiln.kernels.cpu_extension as ext
 from kiln.quant.weights import pack_int4
 
 source = Path(sys.argv[1])
-shutil.copy(ext.CSRC / "linear.cpp", source / "linear.cpp")
-shutil.copy(ext.CSRC / "quant_linear.cpp", source / "quant_linear.cpp")
+for name in ("linear.cpp", "quant_linear.cpp", "paged_attention.cpp", "paged_attention_simd.h",
+             "paged_attention_decode.h", "simd.h"):
+    shutil.copy(ext.CSRC / name, source / name)
 ext.CSRC = source
 ext.FLAGS = ext.FLAGS + sys.argv[2].split()
 assert ext.cpu_ops_available()
@@ -244,6 +245,13 @@ for rows in (1, 6):
     got = torch.ops.kiln.quant_linear(x, packed, s4, s4 * z, None, 4)
     w = (u.float() - z.repeat_interleave(32, 1)) * s4.repeat_interleave(32, 1)
     assert torch.allclose(got, x @ w.T, atol=1e-4, rtol=1e-5), "int4"
+# paged attention's helpers (dots, value accumulation, exp; fp32 and widened bf16 pools)
+from tests.kernels.test_cpu_paged_attention import SHAPES, assert_close, op_inputs
+from kiln.kernels.cpu_paged_attention import paged_attention, paged_attention_reference
+for shape in SHAPES[1:5]:
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = op_inputs(*shape, dtype)
+        assert_close(paged_attention(*inputs), paged_attention_reference(*inputs), dtype)
 print("fallback ok")
 """
 
@@ -257,8 +265,8 @@ print("fallback ok")
     ],
 )
 def test_fallback_builds_match_reference(tmp_path, flags):
-    """The ops built without AVX-512, and without AVX2 (separate builds and processes), give the same
-    results."""
+    """The linear, quantized linear and paged-attention ops built without AVX-512, and without AVX2
+    (separate builds and processes), give the same results."""
     source = tmp_path / "csrc"
     source.mkdir()
     completed = subprocess.run(
