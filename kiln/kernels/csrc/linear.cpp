@@ -21,11 +21,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"  // KILN_AVX2: hsum8, load8_ps
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(KILN_AVX2)
 #define KILN_LINEAR_AVX2 1
-#include <immintrin.h>
 #endif
 
 #include <algorithm>
@@ -145,22 +146,12 @@ inline void tile_bf16(const at::BFloat16* x, const at::BFloat16* w, int64_t K, f
 // batch-1 bf16 row to ~12 GB/s a thread: 16 bytes per 4-5-cycle FMA), summed in one fixed order at the end:
 // every tile shape computes the same sums, so a row's result does not depend on how many rows come with it.
 // The K tail is zero-padded through a small buffer (zeros add nothing).
-inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8_avx2(const at::BFloat16* p) {
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
 template <typename T>
 inline __m256 load8_tail_avx2(const T* p, int64_t n) {
   T buffer[8];
   std::memset(static_cast<void*>(buffer), 0, sizeof(buffer));
   std::memcpy(static_cast<void*>(buffer), p, n * sizeof(T));
-  return load8_avx2(buffer);
+  return load8_ps(static_cast<const T*>(buffer));
 }
 
 template <typename T, int R>
@@ -173,8 +164,8 @@ inline void tile_avx2(const float* x, const T* w, int64_t K, float (&result)[R][
   };
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    step(k, load8_avx2(w + k), acc[0]);
-    step(k + 8, load8_avx2(w + k + 8), acc[1]);
+    step(k, load8_ps(w + k), acc[0]);
+    step(k + 8, load8_ps(w + k + 8), acc[1]);
   }
   if (k < K) {  // 1..15 left: the first 8 (or fewer) into acc[0], the rest into acc[1]
     float xt[R][16] = {};
@@ -187,7 +178,7 @@ inline void tile_avx2(const float* x, const T* w, int64_t K, float (&result)[R][
       for (int m = 0; m < R; ++m) acc[1][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xt[m] + 8), w1, acc[1][m]);
     }
   }
-  for (int m = 0; m < R; ++m) result[m][0] = hsum_avx2(_mm256_add_ps(acc[0][m], acc[1][m]));
+  for (int m = 0; m < R; ++m) result[m][0] = hsum8(_mm256_add_ps(acc[0][m], acc[1][m]));
 }
 
 template <typename T>

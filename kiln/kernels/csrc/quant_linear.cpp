@@ -23,11 +23,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"  // KILN_AVX2: hsum8
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(KILN_AVX2)
 #define KILN_QUANT_AVX2 1
-#include <immintrin.h>
 #endif
 
 #include <algorithm>
@@ -187,15 +188,9 @@ void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n) {
 #endif
 
 #if defined(KILN_QUANT_AVX2)
-inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 template <int R>
 inline void finish_avx2(const QuantArgs& a, int64_t m0, int64_t n, __m256 (&total)[R]) {
-  for (int m = 0; m < R; ++m) a.out[(m0 + m) * a.N + n] = hsum_avx2(total[m]) + correction(a, m0 + m, n);
+  for (int m = 0; m < R; ++m) a.out[(m0 + m) * a.N + n] = hsum8(total[m]) + correction(a, m0 + m, n);
 }
 
 // int8 (AVX2): 8 weights per step into two accumulators per x row that alternate along k (as tile_int8);
