@@ -47,6 +47,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def avx2_paths(flags: frozenset[str]) -> bool:
+    """Whether a -march=native build for a CPU with these flags holds the ops' AVX2 + FMA paths: AVX2, FMA
+    and F16C without AVX-512 (simd.h's KILN_AVX2, which linear.cpp and quant_linear.cpp use where they have
+    no AVX-512F path)."""
+    return {"avx2", "fma", "f16c"} <= flags and "avx512f" not in flags
+
+
 def _build_dir() -> Path:
     """A folder per source version, compiler flags, CPU flags and torch build, so a stale library, or one
     built with -march=native for another CPU (a shared home folder), is never loaded."""

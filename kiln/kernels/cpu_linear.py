@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.cpu_extension import cpu_flags
+from kiln.kernels.cpu_extension import avx2_paths, cpu_flags
 from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
 
 # Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
@@ -40,7 +40,7 @@ ALL_ROWS = 1 << 62
 def _max_rows(flags: frozenset[str]) -> dict[torch.dtype, int]:
     if "amx_bf16" in flags:
         return {torch.float32: 32, torch.bfloat16: 8}
-    if "avx512f" not in flags and {"avx2", "fma"} <= flags:
+    if avx2_paths(flags):
         return {torch.float32: 32, torch.bfloat16: ALL_ROWS}
     return {torch.float32: 64, torch.bfloat16: 16}
 

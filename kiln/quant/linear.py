@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.cpu_extension import cpu_flags, cpu_ops_built
+from kiln.kernels.cpu_extension import avx2_paths, cpu_flags, cpu_ops_built
 from kiln.kernels.cpu_linear import ALL_ROWS
 from kiln.quant import weights as qw
 from kiln.quant.scheme import QuantScheme
@@ -35,9 +35,8 @@ from kiln.quant.scheme import QuantScheme
 # several times over, so there the op takes every row count of bf16 x, and w8a8 wherever VNNI is absent.
 def _op_row_limits(flags: frozenset[str]) -> tuple[dict[torch.dtype, int], int]:
     """(weight-only limits by x dtype, the w8a8 limit) for a CPU with these flags."""
-    avx2_only = "avx512f" not in flags and {"avx2", "fma"} <= flags
     vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
-    weight_only = {torch.float32: 16, torch.bfloat16: ALL_ROWS if avx2_only else 16}
+    weight_only = {torch.float32: 16, torch.bfloat16: ALL_ROWS if avx2_paths(flags) else 16}
     return weight_only, 16 if vnni else ALL_ROWS
 
 

@@ -165,7 +165,7 @@ def test_row_limits_follow_the_cpu():
     """AMX: torch's bf16 GEMM wins from few rows; AVX2 without AVX-512: torch's bf16 GEMM is slow at every
     size, so the op takes every bf16 linear; elsewhere the AVX-512 limits."""
     amx = cpu_linear._max_rows(frozenset({"avx2", "fma", "avx512f", "amx_bf16"}))
-    avx2 = cpu_linear._max_rows(frozenset({"avx2", "fma"}))
+    avx2 = cpu_linear._max_rows(frozenset({"avx2", "fma", "f16c"}))
     avx512 = cpu_linear._max_rows(frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
     assert amx == {torch.float32: 32, torch.bfloat16: 8}
     assert avx2 == {torch.float32: 32, torch.bfloat16: cpu_linear.ALL_ROWS}

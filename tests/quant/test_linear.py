@@ -146,12 +146,11 @@ def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, monkeypatch):
 
     if limit is not None:
         monkeypatch.setattr(quant_linear, "W8A8_MAX_OP_ROWS", limit)
-    MAX_OP_ROWS = quant_linear.W8A8_MAX_OP_ROWS
 
     _, layer = _layer(parse_scheme("w8a8"), 768, 65, bias=True)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows)).to(dtype) * 3
     q, x_scale = qw.quantize_rows(x)
-    if rows <= MAX_OP_ROWS:
+    if rows <= quant_linear.W8A8_MAX_OP_ROWS:
         sums = torch.ops.kiln.quant_linear(q.float(), layer.qweight, layer.scale, None, None, 8)
         expected = (sums * x_scale).to(dtype)
     else:
@@ -168,8 +167,8 @@ def test_op_row_limits_follow_the_cpu():
     from kiln.kernels.cpu_linear import ALL_ROWS
     from kiln.quant.linear import _op_row_limits
 
-    zen3 = _op_row_limits(frozenset({"avx2", "fma"}))
+    zen3 = _op_row_limits(frozenset({"avx2", "fma", "f16c"}))
     zen4 = _op_row_limits(frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}))
     assert zen3 == ({torch.float32: 16, torch.bfloat16: ALL_ROWS}, ALL_ROWS)
     assert zen4 == ({torch.float32: 16, torch.bfloat16: 16}, 16)
-    assert _op_row_limits(frozenset({"avx2", "fma", "avx_vnni"}))[1] == 16
+    assert _op_row_limits(frozenset({"avx2", "fma", "f16c", "avx_vnni"}))[1] == 16

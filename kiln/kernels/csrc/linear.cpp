@@ -267,8 +267,8 @@ inline void run_block(int rows, int cols, const T* x, const T* w, const T* bias,
 template <typename T>
 void linear_impl(const at::Tensor& x, const at::Tensor& weight, const T* bias, at::Tensor& out) {
 #if defined(KILN_LINEAR_AVX2)
-  return linear_avx2<T>(x, weight, bias, out);
-#endif
+  linear_avx2<T>(x, weight, bias, out);
+#else
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const T* x_data = x.const_data_ptr<T>();
   const T* w_data = weight.const_data_ptr<T>();
@@ -290,6 +290,7 @@ void linear_impl(const at::Tensor& x, const at::Tensor& weight, const T* bias, a
       }
     }
   });
+#endif
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
