@@ -4,80 +4,72 @@
 // coordinates of each key are its top principal components.
 //
 // One work item per (sequence, KV head), run under OpenMP: score each visible key on its first `rank`
-// coordinates for all the KV head's query heads at once (each key's first r elements read once), then per
-// query head keep the top `count` (`select_top`: a histogram pass and a compaction pass, O(n)), and run exact softmax attention over those only, in fp32. With count = n nothing is scored or
-// selected and every key is attended, in position order.
+// coordinates for all the KV head's query heads (paged_attention_simd.h's `dots`, 8 or 16 keys at a time),
+// per query head keep the top `count` (`select_top`: a histogram pass and a compaction pass, O(n)), then
+// run exact softmax attention over those only, in fp32, again with the SIMD helpers over the kept rows'
+// pointers (several scattered rows' loads in flight at once). With count = n nothing is scored or selected
+// and every key is attended, in position order.
 
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <utility>
 #include <vector>
 
+#include "paged_attention_simd.h"  // dots, accumulate, exp_and_sum
+
 namespace {
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
-  float total = 0.f;
-  for (int64_t d = 0; d < n; ++d) total += q[d] * static_cast<float>(k[d]);
-  return total;
-}
-
-// Fixed-length dot products the compiler unrolls into a few vector FMAs (rank 8, head_dim 32/64/128).
-template <int N, typename T>
-inline float dot_fixed(const float* q, const T* k) {
-  float total = 0.f;
-  for (int d = 0; d < N; ++d) total += q[d] * static_cast<float>(k[d]);
-  return total;
-}
-
-template <typename T>
-inline float dot_any(const float* q, const T* k, int64_t n) {
-  switch (n) {
-    case 8: return dot_fixed<8>(q, k);
-    case 16: return dot_fixed<16>(q, k);
-    case 32: return dot_fixed<32>(q, k);
-    case 64: return dot_fixed<64>(q, k);
-    case 128: return dot_fixed<128>(q, k);
-    default: return dot(q, k, n);
-  }
-}
-
 constexpr int kBuckets = 256;
+constexpr int64_t kValueTile = 16;  // value rows per accumulate call: each read whole while acc stays in registers
 
-// Keep the `count` largest of scores[0, n) (lo/hi their min and max): a 256-bucket histogram finds the
-// bucket the count-th largest falls in; one pass then keeps every key above that bucket and collects the
-// bucket's own, of which nth_element picks the rest. O(n) with two passes, ~10x fewer comparisons than
-// nth_element over all n. `kept` gets the indices (those above the bucket in pool order, then the rest).
-inline int64_t select_top(const float* scores, int64_t n, int64_t count, float lo, float hi, int32_t* kept,
+// Keep the `count` largest of scores[0, n): a 256-bucket histogram of the scores between their min and max
+// finds the bucket the count-th largest falls in; one pass then keeps every key above that bucket and
+// collects the bucket's own, of which nth_element picks the rest. O(n) in simple loops (min/max and bucket
+// indices vectorise; the histogram counts into 4 tables so consecutive equal buckets do not wait on each
+// other's increments), ~10x fewer comparisons than nth_element over all n. `kept` gets the indices (those
+// above the bucket in pool order, then the rest); `buckets` is scratch of n.
+inline int64_t select_top(const float* scores, int64_t n, int64_t count, int32_t* kept, int32_t* buckets,
                           std::vector<std::pair<float, int32_t>>& bucket_members) {
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    lo = std::min(lo, scores[j]);
+    hi = std::max(hi, scores[j]);
+  }
   if (!(hi > lo)) {  // all equal: the first count
     for (int64_t j = 0; j < count; ++j) kept[j] = static_cast<int32_t>(j);
     return count;
   }
   const float inverse = kBuckets / (hi - lo);
-  int32_t histogram[kBuckets] = {0};
-  for (int64_t j = 0; j < n; ++j) ++histogram[std::min(kBuckets - 1, static_cast<int>((scores[j] - lo) * inverse))];
+  for (int64_t j = 0; j < n; ++j) buckets[j] = std::min(kBuckets - 1, static_cast<int32_t>((scores[j] - lo) * inverse));
+  int32_t tables[4][kBuckets] = {};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    ++tables[0][buckets[j]];
+    ++tables[1][buckets[j + 1]];
+    ++tables[2][buckets[j + 2]];
+    ++tables[3][buckets[j + 3]];
+  }
+  for (; j < n; ++j) ++tables[0][buckets[j]];
   int64_t above = 0;
   int bucket = kBuckets - 1;
-  while (above + histogram[bucket] < count) above += histogram[bucket--];
+  auto in_bucket = [&](int b) { return tables[0][b] + tables[1][b] + tables[2][b] + tables[3][b]; };
+  while (above + in_bucket(bucket) < count) above += in_bucket(bucket--);
   int64_t num_kept = 0;
   bucket_members.clear();
-  for (int64_t j = 0; j < n; ++j) {
-    const int b = std::min(kBuckets - 1, static_cast<int>((scores[j] - lo) * inverse));
-    kept[num_kept] = static_cast<int32_t>(j);
-    num_kept += b > bucket;
-    if (b == bucket) bucket_members.emplace_back(scores[j], static_cast<int32_t>(j));
+  for (int64_t i = 0; i < n; ++i) {
+    kept[num_kept] = static_cast<int32_t>(i);
+    num_kept += buckets[i] > bucket;
+    if (buckets[i] == bucket) bucket_members.emplace_back(scores[i], static_cast<int32_t>(i));
   }
   const int64_t within = count - above;  // 1 <= within <= bucket_members.size()
   std::nth_element(bucket_members.begin(), bucket_members.begin() + (within - 1), bucket_members.end(),
-                   [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+                   [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
   for (int64_t i = 0; i < within; ++i) kept[num_kept++] = bucket_members[i].second;
   return num_kept;
 }
@@ -90,9 +82,10 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
   const int64_t row = KVH * D;  // elements per pool slot
 #pragma omp parallel
   {
-    std::vector<float> approx, scores, qf(group * D), acc(D), lo(group), hi(group);
+    std::vector<float> approx, scores, qf(group * D), acc(D);
     std::vector<int64_t> base;
-    std::vector<int32_t> kept;
+    std::vector<int32_t> kept, buckets;
+    std::vector<const T*> rows, key_rows, value_rows;
     std::vector<std::pair<float, int32_t>> bucket_members;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < num_seqs * KVH; ++item) {
@@ -102,55 +95,51 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
       const int64_t n = length - first;
       const int32_t* table = tables + seq * table_width;
       base.resize(n);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t p = first + j;
-        base[j] = (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size) * row + kv * D;
+      for (int64_t j = 0, p = first; j < n;) {  // block by block: no division per token
+        const int64_t start = static_cast<int64_t>(table[p / block_size]) * block_size;
+        for (int64_t o = p % block_size; o < block_size && j < n; ++o, ++j, ++p) base[j] = (start + o) * row + kv * D;
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[(seq * H + kv * group + g) * D + d]);
       int64_t count = static_cast<int64_t>(std::ceil(top_k * n - 1e-9));
       count = std::max<int64_t>(1, std::min(count, n));
       const bool sparse = count < n;
-      if (sparse) {  // rank-r scores of all G heads (each key's first r coordinates read once), min and max
+      if (sparse) {  // rank-r scores of all G heads, 8 or 16 keys at a time (paged_attention_simd.h's dots)
         approx.resize(group * n);
-        std::fill(lo.begin(), lo.end(), INFINITY);
-        std::fill(hi.begin(), hi.end(), -INFINITY);
-        for (int64_t j = 0; j < n; ++j) {
-          const T* k = keys + base[j];
-          for (int64_t g = 0; g < group; ++g) {
-            const float a = rank == 8 ? dot_fixed<8>(qf.data() + g * D, k) : dot_any(qf.data() + g * D, k, rank);
-            approx[g * n + j] = a;
-            lo[g] = std::min(lo[g], a);
-            hi[g] = std::max(hi[g], a);
-          }
-        }
+        rows.resize(n);
+        for (int64_t j = 0; j < n; ++j) rows[j] = keys + base[j];
+        for (int64_t g = 0; g < group; ++g) dots(qf.data() + g * D, rows.data(), n, rank, approx.data() + g * n);
       }
       kept.resize(n);
+      buckets.resize(n);
       for (int64_t g = 0; g < group; ++g) {
         int64_t num_kept = n;
         if (sparse) {
-          num_kept = select_top(approx.data() + g * n, n, count, lo[g], hi[g], kept.data(), bucket_members);
+          num_kept = select_top(approx.data() + g * n, n, count, kept.data(), buckets.data(), bucket_members);
         } else {
           std::iota(kept.begin(), kept.end(), 0);
         }
+        // exact attention over the kept rows: dots and accumulate (paged_attention_simd.h) take 8-16 rows at
+        // a time, so the scattered rows' loads overlap
         const float* qg = qf.data() + g * D;
         scores.resize(num_kept);
+        key_rows.resize(num_kept);
+        value_rows.resize(num_kept);
+        for (int64_t i = 0; i < num_kept; ++i) {
+          key_rows[i] = keys + base[kept[i]];
+          value_rows[i] = values + base[kept[i]];
+        }
+        dots(qg, key_rows.data(), num_kept, D, scores.data());
         float best = -INFINITY;
         for (int64_t i = 0; i < num_kept; ++i) {
-          scores[i] = dot_any(qg, keys + base[kept[i]], D) * scale;
+          scores[i] *= scale;
           best = std::max(best, scores[i]);
         }
-        float total = 0.f;
-        for (int64_t i = 0; i < num_kept; ++i) {  // a plain loop over an array: vectorised expf
-          scores[i] = std::exp(scores[i] - best);
-          total += scores[i];
-        }
+        const float total = exp_and_sum(scores.data(), num_kept, best);
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t i = 0; i < num_kept; ++i) {
-          const T* v = values + base[kept[i]];
-          const float p = scores[i];
-          for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
-        }
+        for (int64_t i0 = 0; i0 < num_kept; i0 += kValueTile)
+          accumulate(acc.data(), 1.f, scores.data() + i0, value_rows.data() + i0,
+                     std::min<int64_t>(kValueTile, num_kept - i0), D);
         T* o = out + (seq * H + kv * group + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] / total);
       }
