@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels.cpu_extension import avx2_paths, cpu_flags
+from kiln.kernels.cpu_extension import avx2_paths, cpu_family, cpu_flags
 from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
 
 # Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
@@ -34,18 +34,24 @@ from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
 #   rows, 0.93-1.8x at 32, 0.59-1.30x at 64, 0.52-0.89x at 256; bf16 1.2-1.4x at 1 row and 2.6-6.5x from 4
 #   to 256 rows: without AVX512-BF16 torch's bf16 GEMM ran at 17-21 GFLOP/s at every size (its fp32 GEMM
 #   at up to 150), so the op takes every bf16 linear, prefill included.
+# - 2-vCPU AMD EPYC Zen 2 (family 23; same flags' paths as Zen 3; 2026-12-06): torch's fp32 GEMM ran at
+#   73-101 GFLOP/s at 32-64 rows and 89-123 at 128 against the op's 106-135 at every row count: the op was
+#   1.4-2.2x at 32 rows, 1.1-1.8x at 64, 0.94-1.5x at 128, 0.89-1.23x at 256 (only the down projection
+#   below 1), so on family 23 the op takes fp32 up to 128 rows.
 ALL_ROWS = 1 << 62
 
 
-def _max_rows(flags: frozenset[str]) -> dict[torch.dtype, int]:
+def _max_rows(flags: frozenset[str], cpu: tuple[str, int] = ("", 0)) -> dict[torch.dtype, int]:
+    """The op's row limits by dtype for a CPU with these flags and (vendor, family) (cpu_family)."""
     if "amx_bf16" in flags:
         return {torch.float32: 32, torch.bfloat16: 8}
     if avx2_paths(flags):
-        return {torch.float32: 32, torch.bfloat16: ALL_ROWS}
+        fp32 = 128 if cpu == ("AuthenticAMD", 23) else 32
+        return {torch.float32: fp32, torch.bfloat16: ALL_ROWS}
     return {torch.float32: 64, torch.bfloat16: 16}
 
 
-MAX_ROWS: dict[torch.dtype, int] = _max_rows(cpu_flags())
+MAX_ROWS: dict[torch.dtype, int] = _max_rows(cpu_flags(), cpu_family())
 
 
 def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

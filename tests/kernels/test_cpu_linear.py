@@ -163,12 +163,17 @@ def test_linear_leaves_many_rows_and_gradients_to_torch(op_calls, dtype, monkeyp
 
 def test_row_limits_follow_the_cpu():
     """AMX: torch's bf16 GEMM wins from few rows; AVX2 without AVX-512: torch's bf16 GEMM is slow at every
-    size, so the op takes every bf16 linear; elsewhere the AVX-512 limits."""
+    size, so the op takes every bf16 linear (and fp32 up to 128 rows on Zen 2); elsewhere the AVX-512
+    limits."""
     amx = cpu_linear._max_rows(frozenset({"avx2", "fma", "avx512f", "amx_bf16"}))
     avx2 = cpu_linear._max_rows(frozenset({"avx2", "fma", "f16c"}))
     avx512 = cpu_linear._max_rows(frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
     assert amx == {torch.float32: 32, torch.bfloat16: 8}
     assert avx2 == {torch.float32: 32, torch.bfloat16: cpu_linear.ALL_ROWS}
+    # Zen 2 (AMD family 23): torch's fp32 GEMM is slower than the op up to 128 rows there; not on Zen 3 (25)
+    zen2 = cpu_linear._max_rows(frozenset({"avx2", "fma", "f16c"}), ("AuthenticAMD", 23))
+    assert zen2 == {torch.float32: 128, torch.bfloat16: cpu_linear.ALL_ROWS}
+    assert cpu_linear._max_rows(frozenset({"avx2", "fma", "f16c"}), ("AuthenticAMD", 25)) == avx2
     assert avx512 == {torch.float32: 64, torch.bfloat16: 16}
     assert cpu_linear._max_rows(frozenset()) == avx512
 
