@@ -1,5 +1,6 @@
-// Decode items of paged_attention.cpp (one query per sequence, unquantized fp32/bf16 pool, AVX-512) in two
-// passes over the context in token order, instead of the online softmax over key tiles head by head.
+// Decode items of paged_attention.cpp (one query per sequence, unquantized fp32/bf16 pool; AVX-512, or AVX2
+// over 8-token tiles) in two passes over the context in token order, instead of the online softmax over key
+// tiles head by head.
 //
 // A token's KVH * D keys (and values) are contiguous in the pool, so reading every head of one token before
 // the next streams the pool; the tile loop read each head's rows KVH * D apart and did the online softmax's
@@ -160,6 +161,93 @@ void attend_decode(const Problem<T>& P, const Item& item) {
     }
     from_float(acc, 1.0f / w.sums[r], P.out + (token * P.num_heads + item.h0 * G + r) * D, D);
   }
+}
+
+#elif defined(KILN_AVX2)
+
+// AVX2 + FMA (no AVX-512): the same two passes over 8-token tiles. A tile's K (or V) rows of every kv head
+// are 8 x KVH x D values (24 KB at the 134M shape: L1), and paged_attention_simd.h's `dots` scores 8 keys of
+// one head at a time (one transposing sum for 8 dot products instead of a horizontal sum each) while
+// `accumulate` keeps up to 64 accumulator values in registers as the tile's 8 value rows pass. fp32 pools,
+// and bf16 ones widened on load.
+template <typename T>
+constexpr bool kDecodeType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+template <typename T>
+inline bool decode_supported(int64_t head_dim) {
+  return kDecodeType<T> && head_dim <= 256 && head_dim % 8 == 0;
+}
+
+struct DecodeScratch {
+  std::vector<float> scores, acc, sums, qf;
+  std::vector<const void*> rows;
+};
+
+// One decode item: the query heads of kv heads [h0, h1) of sequence item.seq, over its whole context.
+template <typename T>
+void attend_decode(const Problem<T>& P, const Item& item) {
+  constexpr int64_t kTile = 8;
+  thread_local DecodeScratch w;
+  const int64_t G = P.num_heads / P.num_kv_heads, D = P.head_dim, heads = item.h1 - item.h0;
+  const int64_t rows = heads * G;
+  const int64_t position = P.context_lens[item.seq] - 1;  // the query's position
+  const int64_t begin = P.window > 0 ? std::max<int64_t>(0, position - P.window + 1) : 0;
+  const int64_t n = position + 1 - begin;
+  const int64_t token = P.query_starts[item.seq];
+  const int32_t* table = P.block_tables + item.seq * P.table_width;
+  w.scores.resize(rows * n);
+  w.acc.assign(rows * D, 0.0f);
+  w.sums.resize(rows);
+  w.qf.resize(rows * D);
+  w.rows.resize(heads * kTile);
+  for (int64_t r = 0; r < rows; ++r) {  // q rows in fp32, scaled once
+    const T* q = P.q + token * P.q_stride_token + (item.h0 * G + r) * P.q_stride_head;
+    for (int64_t d = 0; d < D; ++d) w.qf[r * D + d] = static_cast<float>(q[d]) * P.scale;
+  }
+  const T** tile_rows = reinterpret_cast<const T**>(w.rows.data());  // [h * kTile + k]
+  // Point tile_rows at tokens [j0, j0 + count)'s rows of every kv head of the item in `cache`.
+  auto point = [&](const T* cache, int64_t stride_slot, int64_t stride_head, int64_t j0, int64_t count) {
+    int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
+    for (int64_t k = 0; k < count; ++k) {
+      const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot + item.h0 * stride_head;
+      for (int64_t h = 0; h < heads; ++h) tile_rows[h * kTile + k] = slot + h * stride_head;
+      if (++offset == P.block_size) offset = 0, ++block;
+    }
+  };
+  // Pass 1: scores, tile by tile (every kv head of a tile, then the next tile).
+  for (int64_t j0 = begin; j0 <= position; j0 += kTile) {
+    const int64_t count = std::min<int64_t>(kTile, position + 1 - j0);
+    point(P.keys, P.k_stride_slot, P.k_stride_head, j0, count);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = h * G + g;
+        dots(w.qf.data() + r * D, tile_rows + h * kTile, count, D, w.scores.data() + r * n + (j0 - begin));
+      }
+  }
+  // Softmax of each row (ALiBi: slope * (j - p), as the tile loop adds it).
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = w.scores.data() + r * n;
+    if (P.slopes) {
+      const float slope = P.slopes[item.h0 * G + r];
+      for (int64_t i = 0; i < n; ++i) s[i] += slope * float(begin + i - position);
+    }
+    float best = kNegInf;
+    for (int64_t i = 0; i < n; ++i) best = std::max(best, s[i]);
+    w.sums[r] = exp_and_sum(s, n, best);
+  }
+  // Pass 2: values, tile by tile; each row's 8 weights of the tile against its kv head's 8 value rows.
+  for (int64_t j0 = begin; j0 <= position; j0 += kTile) {
+    const int64_t count = std::min<int64_t>(kTile, position + 1 - j0);
+    point(P.values, P.v_stride_slot, P.v_stride_head, j0, count);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = h * G + g;
+        accumulate(w.acc.data() + r * D, 1.0f, w.scores.data() + r * n + (j0 - begin), tile_rows + h * kTile,
+                   count, D);
+      }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    from_float(w.acc.data() + r * D, 1.0f / w.sums[r], P.out + (token * P.num_heads + item.h0 * G + r) * D, D);
 }
 
 #else
