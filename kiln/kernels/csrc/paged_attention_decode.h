@@ -214,16 +214,20 @@ void attend_decode(const Problem<T>& P, const Item& item) {
       if (++offset == P.block_size) offset = 0, ++block;
     }
   };
+  // visit(r, its kv head's tile rows, the tile's first score index, count) for every tile of `cache` in
+  // token order and every row r of the item.
+  auto walk = [&](const T* cache, int64_t stride_slot, int64_t stride_head, auto&& visit) {
+    for (int64_t j0 = begin; j0 <= position; j0 += kTile) {
+      const int64_t count = std::min<int64_t>(kTile, position + 1 - j0);
+      point(cache, stride_slot, stride_head, j0, count);
+      for (int64_t r = 0; r < rows; ++r) visit(r, tile_rows + r / G * kTile, j0 - begin, count);
+    }
+  };
+  float* scores = w.scores.data();
   // Pass 1: scores, tile by tile (every kv head of a tile, then the next tile).
-  for (int64_t j0 = begin; j0 <= position; j0 += kTile) {
-    const int64_t count = std::min<int64_t>(kTile, position + 1 - j0);
-    point(P.keys, P.k_stride_slot, P.k_stride_head, j0, count);
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = h * G + g;
-        dots(w.qf.data() + r * D, tile_rows + h * kTile, count, D, w.scores.data() + r * n + (j0 - begin));
-      }
-  }
+  walk(P.keys, P.k_stride_slot, P.k_stride_head, [&](int64_t r, const T* const* keys, int64_t i0, int64_t count) {
+    dots(w.qf.data() + r * D, keys, count, D, scores + r * n + i0);
+  });
   // Softmax of each row (ALiBi: slope * (j - p), as the tile loop adds it).
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.scores.data() + r * n;
@@ -236,16 +240,9 @@ void attend_decode(const Problem<T>& P, const Item& item) {
     w.sums[r] = exp_and_sum(s, n, best);
   }
   // Pass 2: values, tile by tile; each row's 8 weights of the tile against its kv head's 8 value rows.
-  for (int64_t j0 = begin; j0 <= position; j0 += kTile) {
-    const int64_t count = std::min<int64_t>(kTile, position + 1 - j0);
-    point(P.values, P.v_stride_slot, P.v_stride_head, j0, count);
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = h * G + g;
-        accumulate(w.acc.data() + r * D, 1.0f, w.scores.data() + r * n + (j0 - begin), tile_rows + h * kTile,
-                   count, D);
-      }
-  }
+  walk(P.values, P.v_stride_slot, P.v_stride_head, [&](int64_t r, const T* const* values, int64_t i0, int64_t count) {
+    accumulate(w.acc.data() + r * D, 1.0f, scores + r * n + i0, values, count, D);
+  });
   for (int64_t r = 0; r < rows; ++r)
     from_float(w.acc.data() + r * D, 1.0f / w.sums[r], P.out + (token * P.num_heads + item.h0 * G + r) * D, D);
 }
