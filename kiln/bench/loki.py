@@ -9,7 +9,8 @@ attention. The model directory needs `kiln calibrate-loki` first.
 
 `decode` times one engine decode step's attention (all layers: the backend call per layer, which writes the
 new key/value and attends) for --batch sequences at each --contexts length on the demo shape (6 heads, 2 KV
-heads, head_dim 32, 4 layers, fp32): the dense C++ paged-attention backend (the engine's default on CPU),
+heads, head_dim 32, 4 layers, fp32; --heads / --kv-heads / --head-dim for others, e.g. 8 / 8 / 128, the
+head size of the Loki paper's models): the dense C++ paged-attention backend (the engine's default on CPU),
 the dense torch backend, and Loki on its C++ op and on torch, with a random orthonormal basis (the time
 does not depend on the basis).
 """
@@ -120,11 +121,18 @@ def _step(build, pool, paged, config, q, k, v) -> None:
 
 
 def decode(args: argparse.Namespace) -> DecodeResult:
-    config = ModelConfig(vocab_size=8192, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2)
-    rank = args.rank or config.head_dim // 4
-    basis = torch.linalg.qr(torch.randn(config.num_layers, config.num_kv_heads, 32, 32))[0]
+    heads, kv_heads, head_dim = args.heads, args.kv_heads, args.head_dim
+    if heads % kv_heads or head_dim % 2:
+        raise SystemExit(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads}), --head-dim even")
+    config = ModelConfig(
+        vocab_size=8192, hidden_size=heads * head_dim, num_layers=4, num_heads=heads, num_kv_heads=kv_heads
+    )
+    rank = args.rank or head_dim // 4
+    basis = torch.linalg.qr(torch.randn(config.num_layers, kv_heads, head_dim, head_dim))[0]
+    demo = (heads, kv_heads, head_dim) == (6, 2, 32)
     result = DecodeResult(
-        shape="demo: 6 heads, 2 KV heads, head_dim 32, 4 layers, fp32, block 16",
+        shape=f"{'demo: ' if demo else ''}{heads} heads, {kv_heads} KV heads, head_dim {head_dim}, 4 layers, "
+        "fp32, block 16",
         batch=args.batch, rank=rank, top_k=args.top_k, threads=torch.get_num_threads(),
     )  # fmt: skip
     backends = {"dense torch": TorchPagedAttention}
@@ -163,6 +171,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="Default: head_dim / 4.")
     parser.add_argument("--top-k", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=6, help="decode: query heads (default: demo).")
+    parser.add_argument("--kv-heads", type=int, default=2, help="decode: KV heads.")
+    parser.add_argument("--head-dim", type=int, default=32, help="decode: head dimension.")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
