@@ -34,38 +34,34 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-on
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere): what -march=native builds for,
-    and what decides which of the ops' paths (AVX-512, AVX2, scalar) the library holds."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
-def cpu_family() -> tuple[str, int]:
-    """This CPU's vendor and family from /proc/cpuinfo (("AuthenticAMD", 23) for Zen to Zen 2, 25 for Zen 3
-    and 4); ("", 0) elsewhere. Row limits measured on one microarchitecture key on it where the flags alone
-    do not tell two CPUs apart (cpu_linear._max_rows)."""
-    vendor, family = "", 0
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of Linux /proc/cpuinfo (key -> value); empty elsewhere."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    vendor = value.strip()
-                elif key.strip() == "cpu family":
-                    family = int(value.strip() or 0)
-                if vendor and family:
+                if not key.strip():  # the blank line after the first processor
                     break
-    except (OSError, ValueError):
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    return vendor, family
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere): what -march=native builds for,
+    and what decides which of the ops' paths (AVX-512, AVX2, scalar) the library holds."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_family() -> tuple[str, int]:
+    """This CPU's vendor and family from /proc/cpuinfo (("AuthenticAMD", 23) for Zen to Zen 2, 25 for Zen 3
+    and 4); ("", 0) elsewhere. Row limits measured on one microarchitecture key on it where the flags alone
+    do not tell two CPUs apart (cpu_linear._max_rows)."""
+    info = _cpuinfo()
+    family = info.get("cpu family", "")
+    return info.get("vendor_id", ""), int(family) if family.isdigit() else 0
 
 
 def avx2_paths(flags: frozenset[str]) -> bool:
