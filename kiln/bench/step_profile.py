@@ -13,7 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "kiln::linear")
+MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::matmul",
+    "kiln::linear",
+    "mkldnn::_linear_pointwise",
+)
 ATTENTION_OPS = (
     "kiln::paged_attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -91,7 +98,7 @@ def profile_decode(llm, *, batch: int, prompt_tokens: int, steps: int = 16, dtyp
     times = _leaf_self_times(prof)
     matmul = sum(times.get(name, 0.0) for name in MATMUL_OPS) / steps
     attention = sum(times.get(name, 0.0) for name in ATTENTION_OPS) / steps
-    ops = sum(value for name, value in times.items() if name.startswith(("aten::", "kiln::"))) / steps
+    ops = sum(value for name, value in times.items() if name.startswith(("aten::", "kiln::", "mkldnn::"))) / steps
     return StepProfile(
         dtype=dtype,
         batch=batch,

@@ -19,6 +19,7 @@ from torch import nn
 
 from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer, decoder_layer_quantized
 from kiln.kernels.cpu_linear import MAX_ROWS
+from kiln.kernels.packed_weight import packed
 from kiln.models.layers import MLP, AttentionInputs, RMSNorm
 from kiln.models.transformer import Block, Transformer
 from kiln.quant.linear import MAX_OP_ROWS, QuantizedLinear
@@ -73,6 +74,7 @@ def layer_weights(block: Block) -> LayerWeights:
         gate=gate, up=up, down=down, biases=tuple(linear.bias for linear in linears), eps=block.attn_norm.eps,
         bits=tuple(part[1] for part in parts), scales=tuple(part[2] for part in parts),
         offsets=tuple(part[3] for part in parts),
+        packed=tuple(None if part[1] else packed(part[0]) for part in parts),
     )  # fmt: skip
 
 
@@ -94,7 +96,7 @@ class CpuDecoderForward:
     The layer's weights are gathered once and reused while the block keeps the same modules and tensors
     (checked by identity every call, so a linear replaced later, e.g. quantized, is seen)."""
 
-    __slots__ = ("block", "_seen", "_held", "_layer", "_max_rows")
+    __slots__ = ("block", "_seen", "_held", "_layer", "_max_rows", "_versions")
 
     def __init__(self, block: Block) -> None:
         self.block = weakref.ref(block)
@@ -102,6 +104,7 @@ class CpuDecoderForward:
         self._held: list = []  # the objects of `_seen`, kept alive so that no new object takes their ids
         self._layer: LayerWeights | None = None
         self._max_rows = 0  # most rows the layer's quantized projections take in the op (no limit: 0)
+        self._versions: tuple[int, ...] = ()  # versions of the weights with packed copies in _layer
 
     def __call__(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache=None) -> torch.Tensor:
         block = self.block()
@@ -133,15 +136,25 @@ class CpuDecoderForward:
             return None
         found = _parameters(block)
         seen = tuple(map(id, found))  # compared as ints: one C-level tuple comparison
-        if seen != self._seen:
+        if seen != self._seen or (self._versions and self._versions != self._packed_versions()):
             self._seen, self._held = seen, found
             self._layer = layer_weights(block) if fits(block) else None
             quantized = self._layer is not None and any(self._layer.bits)
             self._max_rows = MAX_OP_ROWS.get(self._layer.attn_norm.dtype, 16) if quantized else 0
+            self._versions = self._packed_versions()
         layer = self._layer
         if layer is None or layer.attn_norm.dtype != x.dtype:
             return None
         return None if self._max_rows and x.numel() // x.shape[-1] > self._max_rows else layer
+
+    def _packed_versions(self) -> tuple[int, ...]:
+        """The in-place versions of the weights `_layer` holds packed copies of (a weight changed in place
+        since is packed again when `_layer` is rebuilt)."""
+        layer = self._layer
+        if layer is None or not any(p is not None for p in layer.packed):
+            return ()
+        weights = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+        return tuple(w._version for w, p in zip(weights, layer.packed, strict=True) if p is not None)
 
 
 def install_cpu_decoder_layers(model: Transformer) -> int:

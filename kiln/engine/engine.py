@@ -83,7 +83,7 @@ class Engine:
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
         self.adapters = ServedAdapters(model, adapters) if adapters else None
-        self.num_cpu_linears, self.num_cpu_layers = _install_cpu_ops(model, config.kernels)
+        self.num_cpu_linears, self.num_cpu_layers, self.packed_bytes = _install_cpu_ops(model, config.kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
@@ -185,6 +185,11 @@ class Engine:
             + (f", {self.num_threads} CPU threads" if self.num_threads else "")
             + (f", {self.num_cpu_linears} linears on kiln's C++ op" if self.num_cpu_linears else "")
             + (f", {self.num_cpu_layers} decode layers in one C++ call each" if self.num_cpu_layers else "")
+            + (
+                f", {dtype} linears also packed for oneDNN (+{self.packed_bytes / 2**20:.1f}MiB)"
+                if self.packed_bytes
+                else ""
+            )
         )
 
     # ------------------------------------------------------------------------------------- requests
@@ -414,16 +419,19 @@ def _uses_cpu_ops(kernels: KernelChoice, weight: torch.Tensor) -> bool:
     return cpu_ops_available()
 
 
-def _install_cpu_ops(model: Transformer, kernels: KernelChoice) -> tuple[int, int]:
+def _install_cpu_ops(model: Transformer, kernels: KernelChoice) -> tuple[int, int, int]:
     """With kiln's C++ CPU ops, route the model's linears (LM head included) through the small-row linear
-    op where it wins (decode-sized batches; BENCHMARKS.md), and run each Llama-style layer of a decode-only
-    step in one C++ call (kiln/engine/cpu_decoder.py). Returns (linears, layers) that can."""
+    op where it wins (decode-sized batches; BENCHMARKS.md), pack their weights for oneDNN where that wins
+    for larger steps (kiln/kernels/packed_weight.py: bf16 on AMX CPUs), and run each Llama-style layer of a
+    decode-only step in one C++ call (kiln/engine/cpu_decoder.py). Returns (linears, layers) that can and
+    the bytes the packed copies hold."""
     if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
-        return 0, 0
+        return 0, 0, 0
     from kiln.engine.cpu_decoder import install_cpu_decoder_layers
     from kiln.kernels.cpu_linear import install_cpu_linears
+    from kiln.kernels.packed_weight import pack_linears
 
-    return install_cpu_linears(model), install_cpu_decoder_layers(model)
+    return install_cpu_linears(model), install_cpu_decoder_layers(model), pack_linears(model)
 
 
 def _attention_backend(config: EngineConfig, model_config, weight: torch.Tensor):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kiln.kernels.cpu_paged_attention import paged_attention_reference
 from kiln.kernels.norms import rms_norm_reference
+from kiln.kernels.packed_weight import packed_rows
 from kiln.kernels.rope import rope_reference
 from kiln.kernels.swiglu import swiglu_reference
 
@@ -41,6 +42,9 @@ class LayerWeights:
     bits: tuple[int, ...] = (0,) * 7
     scales: tuple[torch.Tensor | None, ...] = (None,) * 7
     offsets: tuple[torch.Tensor | None, ...] = (None,) * 7
+    # oneDNN-packed copies of float projections (kiln/kernels/packed_weight.py), None where unpacked: used for
+    # steps of more rows than kiln's small-row op takes, up to packed_rows(dtype).
+    packed: tuple[torch.Tensor | None, ...] = (None,) * 7
 
     def weights(self) -> list[torch.Tensor]:
         return [self.attn_norm, self.q, self.k, self.v, self.o, self.mlp_norm, self.gate, self.up, self.down]
@@ -103,7 +107,8 @@ def _step_arguments(step: PagedDecode, layer: LayerWeights, max_linear_rows: int
     return (
         step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
         step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
-        list(layer.scales), list(layer.offsets), list(layer.bits),
+        list(layer.scales), list(layer.offsets), list(layer.bits), list(layer.packed),
+        packed_rows(layer.attn_norm.dtype) if any(p is not None for p in layer.packed) else 0,
     )  # fmt: skip
 
 

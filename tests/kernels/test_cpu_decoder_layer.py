@@ -24,6 +24,7 @@ from kiln.kernels.cpu_decoder_layer import (  # noqa: E402
     decoder_layer,
     decoder_layer_reference,
 )
+from kiln.kernels.packed_weight import pack, packed_rows, packing_available  # noqa: E402
 from kiln.models.layers import alibi_slopes  # noqa: E402
 from tests.kernels.test_cpu_paged_attention import assert_close, shuffled_tables  # noqa: E402
 
@@ -118,7 +119,7 @@ def test_bad_weight_lists_are_refused():
         torch.ops.kiln.decoder_layer(
             torch.randn(1, 16), layer.weights()[:8], list(layer.biases), 1e-5, None, None, keys, values,
             step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
-            step.block_size, step.scale, None, 0, 64, [None] * 7, [None] * 7, [0] * 7,
+            step.block_size, step.scale, None, 0, 64, [None] * 7, [None] * 7, [0] * 7, [None] * 7, 0,
         )  # fmt: skip
 
 
@@ -170,3 +171,34 @@ def test_quantized_projection_without_scale_is_refused():
     keys, values, step = decode_step([3], 2, 16, 4, torch.float32, generator)
     with pytest.raises(RuntimeError, match="needs its scale"):
         decoder_layer(torch.randn(1, 32), layer, None, None, keys, values, step, 16)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear (mkldnn)")
+@pytest.mark.parametrize("biases", [False, True])
+def test_packed_projections_match_at_linear(biases):
+    """Steps of more rows than the small-row linear takes run the projections' oneDNN-packed copies (up to
+    packed_rows): the same GEMM as at::linear, so the layer equals the unpacked op's output bit for bit
+    on CPUs where packing is on (AMX), and the reference within tolerance everywhere."""
+    generator = torch.Generator().manual_seed(5)
+    context_lens, hidden, heads, kv_heads, head_dim, inner, block_size = (
+        [7, 30, 1] * 4,
+        64,
+        4,
+        2,
+        16,
+        96,
+        16,
+    )
+    layer = random_layer(hidden, heads, kv_heads, head_dim, inner, torch.bfloat16, biases, generator)
+    keys, values, step = decode_step(context_lens, kv_heads, head_dim, block_size, torch.bfloat16, generator)
+    x = torch.randn(len(context_lens), hidden, generator=generator).to(torch.bfloat16)
+    plain_keys, plain_values = keys.clone(), values.clone()
+    plain = decoder_layer(x, layer, None, None, plain_keys, plain_values, step, 1)
+    projections = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+    layer.packed = tuple(pack(w) for w in projections)
+    got = decoder_layer(x, layer, None, None, keys, values, step, 1)
+    expected = decoder_layer_reference(x, layer, None, None, keys.clone(), values.clone(), step)
+    assert_close(got, expected, torch.bfloat16)
+    if packed_rows(torch.bfloat16):
+        assert torch.equal(got, plain)
+        assert torch.equal(keys, plain_keys) and torch.equal(values, plain_values)

@@ -23,6 +23,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -33,8 +34,22 @@ namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
-at::Tensor kiln_linear(const at::Tensor& x, const at::Tensor& w, const OptionalTensor& b, int64_t max_rows) {
-  if (x.size(0) > max_rows) return at::linear(x, w, b);
+// F.linear through a weight reordered once into oneDNN's layout (kiln/kernels/packed_weight.py).
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const OptionalTensor& b) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::string()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// kiln::linear up to max_rows rows, then the packed weight (where given) up to packed_rows, else at::linear.
+at::Tensor kiln_linear(const at::Tensor& x, const at::Tensor& w, const OptionalTensor& b, int64_t max_rows,
+                       const OptionalTensor& packed, int64_t packed_rows) {
+  if (x.size(0) > max_rows) {
+    if (packed.has_value() && x.size(0) <= packed_rows) return packed_linear(x, *packed, b);
+    return at::linear(x, w, b);
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("kiln::linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&)>();
@@ -126,12 +141,13 @@ template <typename Attend>
 at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights,
                      const c10::List<OptionalTensor>& biases, double eps, const OptionalTensor& cos,
                      const OptionalTensor& sin, int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
-                     const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits, Attend attend) {
+                     const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits,
+                     const c10::List<OptionalTensor>& packed, int64_t packed_rows, Attend attend) {
   TORCH_CHECK(weights.size() == 9 && biases.size() == 7, op,
               ": weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and biases [q, k, v, o, "
               "gate, up, down]");
-  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7, op,
-              ": scales, offsets and bits must have one entry per projection");
+  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7 && packed.size() == 7, op,
+              ": scales, offsets, bits and packed must have one entry per projection");
   TORCH_CHECK(x.dim() == 2, op, ": x must be (N, hidden), got ", x.sizes());
   TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin go together");
   for (size_t i = 0; i < 7; ++i) {
@@ -139,7 +155,7 @@ at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights
   }
   auto project = [&](const at::Tensor& h, size_t w, size_t b) {
     if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), biases.get(b), bits[b]);
-    return kiln_linear(h, weights[w], biases.get(b), max_linear_rows);
+    return kiln_linear(h, weights[w], biases.get(b), max_linear_rows, packed.get(b), packed_rows);
   };
   const int64_t N = x.size(0);
   at::Tensor h = rms_norm(x, weights[0], eps);
@@ -159,7 +175,7 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                          const at::Tensor& context_lens, int64_t block_size, double scale,
                          const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows,
                          const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
-                         at::IntArrayRef bits) {
+                         at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, int64_t packed_rows) {
   const int64_t N = x.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
   auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
@@ -168,7 +184,7 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                            context_lens, block_size, scale, alibi_slopes, sliding_window);
   };
   return run_layer("kiln::decoder_layer", x, weights, biases, eps, cos, sin, max_linear_rows, scales, offsets,
-                   bits, attend);
+                   bits, packed, packed_rows, attend);
 }
 
 // decoder_layer over a quantized pool (kv_quant.py): the new keys/values are quantized and written as codes
@@ -182,7 +198,8 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                    const at::Tensor& context_lens, int64_t block_size, double scale,
                                    const OptionalTensor& alibi_slopes, int64_t sliding_window,
                                    int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
-                                   const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits) {
+                                   const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits,
+                                   const c10::List<OptionalTensor>& packed, int64_t packed_rows) {
   TORCH_CHECK(kv_bits == 8 || kv_bits == 4, "kiln::decoder_layer_quantized: kv_bits must be 8 or 4");
   const int64_t N = x.size(0), kv_heads = key_codes.size(1);
   auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -198,7 +215,7 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                      alibi_slopes, sliding_window);
   };
   return run_layer("kiln::decoder_layer_quantized", x, weights, biases, eps, cos, sin, max_linear_rows, scales,
-                   offsets, bits, attend);
+                   offsets, bits, packed, packed_rows, attend);
 }
 
 }  // namespace
@@ -209,16 +226,23 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, "
       "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
       "Tensor? alibi_slopes, int sliding_window, int max_linear_rows, Tensor?[] scales, Tensor?[] offsets, "
-      "int[] bits) -> Tensor");
+      "int[] bits, Tensor?[] packed, int packed_rows) -> Tensor");
   m.def(
       "decoder_layer_quantized(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
       "Tensor(a!) key_codes, Tensor(b!) value_codes, Tensor(c!) key_params, Tensor(d!) value_params, int kv_bits, "
       "Tensor slot_mapping, Tensor block_tables, Tensor query_starts, Tensor query_lens, Tensor context_lens, "
       "int block_size, float scale, Tensor? alibi_slopes, int sliding_window, int max_linear_rows, "
-      "Tensor?[] scales, Tensor?[] offsets, int[] bits) -> Tensor");
+      "Tensor?[] scales, Tensor?[] offsets, int[] bits, Tensor?[] packed, int packed_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
+  m.impl("decoder_layer", &decoder_layer);
+  m.impl("decoder_layer_quantized", &decoder_layer_quantized);
+}
+
+// Packed weights (oneDNN's opaque tensors) carry the MkldnnCPU dispatch key, which outranks CPU in the
+// dispatch of a call that holds them: the same functions serve it.
+TORCH_LIBRARY_IMPL(kiln, MkldnnCPU, m) {
   m.impl("decoder_layer", &decoder_layer);
   m.impl("decoder_layer_quantized", &decoder_layer_quantized);
 }

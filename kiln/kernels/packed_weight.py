@@ -1,0 +1,87 @@
+"""bf16 linear weights also held in oneDNN's blocked layout, for the GEMMs of mid-sized steps on AMX CPUs.
+
+Above kiln's small-row op (cpu_linear.MAX_ROWS) a bf16 linear is torch's `F.linear`, which on CPU runs
+oneDNN's AMX GEMM and reorders the (N, K) weight into its tile layout on every call. Reordered once
+(`torch.ops.mkldnn._reorder_linear_weight`, as inductor's CPU freezing does) and multiplied with
+`torch.ops.mkldnn._linear_pointwise`, the same GEMM gives the same bits (oneDNN both ways) in less time.
+Measured on a 2-vCPU Xeon with AMX (Emerald Rapids, 2 threads, the 134M Llama's weights read from memory,
+`python -m kiln.bench.linear`): 64 rows 1.3-1.75x `F.linear` (LM head 7.8 -> 4.5 ms), 8-16 rows 1.3-1.4x,
+200-256 rows 1.2-1.35x (a whole layer's linears at 256: 1.19x), at 512-1024 rows anywhere from 0.5x to
+1.3x (a layer's total 0.83-1.07x). So the engine packs every bf16 linear of the model
+on such CPUs (`pack_linears`; the copy costs the weights' bytes once more, which the start-up line
+reports) and `packed_rows` says for how many rows a packed weight is used.
+
+A packed copy belongs to its weight tensor and to that tensor's version: a weight changed in place (its
+`_version` moves) is packed again on its next use, so a stale copy is never multiplied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.kernels.cpu_extension import cpu_flags
+
+# Most rows a packed bf16 weight is used for (fewer go to kiln's op, more to F.linear, see above); 0 where
+# packing was not measured to win (no AMX: torch's bf16 GEMM there is not oneDNN's AMX kernel).
+PACKED_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 256} if "amx_bf16" in cpu_flags() else {}
+_HINT_ROWS = 64  # the batch size oneDNN picks the blocked layout for (the offline decode step)
+_ATTRIBUTE = "_kiln_packed"  # on the weight tensor: (weight version, packed weight)
+
+
+def packing_available() -> bool:
+    """Whether this torch has oneDNN's packed linear ops (CPU builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def packed_rows(dtype: torch.dtype) -> int:
+    """Most rows a packed weight of this dtype takes (0: packing is off for it)."""
+    return PACKED_ROWS.get(dtype, 0)
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of `weight` made by `pack` (repacked if the weight changed in place since), or None
+    where it has none."""
+    held = weight.__dict__.get(_ATTRIBUTE)
+    if held is None:
+        return None
+    version, copy = held
+    if version != weight._version:
+        return pack(weight)
+    return copy
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """Reorder a 2-D bf16 CPU weight (N, K) into oneDNN's layout, keep it on the weight and return it."""
+    copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _HINT_ROWS)
+    weight.__dict__[_ATTRIBUTE] = (weight._version, copy)
+    return copy
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through weight's packed copy, for x (M, K) (bit-identical to F.linear)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every 2-D weight of a plain `nn.Linear` in `model`, and its `output_weight` (the LM head), whose
+    dtype `packed_rows` allows; returns the bytes the copies hold (0 where nothing was packed)."""
+    if not packing_available():
+        return 0
+    weights = [module.weight for module in model.modules() if type(module) is nn.Linear]
+    head = getattr(model, "output_weight", None)
+    if isinstance(head, torch.Tensor):
+        weights.append(head)
+    total, seen = 0, set()
+    for weight in weights:
+        if (
+            id(weight) in seen
+            or weight.device.type != "cpu"
+            or weight.dim() != 2
+            or not packed_rows(weight.dtype)
+        ):
+            continue
+        seen.add(id(weight))
+        pack(weight)
+        total += weight.numel() * weight.element_size()
+    return total
