@@ -98,7 +98,10 @@ def profile_decode(llm, *, batch: int, prompt_tokens: int, steps: int = 16, dtyp
     times = _leaf_self_times(prof)
     matmul = sum(times.get(name, 0.0) for name in MATMUL_OPS) / steps
     attention = sum(times.get(name, 0.0) for name in ATTENTION_OPS) / steps
-    ops = sum(value for name, value in times.items() if name.startswith(("aten::", "kiln::", "mkldnn::"))) / steps
+    ops = (
+        sum(value for name, value in times.items() if name.startswith(("aten::", "kiln::", "mkldnn::")))
+        / steps
+    )
     return StepProfile(
         dtype=dtype,
         batch=batch,
