@@ -40,11 +40,20 @@ namespace {
 constexpr int ROWS = 4;  // x rows per register tile
 constexpr int COLS = 4;  // weight rows (output columns) per register tile: 16 accumulators + 8 loads
 constexpr int64_t GRAIN_TILES = 16;  // COLS-wide tiles per thread at least: tiny layers stay on one thread
-// Up to this many rows a tile is one weight row (see linear_impl). 2-vCPU Zen 4 EPYC, 2 threads, a 32000 x
-// 768 bf16 weight from memory: one row at a time streamed it at 47-52 GB/s, the read bandwidth of a plain
-// sum (43-57), while four rows read side by side (k-interleaved) reached 24-27 GB/s with or without
-// software prefetch, two rows side by side 21-24 (a standalone model of the loops).
+// Up to this many rows a tile is one weight row on AMD CPUs (see linear_impl). 2-vCPU Zen 4 EPYC, 2
+// threads, a 32000 x 768 bf16 weight from memory: one row at a time streamed it at 47-52 GB/s, the read
+// bandwidth of a plain sum (43-57), while four rows read side by side (k-interleaved) reached 24-27 GB/s
+// with or without software prefetch, two rows side by side 21-24 (a standalone model of the loops).
+// Intel is the other way round: on a 2-vCPU Xeon with AMX (Emerald Rapids, 2026-12-06, `python -m
+// kiln.bench.linear --rows 1`, two interleaved runs each) one row per tile streamed the 134M model's bf16
+// weights at 16-21 GB/s and fp32 at 19-28, four side by side (with the software prefetch below) at 22-27
+// and 25-31, of a 23-26 GB/s read; so there every tile is four rows.
 constexpr int64_t SEQUENTIAL_ROWS = 4;
+
+inline int64_t sequential_rows() {
+  static const int64_t rows = __builtin_cpu_is("amd") ? SEQUENTIAL_ROWS : 0;
+  return rows;
+}
 // Software prefetch of the weight this far ahead (whole tiles, at least one). One thread, weights from
 // memory, rows 1-8: the hardware prefetcher alone streamed 10-25 GB/s, prefetching 1, 2 or 4 tiles ahead
 // 20-30 GB/s (the three alike within the shared machine's noise); 12 KB is 1-2 tiles at these shapes.
@@ -273,10 +282,10 @@ void linear_impl(const at::Tensor& x, const at::Tensor& weight, const T* bias, a
   const T* x_data = x.const_data_ptr<T>();
   const T* w_data = weight.const_data_ptr<T>();
   T* out_data = out.mutable_data_ptr<T>();
-  // Few rows: one weight row per tile, so each thread reads its slab as one sequential stream. More rows:
-  // four weight rows per tile, each x load used four times (the sums are the same either way: one fp32
-  // accumulator per output, over k in the same order, so a row's result does not depend on M).
-  const int64_t tile_cols = M <= SEQUENTIAL_ROWS ? 1 : COLS;
+  // Few rows on AMD: one weight row per tile, so each thread reads its slab as one sequential stream. More
+  // rows, or Intel: four weight rows per tile, each x load used four times (the sums are the same either
+  // way: one fp32 accumulator per output, over k in the same order, so a row's result does not depend on M).
+  const int64_t tile_cols = M <= sequential_rows() ? 1 : COLS;
   const int64_t num_tiles = (N + tile_cols - 1) / tile_cols;
   at::parallel_for(0, num_tiles, GRAIN_TILES * COLS / tile_cols, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
