@@ -1,5 +1,6 @@
 """Linear layers at decode sizes on CPU: torch's F.linear against kiln's C++ op (kiln.kernels.cpu_linear),
-beside the machine's read bandwidth measured in the same run.
+and for bf16 against oneDNN's GEMM on a weight packed once (kiln.kernels.packed_weight), beside the
+machine's read bandwidth measured in the same run.
 
 python -m kiln.bench.linear [--rows 1,2,4,8,16,64] [--dtypes float32,bfloat16] [--threads 2]
 
@@ -38,7 +39,7 @@ class LinearTiming:
     shape: str
     dtype: str
     rows: int
-    implementation: str  # "torch" (F.linear) or "kiln" (torch.ops.kiln.linear)
+    implementation: str  # "torch" (F.linear), "kiln" (torch.ops.kiln.linear) or "packed" (packed_linear)
     microseconds: float
     weight_gbs: float
     gflops: float
@@ -82,10 +83,14 @@ def _time_linear(function, x: torch.Tensor, weights: list[torch.Tensor], repeats
     return _best_seconds(run, repeats) / len(weights)
 
 
-def _implementations(op_available: bool) -> dict[str, Any]:
+def _implementations(op_available: bool, dtype: torch.dtype) -> dict[str, Any]:
+    from kiln.kernels.packed_weight import packed, packed_linear, packing_available
+
     implementations: dict[str, Any] = {"torch": F.linear}
     if op_available:
         implementations["kiln"] = torch.ops.kiln.linear
+    if dtype == torch.bfloat16 and packing_available():
+        implementations["packed"] = lambda x, weight: packed_linear(x, packed(weight))
     return implementations
 
 
@@ -102,7 +107,6 @@ def run_linear_bench(
 
     torch.set_num_threads(threads)
     op_available = cpu_ops_available()
-    implementations = _implementations(op_available)
     result = LinearBenchResult(
         machine=platform.processor() or platform.machine(),
         torch_version=torch.__version__,
@@ -119,6 +123,12 @@ def run_linear_bench(
                 weight_bytes = in_features * out_features * dtype.itemsize
                 copies = max(1, -(-cold_bytes // weight_bytes))
                 weights = [torch.randn(out_features, in_features).to(dtype) for _ in range(copies)]
+                implementations = _implementations(op_available, dtype)
+                if "packed" in implementations:
+                    from kiln.kernels.packed_weight import pack
+
+                    for weight in weights:
+                        pack(weight)
                 for num_rows in rows:
                     x = torch.randn(num_rows, in_features).to(dtype)
                     for name, function in implementations.items():
@@ -146,16 +156,19 @@ def run_linear_bench(
 
 def format_table(result: dict[str, Any]) -> str:
     """One line per shape, dtype and row count: each implementation's GB/s, GFLOP/s and share of the
-    read bandwidth, and kiln's speedup over torch."""
+    read bandwidth, and its speedup over torch (kiln's op; the packed GEMM where bf16 weights are packed)."""
+    names = [
+        n for n in ("torch", "kiln", "packed") if any(t["implementation"] == n for t in result["timings"])
+    ]
+    header = f"{'shape':<20} {'dtype':<9} {'rows':>4}"
+    for name in names:
+        header += f"  {name + ' GB/s':>11} {'GFLOP/s':>8} {'of read':>7}" + (
+            f" {'speedup':>7}" if name != "torch" else ""
+        )
     lines = [
         f"{result['machine']}, torch {result['torch_version']}, {result['threads']} threads; read "
         f"bandwidth (sum of 512 MB) {result['read_gbs']:.1f} GB/s; weights read from memory",
-        f"{'shape':<20} {'dtype':<9} {'rows':>4}  {'torch GB/s':>10} {'GFLOP/s':>8} {'of read':>7}"
-        + (
-            f"  {'kiln GB/s':>9} {'GFLOP/s':>8} {'of read':>7} {'speedup':>7}"
-            if result["kiln_op_available"]
-            else ""
-        ),
+        header,
     ]
     by_key: dict[tuple, dict[str, dict]] = {}
     for timing in result["timings"]:
@@ -163,12 +176,14 @@ def format_table(result: dict[str, Any]) -> str:
         by_key.setdefault(key, {})[timing["implementation"]] = timing
     for (shape, dtype, rows), sides in by_key.items():
         line = f"{shape:<20} {dtype:<9} {rows:>4}"
-        for name in ("torch", "kiln"):
-            if name in sides:
-                t = sides[name]
-                line += f"  {t['weight_gbs']:>10.1f} {t['gflops']:>8.1f} {t['fraction_of_read']:>7.0%}"
-        if "kiln" in sides:
-            line += f" {sides['torch']['microseconds'] / sides['kiln']['microseconds']:>6.2f}x"
+        for name in names:
+            if name not in sides:
+                line += " " * (30 if name == "torch" else 38)
+                continue
+            t = sides[name]
+            line += f"  {t['weight_gbs']:>11.1f} {t['gflops']:>8.1f} {t['fraction_of_read']:>7.0%}"
+            if name != "torch":
+                line += f" {sides['torch']['microseconds'] / t['microseconds']:>6.2f}x"
         lines.append(line)
     return "\n".join(lines)
 

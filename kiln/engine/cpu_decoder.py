@@ -154,7 +154,11 @@ class CpuDecoderForward:
         if layer is None or not any(p is not None for p in layer.packed):
             return ()
         weights = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-        return tuple(w._version for w, p in zip(weights, layer.packed, strict=True) if p is not None)
+        return tuple(
+            -1 if w.is_inference() else w._version
+            for w, p in zip(weights, layer.packed, strict=True)
+            if p is not None
+        )
 
 
 def install_cpu_decoder_layers(model: Transformer) -> int:

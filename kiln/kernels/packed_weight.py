@@ -5,9 +5,10 @@ oneDNN's AMX GEMM and reorders the (N, K) weight into its tile layout on every c
 (`torch.ops.mkldnn._reorder_linear_weight`, as inductor's CPU freezing does) and multiplied with
 `torch.ops.mkldnn._linear_pointwise`, the same GEMM gives the same bits (oneDNN both ways) in less time.
 Measured on a 2-vCPU Xeon with AMX (Emerald Rapids, 2 threads, the 134M Llama's weights read from memory,
-`python -m kiln.bench.linear`): 64 rows 1.3-1.75x `F.linear` (LM head 7.8 -> 4.5 ms), 8-16 rows 1.3-1.4x,
-200-256 rows 1.2-1.35x (a whole layer's linears at 256: 1.19x), at 512-1024 rows anywhere from 0.5x to
-1.3x (a layer's total 0.83-1.07x). So the engine packs every bf16 linear of the model
+`python -m kiln.bench.linear --rows 1,4,8,16,64,256 --dtypes bfloat16`, benchmarks/linear-emr.json): the
+packed GEMM against `F.linear` 1.0-1.35x at 1-4 rows (where kiln's own op is 1.5-2.8x), 0.85-2.1x at 8-16,
+1.6-2.7x at 64 (one outlier, gate/up, 0.71x), 1.1-2.5x at 256; a probe at 512-1024 rows gave a layer's
+linears 0.83-1.07x, so prefill chunks keep `F.linear`. So the engine packs every bf16 linear of the model
 on such CPUs (`pack_linears`; the copy costs the weights' bytes once more, which the start-up line
 reports) and `packed_rows` says for how many rows a packed weight is used.
 
@@ -46,7 +47,7 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
     if held is None:
         return None
     version, copy = held
-    if version != weight._version:
+    if version != _version(weight):
         return pack(weight)
     return copy
 
@@ -54,8 +55,14 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """Reorder a 2-D bf16 CPU weight (N, K) into oneDNN's layout, keep it on the weight and return it."""
     copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _HINT_ROWS)
-    weight.__dict__[_ATTRIBUTE] = (weight._version, copy)
+    weight.__dict__[_ATTRIBUTE] = (_version(weight), copy)
     return copy
+
+
+def _version(weight: torch.Tensor) -> int:
+    """The weight's in-place version; an inference tensor (made under torch.inference_mode) has none, and
+    is taken as unchanged (-1): such a tensor changed in place inside inference mode keeps its old copy."""
+    return -1 if weight.is_inference() else weight._version
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -91,3 +91,13 @@ def test_pack_linears_packs_bf16_linears_and_the_head_once(monkeypatch):
     assert pack_linears(model) == (32 * 16 + 100 * 16) * 2
     assert packed(model.a.weight) is not None and packed(model.head.weight) is not None
     assert packed(model.b.weight) is None
+
+
+def test_inference_tensors_pack_and_keep_their_copy():
+    with torch.inference_mode():
+        x, weight, bias = _weights(8, 64, 48)
+        copy = pack(weight)
+        assert packed(weight) is copy  # no version counter: taken as unchanged
+        torch.testing.assert_close(
+            packed_linear(x, copy, bias).float(), F.linear(x, weight, bias).float(), **BF16
+        )
