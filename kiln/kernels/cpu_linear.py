@@ -21,7 +21,7 @@ from torch import nn
 
 from kiln.kernels.cpu_extension import avx2_paths, cpu_family, cpu_flags
 from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
-from kiln.kernels.packed_weight import packed, packed_linear, packed_rows
+from kiln.kernels.packed_weight import has_packed, packed, packed_linear, packed_rows
 
 # Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
 # faster. It depends on the paths the op was built with (-march=native: this CPU's flags) and on what
@@ -31,9 +31,9 @@ from kiln.kernels.packed_weight import packed, packed_linear, packed_rows
 #   rows, 0.96-1.4x at 24-32 and 0.9-1.0x from 48.
 # - 2-vCPU Xeon with AMX (2026-12-06): bf16 1.5-2.6x at 1-4 rows, 0.87-1.12x at 8, 0.56-0.66x at 16 (torch's
 #   oneDNN runs AMX tiles); fp32 1.1-3.1x up to 16 rows, 0.87-1.2x at 32, 0.70-1.07x at 64 (MKL).
-# - A later Xeon with AMX (Emerald Rapids, 2026-12-06): bf16 the op 1.4-2.6x F.linear at 1 row, 1.0-1.5x at 4,
-#   0.89-1.0x at 8, where oneDNN's GEMM on a weight packed once (packed_weight.py) is 1.3-1.4x faster again,
-#   so bf16 takes the op up to 4 rows on AMX CPUs.
+# - A later Xeon with AMX (Emerald Rapids, 2026-12-06): bf16 the op 2.1-2.8x F.linear at 1 row, 1.5-1.9x at 4,
+#   0.98-1.19x at 8, where oneDNN's GEMM on a weight packed once (packed_weight.py) is 1.2-2.1x F.linear, so
+#   bf16 takes the op up to 4 rows on AMX CPUs (benchmarks/linear-emr.json).
 # - 2-vCPU AMD EPYC Zen 3 (AVX2 + FMA, no AVX-512; 2026-12-06, the op's AVX2 tiles): fp32 1.2-4.1x at 1-16
 #   rows, 0.93-1.8x at 32, 0.59-1.30x at 64, 0.52-0.89x at 256; bf16 1.2-1.4x at 1 row and 2.6-6.5x from 4
 #   to 256 rows: without AVX512-BF16 torch's bf16 GEMM ran at 17-21 GFLOP/s at every size (its fp32 GEMM
@@ -84,13 +84,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     copy = _packed_copy(x, weight, bias)
     if copy is None:
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
     return packed_linear(rows, copy, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def _packed_copy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """weight's packed copy where `linear` may use it for x, else None."""
-    if "_kiln_packed" not in weight.__dict__ or x.dtype != weight.dtype or x.device.type != "cpu":
+    if not has_packed(weight) or x.dtype != weight.dtype or x.device.type != "cpu":
         return None
     if bias is not None and bias.dtype != x.dtype:
         return None

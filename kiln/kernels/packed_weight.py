@@ -40,6 +40,11 @@ def packed_rows(dtype: torch.dtype) -> int:
     return PACKED_ROWS.get(dtype, 0)
 
 
+def has_packed(weight: torch.Tensor) -> bool:
+    """Whether `pack` made a copy of `weight` (current or not)."""
+    return _ATTRIBUTE in weight.__dict__
+
+
 def packed(weight: torch.Tensor) -> torch.Tensor | None:
     """The packed copy of `weight` made by `pack` (repacked if the weight changed in place since), or None
     where it has none."""
