@@ -72,12 +72,16 @@ def avx2_paths(flags: frozenset[str]) -> bool:
 
 
 def _build_dir() -> Path:
-    """A folder per source version, compiler flags, CPU flags and torch build, so a stale library, or one
-    built with -march=native for another CPU (a shared home folder), is never loaded."""
+    """A folder per source version, compiler flags, CPU flags and torch build and install (its path: two
+    venvs used in turn each rewrote the other's build file, with their torch's include paths in it, and
+    rebuilt the ops, ~50 s at every switch), so a stale library, or one built with -march=native for another
+    CPU (a shared home folder), is never loaded."""
     digest = hashlib.sha256()
     for path in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(" ".join(FLAGS).encode() + torch.__version__.encode())
+    digest.update(
+        " ".join(FLAGS).encode() + torch.__version__.encode() + str(Path(torch.__file__).parent).encode()
+    )
     digest.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
     return root / "cpu_ops" / digest.hexdigest()[:16]

@@ -1,6 +1,6 @@
 """Building and loading kiln's C++ CPU ops: a build killed midway leaves torch's `lock` file behind, and
 the next start must not wait on it forever; the sources are built from a copy in the cache folder, so every
-checkout of the same sources shares one build."""
+checkout of the same sources on the same torch install shares one build, and another install gets its own."""
 
 import os
 import subprocess
@@ -38,3 +38,12 @@ def test_sources_are_copied_once_and_built_from_the_cache(tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
     ext._copy_sources(target)  # unchanged sources are not rewritten: ninja sees nothing new
     assert stamps == {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+
+
+def test_another_torch_install_builds_in_its_own_folder(monkeypatch):
+    import torch
+
+    here = ext._build_dir()
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv/site-packages/torch/__init__.py")
+    assert ext._build_dir() != here
+    assert ext._build_dir().parent == here.parent
