@@ -19,7 +19,7 @@ from torch import nn
 
 from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer, decoder_layer_quantized
 from kiln.kernels.cpu_linear import MAX_ROWS
-from kiln.kernels.packed_weight import packed
+from kiln.kernels.packed_weight import packed, weight_version
 from kiln.models.layers import MLP, AttentionInputs, RMSNorm
 from kiln.models.transformer import Block, Transformer
 from kiln.quant.linear import MAX_OP_ROWS, QuantizedLinear
@@ -136,7 +136,9 @@ class CpuDecoderForward:
             return None
         found = _parameters(block)
         seen = tuple(map(id, found))  # compared as ints: one C-level tuple comparison
-        if seen != self._seen or (self._versions and self._versions != self._packed_versions()):
+        # Packed copies serve only steps of more rows than kiln's op takes: only those check their versions.
+        stale = self._versions and x.numel() // x.shape[-1] > MAX_ROWS[x.dtype]
+        if seen != self._seen or (stale and self._versions != self._packed_versions()):
             self._seen, self._held = seen, found
             self._layer = layer_weights(block) if fits(block) else None
             quantized = self._layer is not None and any(self._layer.bits)
@@ -154,11 +156,7 @@ class CpuDecoderForward:
         if layer is None or not any(p is not None for p in layer.packed):
             return ()
         weights = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-        return tuple(
-            -1 if w.is_inference() else w._version
-            for w, p in zip(weights, layer.packed, strict=True)
-            if p is not None
-        )
+        return tuple(weight_version(w) for w, p in zip(weights, layer.packed, strict=True) if p is not None)
 
 
 def install_cpu_decoder_layers(model: Transformer) -> int:

@@ -52,7 +52,7 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
     if held is None:
         return None
     version, copy = held
-    if version != _version(weight):
+    if version != weight_version(weight):
         return pack(weight)
     return copy
 
@@ -60,11 +60,11 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """Reorder a 2-D bf16 CPU weight (N, K) into oneDNN's layout, keep it on the weight and return it."""
     copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _HINT_ROWS)
-    weight.__dict__[_ATTRIBUTE] = (_version(weight), copy)
+    weight.__dict__[_ATTRIBUTE] = (weight_version(weight), copy)
     return copy
 
 
-def _version(weight: torch.Tensor) -> int:
+def weight_version(weight: torch.Tensor) -> int:
     """The weight's in-place version; an inference tensor (made under torch.inference_mode) has none, and
     is taken as unchanged (-1): such a tensor changed in place inside inference mode keeps its old copy."""
     return -1 if weight.is_inference() else weight._version
