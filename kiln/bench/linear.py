@@ -197,11 +197,12 @@ def linear_command(
         str, typer.Option(help="Row counts (tokens per step), comma-separated.")
     ] = "1,2,4,8,16,64",
     dtypes: Annotated[str, typer.Option(help="Comma-separated: float32, bfloat16.")] = "float32,bfloat16",
-    threads: Annotated[int, typer.Option(help="torch.set_num_threads for both sides.")] = 2,
+    threads: Annotated[int, typer.Option(help="torch.set_num_threads for every side.")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed passes per case; the best counts.")] = 5,
     output: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
 ) -> None:
-    """Linear layers at decode sizes on CPU: torch F.linear vs kiln's C++ op, beside the read bandwidth."""
+    """Linear layers at decode sizes on CPU: torch F.linear vs kiln's C++ op (and, for bf16 where oneDNN is
+    built, its GEMM on a weight packed once), beside the read bandwidth."""
     from kiln.errors import KilnError
 
     dtype_names = _parse_list(dtypes)
