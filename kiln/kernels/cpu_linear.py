@@ -21,7 +21,7 @@ from torch import nn
 
 from kiln.kernels.cpu_extension import avx2_paths, cpu_family, cpu_flags
 from kiln.kernels.cpu_extension import cpu_ops_built as _op_built
-from kiln.kernels.packed_weight import has_packed, packed, packed_linear, packed_rows
+from kiln.kernels.packed_weight import has_packed, packed, packed_linear, packed_rows, packing_available
 
 # Most rows (product of x's leading dims) the op takes; above them torch's blocked GEMM is (or may be)
 # faster. It depends on the paths the op was built with (-march=native: this CPU's flags) and on what
@@ -45,17 +45,22 @@ from kiln.kernels.packed_weight import has_packed, packed, packed_linear, packed
 ALL_ROWS = 1 << 62
 
 
-def _max_rows(flags: frozenset[str], cpu: tuple[str, int] = ("", 0)) -> dict[torch.dtype, int]:
-    """The op's row limits by dtype for a CPU with these flags and (vendor, family) (cpu_family)."""
+def _max_rows(
+    flags: frozenset[str], cpu: tuple[str, int] = ("", 0), packing: bool = True
+) -> dict[torch.dtype, int]:
+    """The op's row limits by dtype for a CPU with these flags and (vendor, family) (cpu_family), where
+    torch can (`packing`) or cannot pack bf16 weights for oneDNN (packed_weight.py)."""
     if "amx_bf16" in flags:
         return {torch.float32: 32, torch.bfloat16: 4}
     if avx2_paths(flags):
         fp32 = 128 if cpu == ("AuthenticAMD", 23) else 32
         return {torch.float32: fp32, torch.bfloat16: ALL_ROWS}
-    return {torch.float32: 64, torch.bfloat16: 16}
+    # AVX512-BF16 without AMX (Zen 4, 2026-12-07): from 4 rows oneDNN's GEMM on a packed weight matched or
+    # beat the op (packed_weight._packed_rows), so bf16 takes the op for 1-2 rows where packing is on.
+    return {torch.float32: 64, torch.bfloat16: 2 if packing and "avx512_bf16" in flags else 16}
 
 
-MAX_ROWS: dict[torch.dtype, int] = _max_rows(cpu_flags(), cpu_family())
+MAX_ROWS: dict[torch.dtype, int] = _max_rows(cpu_flags(), cpu_family(), packing_available())
 
 
 def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

@@ -1,15 +1,18 @@
-"""bf16 linear weights also held in oneDNN's blocked layout, for the GEMMs of mid-sized steps on AMX CPUs.
+"""bf16 linear weights also held in oneDNN's blocked layout, for the GEMMs of mid-sized steps on CPUs with
+AMX or AVX512-BF16.
 
 Above kiln's small-row op (cpu_linear.MAX_ROWS) a bf16 linear is torch's `F.linear`, which on CPU runs
-oneDNN's AMX GEMM and reorders the (N, K) weight into its tile layout on every call. Reordered once
+oneDNN's GEMM (AMX tiles or AVX512-BF16 dot products) and reorders the (N, K) weight into its blocked
+layout on every call. Reordered once
 (`torch.ops.mkldnn._reorder_linear_weight`, as inductor's CPU freezing does) and multiplied with
 `torch.ops.mkldnn._linear_pointwise`, the same GEMM gives the same bits (oneDNN both ways) in less time.
 Measured on a 2-vCPU Xeon with AMX (Emerald Rapids, 2 threads, the 134M Llama's weights read from memory,
 `python -m kiln.bench.linear --rows 1,4,8,16,64,256 --dtypes bfloat16`, benchmarks/linear-emr.json): the
 packed GEMM against `F.linear` 1.0-1.35x at 1-4 rows (where kiln's own op is 1.5-2.8x), 0.85-2.1x at 8-16,
 1.6-2.7x at 64 (one outlier, gate/up, 0.71x), 1.1-2.5x at 256; a probe at 512-1024 rows gave a layer's
-linears 0.83-1.07x, so prefill chunks keep `F.linear`. So the engine packs every bf16 linear of the model
-on such CPUs (`pack_linears`; the copy costs the weights' bytes once more, which the start-up line
+linears 0.83-1.07x, so prefill chunks keep `F.linear` there. On AVX512-BF16 CPUs without AMX the packed
+GEMM wins from 3 rows to 1024 (`_packed_rows`). So the engine packs every bf16 linear of the model on such
+CPUs (`pack_linears`; the copy costs the weights' bytes once more, which the start-up line
 reports) and `packed_rows` says for how many rows a packed weight is used.
 
 A packed copy belongs to its weight tensor and to that tensor's version: a weight changed in place (its
@@ -23,9 +26,24 @@ from torch import nn
 
 from kiln.kernels.cpu_extension import cpu_flags
 
-# Most rows a packed bf16 weight is used for (fewer go to kiln's op, more to F.linear, see above); 0 where
-# packing was not measured to win (no AMX: torch's bf16 GEMM there is not oneDNN's AMX kernel).
-PACKED_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 256} if "amx_bf16" in cpu_flags() else {}
+
+def _packed_rows(flags: frozenset[str]) -> dict[torch.dtype, int]:
+    """Most rows a packed weight is used for, by dtype, on a CPU with these flags (fewer go to kiln's op,
+    more to F.linear); no entry where packing was not measured to win.
+    - AMX (Emerald Rapids, above): up to 256 rows.
+    - AVX512-BF16 without AMX (a 2-vCPU AMD EPYC Zen 4, 2026-12-07, same command with --rows
+      1,2,4,8,16,32,64,128,256,1024): the packed GEMM against F.linear 1.3-2.3x at 1-4 rows (kiln's op
+      2.0-3.9x at 1-2 rows, 1.0-1.6x at 4), 1.4-2.1x at 8-16, 1.2-1.9x at 32, 1.2-1.3x at 64, 1.1-1.2x at
+      128, 1.0-1.1x at 256 and at 1024 (the engine's default step budget), so it takes bf16 from 3 rows to
+      1024 (cpu_linear._max_rows gives kiln's op 2)."""
+    if "amx_bf16" in flags:
+        return {torch.bfloat16: 256}
+    if "avx512_bf16" in flags:
+        return {torch.bfloat16: 1024}
+    return {}
+
+
+PACKED_ROWS: dict[torch.dtype, int] = _packed_rows(cpu_flags())
 _HINT_ROWS = 64  # the batch size oneDNN picks the blocked layout for (the offline decode step)
 _ATTRIBUTE = "_kiln_packed"  # on the weight tensor: (weight version, packed weight)
 

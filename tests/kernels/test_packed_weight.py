@@ -1,6 +1,7 @@
 """kiln.kernels.packed_weight: bf16 weights packed once for oneDNN, the rows cpu_linear.linear sends them, and
-the repacking of a weight changed in place. Where packing is on (AMX CPUs) the packed GEMM must give
-F.linear's bits; elsewhere the copy is still made on request and must agree within bf16 rounding."""
+the repacking of a weight changed in place. Where packing is on (AMX or AVX512-BF16 CPUs) the packed GEMM
+must give F.linear's bits; elsewhere the copy is still made on request and must agree within bf16
+rounding."""
 
 import pytest
 import torch
@@ -101,3 +102,12 @@ def test_inference_tensors_pack_and_keep_their_copy():
         torch.testing.assert_close(
             packed_linear(x, copy, bias).float(), F.linear(x, weight, bias).float(), **BF16
         )
+
+
+def test_packing_follows_the_cpu():
+    """Packed bf16 weights serve up to 256 rows on AMX CPUs, up to 1024 (the engine's step budget) on
+    AVX512-BF16 ones without AMX, and nowhere else (not measured to win there)."""
+    rows = packed_weight._packed_rows
+    assert rows(frozenset({"avx512f", "avx512_bf16", "amx_bf16"})) == {torch.bfloat16: 256}
+    assert rows(frozenset({"avx512f", "avx512_bf16"})) == {torch.bfloat16: 1024}
+    assert rows(frozenset({"avx512f", "avx2"})) == {} == rows(frozenset())
