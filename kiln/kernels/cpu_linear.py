@@ -55,8 +55,9 @@ def _max_rows(
     if avx2_paths(flags):
         fp32 = 128 if cpu == ("AuthenticAMD", 23) else 32
         return {torch.float32: fp32, torch.bfloat16: ALL_ROWS}
-    # AVX512-BF16 without AMX (Zen 4, 2026-12-07): from 4 rows oneDNN's GEMM on a packed weight matched or
-    # beat the op (packed_weight._packed_rows), so bf16 takes the op for 1-2 rows where packing is on.
+    # AVX512-BF16 without AMX (Zen 4, 2026-12-07, benchmarks/linear-zen4.json): from 4 rows oneDNN's GEMM on a
+    # packed weight beat the op (packed_weight._packed_rows), so bf16 takes the op for 1-2 rows where torch
+    # can pack.
     return {torch.float32: 64, torch.bfloat16: 2 if packing and "avx512_bf16" in flags else 16}
 
 

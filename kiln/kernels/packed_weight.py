@@ -31,11 +31,12 @@ def _packed_rows(flags: frozenset[str]) -> dict[torch.dtype, int]:
     """Most rows a packed weight is used for, by dtype, on a CPU with these flags (fewer go to kiln's op,
     more to F.linear); no entry where packing was not measured to win.
     - AMX (Emerald Rapids, above): up to 256 rows.
-    - AVX512-BF16 without AMX (a 2-vCPU AMD EPYC Zen 4, 2026-12-07, same command with --rows
-      1,2,4,8,16,32,64,128,256,1024): the packed GEMM against F.linear 1.3-2.3x at 1-4 rows (kiln's op
-      2.0-3.9x at 1-2 rows, 1.0-1.6x at 4), 1.4-2.1x at 8-16, 1.2-1.9x at 32, 1.2-1.3x at 64, 1.1-1.2x at
-      128, 1.0-1.1x at 256 and at 1024 (the engine's default step budget), so it takes bf16 from 3 rows to
-      1024 (cpu_linear._max_rows gives kiln's op 2)."""
+    - AVX512-BF16 without AMX (a 2-vCPU AMD EPYC Zen 4, 2026-12-07, `python -m kiln.bench.linear --rows
+      1,2,4,8,16,32,64,128,256,1024 --dtypes bfloat16`, benchmarks/linear-zen4.json): the packed GEMM against
+      F.linear 1.3-1.7x at 1 row and 1.0-1.6x at 2 (kiln's op 2.1-3.5x and 1.6-2.7x), 1.6-2.1x at 4 (the op
+      1.15-1.8x), 1.5-1.9x at 8-16, 1.3-1.5x at 32, 1.2-1.4x at 64, 1.1-1.2x at 128, 1.0-1.1x at 256 and at
+      1024 (the engine's default step budget), so it takes bf16 from 3 rows to 1024 (cpu_linear._max_rows
+      gives kiln's op 1-2)."""
     if "amx_bf16" in flags:
         return {torch.bfloat16: 256}
     if "avx512_bf16" in flags:
