@@ -20,6 +20,9 @@ DEFAULT_CPU_KV_BYTES = 2 * 2**30
 # ... and CUDA this fraction of the memory still free after the weights are loaded (the rest holds
 # activations and the allocator's slack).
 DEFAULT_CUDA_KV_FRACTION = 0.8
+# The oneDNN-packed copies of bf16 linears (kiln/kernels/packed_weight.py; the weights' bytes once more) are
+# made only where they leave this much of the machine's available memory free beside the KV cache.
+PACKING_HEADROOM_BYTES = 2**30
 
 
 @dataclass(kw_only=True, slots=True)
@@ -129,3 +132,15 @@ def num_kv_blocks(
     # CPU: no more than every sequence slot at full length needs.
     wanted = config.max_num_seqs * -(-max_model_len // config.block_size)
     return min(wanted, DEFAULT_CPU_KV_BYTES // block_bytes)
+
+
+def packing_budget(kv_cache_bytes: int) -> int | None:
+    """Most bytes the packed weight copies may take on CPU: the memory available now (Linux MemAvailable)
+    less the KV cache about to be allocated and PACKING_HEADROOM_BYTES; None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    return available - kv_cache_bytes - PACKING_HEADROOM_BYTES

@@ -15,7 +15,13 @@ import torch
 
 from kiln.engine.attention import TorchPagedAttention
 from kiln.engine.block_manager import BlockManager
-from kiln.engine.config import EngineConfig, kv_bytes_per_token, num_kv_blocks
+from kiln.engine.config import (
+    PACKING_HEADROOM_BYTES,
+    EngineConfig,
+    kv_bytes_per_token,
+    num_kv_blocks,
+    packing_budget,
+)
 from kiln.engine.model_runner import ModelRunner
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
@@ -83,7 +89,14 @@ class Engine:
         self._refuse_small_kv_cache(num_blocks)
         model.set_kernels(config.kernels)
         self.adapters = ServedAdapters(model, adapters) if adapters else None
-        self.num_cpu_linears, self.num_cpu_layers, self.packed_bytes = _install_cpu_ops(model, config.kernels)
+        kv_cache_bytes = (
+            num_blocks
+            * config.block_size
+            * kv_bytes_per_token(model_config, self.dtype, config.kv_cache_dtype)
+        )
+        self.num_cpu_linears, self.num_cpu_layers, self.packed_bytes, self.unpacked_bytes = _install_cpu_ops(
+            model, config.kernels, kv_cache_bytes
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
@@ -188,6 +201,13 @@ class Engine:
             + (
                 f", {dtype} linears also packed for oneDNN (+{self.packed_bytes / 2**20:.1f}MiB)"
                 if self.packed_bytes
+                else ""
+            )
+            + (
+                f", {dtype} linears not packed for oneDNN: the copies "
+                f"(+{self.unpacked_bytes / 2**20:.1f}MiB) would leave less than "
+                f"{PACKING_HEADROOM_BYTES / 2**30:.0f}GiB of memory free"
+                if self.unpacked_bytes
                 else ""
             )
         )
@@ -419,19 +439,23 @@ def _uses_cpu_ops(kernels: KernelChoice, weight: torch.Tensor) -> bool:
     return cpu_ops_available()
 
 
-def _install_cpu_ops(model: Transformer, kernels: KernelChoice) -> tuple[int, int, int]:
+def _install_cpu_ops(
+    model: Transformer, kernels: KernelChoice, kv_cache_bytes: int
+) -> tuple[int, int, int, int]:
     """With kiln's C++ CPU ops, route the model's linears (LM head included) through the small-row linear
     op where it wins (decode-sized batches; BENCHMARKS.md), pack their weights for oneDNN where that wins
-    for larger steps (kiln/kernels/packed_weight.py: bf16 on AMX CPUs), and run each Llama-style layer of a
-    decode-only step in one C++ call (kiln/engine/cpu_decoder.py). Returns (linears, layers) that can and
-    the bytes the packed copies hold."""
+    for larger steps (kiln/kernels/packed_weight.py: bf16 on AMX and AVX512-BF16 CPUs), and run each
+    Llama-style layer of a decode-only step in one C++ call (kiln/engine/cpu_decoder.py). Returns
+    (linears, layers) that can, the bytes the packed copies hold, and the bytes of the copies not made
+    because they would not leave PACKING_HEADROOM_BYTES free beside the KV cache of `kv_cache_bytes`."""
     if not _uses_cpu_ops(kernels, model.embed_tokens.weight):
-        return 0, 0, 0
+        return 0, 0, 0, 0
     from kiln.engine.cpu_decoder import install_cpu_decoder_layers
     from kiln.kernels.cpu_linear import install_cpu_linears
     from kiln.kernels.packed_weight import pack_linears
 
-    return install_cpu_linears(model), install_cpu_decoder_layers(model), pack_linears(model)
+    packed, unpacked = pack_linears(model, packing_budget(kv_cache_bytes))
+    return install_cpu_linears(model), install_cpu_decoder_layers(model), packed, unpacked
 
 
 def _attention_backend(config: EngineConfig, model_config, weight: torch.Tensor):

@@ -13,7 +13,8 @@ packed GEMM against `F.linear` 1.0-1.35x at 1-4 rows (where kiln's own op is 1.5
 linears 0.83-1.07x, so prefill chunks keep `F.linear` there. On AVX512-BF16 CPUs without AMX the packed
 GEMM wins from 3 rows to 1024 (`_packed_rows`). So the engine packs every bf16 linear of the model on such
 CPUs (`pack_linears`; the copy costs the weights' bytes once more, which the start-up line
-reports) and `packed_rows` says for how many rows a packed weight is used.
+reports, and is skipped where it would not leave the machine enough memory) and `packed_rows` says for how
+many rows a packed weight is used.
 
 A packed copy belongs to its weight tensor and to that tensor's version: a weight changed in place (its
 `_version` moves) is packed again on its next use, so a stale copy is never multiplied.
@@ -94,16 +95,17 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, budget: int | None = None) -> tuple[int, int]:
     """Pack every 2-D weight of a plain `nn.Linear` in `model`, and its `output_weight` (the LM head), whose
-    dtype `packed_rows` allows; returns the bytes the copies hold (0 where nothing was packed)."""
+    dtype `packed_rows` allows, unless the copies would take more than `budget` bytes (None: no limit), in
+    which case none is packed. Returns (bytes the copies hold, bytes they would hold but for `budget`)."""
     if not packing_available():
-        return 0
+        return 0, 0
     weights = [module.weight for module in model.modules() if type(module) is nn.Linear]
     head = getattr(model, "output_weight", None)
     if isinstance(head, torch.Tensor):
         weights.append(head)
-    total, seen = 0, set()
+    chosen, seen = [], set()
     for weight in weights:
         if (
             id(weight) in seen
@@ -113,6 +115,10 @@ def pack_linears(model: nn.Module) -> int:
         ):
             continue
         seen.add(id(weight))
+        chosen.append(weight)
+    total = sum(weight.numel() * weight.element_size() for weight in chosen)
+    if budget is not None and total > budget:
+        return 0, total
+    for weight in chosen:
         pack(weight)
-        total += weight.numel() * weight.element_size()
-    return total
+    return total, 0

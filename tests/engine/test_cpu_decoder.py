@@ -140,3 +140,25 @@ def test_weight_only_quantized_layers_run_in_cpp(scheme, dtype, tmp_path, op_cal
     assert generate(llm, prompts) == fused
     assert generate(llm, many) == fused_many
     assert not op_calls
+
+
+def test_packing_is_skipped_where_memory_is_short(tmp_path, monkeypatch):
+    """The oneDNN-packed copies of bf16 linears (the weights' bytes once more) are made only where they leave
+    PACKING_HEADROOM_BYTES free beside the KV cache; without them the engine says so and gives the same
+    tokens (the packed GEMM equals F.linear bit for bit)."""
+    import kiln.engine.engine as engine_module
+    from kiln.kernels.packed_weight import packed_rows
+
+    if not packed_rows(torch.bfloat16):
+        pytest.skip("bf16 linears are not packed on this CPU (no AMX or AVX512-BF16)")
+    build_hf_model("llama-gqa3-untied", tmp_path)
+    prompts = random_prompts(PROMPT_LENGTHS, seed=3)
+    options = dict(dtype="bfloat16", block_size=4, enable_prefix_caching=False, verbose=False)
+    packed = LLM(tmp_path, **options)
+    assert packed.engine.packed_bytes > 0 and "also packed for oneDNN" in packed.engine.startup_summary()
+    monkeypatch.setattr(engine_module, "packing_budget", lambda kv_cache_bytes: 0)
+    unpacked = LLM(tmp_path, **options)
+    summary = unpacked.engine.startup_summary()
+    assert unpacked.engine.packed_bytes == 0 and unpacked.engine.unpacked_bytes == packed.engine.packed_bytes
+    assert "not packed for oneDNN" in summary and "1GiB of memory free" in summary
+    assert generate(unpacked, prompts) == generate(packed, prompts)

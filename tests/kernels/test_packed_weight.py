@@ -89,7 +89,10 @@ def test_pack_linears_packs_bf16_linears_and_the_head_once(monkeypatch):
     model = Model()
     model.a.bfloat16()
     model.head.bfloat16()
-    assert pack_linears(model) == (32 * 16 + 100 * 16) * 2
+    size = (32 * 16 + 100 * 16) * 2
+    assert pack_linears(model, budget=size - 1) == (0, size)  # over the budget: nothing is packed
+    assert packed(model.a.weight) is None and packed(model.head.weight) is None
+    assert pack_linears(model, budget=size) == (size, 0)
     assert packed(model.a.weight) is not None and packed(model.head.weight) is not None
     assert packed(model.b.weight) is None
 
