@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer, decoder_layer_quantized
-from kiln.kernels.cpu_linear import MAX_ROWS
+from kiln.kernels.cpu_linear import MAX_ROWS, op_rows
 from kiln.kernels.packed_weight import packed, weight_version
 from kiln.models.layers import MLP, AttentionInputs, RMSNorm
 from kiln.models.transformer import Block, Transformer
@@ -118,16 +118,16 @@ class CpuDecoderForward:
         if inputs.cos is not None:
             head_dim = inputs.cos.shape[-1]
             cos, sin = inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
+        limit = op_rows(x.dtype, self._versions != ())  # kiln's op, then the packed copies where made
         if pool.bits:
             caches = (pool.keys[index], pool.values[index], pool.key_params[index], pool.value_params[index])
             rows = decoder_layer_quantized(
-                x.reshape(-1, x.shape[-1]), layer, cos, sin, caches, pool.bits, step, MAX_ROWS[x.dtype]
+                x.reshape(-1, x.shape[-1]), layer, cos, sin, caches, pool.bits, step, limit
             )
             return rows.view(x.shape)
         rows = decoder_layer(
-            x.reshape(-1, x.shape[-1]), layer, cos, sin, pool.keys[index], pool.values[index], step,
-            MAX_ROWS[x.dtype],
-        )  # fmt: skip
+            x.reshape(-1, x.shape[-1]), layer, cos, sin, pool.keys[index], pool.values[index], step, limit
+        )
         return rows.view(x.shape)
 
     def _layer_for(self, block: Block, x: torch.Tensor) -> LayerWeights | None:

@@ -62,6 +62,14 @@ def _max_rows(
 
 
 MAX_ROWS: dict[torch.dtype, int] = _max_rows(cpu_flags(), cpu_family(), packing_available())
+# The limits for a weight without a packed copy (an engine that skipped packing for memory, a model outside
+# the engine): F.linear is all that comes after the op there.
+UNPACKED_MAX_ROWS: dict[torch.dtype, int] = _max_rows(cpu_flags(), cpu_family(), packing=False)
+
+
+def op_rows(dtype: torch.dtype, packed: bool) -> int:
+    """Most rows the op takes for a weight of `dtype` with (`packed`) or without a packed copy."""
+    return (MAX_ROWS if packed else UNPACKED_MAX_ROWS)[dtype]
 
 
 def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -73,7 +81,7 @@ def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None and bias.dtype != x.dtype:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 0 < rows <= MAX_ROWS[x.dtype] or x.shape[-1] == 0:
+    if not 0 < rows <= op_rows(x.dtype, has_packed(weight)) or x.shape[-1] == 0:
         return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

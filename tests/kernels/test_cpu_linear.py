@@ -146,8 +146,8 @@ def test_linear_flattens_leading_dims(op_calls):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_leaves_many_rows_and_gradients_to_torch(op_calls, dtype, monkeypatch):
-    limit = min(cpu_linear.MAX_ROWS[dtype], 16)  # AVX2 machines take every bf16 row count: test the rule
-    monkeypatch.setitem(cpu_linear.MAX_ROWS, dtype, limit)
+    limit = min(cpu_linear.UNPACKED_MAX_ROWS[dtype], 16)  # AVX2 machines take every bf16 row count
+    monkeypatch.setitem(cpu_linear.UNPACKED_MAX_ROWS, dtype, limit)  # the weight below has no packed copy
     x, weight, _ = _inputs(limit + 1, 33, 13, dtype, bias=False)
     cpu_linear.linear(x, weight)
     cpu_linear.linear(x[:limit], weight)
@@ -198,7 +198,7 @@ def test_install_and_remove_on_a_model(op_calls, dtype, tied):
     config = preset("tiny", tie_word_embeddings=tied, qkv_bias=True, mlp_bias=True)
     torch.manual_seed(0)
     model = Transformer(config).to(dtype).eval()
-    input_ids = torch.randint(0, config.vocab_size, (1, 2))  # 2 rows: within MAX_ROWS on every CPU
+    input_ids = torch.randint(0, config.vocab_size, (1, 4))  # within UNPACKED_MAX_ROWS on every CPU
     with torch.inference_mode():
         expected = model(input_ids).double()
         linears = cpu_linear.install_cpu_linears(model)
