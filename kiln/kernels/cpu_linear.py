@@ -81,7 +81,10 @@ def op_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None and bias.dtype != x.dtype:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 0 < rows <= op_rows(x.dtype, has_packed(weight)) or x.shape[-1] == 0:
+    limit = MAX_ROWS[x.dtype]
+    if limit < rows <= UNPACKED_MAX_ROWS[x.dtype] and not has_packed(weight):  # (asked only here: the
+        limit = UNPACKED_MAX_ROWS[x.dtype]  # weight's __dict__ is not traceable by torch.compile)
+    if not 0 < rows <= limit or x.shape[-1] == 0:
         return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

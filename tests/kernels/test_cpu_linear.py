@@ -148,6 +148,7 @@ def test_linear_flattens_leading_dims(op_calls):
 def test_linear_leaves_many_rows_and_gradients_to_torch(op_calls, dtype, monkeypatch):
     limit = min(cpu_linear.UNPACKED_MAX_ROWS[dtype], 16)  # AVX2 machines take every bf16 row count
     monkeypatch.setitem(cpu_linear.UNPACKED_MAX_ROWS, dtype, limit)  # the weight below has no packed copy
+    monkeypatch.setitem(cpu_linear.MAX_ROWS, dtype, min(cpu_linear.MAX_ROWS[dtype], limit))
     x, weight, _ = _inputs(limit + 1, 33, 13, dtype, bias=False)
     cpu_linear.linear(x, weight)
     cpu_linear.linear(x[:limit], weight)
