@@ -96,43 +96,36 @@ void attend_decode(const Problem<T>& P, const Item& item) {
     }
   }
   const T** tile_rows = reinterpret_cast<const T**>(w.rows.data());  // [h * kTile + k]
-  // Point tile_rows at tokens [j0, j0 + count)'s rows of every kv head of the item in `cache`.
-  auto point = [&](const T* cache, int64_t stride_slot, int64_t stride_head, int64_t j0, int64_t count) {
-    int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
-    for (int64_t k = 0; k < count; ++k) {
-      const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot + item.h0 * stride_head;
-      for (int64_t h = 0; h < heads; ++h) tile_rows[h * kTile + k] = slot + h * stride_head;
-      if (++offset == P.block_size) offset = 0, ++block;
-    }
-  };
 #ifdef KILN_BF16_PAIRS
-  // A bf16 pool's tile is first read once in address order, 64 bytes at a time (`touch`), then head by head:
+  // A bf16 pool's tile is first read once in address order, 64 bytes at a time (`point`), then head by head:
   // the head-by-head order alone (rows a slot apart) kept the DRAM reads from overlapping the arithmetic. On
   // a 2-vCPU Zen 4 (2026-12-07), 64 decodes over 12 layers' pools at 192 context: the op 12.7-14.0 ->
   // 14.4-17.6 GB/s in five interleaved rounds, the engine's bf16 offline 64 x (128, 128) 1.00-1.07x in
   // three; an fp32 pool read no faster (24.4 -> 20.9 GB/s), so only bf16 pairs touch.
   __m512i touched = _mm512_setzero_si512();
-  auto touch = [&](const T* cache, int64_t stride_slot, int64_t stride_head, int64_t j0, int64_t count) {
+#endif
+  // Point tile_rows at tokens [j0, j0 + count)'s rows of every kv head of the item in `cache` (bf16 pairs:
+  // reading each token's rows once on the way).
+  auto point = [&](const T* cache, int64_t stride_slot, int64_t stride_head, int64_t j0, int64_t count) {
     int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
-    for (int64_t k = 0; k < count;) {
-      const int64_t run = std::min<int64_t>(count - k, P.block_size - offset);
-      const char* first = reinterpret_cast<const char*>(
-          cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot + item.h0 * stride_head);
-      const int64_t bytes = ((run - 1) * stride_slot + heads * stride_head) * int64_t(sizeof(T));
-      for (int64_t b = 0; b + 64 <= bytes; b += 64)
-        touched = _mm512_or_si512(touched, _mm512_loadu_si512(first + b));
-      k += run, offset = 0, ++block;
+    for (int64_t k = 0; k < count; ++k) {
+      const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot + item.h0 * stride_head;
+#ifdef KILN_BF16_PAIRS
+      if constexpr (kBf16) {
+        const char* bytes = reinterpret_cast<const char*>(slot);
+        for (int64_t b = 0; b + 64 <= heads * stride_head * int64_t(sizeof(T)); b += 64)
+          touched = _mm512_or_si512(touched, _mm512_loadu_si512(bytes + b));
+      }
+#endif
+      for (int64_t h = 0; h < heads; ++h) tile_rows[h * kTile + k] = slot + h * stride_head;
+      if (++offset == P.block_size) offset = 0, ++block;
     }
   };
-#endif
   // visit(r, its kv head's tile rows, the tile's first score index, count) for every tile of `cache` in
   // token order and every row r of the item.
   auto walk = [&](const T* cache, int64_t stride_slot, int64_t stride_head, auto&& visit) {
     for (int64_t j0 = begin; j0 <= position; j0 += kTile) {
       const int64_t count = std::min<int64_t>(kTile, position + 1 - j0);
-#ifdef KILN_BF16_PAIRS
-      if constexpr (kBf16) touch(cache, stride_slot, stride_head, j0, count);
-#endif
       point(cache, stride_slot, stride_head, j0, count);
       for (int64_t r = 0; r < rows; ++r) visit(r, tile_rows + r / G * kTile, j0 - begin, count);
     }
