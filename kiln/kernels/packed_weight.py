@@ -50,9 +50,20 @@ _HINT_ROWS = 64  # the batch size oneDNN picks the blocked layout for (the offli
 _ATTRIBUTE = "_kiln_packed"  # on the weight tensor: (weight version, packed weight)
 
 
+def _cpu_can_pack(flags: frozenset[str]) -> bool:
+    """oneDNN reorders a bf16 weight only on CPUs with AVX-NE-CONVERT or AVX-512 BW/VL/DQ; elsewhere
+    (AVX2-only CPUs: AMD before Zen 4, Intel client cores) `_reorder_linear_weight` raises."""
+    return "avx_ne_convert" in flags or {"avx512bw", "avx512vl", "avx512dq"} <= flags
+
+
 def packing_available() -> bool:
-    """Whether this torch has oneDNN's packed linear ops (CPU builds with mkldnn)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether bf16 weights can be packed here: this torch has oneDNN's packed linear ops (CPU builds with
+    mkldnn) and this CPU has what oneDNN's bf16 reorder needs."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and _cpu_can_pack(cpu_flags())
+    )
 
 
 def packed_rows(dtype: torch.dtype) -> int:

@@ -173,7 +173,10 @@ def test_quantized_projection_without_scale_is_refused():
         decoder_layer(torch.randn(1, 32), layer, None, None, keys, values, step, 16)
 
 
-@pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear (mkldnn)")
+@pytest.mark.skipif(
+    not packing_available(),
+    reason="no oneDNN bf16 packing here (no mkldnn, or no AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
+)
 @pytest.mark.parametrize("biases", [False, True])
 def test_packed_projections_match_at_linear(biases):
     """Steps of more rows than the small-row linear takes run the projections' oneDNN-packed copies (up to

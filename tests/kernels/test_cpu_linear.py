@@ -182,6 +182,16 @@ def test_row_limits_follow_the_cpu():
     assert cpu_linear._max_rows(frozenset()) == unpacked
 
 
+def test_bf16_packing_needs_what_onednn_reorders_on():
+    """oneDNN's bf16 reorder raises on AVX2-only CPUs (Zen 3 here): packing is offered only where it runs."""
+    from kiln.kernels import packed_weight
+
+    can = packed_weight._cpu_can_pack
+    assert can(frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}))
+    assert can(frozenset({"avx2", "avx_ne_convert"}))
+    assert not can(frozenset({"avx2", "fma", "f16c"})) and not can(frozenset({"avx512f", "avx512bw"}))
+
+
 def test_linear_leaves_other_dtypes_and_mixtures_to_torch(op_calls):
     x, weight, b = _inputs(2, 33, 13, torch.float16, bias=True)
     assert torch.equal(cpu_linear.linear(x, weight, b), F.linear(x, weight, b))

@@ -12,7 +12,8 @@ from kiln.kernels import cpu_linear, packed_weight
 from kiln.kernels.packed_weight import pack, pack_linears, packed, packed_linear, packing_available
 
 pytestmark = pytest.mark.skipif(
-    not packing_available(), reason="this torch has no oneDNN packed linear (mkldnn)"
+    not packing_available(),
+    reason="no oneDNN bf16 packing here (no mkldnn, or no AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
 )
 BF16 = dict(rtol=2e-2, atol=2e-2)
 
