@@ -9,10 +9,11 @@ F.linear; w8a8 quantizes x per token and multiplies the integers exactly (float6
   `_weight_int4pack_mm_for_cpu` matched or beat kiln's int4 op on some shapes but needs bf16 scales
   (not exact against this reference); both were far slower than dequantize + GEMM at 64 rows
   (BENCHMARKS.md, "Quantized weights").
-- w8a8, few rows: the same op on the integer activations, then the per-token scale; more rows:
-  `torch._int_mm` (int8 x int8 -> int32, VNNI where present). Where kiln's C++ ops are built, both run
-  inside one op, `torch.ops.kiln.w8a8_linear` (kernels/csrc/w8a8_linear.cpp), with the activation
-  quantization: the same ATen kernels in the same order, one Python call instead of about fifteen.
+- w8a8, few rows on VNNI CPUs: the same op on the integer activations, then the per-token scale; more
+  rows, or any number without VNNI: exact int32 sums (int8 x int8) from `torch._int_mm` (VNNI) or kiln's
+  `torch.ops.kiln.int8_mm` (kernels/csrc/int8_mm.cpp, AVX2; the same integers). Where kiln's C++ ops are
+  built, these run inside one op, `torch.ops.kiln.w8a8_linear` (kernels/csrc/w8a8_linear.cpp), with the
+  activation quantization: the same ATen kernels in the same order, one Python call instead of fifteen.
 """
 
 from __future__ import annotations
@@ -28,19 +29,23 @@ from kiln.quant.scheme import QuantScheme
 
 
 # Most rows the C++ op takes; above them the reference (weight-only: dequantize + torch's GEMM) or
-# torch._int_mm (w8a8) runs. `kiln bench quant` on AVX-512 EPYCs and an AMX Xeon timed 1 row (op faster)
+# exact integer sums (w8a8) run. `kiln bench quant` on AVX-512 EPYCs and an AMX Xeon timed 1 row (op faster)
 # and 64 (op 3-7x slower than the GEMM); 16 is kiln's bf16 linear threshold, not tuned separately. On a
 # Zen 3 EPYC (AVX2, no AVX-512, no VNNI; 2026-12-06) at 64 rows the op (int8 2.8-2.9 ms for the 768 x
 # 2048 layers) beat torch's bf16 GEMM behind the reference (9.4-11.2 ms) and torch._int_mm (34 ms, no VNNI)
-# several times over, so there the op takes every row count of bf16 x, and w8a8 wherever VNNI is absent.
-def _op_row_limits(flags: frozenset[str]) -> tuple[dict[torch.dtype, int], int]:
-    """(weight-only limits by x dtype, the w8a8 limit) for a CPU with these flags."""
+# several times over, so there the op takes every row count of bf16 x. w8a8's integer sums come from
+# torch._int_mm where VNNI is present and from kiln::int8_mm (AVX2 vpmaddwd, the same int32) where it is
+# not: on the Zen 3 (2026-12-07, 2 threads) int8_mm took 1.6-2.0x less time than the op on the integer rows
+# at 16-64 rows and 0.86-1.13x at 1-4, so without VNNI w8a8 takes int8_mm at every row count.
+def _op_row_limits(flags: frozenset[str]) -> tuple[dict[torch.dtype, int], int, bool]:
+    """(weight-only limits by x dtype, the w8a8 limit, whether w8a8 sums with kiln::int8_mm above it) for a
+    CPU with these flags."""
     vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
     weight_only = {torch.float32: 16, torch.bfloat16: ALL_ROWS if avx2_paths(flags) else 16}
-    return weight_only, 16 if vnni else ALL_ROWS
+    return weight_only, 16 if vnni else 0, not vnni
 
 
-MAX_OP_ROWS, W8A8_MAX_OP_ROWS = _op_row_limits(cpu_flags())
+MAX_OP_ROWS, W8A8_MAX_OP_ROWS, W8A8_KILN_INT8_MM = _op_row_limits(cpu_flags())
 
 
 class QuantizedLinear(nn.Module):
@@ -129,7 +134,12 @@ class QuantizedLinear(nn.Module):
         if self.scheme.name == "w8a8":
             if self._cpu_op_applies(x, rows):  # the two paths below, in one call from Python
                 y = torch.ops.kiln.w8a8_linear(
-                    x.reshape(rows, self.in_features), self.qweight, self.scale, self.bias, W8A8_MAX_OP_ROWS
+                    x.reshape(rows, self.in_features),
+                    self.qweight,
+                    self.scale,
+                    self.bias,
+                    W8A8_MAX_OP_ROWS,
+                    W8A8_KILN_INT8_MM,
                 )
                 return y.view(*x.shape[:-1], self.out_features)
             if x.device.type == "cpu" and rows > W8A8_MAX_OP_ROWS:  # without kiln's C++ ops

@@ -137,15 +137,18 @@ def test_bad_schemes(name, group_size, symmetric, message):
 @needs_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [1, 16, 17, 64])
-@pytest.mark.parametrize("limit", [16, None], ids=["limit16", "cpu-limit"])
-def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, monkeypatch):
+@pytest.mark.parametrize(
+    ("limit", "int8_mm"), [(16, False), (0, True), (None, None)], ids=["vnni", "no-vnni", "this-cpu"]
+)
+def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, int8_mm, monkeypatch):
     """kiln::w8a8_linear is QuantizedLinear's w8a8 forward in one call: bit for bit the same steps in torch
-    (quantize_rows, kiln::quant_linear up to W8A8_MAX_OP_ROWS rows or torch._int_mm above, scales, bias),
-    at a limit of 16 rows (VNNI CPUs) and at this CPU's own."""
+    (quantize_rows, kiln::quant_linear up to W8A8_MAX_OP_ROWS rows, exact integer sums above (torch._int_mm
+    or kiln::int8_mm, the same int32), scales, bias), as VNNI CPUs, CPUs without and this CPU run it."""
     import kiln.quant.linear as quant_linear
 
     if limit is not None:
         monkeypatch.setattr(quant_linear, "W8A8_MAX_OP_ROWS", limit)
+        monkeypatch.setattr(quant_linear, "W8A8_KILN_INT8_MM", int8_mm)
 
     _, layer = _layer(parse_scheme("w8a8"), 768, 65, bias=True)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows)).to(dtype) * 3
@@ -163,12 +166,13 @@ def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, monkeypatch):
 
 def test_op_row_limits_follow_the_cpu():
     """Without AVX-512 (AVX2 only) the op takes every row count of bf16 x (torch's bf16 GEMM there is
-    slower); without VNNI, every w8a8 row count (torch._int_mm is slower); else 16 rows."""
+    slower); w8a8 takes kiln::int8_mm at every row count without VNNI (torch._int_mm is slower), else the op
+    up to 16 rows and torch._int_mm above."""
     from kiln.kernels.cpu_linear import ALL_ROWS
     from kiln.quant.linear import _op_row_limits
 
     zen3 = _op_row_limits(frozenset({"avx2", "fma", "f16c"}))
     zen4 = _op_row_limits(frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}))
-    assert zen3 == ({torch.float32: 16, torch.bfloat16: ALL_ROWS}, ALL_ROWS)
-    assert zen4 == ({torch.float32: 16, torch.bfloat16: 16}, 16)
-    assert _op_row_limits(frozenset({"avx2", "fma", "f16c", "avx_vnni"}))[1] == 16
+    assert zen3 == ({torch.float32: 16, torch.bfloat16: ALL_ROWS}, 0, True)  # w8a8: kiln::int8_mm
+    assert zen4 == ({torch.float32: 16, torch.bfloat16: 16}, 16, False)  # w8a8: torch._int_mm above 16
+    assert _op_row_limits(frozenset({"avx2", "fma", "f16c", "avx_vnni"}))[1:] == (16, False)
