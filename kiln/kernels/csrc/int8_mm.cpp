@@ -25,8 +25,12 @@
 
 namespace {
 
-constexpr int ROWS = 4;  // rows of a per register tile
-constexpr int COLS = 2;  // rows of b per register tile: 8 accumulators, 2 weight vectors, 1 row vector
+#ifndef KILN_I8_R
+#define KILN_I8_R 4
+#define KILN_I8_C 2
+#endif
+constexpr int ROWS = KILN_I8_R;  // rows of a per register tile
+constexpr int COLS = KILN_I8_C;  // rows of b per register tile: 8 accumulators, 2 weight vectors, 1 row vector
 constexpr int64_t GRAIN = 16;  // rows of b per thread at least: tiny layers stay on one thread
 constexpr int64_t CHUNK = 16;  // int16 lanes per 256-bit vector
 constexpr int64_t SEQUENTIAL_ROWS = 4;  // up to this many rows of a, tiles of one row of b (see int8_mm_avx2)
@@ -70,10 +74,14 @@ inline void tile(const int16_t* a, int64_t Kp, const int8_t* b, int64_t K, int32
     for (int c = 0; c < C; ++c) out[r * N + c] = hsum_epi32(acc[r][c]);
 }
 
-template <int R>
+template <int R, int C = COLS>
 inline void tile_cols(int cols, const int16_t* a, int64_t Kp, const int8_t* b, int64_t K, int32_t* out, int64_t N) {
-  if (cols == 2) return tile<R, 2>(a, Kp, b, K, out, N);
-  tile<R, 1>(a, Kp, b, K, out, N);
+  if constexpr (C == 1) {
+    tile<R, 1>(a, Kp, b, K, out, N);
+  } else {
+    if (cols == C) return tile<R, C>(a, Kp, b, K, out, N);
+    tile_cols<R, C - 1>(cols, a, Kp, b, K, out, N);
+  }
 }
 
 void int8_mm_avx2(const int8_t* a, const int8_t* b, int32_t* out, int64_t M, int64_t N, int64_t K) {

@@ -124,6 +124,29 @@ inline __m256 load8_ps(const c10::BFloat16* p) {
 inline __m256 load8_ps(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+
+// fp32 lanes rounded to bf16 (nearest even; NaN stays NaN) as 32-bit lanes holding the bf16 in the top half.
+inline __m256i round8_bits(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  return _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
+}
+
+// x rounded to T and widened back (a no-op for fp32), as round_ps.
+inline __m256 round8_ps(__m256 x, const float*) { return x; }
+inline __m256 round8_ps(__m256 x, const c10::BFloat16*) {
+  return _mm256_castsi256_ps(_mm256_and_si256(round8_bits(x), _mm256_set1_epi32(int(0xFFFF0000u))));
+}
+
+inline void store8_ps(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8_ps(c10::BFloat16* p, __m256 x) {
+  const __m256i high = _mm256_srli_epi32(round8_bits(x), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
 #endif
 
 }  // namespace
