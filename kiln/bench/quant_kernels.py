@@ -1,7 +1,8 @@
 """The fast-path candidates of kiln.quant at the 134M layer shapes (kiln.bench.linear's SHAPES), weights
 read from memory (copies cycled past the last-level cache), at 1 and 64 rows: kiln's bf16 linear (the
 baseline), kiln's quant_linear op (int8, int4 g128), torch's `_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu` (g128) and `_int_mm` (w8a8's int8 x int8). Microseconds per call.
+`_weight_int4pack_mm_for_cpu` (g128), and w8a8's int8 x int8 sums: torch's `_int_mm` and kiln's `int8_mm`.
+Microseconds per call.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def _candidates(weight: torch.Tensor, rows: int) -> dict[str, tuple[Callable, An
             lambda x, q: torch._int_mm(q[1], q[0].T),
             lambda w: (QuantizedLinear.from_float(w, None, int8).qweight, None),
         ),
+        "kiln int8_mm (x already int8)": (  # the same int32 as _int_mm (w8a8 on CPUs without VNNI)
+            lambda x, q: torch.ops.kiln.int8_mm(q[1], q[0]),
+            lambda w: (QuantizedLinear.from_float(w, None, int8).qweight, None),
+        ),
     }
 
 
@@ -68,7 +73,7 @@ def bench_kernels(rows_list=(1, 64), repeats: int = 5, cold_bytes: int = 128 * 2
             x_int8 = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8)
             for name, (run, prepare) in _candidates(weights[0], rows).items():
                 prepared = [prepare(w) for w in weights]
-                if name.startswith("torch _int_mm"):
+                if "x already int8" in name:
                     prepared = [(p[0], x_int8) for p in prepared]
                 try:
                     seconds, _ = best_of(repeats, lambda: [run(x, p) for p in prepared])  # noqa: B023
