@@ -140,7 +140,8 @@ def test_bad_schemes(name, group_size, symmetric, message):
 @pytest.mark.parametrize(
     ("limit", "int8_mm"), [(16, False), (0, True), (None, None)], ids=["vnni", "no-vnni", "this-cpu"]
 )
-def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, int8_mm, monkeypatch):
+@pytest.mark.parametrize("in_features", [768, 37])
+def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, int8_mm, in_features, monkeypatch):
     """kiln::w8a8_linear is QuantizedLinear's w8a8 forward in one call: bit for bit the same steps in torch
     (quantize_rows, kiln::quant_linear up to W8A8_MAX_OP_ROWS rows, exact integer sums above (torch._int_mm
     or kiln::int8_mm, the same int32), scales, bias), as VNNI CPUs, CPUs without and this CPU run it."""
@@ -150,8 +151,8 @@ def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, int8_mm, monkeypa
         monkeypatch.setattr(quant_linear, "W8A8_MAX_OP_ROWS", limit)
         monkeypatch.setattr(quant_linear, "W8A8_KILN_INT8_MM", int8_mm)
 
-    _, layer = _layer(parse_scheme("w8a8"), 768, 65, bias=True)
-    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows)).to(dtype) * 3
+    _, layer = _layer(parse_scheme("w8a8"), in_features, 65, bias=True)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype) * 3
     q, x_scale = qw.quantize_rows(x)
     if rows <= quant_linear.W8A8_MAX_OP_ROWS:
         sums = torch.ops.kiln.quant_linear(q.float(), layer.qweight, layer.scale, None, None, 8)
