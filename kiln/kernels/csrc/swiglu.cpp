@@ -12,10 +12,10 @@
 
 namespace {
 
-// With AVX-512, 16 elements at a time (with AVX2 + FMA, 8: exp256) (masked at the end, so every element takes the same path whatever
-// its position: results do not depend on how a batch is split); exp is simd.h's exp512. A 2048-token
-// bf16 prefill of the 134M shape spent a third of its time in the scalar loop before (std::exp, one
-// element at a time, torch.profiler, issue 12).
+// With AVX-512, 16 elements at a time (masked at the end, so every element takes the same path whatever its
+// position: results do not depend on how a batch is split); exp is simd.h's exp512. With AVX2 + FMA, 8 at a
+// time with exp256. A 2048-token bf16 prefill of the 134M shape spent a third of its time in the scalar loop
+// before (std::exp, one element at a time, torch.profiler, issue 12).
 template <typename T>
 void swiglu_impl(const T* gate, const T* up, T* out, int64_t n) {
   at::parallel_for(0, n, kiln_fused::GRAIN_ELEMENTS, [&](int64_t begin, int64_t end) {

@@ -7,16 +7,16 @@
 // on the integer rows for up to `max_op_rows` rows; above them exact int32 sums from torch._int_mm, VNNI
 // where present, or from kiln's int8 GEMM where `kiln_int8_mm`: CPUs without VNNI, int8_gemm.h), the
 // per-row and per-channel scales, the cast to x's dtype and the bias. With kiln's GEMM the quantization,
-// scales, cast and bias are fused around it (w8a8_int8_gemm), bit for bit the same as the ATen steps. At the offline shape a step runs 84 such
-// linears, so each op call it saves from Python is one per linear per step.
+// scales, cast and bias are fused around it (w8a8_int8_gemm), bit for bit the same as the ATen steps. At the
+// offline shape a step runs 84 such linears, so each op call it saves from Python is one per linear per step.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "int8_gemm.h"
