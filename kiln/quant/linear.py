@@ -142,7 +142,8 @@ class QuantizedLinear(nn.Module):
                     W8A8_KILN_INT8_MM,
                 )
                 return y.view(*x.shape[:-1], self.out_features)
-            if x.device.type == "cpu" and rows > W8A8_MAX_OP_ROWS:  # without kiln's C++ ops
+            # Without kiln's C++ ops: torch._int_mm only where it is fast (VNNI), as the op's own choice.
+            if x.device.type == "cpu" and rows > W8A8_MAX_OP_ROWS and not W8A8_KILN_INT8_MM:
                 q, x_scale = qw.quantize_rows(x.reshape(rows, self.in_features))
                 sums = torch._int_mm(q, self.qweight.T)  # (M, N) int32
                 return self._finish((sums.float() * x_scale * self.scale.T).to(x.dtype), x)

@@ -165,6 +165,30 @@ def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, int8_mm, in_featu
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize(
+    ("limit", "int8_mm", "int_mm_calls"), [(16, False, 1), (0, True, 0)], ids=["vnni", "no-vnni"]
+)
+def test_w8a8_without_the_cpp_ops(limit, int8_mm, int_mm_calls, monkeypatch):
+    """Without kiln's C++ ops, w8a8 takes torch._int_mm only where the op would (VNNI CPUs, above its row
+    limit); without VNNI (where _int_mm is slow) the reference. Both give the same integer sums."""
+    import kiln.quant.linear as quant_linear
+
+    monkeypatch.setattr(quant_linear, "cpu_ops_built", lambda: False)
+    monkeypatch.setattr(quant_linear, "W8A8_MAX_OP_ROWS", limit)
+    monkeypatch.setattr(quant_linear, "W8A8_KILN_INT8_MM", int8_mm)
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm(*args))
+    _, layer = _layer(parse_scheme("w8a8"), 64, 24, bias=True)
+    x = torch.randn(17, 64, generator=torch.Generator().manual_seed(0))
+    q, x_scale = qw.quantize_rows(x)
+    with torch.no_grad():
+        got = layer(x)
+    assert len(calls) == int_mm_calls
+    expected = (int_mm(q, layer.qweight.T).float() * x_scale * layer.scale.T) + layer.bias
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # float64 vs fp32 scaling of one sum
+
+
 def test_op_row_limits_follow_the_cpu():
     """Without AVX-512 (AVX2 only) the op takes every row count of bf16 x (torch's bf16 GEMM there is
     slower); w8a8 takes kiln::int8_mm at every row count without VNNI (torch._int_mm is slower), else the op
