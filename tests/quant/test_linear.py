@@ -86,7 +86,8 @@ def test_fast_path_matches_reference(scheme, rows, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scheme", SCHEMES[:4], ids=lambda s: s.describe())
 def test_op_gives_a_row_the_same_bits_at_any_row_count(scheme, dtype):
-    # the op's tiles are one weight row wide for few rows and four wide for more: same sums either way
+    # the op's tiles take 1-4 x rows at a time (one weight row wide on AMD, four on Intel, 67 outputs leaving
+    # a narrower edge tile): a row's sums run in the same order whichever tile holds it
     _, layer = _layer(scheme, 256, 67, bias=True)
     x = torch.randn(16, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     with torch.no_grad():

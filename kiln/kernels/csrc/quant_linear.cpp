@@ -15,7 +15,9 @@
 // x is converted to fp32 once; products of a bf16/fp32 x and a small integer are exact in fp32, and the
 // sums accumulate in fp32 (AVX-512F), so the result matches the torch reference (dequantize, then matmul
 // in fp32) to fp32 rounding. With AVX2 and FMA but no AVX-512, 256-bit versions of the same tiles; without
-// either, a scalar loop computes the same sums.
+// either, a scalar loop computes the same sums. Tiles are one weight row against 1-4 x rows on AMD (one
+// sequential stream per thread, the Zen 4 EPYC's fastest read) and four weight rows side by side on Intel
+// (cols_int8 says why).
 // tests/quant/test_linear.py checks it against kiln/quant's torch reference.
 
 #include <ATen/ATen.h>
@@ -185,6 +187,186 @@ void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n) {
   finish<R>(a, m0, n, total);
 }
 #endif
+#endif
+
+#if defined(__AVX512F__)
+// Tiles of C weight rows (output columns n0..n0+C-1) against R rows of x, for Intel CPUs (see quant_linear):
+// one accumulator per output, so R x C independent multiply-add chains where the one-row tiles above have two
+// per x row. The C rows are read side by side, as kiln::linear does on Intel, with a software prefetch of the
+// weight PREFETCH_BYTES ahead (12-96 KB measured alike). 2-vCPU Xeon with AMX (2026-12-07), one x row, the
+// 134M model's layers and LM head cycled from memory, 2 threads, two runs each: int8 10-12.5 GB/s with the
+// one-row tiles, 16-30 with these; int4 6-7.5 -> 9-17 (bf16's kiln::linear 21-41 beside them). A row's sums run over k in the same order whatever R is, so a row's result
+// does not depend on how many rows are in the call.
+constexpr int COLS = 4;
+constexpr int64_t PREFETCH_BYTES = 12 * 1024;
+
+// Bytes from a tile's rows to the weight to prefetch: whole tiles, at least one. Past the weight's end near
+// the last tiles: a prefetch is a hint and never faults.
+inline int64_t prefetch_distance(const QuantArgs& a) {
+  const int64_t tile_bytes = COLS * a.row_bytes;
+  return tile_bytes * std::max<int64_t>(1, (PREFETCH_BYTES + tile_bytes - 1) / tile_bytes);
+}
+
+template <int R, int C>
+inline void finish_cols(const QuantArgs& a, int64_t m0, int64_t n0, __m512 (&total)[R][C]) {
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c)
+      a.out[(m0 + m) * a.N + n0 + c] = _mm512_reduce_add_ps(total[m][c]) + correction(a, m0 + m, n0 + c);
+}
+
+// int8: 16 weights of each row per step, 64 (one cache line) per prefetch; masked tail.
+template <int R, int C>
+void cols_int8(const QuantArgs& a, int64_t m0, int64_t n0) {
+  __m512 acc[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+  const int8_t* w = reinterpret_cast<const int8_t*>(a.w + n0 * a.row_bytes);
+  const int64_t ahead = prefetch_distance(a);
+  auto step = [&](int64_t k, __mmask16 mask, bool full) {
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) {
+      const int8_t* wk = w + c * a.row_bytes + k;
+      const __m128i bytes = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(wk)) : _mm_maskz_loadu_epi8(mask, wk);
+      wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    }
+    for (int m = 0; m < R; ++m) {
+      const float* xk = a.x + (m0 + m) * a.K + k;
+      const __m512 xv = full ? _mm512_loadu_ps(xk) : _mm512_maskz_loadu_ps(mask, xk);
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_fmadd_ps(xv, wv[c], acc[m][c]);
+    }
+  };
+  constexpr __mmask16 all = 0xFFFF;
+  int64_t k = 0;
+  for (; k + 64 <= a.K; k += 64) {
+    for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k + ahead), _MM_HINT_T0);
+    step(k, all, true), step(k + 16, all, true), step(k + 32, all, true), step(k + 48, all, true);
+  }
+  for (; k + 16 <= a.K; k += 16) step(k, all, true);
+  if (k < a.K) step(k, static_cast<__mmask16>((1u << (a.K - k)) - 1), false);
+  for (int c = 0; c < C; ++c) {
+    const __m512 s = _mm512_set1_ps(a.scale[n0 + c]);
+    for (int m = 0; m < R; ++m) acc[m][c] = _mm512_mul_ps(acc[m][c], s);
+  }
+  finish_cols<R, C>(a, m0, n0, acc);
+}
+
+// int4, fp32 x: 32 weights (16 bytes) of each row per step; a group's sums scaled into the running total.
+template <int R, int C>
+void cols_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
+  __m512 total[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
+  const uint8_t* w = a.w + n0 * a.row_bytes;
+  const int64_t ahead = prefetch_distance(a);
+  const __m512i low_nibble = _mm512_set1_epi32(0xF);
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 acc[R][C];
+    for (int m = 0; m < R; ++m)
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 32) {
+      if (k % 128 == 0)
+        for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k / 2 + ahead), _MM_HINT_T0);
+      __m512 lo[C], hi[C];
+      for (int c = 0; c < C; ++c) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * a.row_bytes + k / 2)));
+        lo[c] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low_nibble));
+        hi[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      }
+      for (int m = 0; m < R; ++m) {
+        const float* xr = a.x + (m0 + m) * a.K + k;
+        const __m512 xlo = _mm512_loadu_ps(xr), xhi = _mm512_loadu_ps(xr + 16);
+        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_fmadd_ps(xhi, hi[c], _mm512_fmadd_ps(xlo, lo[c], acc[m][c]));
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512 s = _mm512_set1_ps(a.scale[(n0 + c) * a.G + g]);
+      for (int m = 0; m < R; ++m) total[m][c] = _mm512_fmadd_ps(acc[m][c], s, total[m][c]);
+    }
+  }
+  finish_cols<R, C>(a, m0, n0, total);
+}
+
+#if defined(KILN_INT4_BF16)
+// int4, bf16 x: tile_int4_bf16's 64-weight steps (its table lookup and x layout), C rows side by side.
+template <int R, int C>
+void cols_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
+  __m512 total[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
+  const uint8_t* w = a.w + n0 * a.row_bytes;
+  const int64_t ahead = prefetch_distance(a);
+  alignas(64) static const uint16_t bf16_of[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0,
+                                                   0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
+                                                   0x4160, 0x4170};  // bf16 bits of 0..15
+  const __m512i table = _mm512_load_si512(bf16_of), low_nibble = _mm512_set1_epi16(0xF);
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 acc[R][C];
+    for (int m = 0; m < R; ++m)
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {
+      if (k % 128 == 0)
+        for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k / 2 + ahead), _MM_HINT_T0);
+      __m512bh lo[C], hi[C];
+      for (int c = 0; c < C; ++c) {
+        const __m512i v =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * a.row_bytes + k / 2)));
+        lo[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low_nibble), table);
+        hi[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      }
+      for (int m = 0; m < R; ++m) {
+        const uint16_t* xr = a.xb + (m0 + m) * a.K + k;
+        const __m512bh xlo = (__m512bh)_mm512_loadu_si512(xr), xhi = (__m512bh)_mm512_loadu_si512(xr + 32);
+        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[m][c], xlo, lo[c]), xhi, hi[c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512 s = _mm512_set1_ps(a.scale[(n0 + c) * a.G + g]);
+      for (int m = 0; m < R; ++m) total[m][c] = _mm512_fmadd_ps(acc[m][c], s, total[m][c]);
+    }
+  }
+  finish_cols<R, C>(a, m0, n0, total);
+}
+#endif
+
+// The x rows one column tile takes at a time: int4 keeps a group accumulator and a total per output.
+inline int cols_rows(const QuantArgs& a) { return a.bits == 8 ? 4 : 2; }
+
+template <int R, int C>
+inline void run_cols_tile(const QuantArgs& a, int64_t m0, int64_t n0) {
+  if (a.bits == 8) return cols_int8<R, C>(a, m0, n0);
+  if constexpr (R <= 2) {
+#if defined(KILN_INT4_BF16)
+    if (a.xb != nullptr) return cols_int4_bf16<R, C>(a, m0, n0);
+#endif
+    return cols_int4<R, C>(a, m0, n0);
+  }
+}
+
+template <int R>
+inline void run_cols_rows(int cols, const QuantArgs& a, int64_t m0, int64_t n0) {
+  switch (cols) {
+    case 4: return run_cols_tile<R, 4>(a, m0, n0);
+    case 3: return run_cols_tile<R, 3>(a, m0, n0);
+    case 2: return run_cols_tile<R, 2>(a, m0, n0);
+    default: return run_cols_tile<R, 1>(a, m0, n0);
+  }
+}
+
+inline void run_cols_block(int rows, int cols, const QuantArgs& a, int64_t m0, int64_t n0) {
+  switch (rows) {
+    case 4: return run_cols_rows<4>(cols, a, m0, n0);
+    case 3: return run_cols_rows<3>(cols, a, m0, n0);
+    case 2: return run_cols_rows<2>(cols, a, m0, n0);
+    default: return run_cols_rows<1>(cols, a, m0, n0);
+  }
+}
+
+inline bool column_tiles() {
+  static const bool intel = !__builtin_cpu_is("amd");
+  return intel;
+}
+#else
+inline bool column_tiles() { return false; }
 #endif
 
 #if defined(KILN_QUANT_AVX2)
@@ -372,9 +554,21 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                  b.defined() ? b.const_data_ptr<float>() : nullptr,
                  out_data,
                  M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
-  // One weight row per tile, so each thread reads its slab of the weight as one sequential stream (four
+  // AMD: one weight row per tile, so each thread reads its slab of the weight as one sequential stream (four
   // rows read side by side streamed at half the bandwidth on the Zen 4 EPYC: linear.cpp); a row block of
   // x passes over the row while it sits in L1.
+#if defined(__AVX512F__)
+  if (column_tiles()) {  // Intel: COLS weight rows side by side per tile (see cols_int8)
+    const int64_t tiles = (N + COLS - 1) / COLS, rows = cols_rows(args);
+    at::parallel_for(0, tiles, GRAIN_ROWS / COLS, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int cols = static_cast<int>(std::min<int64_t>(COLS, N - t * COLS));
+        for (int64_t m = 0; m < M; m += rows)
+          run_cols_block(static_cast<int>(std::min<int64_t>(rows, M - m)), cols, args, m, t * COLS);
+      }
+    });
+  } else
+#endif
   at::parallel_for(0, N, GRAIN_ROWS, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t m = 0; m < M; m += ROWS) run_block(static_cast<int>(std::min<int64_t>(ROWS, M - m)), args, m, n);
