@@ -10,7 +10,8 @@ F.linear; w8a8 quantizes x per token and multiplies the integers exactly (float6
   (not exact against this reference); both were far slower than dequantize + GEMM at 64 rows
   (BENCHMARKS.md, "Quantized weights").
 - w8a8, few rows on VNNI CPUs: the same op on the integer activations, then the per-token scale; more
-  rows, or any number without VNNI: exact int32 sums (int8 x int8) from `torch._int_mm` (VNNI) or kiln's
+  rows, or any number without VNNI: exact int32 sums (int8 x int8) from oneDNN's int8 GEMM on the weight
+  packed once by the engine (kernels/packed_weight.py; `torch._int_mm` where it is not packed) or kiln's
   `torch.ops.kiln.int8_mm` (kernels/csrc/int8_mm.cpp, AVX2; the same integers). Where kiln's C++ ops are
   built, these run inside one op, `torch.ops.kiln.w8a8_linear` (kernels/csrc/w8a8_linear.cpp), with the
   activation quantization: the same ATen kernels in the same order, one Python call instead of fifteen.
@@ -24,6 +25,7 @@ from torch import nn
 
 from kiln.kernels.cpu_extension import avx2_paths, cpu_flags, cpu_ops_built
 from kiln.kernels.cpu_linear import ALL_ROWS
+from kiln.kernels.packed_weight import packed
 from kiln.quant import weights as qw
 from kiln.quant.scheme import QuantScheme
 
@@ -140,6 +142,7 @@ class QuantizedLinear(nn.Module):
                     self.bias,
                     W8A8_MAX_OP_ROWS,
                     W8A8_KILN_INT8_MM,
+                    packed(self.qweight) if rows > W8A8_MAX_OP_ROWS else None,
                 )
                 return y.view(*x.shape[:-1], self.out_features)
             # Without kiln's C++ ops: torch._int_mm only where it is fast (VNNI), as the op's own choice.
@@ -159,6 +162,11 @@ class QuantizedLinear(nn.Module):
             )
             return y.view(*x.shape[:-1], self.out_features)
         return self.reference(x)
+
+    def packable_weights(self) -> tuple[torch.Tensor, ...]:
+        """Weights kiln/kernels/packed_weight.py may keep a oneDNN copy of (`pack_linears`): w8a8's int8
+        weight, for its integer GEMMs above the op's rows on VNNI/AMX CPUs."""
+        return (self.qweight,) if self.scheme.name == "w8a8" else ()
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(M, N) -> x's leading shape, plus the bias."""

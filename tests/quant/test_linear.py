@@ -11,6 +11,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.kernels.packed_weight import pack, packed_rows
 from kiln.quant import QuantizedLinear, parse_scheme
 from kiln.quant import weights as qw
 
@@ -164,6 +165,68 @@ def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, int8_mm, in_featu
     with torch.no_grad():
         got = layer(x)
     assert torch.equal(got, expected)
+
+
+needs_int8_packing = pytest.mark.skipif(
+    not cpu_ops_available() or not packed_rows(torch.int8),
+    reason="int8 weights are packed for oneDNN only on CPUs with VNNI/AMX (and kiln's C++ ops built)",
+)
+
+
+@needs_int8_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [17, 64, 300])
+@pytest.mark.parametrize("in_features", [768, 37, 2048])
+def test_w8a8_on_a_packed_weight_equals_its_steps_in_torch(rows, dtype, in_features):
+    """Above the op's rows, w8a8 on a weight packed for oneDNN (VNNI/AMX CPUs) gives the bits of the ATen
+    steps on torch._int_mm's sums; at 2048 in-features with every value at +-127 the sums pass 2^24, so
+    their rounding to fp32 is compared too."""
+    import kiln.quant.linear as quant_linear
+
+    _, layer = _layer(parse_scheme("w8a8"), in_features, 65, bias=True)
+    generator = torch.Generator().manual_seed(rows)
+    if in_features == 2048:
+        layer.qweight = torch.where(torch.rand(65, in_features, generator=generator) < 0.5, 127, -127).to(
+            torch.int8
+        )
+        x = torch.where(torch.rand(rows, in_features, generator=generator) < 0.6, 1.0, -1.0).to(dtype)
+    else:
+        x = torch.randn(rows, in_features, generator=generator).to(dtype) * 3
+    pack(layer.qweight)
+    q, x_scale = qw.quantize_rows(x)
+    expected = (torch._int_mm(q, layer.qweight.T).float() * x_scale * layer.scale.T).to(dtype)
+    expected = expected + layer.bias.to(dtype)
+    assert rows > quant_linear.W8A8_MAX_OP_ROWS
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.equal(got, expected)
+
+
+@needs_int8_packing
+def test_w8a8_uses_the_packed_copy_above_the_op_rows():
+    """The packed copy is what w8a8 multiplies above the op's rows (a copy of another weight changes the
+    result), and a weight changed in place is packed again."""
+    _, layer = _layer(parse_scheme("w8a8"), 64, 24)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = layer(x)
+        other = layer.qweight.neg()
+        pack(other)
+        layer.qweight.__dict__["_kiln_packed"] = (layer.qweight._version, other.__dict__["_kiln_packed"][1])
+        assert torch.equal(layer(x), -plain)
+        layer.qweight.add_(0)  # a new version: packed again from the weight itself
+        assert torch.equal(layer(x), plain)
+
+
+def test_pack_linears_packs_w8a8_weights_where_int8_packing_is_on():
+    from kiln.kernels.packed_weight import has_packed, pack_linears
+
+    model = torch.nn.Sequential(QuantizedLinear.from_float(torch.randn(24, 64), None, parse_scheme("w8a8")))
+    model.append(QuantizedLinear.from_float(torch.randn(24, 64), None, parse_scheme("int8")))
+    packed_bytes, _ = pack_linears(model)
+    assert has_packed(model[0].qweight) == bool(packed_rows(torch.int8))
+    assert packed_bytes == (24 * 64 if packed_rows(torch.int8) else 0)
+    assert not has_packed(model[1].qweight)  # weight-only int8 runs kiln's op, never oneDNN's int8 GEMM
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,19 @@
 // offline shape a step runs 84 such linears, so each op call it saves from Python is one per linear per step.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "int8_gemm.h"
+#include "simd.h"  // KILN_AVX512: tail_mask, load_ps, store_ps, round_ps
 
 namespace {
 
@@ -42,6 +46,29 @@ at::Tensor int8_mm(const at::Tensor& a, const at::Tensor& b) {
   return op.call(a, b);
 }
 
+// Exact int32 sums of q (M, K) int8 and the weight oneDNN packed (kiln/kernels/packed_weight.py), as fp32:
+// onednn::qlinear_pointwise with unit scales and no zero points gives float(sum), what sums.to(float) gives
+// for torch._int_mm's sums (the op converts its int32 accumulators once and multiplies by the scales, 1.0).
+// Unlike torch._int_mm it does not reorder the weight into its VNNI/AMX layout on every call.
+at::Tensor packed_sums(const at::Tensor& q, const at::Tensor& packed, int64_t N) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
+  torch::jit::Stack stack{q,
+                          1.0,
+                          int64_t(0),
+                          packed,
+                          at::ones({N}, at::kFloat),
+                          at::zeros({N}, at::kLong),
+                          c10::IValue(),
+                          1.0,
+                          int64_t(0),
+                          c10::IValue(at::kFloat),
+                          std::string("none"),
+                          c10::List<std::optional<at::Scalar>>(),
+                          std::string()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 // The build uses -ffast-math: a value passed through here is opaque to the optimiser, so a division by it is
 // not turned into a multiplication by a hoisted reciprocal, a product with it is not reassociated and a product
 // and a sum are not contracted into one FMA (each would change bits that torch's ops compute).
@@ -50,11 +77,17 @@ inline V opaque(V v) {
   asm("" : "+x"(v));
   return v;
 }
+#if defined(KILN_AVX512)
+inline __m512 opaque(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+#endif
 
 // One row of x quantized as quantize_rows does it (round(x / scale) clamped to [-127, 127], torch.round being
 // round-half-even like nearbyint), written as int16 for the GEMM.
-template <typename T>
-void quantize_row(const T* x, float scale, int16_t* q, int64_t K) {
+template <typename T, typename Q>
+void quantize_row(const T* x, float scale, Q* q, int64_t K) {
   int64_t k = 0;
 #if defined(__AVX2__)
   const __m256 low = _mm256_set1_ps(-127.0f), high = _mm256_set1_ps(127.0f);
@@ -70,13 +103,17 @@ void quantize_row(const T* x, float scale, int16_t* q, int64_t K) {
     s = opaque(s);
     __m256 d = _mm256_round_ps(_mm256_div_ps(xv, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(d, low), high));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
-                     _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    if constexpr (std::is_same_v<Q, int16_t>) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), words);
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(words, words));
+    }
   }
 #endif
   for (; k < K; ++k) {
     const float d = std::nearbyint(static_cast<float>(x[k]) / opaque(scale));
-    q[k] = static_cast<int16_t>(std::min(127.0f, std::max(-127.0f, d)));
+    q[k] = static_cast<Q>(std::min(127.0f, std::max(-127.0f, d)));
   }
 }
 
@@ -96,7 +133,7 @@ at::Tensor w8a8_int8_gemm(const at::Tensor& x, const at::Tensor& x_scale, const 
   const T* x_data = xc.const_data_ptr<T>();
   const float* xs_data = xs.const_data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) quantize_row<T>(x_data + m * K, xs_data[m], q.data() + m * Kp, K);
+    for (int64_t m = begin; m < end; ++m) quantize_row<T, int16_t>(x_data + m * K, xs_data[m], q.data() + m * Kp, K);
   });
   at::Tensor out = at::empty({M, N}, x.options());
   T* o = out.mutable_data_ptr<T>();
@@ -111,8 +148,93 @@ at::Tensor w8a8_int8_gemm(const at::Tensor& x, const at::Tensor& x_scale, const 
   return out;
 }
 
+// a / b rounded once, as torch divides: -ffast-math would otherwise multiply by a reciprocal of a constant b.
+inline float divide(float a, float b) {
+  asm volatile("" : "+x"(a), "+x"(b));
+  return a / b;
+}
+
+// One row's x_scale as quantize_rows computes it (max |x| / 127, at least TINY; the max is exact in x's
+// dtype), then the row quantized to int8 as quantize_row does. Returns the scale.
+template <typename T>
+float quantize_row_int8(const T* x, int8_t* q, int64_t K) {
+  float amax = 0.0f;
+  int64_t k = 0;
+#if defined(KILN_AVX512)
+  __m512 top = _mm512_setzero_ps();
+  for (; k < K; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load_ps(x + k, tail_mask(K - k))));
+  amax = _mm512_reduce_max_ps(top);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
+  const float scale = std::max(divide(amax, 127.0f), static_cast<float>(TINY));
+  k = 0;
+#if defined(KILN_AVX512)
+  const __m512 low = _mm512_set1_ps(-127.0f), high = _mm512_set1_ps(127.0f);
+  __m512 s = _mm512_set1_ps(scale);
+  for (; k < K; k += 16) {
+    const __mmask16 mask = tail_mask(K - k);
+    s = opaque(s);  // no reciprocal hoisted out of the loop
+    const __m512 d = _mm512_roundscale_ps(_mm512_div_ps(load_ps(x + k, mask), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_cvtsepi32_storeu_epi8(q + k, mask, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(d, low), high)));
+  }
+#endif
+  if (k < K) quantize_row<T, int8_t>(x + k, scale, q + k, K - k);
+  return scale;
+}
+
+// The w8a8 branch on a weight oneDNN packed (CPUs with VNNI/AMX): the rows quantized to int8 in one pass, the
+// integer sums from packed_sums, then one pass that scales, casts and biases them, op for op as the ATen steps
+// in w8a8_linear below round them (tests/quant/test_linear.py checks the bits).
+template <typename T>
+at::Tensor w8a8_packed(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const OptionalTensor& bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = scale.size(0);
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type()).contiguous();
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  const T* x_data = xc.const_data_ptr<T>();
+  std::vector<float> x_scale(M);
+  const float* xs_data = x_scale.data();
+  int8_t* q_data = q.mutable_data_ptr<int8_t>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) x_scale[m] = quantize_row_int8<T>(x_data + m * K, q_data + m * K, K);
+  });
+  const at::Tensor sums = packed_sums(q, packed, N).contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* s = sums.const_data_ptr<float>();
+  const float* ws = sc.const_data_ptr<float>();
+  const T* bias_data = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  T* o = out.mutable_data_ptr<T>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* sm = s + m * N;
+      T* om = o + m * N;
+      int64_t n = 0;
+#if defined(KILN_AVX512)
+      const __m512 xv = _mm512_set1_ps(xs_data[m]);
+      for (; n < N; n += 16) {
+        const __mmask16 mask = tail_mask(N - n);
+        __m512 y = opaque(_mm512_mul_ps(opaque(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sm + n), xv)),
+                                        _mm512_maskz_loadu_ps(mask, ws + n)));
+        if (bias_data != nullptr) y = _mm512_add_ps(round_ps(y, om), load_ps(bias_data + n, mask));
+        store_ps(om + n, mask, y);
+      }
+#endif
+      for (; n < N; ++n) {
+        const float y = opaque(opaque(sm[n] * xs_data[m]) * ws[n]);
+        T t = static_cast<T>(y);
+        if (bias_data != nullptr) t = static_cast<T>(static_cast<float>(t) + static_cast<float>(bias_data[n]));
+        om[n] = t;
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                       const OptionalTensor& bias, int64_t max_op_rows, bool kiln_int8_mm) {
+                       const OptionalTensor& bias, int64_t max_op_rows, bool kiln_int8_mm,
+                       const OptionalTensor& packed) {
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && qweight.scalar_type() == at::kChar &&
                   qweight.size(1) == x.size(1),
               "kiln::w8a8_linear: x (M, K) and an int8 qweight (N, K)");
@@ -120,6 +242,11 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                   scale.scalar_type() == at::kFloat,
               "kiln::w8a8_linear: scale must be (N, 1) float32");
   // quantize_rows: q (M, K) int8 in [-127, 127], x_scale (M, 1) = max |x| / 127
+  const bool fused_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (packed.has_value() && packed->defined() && x.size(0) > max_op_rows && qweight.size(0) > 0 && fused_dtype) {
+    return x.scalar_type() == at::kFloat ? w8a8_packed<float>(x, *packed, scale, bias)
+                                         : w8a8_packed<at::BFloat16>(x, *packed, scale, bias);
+  }
   if (kiln_int8_mm && x.size(0) > max_op_rows && x.size(0) > 0 && qweight.size(0) > 0 && x.size(1) > 0 &&
       x.size(1) < (int64_t(1) << 17) && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) {
     // max |x| is exact in x's dtype, so the scale equals the one below from fp32
@@ -145,8 +272,11 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def(
-      "w8a8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int max_op_rows, bool kiln_int8_mm=False) "
-      "-> Tensor");
+      "w8a8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int max_op_rows, bool kiln_int8_mm=False, "
+      "Tensor? packed=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("w8a8_linear", &w8a8_linear); }
+
+// A weight packed by onednn::qlinear_prepack is an MKLDNN tensor: a call with one dispatches here.
+TORCH_LIBRARY_IMPL(kiln, MkldnnCPU, m) { m.impl("w8a8_linear", &w8a8_linear); }
