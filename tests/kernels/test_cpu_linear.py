@@ -237,7 +237,7 @@ from kiln.quant.weights import pack_int4
 
 source = Path(sys.argv[1])
 for name in ("linear.cpp", "quant_linear.cpp", "paged_attention.cpp", "paged_attention_simd.h",
-             "paged_attention_decode.h", "simd.h"):
+             "paged_attention_decode.h", "simd.h", "w8a8_linear.cpp", "int8_mm.cpp", "int8_gemm.h"):
     shutil.copy(ext.CSRC / name, source / name)
 ext.CSRC = source
 ext.FLAGS = ext.FLAGS + sys.argv[2].split()
@@ -264,6 +264,21 @@ for rows in (1, 6):
     got = torch.ops.kiln.quant_linear(x, packed, s4, s4 * z, None, 4)
     w = (u.float() - z.repeat_interleave(32, 1)) * s4.repeat_interleave(32, 1)
     assert torch.allclose(got, x @ w.T, atol=1e-4, rtol=1e-5), "int4"
+# kiln::w8a8_linear on a weight packed for oneDNN (CPUs with VNNI/AMX): the ATen steps' bits
+from kiln.kernels.packed_weight import pack, packed_rows
+from kiln.quant import QuantizedLinear, parse_scheme
+from kiln.quant import weights as qw
+if packed_rows(torch.int8):
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in (37, 768):
+            layer = QuantizedLinear.from_float(torch.randn(65, k), torch.randn(65), parse_scheme("w8a8"))
+            pack(layer.qweight)
+            x = torch.randn(17, k).to(dtype) * 3
+            q, x_scale = qw.quantize_rows(x)
+            sums = torch._int_mm(q, layer.qweight.T).float()
+            expected = (sums * x_scale * layer.scale.T).to(dtype) + layer.bias.to(dtype)
+            with torch.no_grad():
+                assert torch.equal(layer(x), expected), ("w8a8 packed", dtype, k)
 # paged attention's helpers (dots, value accumulation, exp; fp32 and widened bf16 pools)
 from tests.kernels.test_cpu_paged_attention import SHAPES, assert_close, op_inputs
 from kiln.kernels.cpu_paged_attention import paged_attention, paged_attention_reference
@@ -284,8 +299,8 @@ print("fallback ok")
     ],
 )
 def test_fallback_builds_match_reference(tmp_path, flags):
-    """The linear, quantized linear and paged-attention ops built without AVX-512, and without AVX2
-    (separate builds and processes), give the same results."""
+    """The linear, quantized linear, w8a8 (on a packed weight, where int8 packing is on) and paged-attention
+    ops built without AVX-512, and without AVX2 (separate builds and processes), give the same results."""
     source = tmp_path / "csrc"
     source.mkdir()
     completed = subprocess.run(
