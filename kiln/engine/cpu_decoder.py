@@ -6,8 +6,9 @@ only decodes on the C++ paged attention backend (`CppPagedAttention.decode_step`
 `kiln::decoder_layer` (kiln/kernels/cpu_decoder_layer.py): the same registered ops as the Python forward,
 called from C++, equal to it bit for bit (`kiln::decoder_layer_quantized` over an int8/int4 KV pool).
 Projections quantized weight-only (kiln/quant int8/int4) run there too, on the op QuantizedLinear uses for
-as many rows (MAX_OP_ROWS for its dtype); larger steps of such a layer, and anything else (prompts, chunks,
-training, w8a8 or adapter layers) run the block's own forward.
+as many rows (MAX_OP_ROWS for its dtype), and w8a8 projections on kiln::w8a8_linear as QuantizedLinear calls
+it (any number of rows); larger steps of a weight-only layer, and anything else (prompts, chunks, training,
+adapter layers) run the block's own forward.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import weakref
 import torch
 from torch import nn
 
-from kiln.kernels.cpu_decoder_layer import LayerWeights, decoder_layer, decoder_layer_quantized
+from kiln.kernels.cpu_decoder_layer import W8A8_BITS, LayerWeights, decoder_layer, decoder_layer_quantized
 from kiln.kernels.cpu_linear import MAX_ROWS, op_rows
 from kiln.kernels.packed_weight import packed, weight_version
 from kiln.models.layers import MLP, AttentionInputs, RMSNorm
 from kiln.models.transformer import Block, Transformer
-from kiln.quant.linear import MAX_OP_ROWS, QuantizedLinear
+from kiln.quant.linear import MAX_OP_ROWS, W8A8_KILN_INT8_MM, W8A8_MAX_OP_ROWS, QuantizedLinear
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -47,16 +48,22 @@ def _weight_only(linear: nn.Module) -> bool:
     return type(linear) is QuantizedLinear and linear.scheme.name in ("int8", "int4")
 
 
+def _w8a8(linear: nn.Module) -> bool:
+    return type(linear) is QuantizedLinear and linear.scheme.name == "w8a8"
+
+
 def fits(block: nn.Module) -> bool:
     """Whether `block` has the layer the op computes: kiln's Block with RMSNorms, a SwiGLU MLP and plain
-    nn.Linear or weight-only quantized projections (w8a8 and adapter layers keep their own forward)."""
+    nn.Linear or quantized (int8, int4, w8a8) projections (adapter layers keep their own forward)."""
     if type(block) is not Block or type(block.mlp) is not MLP or not block.mlp.swiglu:
         return False
     if block.attn.q_norm is not None:  # q/k-norm (Qwen3) is not in the C++ layer
         return False
     if type(block.attn_norm) is not RMSNorm or type(block.mlp_norm) is not RMSNorm:
         return False
-    return all(type(linear) is nn.Linear or _weight_only(linear) for linear in _linears(block))
+    return all(
+        type(linear) is nn.Linear or _weight_only(linear) or _w8a8(linear) for linear in _linears(block)
+    )
 
 
 def layer_weights(block: Block) -> LayerWeights:
@@ -65,6 +72,8 @@ def layer_weights(block: Block) -> LayerWeights:
     parts = [
         (linear.qweight, linear.scheme.bits, linear.scale, linear.offset)
         if _weight_only(linear)
+        else (linear.qweight, W8A8_BITS, linear.scale, None)
+        if _w8a8(linear)
         else (linear.weight, 0, None, None)
         for linear in linears
     ]
@@ -74,7 +83,8 @@ def layer_weights(block: Block) -> LayerWeights:
         gate=gate, up=up, down=down, biases=tuple(linear.bias for linear in linears), eps=block.attn_norm.eps,
         bits=tuple(part[1] for part in parts), scales=tuple(part[2] for part in parts),
         offsets=tuple(part[3] for part in parts),
-        packed=tuple(None if part[1] else packed(part[0]) for part in parts),
+        packed=tuple(packed(part[0]) if part[1] in (0, W8A8_BITS) else None for part in parts),
+        w8a8_max_op_rows=W8A8_MAX_OP_ROWS, w8a8_int8_mm=W8A8_KILN_INT8_MM,
     )  # fmt: skip
 
 
@@ -141,7 +151,8 @@ class CpuDecoderForward:
         if seen != self._seen or (stale and self._versions != self._packed_versions()):
             self._seen, self._held = seen, found
             self._layer = layer_weights(block) if fits(block) else None
-            quantized = self._layer is not None and any(self._layer.bits)
+            # weight-only projections run kiln::quant_linear, which takes up to MAX_OP_ROWS rows; w8a8 any number
+            quantized = self._layer is not None and any(bits > 0 for bits in self._layer.bits)
             self._max_rows = MAX_OP_ROWS.get(self._layer.attn_norm.dtype, 16) if quantized else 0
             self._versions = self._packed_versions()
         layer = self._layer

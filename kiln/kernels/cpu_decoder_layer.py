@@ -22,6 +22,9 @@ from kiln.kernels.rope import rope_reference
 from kiln.kernels.swiglu import swiglu_reference
 
 
+W8A8_BITS = -8  # LayerWeights.bits of a w8a8 projection (csrc/decoder_layer.cpp's W8A8)
+
+
 @dataclass(kw_only=True, slots=True)
 class LayerWeights:
     """A layer's parameters in the op's order; biases are None where the layer has none."""
@@ -43,8 +46,12 @@ class LayerWeights:
     scales: tuple[torch.Tensor | None, ...] = (None,) * 7
     offsets: tuple[torch.Tensor | None, ...] = (None,) * 7
     # oneDNN-packed copies of float projections (kiln/kernels/packed_weight.py), None where unpacked: used for
-    # steps of more rows than kiln's small-row op takes, up to packed_rows(dtype).
+    # steps of more rows than kiln's small-row op takes, up to packed_rows(dtype). For a w8a8 projection
+    # (bits W8A8_BITS: int8 weight, scale (N, 1), no offset) its int8 copy, which kiln::w8a8_linear takes above
+    # w8a8_max_op_rows rows; w8a8_int8_mm as kiln/quant/linear.py's W8A8_KILN_INT8_MM.
     packed: tuple[torch.Tensor | None, ...] = (None,) * 7
+    w8a8_max_op_rows: int = 16
+    w8a8_int8_mm: bool = False
 
     def weights(self) -> list[torch.Tensor]:
         return [self.attn_norm, self.q, self.k, self.v, self.o, self.mlp_norm, self.gate, self.up, self.down]
@@ -109,6 +116,7 @@ def _step_arguments(step: PagedDecode, layer: LayerWeights, max_linear_rows: int
         step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
         list(layer.scales), list(layer.offsets), list(layer.bits), list(layer.packed),
         packed_rows(layer.attn_norm.dtype) if any(p is not None for p in layer.packed) else 0,
+        layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
     )  # fmt: skip
 
 
@@ -126,10 +134,14 @@ def decoder_layer_reference(
     weights = layer.weights()[1:5] + layer.weights()[6:]  # the projections: q, k, v, o, gate, up, down
 
     def project(h: torch.Tensor, i: int) -> torch.Tensor:
-        weight, bits = weights[i], layer.bits[i]
+        weight, bits, bias = weights[i], layer.bits[i], layer.biases[i]
+        if bits == W8A8_BITS:  # rows quantized per token (kiln/quant/weights.py's quantize_rows), exact sums
+            x_scale = (h.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+            q = torch.round(h.float() / x_scale).clamp(-127, 127)
+            y = (q.double() @ weight.double().T * x_scale.double() * layer.scales[i].double().T).to(h.dtype)
+            return y if bias is None else y + bias.to(h.dtype)
         if bits:
             weight = dequantize_reference(weight, layer.scales[i], layer.offsets[i], bits).to(h.dtype)
-        bias = layer.biases[i]
         return F.linear(h, weight, None if bias is None else bias.to(h.dtype))
 
     h = rms_norm_reference(x, layer.attn_norm, layer.eps)

@@ -142,6 +142,36 @@ def test_weight_only_quantized_layers_run_in_cpp(scheme, dtype, tmp_path, op_cal
     assert not op_calls
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_w8a8_layers_run_in_cpp(dtype, tmp_path, op_calls):
+    """kiln.LLM(quantization=w8a8): every decode step runs each layer as the op (its projections on
+    kiln::w8a8_linear as QuantizedLinear calls it, the packed int8 GEMM above its rows where this CPU packs),
+    bit for bit the Python forward, at 5 and at 18 decodes a step."""
+    from kiln.config import ModelConfig
+    from kiln.models.hf.io import save_model
+    from kiln.models.transformer import Transformer
+
+    config = ModelConfig(
+        vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+        max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_model(Transformer(config), tmp_path)
+    llm = LLM(
+        tmp_path, dtype=dtype, quantization="w8a8", block_size=4, enable_prefix_caching=False, verbose=False
+    )
+    assert llm.engine.num_cpu_layers == config.num_layers
+    prompts = random_prompts(PROMPT_LENGTHS, vocab_size=config.vocab_size, seed=3)
+    many = random_prompts([3] * (16 + 2), vocab_size=config.vocab_size, seed=5)
+    fused, fused_many = generate(llm, prompts), generate(llm, many)
+    assert max(op_calls) == len(many) and len(op_calls) >= config.num_layers * (PARAMS.max_tokens - 1)
+    remove_layers(llm)
+    op_calls.clear()
+    assert generate(llm, prompts) == fused
+    assert generate(llm, many) == fused_many
+    assert not op_calls
+
+
 def test_packing_is_skipped_where_memory_is_short(tmp_path, monkeypatch):
     """The oneDNN-packed copies of bf16 linears (the weights' bytes once more) are made only where they leave
     PACKING_HEADROOM_BYTES free beside the KV cache; without them the engine says so and gives the same

@@ -19,6 +19,7 @@ if not cpu_ops_available():
     )
 
 from kiln.kernels.cpu_decoder_layer import (  # noqa: E402
+    W8A8_BITS,
     LayerWeights,
     PagedDecode,
     decoder_layer,
@@ -161,6 +162,37 @@ def test_quantized_projections_match_reference(scheme, dtype, which):
     got = decoder_layer(x, layer, cos, sin, keys, values, step, 16)
     assert_close(got, expected, dtype)
     assert_close(keys[step.slot_mapping], ref_keys[step.slot_mapping], dtype)
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # within kiln::quant_linear's rows, and above (packed / int8 GEMM)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_projections_match_reference(rows, dtype):
+    """w8a8 projections (bits W8A8_BITS, int8 weight, per-channel scale; where this CPU packs int8 weights
+    for oneDNN, with their packed copies) in the op, beside float ones: the reference quantizes each row
+    and multiplies exactly. A row's int8 code can differ by one where the op's norm output and the
+    reference's differ in the last bit, hence the looser bound (a wrong weight or scale is off by O(1))."""
+    from kiln.quant import QuantizedLinear, parse_scheme
+
+    generator = torch.Generator().manual_seed(11)
+    hidden, heads, kv_heads, head_dim, inner = 128, 4, 2, 32, 192
+    layer = random_layer(hidden, heads, kv_heads, head_dim, inner, dtype, True, generator)
+    bits, scales, packed = list(layer.bits), list(layer.scales), list(layer.packed)
+    for i, name in enumerate(["q", "k", "v", "o", "gate", "up", "down"]):
+        if name in ("o", "up"):
+            continue  # left float
+        quantized = QuantizedLinear.from_float(getattr(layer, name).float(), None, parse_scheme("w8a8"))
+        setattr(layer, name, quantized.qweight)
+        bits[i], scales[i] = W8A8_BITS, quantized.scale
+        packed[i] = pack(quantized.qweight) if packed_rows(torch.int8) else None
+    layer.bits, layer.scales, layer.packed = tuple(bits), tuple(scales), tuple(packed)
+    contexts = [9, 40, 1] if rows == 3 else [5 + 3 * i for i in range(rows)]
+    keys, values, step = decode_step(contexts, kv_heads, head_dim, 16, dtype, generator)
+    x = torch.randn(rows, hidden, generator=generator).to(dtype)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    expected = decoder_layer_reference(x, layer, None, None, ref_keys, ref_values, step)
+    got = decoder_layer(x, layer, None, None, keys, values, step, 16)
+    scale = max(1.0, expected.abs().max().item())
+    assert (got.double() - expected.double()).abs().max().item() <= 0.05 * scale
 
 
 def test_quantized_projection_without_scale_is_refused():

@@ -16,7 +16,8 @@
 // entry in `weights` is then the integer weight, `bits` [q, k, v, o, gate, up, down] says 8 or 4 (0 for a
 // float weight) and `scales`/`offsets` hold its scale and scale * zero point; it runs kiln::quant_linear,
 // the op QuantizedLinear.forward calls for the same rows, so the result is still the Python path's bit for
-// bit. kiln/engine/cpu_decoder.py sends a layer with quantized projections here only for steps of as few rows
+// bit. A w8a8 projection (bits W8A8 = -8: int8 weight, (N, 1) scale, its `packed` entry the weight's oneDNN
+// int8 copy or None) runs kiln::w8a8_linear with the row limit and int8_mm choice QuantizedLinear passes. kiln/engine/cpu_decoder.py sends a layer with quantized projections here only for steps of as few rows
 // as QuantizedLinear gives its op. The new tokens' keys/values are written into key_cache/value_cache (slots, KVH, D) at
 // slot_mapping before attention reads the pool in place. kiln::decoder_layer_quantized is the same layer over
 // a quantized KV pool (kv_cache_dtype int8/int4).
@@ -63,6 +64,19 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const OptionalTensor&, const OptionalTensor&, int64_t)>();
   return op.call(x, qweight, scale, offset, bias, bits);
+}
+
+// bits of a w8a8 projection (kiln/quant's W8A8: int8 weight, activations quantized per row in the op).
+constexpr int64_t W8A8 = -8;
+
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const OptionalTensor& bias, int64_t max_op_rows, bool kiln_int8_mm,
+                       const OptionalTensor& packed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::w8a8_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptionalTensor&, int64_t, bool, const OptionalTensor&)>();
+  return op.call(x, qweight, scale, bias, max_op_rows, kiln_int8_mm, packed);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -142,7 +156,8 @@ at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights
                      const c10::List<OptionalTensor>& biases, double eps, const OptionalTensor& cos,
                      const OptionalTensor& sin, int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
                      const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits,
-                     const c10::List<OptionalTensor>& packed, int64_t packed_rows, Attend attend) {
+                     const c10::List<OptionalTensor>& packed, int64_t packed_rows, int64_t w8a8_max_op_rows,
+                     bool w8a8_kiln_int8_mm, Attend attend) {
   TORCH_CHECK(weights.size() == 9 && biases.size() == 7, op,
               ": weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and biases [q, k, v, o, "
               "gate, up, down]");
@@ -154,6 +169,10 @@ at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights
     TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(), op, ": a quantized projection needs its scale");
   }
   auto project = [&](const at::Tensor& h, size_t w, size_t b) {
+    if (bits[b] == W8A8) {  // its packed entry is the int8 weight's oneDNN copy (or None)
+      return w8a8_linear(h, weights[w], *scales.get(b), biases.get(b), w8a8_max_op_rows, w8a8_kiln_int8_mm,
+                         packed.get(b));
+    }
     if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), biases.get(b), bits[b]);
     return kiln_linear(h, weights[w], biases.get(b), max_linear_rows, packed.get(b), packed_rows);
   };
@@ -175,7 +194,8 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                          const at::Tensor& context_lens, int64_t block_size, double scale,
                          const OptionalTensor& alibi_slopes, int64_t sliding_window, int64_t max_linear_rows,
                          const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
-                         at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, int64_t packed_rows) {
+                         at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, int64_t packed_rows,
+                         int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
   const int64_t N = x.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
   auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
@@ -184,7 +204,7 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                            context_lens, block_size, scale, alibi_slopes, sliding_window);
   };
   return run_layer("kiln::decoder_layer", x, weights, biases, eps, cos, sin, max_linear_rows, scales, offsets,
-                   bits, packed, packed_rows, attend);
+                   bits, packed, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
 }
 
 // decoder_layer over a quantized pool (kv_quant.py): the new keys/values are quantized and written as codes
@@ -199,7 +219,8 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                    const OptionalTensor& alibi_slopes, int64_t sliding_window,
                                    int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
                                    const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits,
-                                   const c10::List<OptionalTensor>& packed, int64_t packed_rows) {
+                                   const c10::List<OptionalTensor>& packed, int64_t packed_rows,
+                                   int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
   TORCH_CHECK(kv_bits == 8 || kv_bits == 4, "kiln::decoder_layer_quantized: kv_bits must be 8 or 4");
   const int64_t N = x.size(0), kv_heads = key_codes.size(1);
   auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -215,7 +236,7 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                      alibi_slopes, sliding_window);
   };
   return run_layer("kiln::decoder_layer_quantized", x, weights, biases, eps, cos, sin, max_linear_rows, scales,
-                   offsets, bits, packed, packed_rows, attend);
+                   offsets, bits, packed, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
 }
 
 }  // namespace
@@ -226,13 +247,15 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, "
       "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
       "Tensor? alibi_slopes, int sliding_window, int max_linear_rows, Tensor?[] scales, Tensor?[] offsets, "
-      "int[] bits, Tensor?[] packed, int packed_rows) -> Tensor");
+      "int[] bits, Tensor?[] packed, int packed_rows, int w8a8_max_op_rows=16, bool w8a8_kiln_int8_mm=False) "
+      "-> Tensor");
   m.def(
       "decoder_layer_quantized(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
       "Tensor(a!) key_codes, Tensor(b!) value_codes, Tensor(c!) key_params, Tensor(d!) value_params, int kv_bits, "
       "Tensor slot_mapping, Tensor block_tables, Tensor query_starts, Tensor query_lens, Tensor context_lens, "
       "int block_size, float scale, Tensor? alibi_slopes, int sliding_window, int max_linear_rows, "
-      "Tensor?[] scales, Tensor?[] offsets, int[] bits, Tensor?[] packed, int packed_rows) -> Tensor");
+      "Tensor?[] scales, Tensor?[] offsets, int[] bits, Tensor?[] packed, int packed_rows, int w8a8_max_op_rows=16, "
+      "bool w8a8_kiln_int8_mm=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
