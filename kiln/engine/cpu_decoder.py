@@ -151,7 +151,7 @@ class CpuDecoderForward:
         if seen != self._seen or (stale and self._versions != self._packed_versions()):
             self._seen, self._held = seen, found
             self._layer = layer_weights(block) if fits(block) else None
-            # weight-only projections run kiln::quant_linear, which takes up to MAX_OP_ROWS rows; w8a8 any number
+            # weight-only projections run kiln::quant_linear (up to MAX_OP_ROWS rows); w8a8 any number
             quantized = self._layer is not None and any(bits > 0 for bits in self._layer.bits)
             self._max_rows = MAX_OP_ROWS.get(self._layer.attn_norm.dtype, 16) if quantized else 0
             self._versions = self._packed_versions()

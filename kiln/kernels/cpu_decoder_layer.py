@@ -21,7 +21,6 @@ from kiln.kernels.packed_weight import packed_rows
 from kiln.kernels.rope import rope_reference
 from kiln.kernels.swiglu import swiglu_reference
 
-
 W8A8_BITS = -8  # LayerWeights.bits of a w8a8 projection (csrc/decoder_layer.cpp's W8A8)
 
 
