@@ -46,8 +46,8 @@ class LayerWeights:
     offsets: tuple[torch.Tensor | None, ...] = (None,) * 7
     # oneDNN-packed copies of float projections (kiln/kernels/packed_weight.py), None where unpacked: used for
     # steps of more rows than kiln's small-row op takes, up to packed_rows(dtype). For a w8a8 projection
-    # (bits W8A8_BITS: int8 weight, scale (N, 1), no offset) its int8 copy, which kiln::w8a8_linear takes above
-    # w8a8_max_op_rows rows; w8a8_int8_mm as kiln/quant/linear.py's W8A8_KILN_INT8_MM.
+    # (bits W8A8_BITS: int8 weight, scale (N, 1), no offset) its int8 copy, which kiln::w8a8_linear takes
+    # above w8a8_max_op_rows rows; w8a8_int8_mm as kiln/quant/linear.py's W8A8_KILN_INT8_MM.
     packed: tuple[torch.Tensor | None, ...] = (None,) * 7
     w8a8_max_op_rows: int = 16
     w8a8_int8_mm: bool = False
