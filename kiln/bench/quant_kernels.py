@@ -1,8 +1,9 @@
 """The fast-path candidates of kiln.quant at the 134M layer shapes (kiln.bench.linear's SHAPES), weights
 read from memory (copies cycled past the last-level cache), at 1 and 64 rows: kiln's bf16 linear (the
 baseline), kiln's quant_linear op (int8, int4 g128), torch's `_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu` (g128), and w8a8's int8 x int8 sums: torch's `_int_mm` and kiln's `int8_mm`.
-Microseconds per call.
+`_weight_int4pack_mm_for_cpu` (g128), and w8a8's int8 x int8 sums: torch's `_int_mm` and kiln's `int8_mm`;
+where the CPU packs weights for oneDNN, the packed bf16 GEMM (the engine's bf16 path above its small-row op)
+and the packed int8 GEMM (w8a8's above its op's rows). Microseconds per call.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import torch
 from kiln.bench.linear import SHAPES
 from kiln.bench.timing import best_of
 from kiln.kernels import cpu_linear
+from kiln.kernels.packed_weight import pack, packed_linear, packed_rows, packing_available
 from kiln.quant import QuantizedLinear, parse_scheme
 
 
 def _candidates(weight: torch.Tensor, rows: int) -> dict[str, tuple[Callable, Any]]:
     """name -> (function of (x, prepared weight), prepare(weight)); x is bf16 (rows, K)."""
     int8, int4 = parse_scheme("int8"), parse_scheme("int4", 128)
-    return {  # kiln's linear routing: its op up to the CPU's row limit (cpu_linear.MAX_ROWS), else F.linear
+    # kiln's linear routing: its op up to the CPU's row limit (cpu_linear.MAX_ROWS), else F.linear
+    candidates = {
         "bf16 (kiln linear / F.linear)": (lambda x, w: cpu_linear.linear(x, w), lambda w: w.bfloat16()),
         "kiln quant_linear int8": (
             lambda x, q: torch.ops.kiln.quant_linear(x, q.qweight, q.scale, None, None, 8),
@@ -51,6 +54,28 @@ def _candidates(weight: torch.Tensor, rows: int) -> dict[str, tuple[Callable, An
             lambda w: (QuantizedLinear.from_float(w, None, int8).qweight, None),
         ),
     }
+    if packing_available():  # the engine's bf16 GEMM above its small-row op on such CPUs
+        candidates["bf16 packed for oneDNN"] = (packed_linear, lambda w: pack(w.bfloat16()))
+    if packed_rows(torch.int8):  # w8a8's sums above its op's rows on VNNI/AMX CPUs (float of the int32)
+        candidates["oneDNN int8, packed (x already int8)"] = (
+            lambda x, q: torch.ops.onednn.qlinear_pointwise(
+                q[1],
+                1.0,
+                0,
+                q[0],
+                torch.ones(q[0].shape[1]),
+                torch.zeros(q[0].shape[1], dtype=torch.long),
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            ),  # fmt: skip
+            lambda w: (pack(QuantizedLinear.from_float(w, None, int8).qweight), None),
+        )
+    return candidates
 
 
 def _torch_int4(weight: torch.Tensor):
