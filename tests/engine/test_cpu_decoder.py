@@ -105,29 +105,36 @@ def test_a_replaced_linear_is_seen_and_its_layer_runs_in_python(tmp_path, op_cal
     assert generate(llm, prompts) == with_replacement
 
 
+def _quantized_llm(directory, dtype: str, scheme: str):
+    """A 2-layer random Llama saved to `directory`, loaded quantized under `scheme`: (llm, its config)."""
+    from kiln.config import ModelConfig
+    from kiln.models.hf.io import save_model
+    from kiln.models.transformer import Transformer
+
+    config = ModelConfig(
+        vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+        max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_model(Transformer(config), directory)
+    llm = LLM(
+        directory, dtype=dtype, quantization=scheme, block_size=4, enable_prefix_caching=False, verbose=False
+    )
+    assert llm.engine.num_cpu_layers == config.num_layers
+    return llm, config
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weight_only_quantized_layers_run_in_cpp(scheme, dtype, tmp_path, op_calls, monkeypatch):
     """kiln.LLM(quantization=int8|int4): decode steps of up to MAX_OP_ROWS rows run each layer as the op
     (its projections on kiln::quant_linear, as QuantizedLinear's forward), bit for bit the Python forward;
     a step of more rows keeps the Python forward."""
-    from kiln.config import ModelConfig
-    from kiln.models.hf.io import save_model
-    from kiln.models.transformer import Transformer
     from kiln.quant.linear import MAX_OP_ROWS
 
     for key in MAX_OP_ROWS:  # AVX2 CPUs give bf16 every row count: test the rule at 16
         monkeypatch.setitem(MAX_OP_ROWS, key, 16)
-    config = ModelConfig(
-        vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-        max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    save_model(Transformer(config), tmp_path)
-    llm = LLM(
-        tmp_path, dtype=dtype, quantization=scheme, block_size=4, enable_prefix_caching=False, verbose=False
-    )
-    assert llm.engine.num_cpu_layers == config.num_layers
+    llm, config = _quantized_llm(tmp_path, dtype, scheme)
     prompts = random_prompts(PROMPT_LENGTHS, vocab_size=config.vocab_size, seed=3)
     fused = generate(llm, prompts)
     assert len(op_calls) >= config.num_layers * (PARAMS.max_tokens - 1)
@@ -147,20 +154,7 @@ def test_w8a8_layers_run_in_cpp(dtype, tmp_path, op_calls):
     """kiln.LLM(quantization=w8a8): every decode step runs each layer as the op (its projections on
     kiln::w8a8_linear as QuantizedLinear calls it, the packed int8 GEMM above its rows where this CPU packs),
     bit for bit the Python forward, at 5 and at 18 decodes a step."""
-    from kiln.config import ModelConfig
-    from kiln.models.hf.io import save_model
-    from kiln.models.transformer import Transformer
-
-    config = ModelConfig(
-        vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-        max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    save_model(Transformer(config), tmp_path)
-    llm = LLM(
-        tmp_path, dtype=dtype, quantization="w8a8", block_size=4, enable_prefix_caching=False, verbose=False
-    )
-    assert llm.engine.num_cpu_layers == config.num_layers
+    llm, config = _quantized_llm(tmp_path, dtype, "w8a8")
     prompts = random_prompts(PROMPT_LENGTHS, vocab_size=config.vocab_size, seed=3)
     many = random_prompts([3] * (16 + 2), vocab_size=config.vocab_size, seed=5)
     fused, fused_many = generate(llm, prompts), generate(llm, many)
