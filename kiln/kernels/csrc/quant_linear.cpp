@@ -53,13 +53,15 @@ struct QuantArgs {
   float* out;           // (M, N) fp32
   int64_t M, K, N, G, group, row_bytes;
   int bits;
+  float zero_shift = 0.0f;  // added to every zero point (cols_int4_bf16's weights are 128 + u, not u)
 };
 
 // The offset term and bias of output column n for row m.
 inline float correction(const QuantArgs& a, int64_t m, int64_t n) {
   float value = a.bias != nullptr ? a.bias[n] : 0.0f;
   if (a.offset != nullptr) {
-    for (int64_t g = 0; g < a.G; ++g) value -= a.offset[n * a.G + g] * a.xsum[m * a.G + g];
+    for (int64_t g = 0; g < a.G; ++g)
+      value -= (a.offset[n * a.G + g] + a.zero_shift * a.scale[n * a.G + g]) * a.xsum[m * a.G + g];
   }
   return value;
 }
@@ -295,10 +297,9 @@ void cols_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
     for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
   const uint8_t* w = a.w + n0 * a.row_bytes;
   const int64_t ahead = prefetch_distance(a);
-  alignas(64) static const uint16_t bf16_of[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0,
-                                                   0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
-                                                   0x4160, 0x4170};  // bf16 bits of 0..15
-  const __m512i table = _mm512_load_si512(bf16_of), low_nibble = _mm512_set1_epi16(0xF);
+  // A nibble u becomes the bf16 of 128 + u by setting the bits of 128.0 (0x4300) above it: exact, as 128 + u
+  // needs 8 significant bits; the 128 is taken back through the zero-point term (QuantArgs::zero_shift).
+  const __m512i bf16_128 = _mm512_set1_epi16(0x4300), low_nibble = _mm512_set1_epi16(0xF);
   for (int64_t g = 0; g < a.G; ++g) {
     __m512 acc[R][C];
     for (int m = 0; m < R; ++m)
@@ -310,8 +311,8 @@ void cols_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
       for (int c = 0; c < C; ++c) {
         const __m512i v =
             _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * a.row_bytes + k / 2)));
-        lo[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low_nibble), table);
-        hi[c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+        lo[c] = (__m512bh)_mm512_ternarylogic_epi32(v, low_nibble, bf16_128, 0xEA);  // (v & 0xF) | 0x4300
+        hi[c] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), bf16_128);
       }
       for (int m = 0; m < R; ++m) {
         const uint16_t* xr = a.xb + (m0 + m) * a.K + k;
@@ -554,6 +555,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                  b.defined() ? b.const_data_ptr<float>() : nullptr,
                  out_data,
                  M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
+  if (!xb.empty() && off.defined() && column_tiles()) args.zero_shift = 128.0f;  // cols_int4_bf16's weights
   // AMD: one weight row per tile, so each thread reads its slab of the weight as one sequential stream (four
   // rows read side by side streamed at half the bandwidth on the Zen 4 EPYC: linear.cpp); a row block of
   // x passes over the row while it sits in L1.
