@@ -17,10 +17,11 @@
 // float weight) and `scales`/`offsets` hold its scale and scale * zero point; it runs kiln::quant_linear,
 // the op QuantizedLinear.forward calls for the same rows, so the result is still the Python path's bit for
 // bit. A w8a8 projection (bits W8A8 = -8: int8 weight, (N, 1) scale, its `packed` entry the weight's oneDNN
-// int8 copy or None) runs kiln::w8a8_linear with the row limit and int8_mm choice QuantizedLinear passes. kiln/engine/cpu_decoder.py sends a layer with quantized projections here only for steps of as few rows
-// as QuantizedLinear gives its op. The new tokens' keys/values are written into key_cache/value_cache (slots, KVH, D) at
-// slot_mapping before attention reads the pool in place. kiln::decoder_layer_quantized is the same layer over
-// a quantized KV pool (kv_cache_dtype int8/int4).
+// int8 copy or None) runs kiln::w8a8_linear with the row limit and int8_mm choice QuantizedLinear passes.
+// kiln/engine/cpu_decoder.py sends a layer with weight-only projections here only for steps of as few rows
+// as QuantizedLinear gives its op (a w8a8 layer: any decode step). The new tokens' keys/values are written
+// into key_cache/value_cache (slots, KVH, D) at slot_mapping before attention reads the pool in place.
+// kiln::decoder_layer_quantized is the same layer over a quantized KV pool (kv_cache_dtype int8/int4).
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -197,8 +197,9 @@ void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n) {
 // per x row. The C rows are read side by side, as kiln::linear does on Intel, with a software prefetch of the
 // weight PREFETCH_BYTES ahead (12-96 KB measured alike). 2-vCPU Xeon with AMX (2026-12-07), one x row, the
 // 134M model's layers and LM head cycled from memory, 2 threads, two runs each: int8 10-12.5 GB/s with the
-// one-row tiles, 16-30 with these; int4 6-7.5 -> 9-17 (bf16's kiln::linear 21-41 beside them). A row's sums run over k in the same order whatever R is, so a row's result
-// does not depend on how many rows are in the call.
+// one-row tiles, 16-30 with these; int4 6-7.5 -> 9-17 (bf16's kiln::linear 21-41 beside them). A row's sums
+// run over k in the same order whatever R is, so a row's result does not depend on how many rows are in the
+// call.
 constexpr int COLS = 4;
 constexpr int64_t PREFETCH_BYTES = 12 * 1024;
 
@@ -228,7 +229,8 @@ void cols_int8(const QuantArgs& a, int64_t m0, int64_t n0) {
     __m512 wv[C];
     for (int c = 0; c < C; ++c) {
       const int8_t* wk = w + c * a.row_bytes + k;
-      const __m128i bytes = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(wk)) : _mm_maskz_loadu_epi8(mask, wk);
+      const __m128i bytes =
+          full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(wk)) : _mm_maskz_loadu_epi8(mask, wk);
       wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
     }
     for (int m = 0; m < R; ++m) {
@@ -240,7 +242,8 @@ void cols_int8(const QuantArgs& a, int64_t m0, int64_t n0) {
   constexpr __mmask16 all = 0xFFFF;
   int64_t k = 0;
   for (; k + 64 <= a.K; k += 64) {
-    for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k + ahead), _MM_HINT_T0);
+    for (int c = 0; c < C; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k + ahead), _MM_HINT_T0);
     step(k, all, true), step(k + 16, all, true), step(k + 32, all, true), step(k + 48, all, true);
   }
   for (; k + 16 <= a.K; k += 16) step(k, all, true);
@@ -267,10 +270,12 @@ void cols_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
       for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
     for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 32) {
       if (k % 128 == 0)
-        for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k / 2 + ahead), _MM_HINT_T0);
+        for (int c = 0; c < C; ++c)
+          _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k / 2 + ahead), _MM_HINT_T0);
       __m512 lo[C], hi[C];
       for (int c = 0; c < C; ++c) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * a.row_bytes + k / 2)));
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * a.row_bytes + k / 2));
+        const __m512i v = _mm512_cvtepu8_epi32(bytes);
         lo[c] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low_nibble));
         hi[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
       }
@@ -306,7 +311,8 @@ void cols_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
       for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
     for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {
       if (k % 128 == 0)
-        for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k / 2 + ahead), _MM_HINT_T0);
+        for (int c = 0; c < C; ++c)
+          _mm_prefetch(reinterpret_cast<const char*>(w + c * a.row_bytes + k / 2 + ahead), _MM_HINT_T0);
       __m512bh lo[C], hi[C];
       for (int c = 0; c < C; ++c) {
         const __m512i v =

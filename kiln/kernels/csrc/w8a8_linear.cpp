@@ -174,7 +174,8 @@ float quantize_row_int8(const T* x, int8_t* q, int64_t K) {
   for (; k < K; k += 16) {
     const __mmask16 mask = tail_mask(K - k);
     s = opaque(s);  // no reciprocal hoisted out of the loop
-    const __m512 d = _mm512_roundscale_ps(_mm512_div_ps(load_ps(x + k, mask), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 d =
+        _mm512_roundscale_ps(_mm512_div_ps(load_ps(x + k, mask), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm512_mask_cvtsepi32_storeu_epi8(q + k, mask, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(d, low), high)));
   }
 #endif
