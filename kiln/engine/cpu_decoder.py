@@ -146,8 +146,9 @@ class CpuDecoderForward:
             return None
         found = _parameters(block)
         seen = tuple(map(id, found))  # compared as ints: one C-level tuple comparison
-        # Packed copies serve only steps of more rows than kiln's op takes: only those check their versions.
-        stale = self._versions and x.numel() // x.shape[-1] > MAX_ROWS[x.dtype]
+        # Packed copies serve only steps of more rows than kiln's op (bf16) or w8a8's op takes: only those
+        # check their versions.
+        stale = self._versions and x.numel() // x.shape[-1] > min(MAX_ROWS[x.dtype], W8A8_MAX_OP_ROWS)
         if seen != self._seen or (stale and self._versions != self._packed_versions()):
             self._seen, self._held = seen, found
             self._layer = layer_weights(block) if fits(block) else None
