@@ -117,6 +117,15 @@ void quantize_row(const T* x, float scale, Q* q, int64_t K) {
   }
 }
 
+// One output of the w8a8 epilogue, rounded as the ATen steps in w8a8_linear round it: float(sum) * x_scale,
+// then * scale, cast to T, then + bias (cast to T; none where null), cast to T.
+template <typename T>
+inline T finish(float sum, float x_scale, float scale, const T* bias) {
+  const float y = opaque(opaque(sum * x_scale) * scale);  // no FMA with the bias
+  const T t = static_cast<T>(y);
+  return bias != nullptr ? static_cast<T>(static_cast<float>(t) + static_cast<float>(*bias)) : t;
+}
+
 // The w8a8 branch with kiln's int8 GEMM: the rows quantized straight into its int16 layout and each int32 sum
 // scaled, cast and biased where it lands, op for op as the ATen steps in w8a8_linear below round them:
 // float(sum) * x_scale, then * scale, cast to T, then + bias cast to T. tests/quant/test_linear.py checks the
@@ -140,10 +149,7 @@ at::Tensor w8a8_int8_gemm(const at::Tensor& x, const at::Tensor& x_scale, const 
   const float* ws = sc.const_data_ptr<float>();
   const T* bias_data = b.defined() ? b.const_data_ptr<T>() : nullptr;
   kiln_int8::gemm(q.data(), wc.const_data_ptr<int8_t>(), M, N, K, [&](int64_t m, int64_t n, int32_t sum) {
-    const float y = opaque(opaque(static_cast<float>(sum) * xs_data[m]) * ws[n]);  // no FMA with the bias
-    T t = static_cast<T>(y);
-    if (bias_data != nullptr) t = static_cast<T>(static_cast<float>(t) + static_cast<float>(bias_data[n]));
-    o[m * N + n] = t;
+    o[m * N + n] = finish<T>(static_cast<float>(sum), xs_data[m], ws[n], bias_data ? bias_data + n : nullptr);
   });
   return out;
 }
@@ -222,12 +228,7 @@ at::Tensor w8a8_packed(const at::Tensor& x, const at::Tensor& packed, const at::
         store_ps(om + n, mask, y);
       }
 #endif
-      for (; n < N; ++n) {
-        const float y = opaque(opaque(sm[n] * xs_data[m]) * ws[n]);
-        T t = static_cast<T>(y);
-        if (bias_data != nullptr) t = static_cast<T>(static_cast<float>(t) + static_cast<float>(bias_data[n]));
-        om[n] = t;
-      }
+      for (; n < N; ++n) om[n] = finish<T>(sm[n], xs_data[m], ws[n], bias_data ? bias_data + n : nullptr);
     }
   });
   return out;
@@ -249,7 +250,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                                          : w8a8_packed<at::BFloat16>(x, *packed, scale, bias);
   }
   if (kiln_int8_mm && x.size(0) > max_op_rows && x.size(0) > 0 && qweight.size(0) > 0 && x.size(1) > 0 &&
-      x.size(1) < (int64_t(1) << 17) && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) {
+      x.size(1) < (int64_t(1) << 17) && fused_dtype) {
     // max |x| is exact in x's dtype, so the scale equals the one below from fp32
     const at::Tensor x_scale = (x.abs().amax(-1, true).to(at::kFloat) / 127).clamp_min(TINY);
     return x.scalar_type() == at::kFloat ? w8a8_int8_gemm<float>(x, x_scale, qweight, scale, bias)
