@@ -56,7 +56,7 @@ def _candidates(weight: torch.Tensor, rows: int) -> dict[str, tuple[Callable, An
     }
     if packing_available():  # the engine's bf16 GEMM above its small-row op on such CPUs
         candidates["bf16 packed for oneDNN"] = (packed_linear, lambda w: pack(w.bfloat16()))
-    if packed_rows(torch.int8):  # w8a8's sums above its op's rows on VNNI/AMX CPUs (float of the int32)
+    if packed_rows(torch.int8):  # w8a8's sums above its op's rows on AMX CPUs (float of the int32)
         candidates["oneDNN int8, packed (x already int8)"] = (
             lambda x, q: torch.ops.onednn.qlinear_pointwise(
                 q[1],

@@ -1,5 +1,5 @@
 """bf16 linear weights also held in oneDNN's blocked layout, for the GEMMs of mid-sized steps on CPUs with
-AMX or AVX512-BF16; and w8a8's int8 weights, for oneDNN's int8 GEMM on CPUs with VNNI/AMX (`_int8_packing`).
+AMX or AVX512-BF16; and w8a8's int8 weights, for oneDNN's int8 GEMM on CPUs with AMX (`_int8_packing`).
 
 Above kiln's small-row op (cpu_linear.MAX_ROWS) a bf16 linear is torch's `F.linear`, which on CPU runs
 oneDNN's GEMM (AMX tiles or AVX512-BF16 dot products) and reorders the (N, K) weight into its blocked
@@ -47,13 +47,16 @@ def _packed_rows(flags: frozenset[str]) -> dict[torch.dtype, int]:
 
 def _int8_packing(flags: frozenset[str]) -> bool:
     """Whether int8 weights (w8a8's) are packed for oneDNN's int8 GEMM (`onednn::qlinear_prepack`): on CPUs
-    with VNNI or AMX-INT8, where w8a8 otherwise runs torch._int_mm, which reorders the weight on every call.
+    with AMX-INT8, where w8a8 otherwise runs torch._int_mm, which reorders the weight on every call.
     2-vCPU Xeon with AMX (2026-12-07, 2 threads, weights cycled from memory, us a call, int8 x already
     quantized): at 64 rows the packed GEMM took 199 / 93 / 188 / 188 / 1,789 us for the 134M model's qkv /
     o_proj / gate / down / LM head against torch._int_mm's 270 / 95 / 248 / 176 / 3,705 (and the packed bf16
-    GEMM's 297 / 115 / 274 / 318 / 3,218); at 16 rows 0.9-2.5x faster than torch._int_mm."""
-    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
-    return vnni and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+    GEMM's 297 / 115 / 274 / 318 / 3,218); at 16 rows 0.9-2.5x faster than torch._int_mm.
+    Not with AVX512-VNNI alone: on a Zen 4 EPYC (torch 2.13.0's oneDNN 3.12) the prepacked weight's layout
+    (BA16a64b4a) sends the GEMM to oneDNN's scalar reference kernel (`ref_int8` in ONEDNN_VERBOSE): 1.1 s
+    for 64 x 768 x 2048 against torch._int_mm's 0.9 ms."""
+    amx = "amx_int8" in flags
+    return amx and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
 PACKED_ROWS: dict[torch.dtype, int] = _packed_rows(cpu_flags())

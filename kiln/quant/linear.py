@@ -165,7 +165,7 @@ class QuantizedLinear(nn.Module):
 
     def packable_weights(self) -> tuple[torch.Tensor, ...]:
         """Weights kiln/kernels/packed_weight.py may keep a oneDNN copy of (`pack_linears`): w8a8's int8
-        weight, for its integer GEMMs above the op's rows on VNNI/AMX CPUs."""
+        weight, for its integer GEMMs above the op's rows on AMX CPUs."""
         return (self.qweight,) if self.scheme.name == "w8a8" else ()
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

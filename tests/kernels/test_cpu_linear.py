@@ -264,7 +264,7 @@ for rows in (1, 6):
     got = torch.ops.kiln.quant_linear(x, packed, s4, s4 * z, None, 4)
     w = (u.float() - z.repeat_interleave(32, 1)) * s4.repeat_interleave(32, 1)
     assert torch.allclose(got, x @ w.T, atol=1e-4, rtol=1e-5), "int4"
-# kiln::w8a8_linear on a weight packed for oneDNN (CPUs with VNNI/AMX): the ATen steps' bits
+# kiln::w8a8_linear on a weight packed for oneDNN (CPUs with AMX): the ATen steps' bits
 from kiln.kernels.packed_weight import pack, packed_rows
 from kiln.quant import QuantizedLinear, parse_scheme
 from kiln.quant import weights as qw

@@ -169,7 +169,7 @@ def test_w8a8_op_equals_its_steps_in_torch(rows, dtype, limit, int8_mm, in_featu
 
 needs_int8_packing = pytest.mark.skipif(
     not cpu_ops_available() or not packed_rows(torch.int8),
-    reason="int8 weights are packed for oneDNN only on CPUs with VNNI/AMX (and kiln's C++ ops built)",
+    reason="int8 weights are packed for oneDNN only on CPUs with AMX-INT8 (and kiln's C++ ops built)",
 )
 
 
@@ -178,7 +178,7 @@ needs_int8_packing = pytest.mark.skipif(
 @pytest.mark.parametrize("rows", [17, 64, 300])
 @pytest.mark.parametrize("in_features", [768, 37, 2048])
 def test_w8a8_on_a_packed_weight_equals_its_steps_in_torch(rows, dtype, in_features):
-    """Above the op's rows, w8a8 on a weight packed for oneDNN (VNNI/AMX CPUs) gives the bits of the ATen
+    """Above the op's rows, w8a8 on a weight packed for oneDNN (AMX CPUs) gives the bits of the ATen
     steps on torch._int_mm's sums; at 2048 in-features with every value at +-127 the sums pass 2^24, so
     their rounding to fp32 is compared too."""
     import kiln.quant.linear as quant_linear
@@ -216,6 +216,17 @@ def test_w8a8_uses_the_packed_copy_above_the_op_rows():
         assert torch.equal(layer(x), -plain)
         layer.qweight.add_(0)  # a new version: packed again from the weight itself
         assert torch.equal(layer(x), plain)
+
+
+def test_int8_packing_only_with_amx():
+    """oneDNN's prepacked int8 GEMM runs its scalar reference kernel on AVX512-VNNI without AMX (a Zen 4
+    EPYC: 1,300x torch._int_mm's time), so only AMX CPUs pack w8a8's weights."""
+    from kiln.kernels.packed_weight import _int8_packing
+
+    zen4 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"})
+    assert not _int8_packing(zen4)
+    assert not _int8_packing(frozenset({"avx2", "fma", "avx_vnni"}))
+    assert _int8_packing(zen4 | {"amx_int8", "amx_tile"}) == torch.backends.mkldnn.is_available()
 
 
 def test_pack_linears_packs_w8a8_weights_where_int8_packing_is_on():

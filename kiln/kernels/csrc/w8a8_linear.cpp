@@ -189,7 +189,7 @@ float quantize_row_int8(const T* x, int8_t* q, int64_t K) {
   return scale;
 }
 
-// The w8a8 branch on a weight oneDNN packed (CPUs with VNNI/AMX): the rows quantized to int8 in one pass, the
+// The w8a8 branch on a weight oneDNN packed (CPUs with AMX): the rows quantized to int8 in one pass, the
 // integer sums from packed_sums, then one pass that scales, casts and biases them, op for op as the ATen steps
 // in w8a8_linear below round them (tests/quant/test_linear.py checks the bits).
 template <typename T>
