@@ -85,6 +85,24 @@ def test_fast_path_matches_reference(scheme, rows, dtype):
 
 @needs_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_int4_op_without_offsets(rows, dtype):
+    """kiln::quant_linear at 4 bits with no offset (zero points 0): the bf16 tiles hold each weight as
+    128 + u and take the 128 back through the zero-point term, which must happen without offsets too."""
+    from kiln.quant.weights import pack_int4
+
+    generator = torch.Generator().manual_seed(rows)
+    u = torch.randint(0, 16, (37, 256), dtype=torch.uint8, generator=generator)
+    scale = torch.rand(37, 4, generator=generator) + 0.1
+    x = torch.randn(rows, 256, generator=generator).to(dtype)
+    got = torch.ops.kiln.quant_linear(x, pack_int4(u), scale, None, None, 4)
+    exact = x.double() @ (u.double() * scale.double().repeat_interleave(64, 1)).T
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    assert (got.double() - exact).abs().max().item() <= tolerance * max(1.0, exact.abs().max().item())
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scheme", SCHEMES[:4], ids=lambda s: s.describe())
 def test_op_gives_a_row_the_same_bits_at_any_row_count(scheme, dtype):
     # the op's tiles take 1-4 x rows at a time (one weight row wide on AMD, four on Intel, 67 outputs leaving

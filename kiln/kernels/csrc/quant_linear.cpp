@@ -48,7 +48,7 @@ struct QuantArgs {
   const uint8_t* w;     // (N, row_bytes)
   const float* scale;   // (N, G)
   const float* offset;  // (N, G) or null
-  const float* xsum;    // (M, G) or null (with offset)
+  const float* xsum;    // (M, G): with an offset or a zero shift, else null
   const float* bias;    // (N,) or null
   float* out;           // (M, N) fp32
   int64_t M, K, N, G, group, row_bytes;
@@ -59,9 +59,11 @@ struct QuantArgs {
 // The offset term and bias of output column n for row m.
 inline float correction(const QuantArgs& a, int64_t m, int64_t n) {
   float value = a.bias != nullptr ? a.bias[n] : 0.0f;
-  if (a.offset != nullptr) {
-    for (int64_t g = 0; g < a.G; ++g)
-      value -= (a.offset[n * a.G + g] + a.zero_shift * a.scale[n * a.G + g]) * a.xsum[m * a.G + g];
+  if (a.xsum != nullptr) {
+    for (int64_t g = 0; g < a.G; ++g) {
+      const float offset = a.offset != nullptr ? a.offset[n * a.G + g] : 0.0f;
+      value -= (offset + a.zero_shift * a.scale[n * a.G + g]) * a.xsum[m * a.G + g];
+    }
   }
   return value;
 }
@@ -533,12 +535,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   float* out_data = fp32 ? out.mutable_data_ptr<float>() : out_buffer.data();
   at::Tensor wc = qweight.contiguous(), sc = scale.contiguous();
   at::Tensor off, b;
-  std::vector<float> xsum;  // (M, G): each group's sum of x, for the zero points' term
-  if (offset.has_value() && offset->defined()) {
-    off = offset->contiguous();
-    xsum.assign(M * G, 0.0f);
-    for (int64_t i = 0; i < M * K; ++i) xsum[i / (K / G)] += x_data[i];
-  }
+  if (offset.has_value() && offset->defined()) off = offset->contiguous();
   if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
   if (M == 0 || N == 0) return out;
   std::vector<uint16_t> xb;
@@ -557,11 +554,17 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                  reinterpret_cast<const uint8_t*>(wc.const_data_ptr()),
                  sc.const_data_ptr<float>(),
                  off.defined() ? off.const_data_ptr<float>() : nullptr,
-                 xsum.empty() ? nullptr : xsum.data(),
+                 nullptr,  // xsum, below
                  b.defined() ? b.const_data_ptr<float>() : nullptr,
                  out_data,
                  M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
-  if (!xb.empty() && off.defined() && column_tiles()) args.zero_shift = 128.0f;  // cols_int4_bf16's weights
+  if (!xb.empty() && column_tiles()) args.zero_shift = 128.0f;  // cols_int4_bf16's weights are 128 + u
+  std::vector<float> xsum;  // (M, G): each group's sum of x, for the zero points' term (and the shift's)
+  if (off.defined() || args.zero_shift != 0.0f) {
+    xsum.assign(M * G, 0.0f);
+    for (int64_t i = 0; i < M * K; ++i) xsum[i / (K / G)] += x_data[i];
+    args.xsum = xsum.data();
+  }
   // AMD: one weight row per tile, so each thread reads its slab of the weight as one sequential stream (four
   // rows read side by side streamed at half the bandwidth on the Zen 4 EPYC: linear.cpp); a row block of
   // x passes over the row while it sits in L1.
