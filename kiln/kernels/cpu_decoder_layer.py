@@ -89,6 +89,57 @@ def decoder_layer(
     )  # fmt: skip
 
 
+@dataclass(slots=True)
+class LayerStack:
+    """Layers' arguments to `decoder_layers`, flattened once (rebuilt when a layer's LayerWeights change)."""
+
+    layers: tuple[LayerWeights, ...]
+    weights: list[torch.Tensor]  # 9 a layer
+    biases: list[torch.Tensor | None]  # 7 a layer, as scales, offsets, bits and packed
+    scales: list[torch.Tensor | None]
+    offsets: list[torch.Tensor | None]
+    bits: list[int]
+    packed: list[torch.Tensor | None]
+    packed_rows: list[int]  # 1 a layer
+    eps: float
+
+    @classmethod
+    def of(cls, layers: tuple[LayerWeights, ...]) -> LayerStack:
+        eps = {layer.eps for layer in layers}
+        w8a8 = {(layer.w8a8_max_op_rows, layer.w8a8_int8_mm) for layer in layers}
+        assert len(eps) == 1 and len(w8a8) == 1, (
+            "decoder_layers takes layers with one eps and one w8a8 setting"
+        )
+        return cls(
+            layers, [w for layer in layers for w in layer.weights()],
+            [b for layer in layers for b in layer.biases], [s for layer in layers for s in layer.scales],
+            [o for layer in layers for o in layer.offsets], [b for layer in layers for b in layer.bits],
+            [p for layer in layers for p in layer.packed], [_packed_rows(layer) for layer in layers],
+            eps.pop(),
+        )  # fmt: skip
+
+
+def decoder_layers(
+    x: torch.Tensor,
+    stack: LayerStack,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
+    step: PagedDecode,
+    max_linear_rows: list[int],
+) -> torch.Tensor:
+    """`decoder_layer` for each layer of `stack` in turn, in one call (`kiln::decoder_layers`);
+    key/value_caches and max_linear_rows hold one entry per layer."""
+    layer = stack.layers[0]
+    return torch.ops.kiln.decoder_layers(
+        x, stack.weights, stack.biases, stack.eps, cos, sin, key_caches, value_caches, step.slot_mapping,
+        step.block_tables, step.query_starts, step.query_lens, step.context_lens, step.block_size, step.scale,
+        step.alibi_slopes, step.sliding_window or 0, max_linear_rows, stack.scales, stack.offsets, stack.bits,
+        stack.packed, stack.packed_rows, layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
+    )  # fmt: skip
+
+
 def decoder_layer_quantized(
     x: torch.Tensor,
     layer: LayerWeights,
@@ -113,10 +164,14 @@ def _step_arguments(step: PagedDecode, layer: LayerWeights, max_linear_rows: int
     return (
         step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
         step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
-        list(layer.scales), list(layer.offsets), list(layer.bits), list(layer.packed),
-        packed_rows(layer.attn_norm.dtype) if any(p is not None for p in layer.packed) else 0,
+        list(layer.scales), list(layer.offsets), list(layer.bits), list(layer.packed), _packed_rows(layer),
         layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
     )  # fmt: skip
+
+
+def _packed_rows(layer: LayerWeights) -> int:
+    """Most rows the layer's packed float copies serve (0: none packed)."""
+    return packed_rows(layer.attn_norm.dtype) if any(p is not None for p in layer.packed) else 0
 
 
 def decoder_layer_reference(

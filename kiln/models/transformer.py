@@ -126,9 +126,16 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        return self.norm(self.run_layers(x, inputs, kv_cache))
+
+    def run_layers(
+        self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """The blocks in order. Like a block's forward, an engine may replace it on an instance from outside
+        (kiln/engine/cpu_decoder.py runs a decode step's layers in one C++ call)."""
         for block in self.layers:
             x = block(x, inputs, kv_cache)
-        return self.norm(x)
+        return x
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -28,15 +28,27 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    calls = []
-    real = cpu_decoder.decoder_layer
+    """Rows a layer op took, one entry per layer run in C++ (a kiln::decoder_layers call adds one per layer);
+    `op_calls.stacked` counts the decoder_layers calls."""
+    calls = OpCalls()
+    real, real_stack = cpu_decoder.decoder_layer, cpu_decoder.decoder_layers
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape[0])
         return real(*args, **kwargs)
 
+    def spy_stack(x, stack, *args, **kwargs):
+        calls.extend([x.shape[0]] * len(stack.layers))
+        calls.stacked += 1
+        return real_stack(x, stack, *args, **kwargs)
+
     monkeypatch.setattr(cpu_decoder, "decoder_layer", spy)
+    monkeypatch.setattr(cpu_decoder, "decoder_layers", spy_stack)
     return calls
+
+
+class OpCalls(list):
+    stacked = 0
 
 
 def generate(llm, prompts):
@@ -45,6 +57,7 @@ def generate(llm, prompts):
 
 
 def remove_layers(llm) -> None:
+    llm.engine.model.__dict__.pop("run_layers", None)
     for block in llm.engine.model.layers:
         block.__dict__.pop("forward", None)
 
@@ -65,6 +78,9 @@ def test_layers_in_cpp_equal_the_python_forward(case, dtype, tmp_path, op_calls)
     fused = generate(llm, prompts)
     assert len(op_calls) >= num_layers * (PARAMS.max_tokens - 1), "the decode steps did not take the op"
     assert max(op_calls) == len(prompts)  # a step of all five decodes ran as one call per layer
+    assert op_calls.stacked >= PARAMS.max_tokens - 1  # each decode step's layers in one call
+    llm.engine.model.__dict__.pop("run_layers")  # the layers one op call each: the same bits
+    assert generate(llm, prompts) == fused
     remove_layers(llm)
     op_calls.clear()
     assert generate(llm, prompts) == fused

@@ -20,10 +20,12 @@ if not cpu_ops_available():
 
 from kiln.kernels.cpu_decoder_layer import (  # noqa: E402
     W8A8_BITS,
+    LayerStack,
     LayerWeights,
     PagedDecode,
     decoder_layer,
     decoder_layer_reference,
+    decoder_layers,
 )
 from kiln.kernels.packed_weight import pack, packed_rows, packing_available  # noqa: E402
 from kiln.models.layers import alibi_slopes  # noqa: E402
@@ -110,6 +112,72 @@ def test_op_matches_reference(shape, dtype, variant):
     written = step.slot_mapping
     assert_close(keys[written], ref_keys[written], dtype)
     assert_close(values[written], ref_values[written], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 20])
+def test_layers_in_one_call_equal_the_layers_one_by_one(rows, dtype):
+    """kiln::decoder_layers over three layers (float with biases, int4, w8a8 beside float projections; each
+    with its own pool) gives decoder_layer's bits layer after layer, and writes the same keys/values."""
+    from kiln.quant import QuantizedLinear, parse_scheme
+
+    generator = torch.Generator().manual_seed(rows)
+    hidden, heads, kv_heads, head_dim, inner = 128, 4, 2, 32, 192
+    layers = [
+        random_layer(hidden, heads, kv_heads, head_dim, inner, dtype, i == 0, generator) for i in range(3)
+    ]
+    layers[1] = quantize_projections(layers[1], ("int4", 64, False), "qkvogud")
+    bits, scales = list(layers[2].bits), list(layers[2].scales)
+    for i, name in enumerate(["q", "k", "v", "o", "gate", "up", "down"]):
+        if name not in ("o", "up"):
+            quantized = QuantizedLinear.from_float(
+                getattr(layers[2], name).float(), None, parse_scheme("w8a8")
+            )
+            setattr(layers[2], name, quantized.qweight)
+            bits[i], scales[i] = W8A8_BITS, quantized.scale
+    layers[2].bits, layers[2].scales = tuple(bits), tuple(scales)
+    contexts = [9] if rows == 1 else [5 + 3 * i for i in range(rows)]
+    pools, step = [], None
+    for _ in layers:
+        keys, values, step = decode_step(
+            contexts, kv_heads, head_dim, 16, dtype, torch.Generator().manual_seed(7)
+        )
+        pools.append((keys, values))
+    angles = torch.rand(rows, head_dim // 2, generator=generator) * 6
+    cos, sin = (
+        torch.cat((angles, angles), -1).cos().to(dtype),
+        torch.cat((angles, angles), -1).sin().to(dtype),
+    )
+    x = torch.randn(rows, hidden, generator=generator).to(dtype)
+    one_by_one, copies = x, [(k.clone(), v.clone()) for k, v in pools]
+    for layer, (keys, values) in zip(layers, copies, strict=True):
+        one_by_one = decoder_layer(one_by_one, layer, cos, sin, keys, values, step, 16)
+    got = decoder_layers(
+        x,
+        LayerStack.of(tuple(layers)),
+        cos,
+        sin,
+        [k for k, _ in pools],
+        [v for _, v in pools],
+        step,
+        [16] * 3,
+    )
+    assert torch.equal(got, one_by_one)
+    for (keys, values), (ref_keys, ref_values) in zip(pools, copies, strict=True):
+        assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+
+
+def test_layer_lists_of_the_wrong_length_are_refused():
+    generator = torch.Generator().manual_seed(0)
+    stack = LayerStack.of(
+        tuple(random_layer(16, 2, 2, 8, 24, torch.float32, False, generator) for _ in range(2))
+    )
+    keys, values, step = decode_step([3], 2, 8, 4, torch.float32, generator)
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        decoder_layers(torch.randn(1, 16), stack, None, None, [keys, keys], [values], step, [64, 64])
+    stack.weights.pop()
+    with pytest.raises(RuntimeError, match="9 tensors a layer"):
+        decoder_layers(torch.randn(1, 16), stack, None, None, [keys, keys], [values, values], step, [64, 64])
 
 
 def test_bad_weight_lists_are_refused():

@@ -21,7 +21,8 @@
 // kiln/engine/cpu_decoder.py sends a layer with weight-only projections here only for steps of as few rows
 // as QuantizedLinear gives its op (a w8a8 layer: any decode step). The new tokens' keys/values are written
 // into key_cache/value_cache (slots, KVH, D) at slot_mapping before attention reads the pool in place.
-// kiln::decoder_layer_quantized is the same layer over a quantized KV pool (kv_cache_dtype int8/int4).
+// kiln::decoder_layer_quantized is the same layer over a quantized KV pool (kv_cache_dtype int8/int4), and
+// kiln::decoder_layers runs L layers over a float pool in turn in one call (the engine's decode step).
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -150,32 +151,40 @@ std::tuple<at::Tensor, at::Tensor> quantize_kv(const at::Tensor& x, int64_t bits
   return {codes, params};
 }
 
+// The per-projection lists of one layer inside longer ones (kiln::decoder_layers passes every layer's entries
+// back to back): projection b of the layer is entry base + b of biases, scales, offsets, bits and packed.
+struct Projections {
+  const c10::List<OptionalTensor>& biases;
+  const c10::List<OptionalTensor>& scales;
+  const c10::List<OptionalTensor>& offsets;
+  at::IntArrayRef bits;
+  const c10::List<OptionalTensor>& packed;
+  size_t base;
+};
+
 // The layer around its attention: `attend(q, k, v)` (q (N, H*D), k/v (N, KVH*D) after RoPE) writes the new
-// keys/values into the pool and returns the attended rows (N, H, D). `op` names the op in errors.
+// keys/values into the pool and returns the attended rows (N, H, D). `op` names the op in errors; `weights`
+// are the layer's nine.
 template <typename Attend>
-at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights,
-                     const c10::List<OptionalTensor>& biases, double eps, const OptionalTensor& cos,
-                     const OptionalTensor& sin, int64_t max_linear_rows, const c10::List<OptionalTensor>& scales,
-                     const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits,
-                     const c10::List<OptionalTensor>& packed, int64_t packed_rows, int64_t w8a8_max_op_rows,
-                     bool w8a8_kiln_int8_mm, Attend attend) {
-  TORCH_CHECK(weights.size() == 9 && biases.size() == 7, op,
-              ": weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down] and biases [q, k, v, o, "
-              "gate, up, down]");
-  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7 && packed.size() == 7, op,
-              ": scales, offsets, bits and packed must have one entry per projection");
+at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights, const Projections& p, double eps,
+                     const OptionalTensor& cos, const OptionalTensor& sin, int64_t max_linear_rows,
+                     int64_t packed_rows, int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm, Attend attend) {
+  TORCH_CHECK(weights.size() == 9, op, ": weights must be [attn_norm, q, k, v, o, mlp_norm, gate, up, down]");
   TORCH_CHECK(x.dim() == 2, op, ": x must be (N, hidden), got ", x.sizes());
   TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin go together");
-  for (size_t i = 0; i < 7; ++i) {
-    TORCH_CHECK(bits[i] == 0 || scales.get(i).has_value(), op, ": a quantized projection needs its scale");
+  for (size_t i = p.base; i < p.base + 7; ++i) {
+    TORCH_CHECK(p.bits[i] == 0 || p.scales.get(i).has_value(), op, ": a quantized projection needs its scale");
   }
   auto project = [&](const at::Tensor& h, size_t w, size_t b) {
-    if (bits[b] == W8A8) {  // its packed entry is the int8 weight's oneDNN copy (or None)
-      return w8a8_linear(h, weights[w], *scales.get(b), biases.get(b), w8a8_max_op_rows, w8a8_kiln_int8_mm,
-                         packed.get(b));
+    b += p.base;
+    if (p.bits[b] == W8A8) {  // its packed entry is the int8 weight's oneDNN copy (or None)
+      return w8a8_linear(h, weights[w], *p.scales.get(b), p.biases.get(b), w8a8_max_op_rows, w8a8_kiln_int8_mm,
+                         p.packed.get(b));
     }
-    if (bits[b] != 0) return quant_linear(h, weights[w], *scales.get(b), offsets.get(b), biases.get(b), bits[b]);
-    return kiln_linear(h, weights[w], biases.get(b), max_linear_rows, packed.get(b), packed_rows);
+    if (p.bits[b] != 0) {
+      return quant_linear(h, weights[w], *p.scales.get(b), p.offsets.get(b), p.biases.get(b), p.bits[b]);
+    }
+    return kiln_linear(h, weights[w], p.biases.get(b), max_linear_rows, p.packed.get(b), packed_rows);
   };
   const int64_t N = x.size(0);
   at::Tensor h = rms_norm(x, weights[0], eps);
@@ -188,6 +197,39 @@ at::Tensor run_layer(const char* op, const at::Tensor& x, at::TensorList weights
   return out.add_(project(gated, 8, 6));
 }
 
+// One layer's projection lists: seven entries each.
+Projections one_layer(const char* op, const c10::List<OptionalTensor>& biases, const c10::List<OptionalTensor>& scales,
+                      const c10::List<OptionalTensor>& offsets, at::IntArrayRef bits,
+                      const c10::List<OptionalTensor>& packed) {
+  TORCH_CHECK(biases.size() == 7, op, ": biases must be [q, k, v, o, gate, up, down]");
+  TORCH_CHECK(scales.size() == 7 && offsets.size() == 7 && bits.size() == 7 && packed.size() == 7, op,
+              ": scales, offsets, bits and packed must have one entry per projection");
+  return {biases, scales, offsets, bits, packed, 0};
+}
+
+// Writes rows' keys/values (N, KVH*D) into a float pool (slots, KVH, D) and attends over it in place.
+struct FloatPool {
+  at::Tensor& key_cache;
+  at::Tensor& value_cache;
+  const at::Tensor& slot_mapping;
+  const at::Tensor& block_tables;
+  const at::Tensor& query_starts;
+  const at::Tensor& query_lens;
+  const at::Tensor& context_lens;
+  int64_t block_size;
+  double scale;
+  const OptionalTensor& alibi_slopes;
+  int64_t sliding_window;
+
+  at::Tensor operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
+    const int64_t N = q.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
+    key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
+    value_cache.index_copy_(0, slot_mapping, v.view({N, kv_heads, D}));
+    return paged_attention(q.view({N, -1, D}), key_cache, value_cache, block_tables, query_starts, query_lens,
+                           context_lens, block_size, scale, alibi_slopes, sliding_window);
+  }
+};
+
 at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
                          double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::Tensor& key_cache,
                          at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
@@ -197,15 +239,44 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                          const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
                          at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, int64_t packed_rows,
                          int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
-  const int64_t N = x.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
-  auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-    key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
-    value_cache.index_copy_(0, slot_mapping, v.view({N, kv_heads, D}));
-    return paged_attention(q.view({N, -1, D}), key_cache, value_cache, block_tables, query_starts, query_lens,
-                           context_lens, block_size, scale, alibi_slopes, sliding_window);
-  };
-  return run_layer("kiln::decoder_layer", x, weights, biases, eps, cos, sin, max_linear_rows, scales, offsets,
-                   bits, packed, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+  constexpr const char* op = "kiln::decoder_layer";
+  const FloatPool attend{key_cache,  value_cache, slot_mapping, block_tables,  query_starts, query_lens,
+                         context_lens, block_size,  scale,        alibi_slopes, sliding_window};
+  return run_layer(op, x, weights, one_layer(op, biases, scales, offsets, bits, packed), eps, cos, sin,
+                   max_linear_rows, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+}
+
+// kiln::decoder_layers: L such layers in turn over a float pool, in one call (one Python call per decode step
+// instead of L): weights holds the layers' nine tensors back to back (9 * L), the per-projection lists seven
+// entries a layer (7 * L), key/value_caches and max_linear_rows / packed_rows one entry a layer. Each layer runs
+// exactly as kiln::decoder_layer runs it, so the result is that op's, layer after layer, bit for bit.
+at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
+                          double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::TensorList key_caches,
+                          at::TensorList value_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                          const at::Tensor& query_starts, const at::Tensor& query_lens,
+                          const at::Tensor& context_lens, int64_t block_size, double scale,
+                          const OptionalTensor& alibi_slopes, int64_t sliding_window, at::IntArrayRef max_linear_rows,
+                          const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
+                          at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, at::IntArrayRef packed_rows,
+                          int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
+  constexpr const char* op = "kiln::decoder_layers";
+  const size_t L = key_caches.size();
+  TORCH_CHECK(value_caches.size() == L && max_linear_rows.size() == L && packed_rows.size() == L, op,
+              ": key_caches, value_caches, max_linear_rows and packed_rows need one entry per layer");
+  TORCH_CHECK(weights.size() == 9 * L && biases.size() == 7 * L, op, ": weights must hold 9 tensors a layer and ",
+              "biases 7, for ", L, " layers");
+  TORCH_CHECK(scales.size() == 7 * L && offsets.size() == 7 * L && bits.size() == 7 * L && packed.size() == 7 * L,
+              op, ": scales, offsets, bits and packed must hold 7 entries a layer");
+  at::Tensor h = x;
+  for (size_t layer = 0; layer < L; ++layer) {
+    at::Tensor key_cache = key_caches[layer], value_cache = value_caches[layer];
+    const FloatPool attend{key_cache,    value_cache, slot_mapping, block_tables, query_starts,  query_lens,
+                           context_lens, block_size,  scale,        alibi_slopes, sliding_window};
+    const Projections p{biases, scales, offsets, bits, packed, 7 * layer};
+    h = run_layer(op, h, weights.slice(9 * layer, 9), p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
+                  w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+  }
+  return h;
 }
 
 // decoder_layer over a quantized pool (kv_quant.py): the new keys/values are quantized and written as codes
@@ -236,8 +307,9 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                      block_tables, query_starts, query_lens, context_lens, block_size, scale,
                                      alibi_slopes, sliding_window);
   };
-  return run_layer("kiln::decoder_layer_quantized", x, weights, biases, eps, cos, sin, max_linear_rows, scales,
-                   offsets, bits, packed, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+  constexpr const char* op = "kiln::decoder_layer_quantized";
+  return run_layer(op, x, weights, one_layer(op, biases, scales, offsets, bits, packed), eps, cos, sin,
+                   max_linear_rows, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
 }
 
 }  // namespace
@@ -251,6 +323,13 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "int[] bits, Tensor?[] packed, int packed_rows, int w8a8_max_op_rows=16, bool w8a8_kiln_int8_mm=False) "
       "-> Tensor");
   m.def(
+      "decoder_layers(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
+      "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor slot_mapping, Tensor block_tables, "
+      "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
+      "Tensor? alibi_slopes, int sliding_window, int[] max_linear_rows, Tensor?[] scales, Tensor?[] offsets, "
+      "int[] bits, Tensor?[] packed, int[] packed_rows, int w8a8_max_op_rows=16, bool w8a8_kiln_int8_mm=False) "
+      "-> Tensor");
+  m.def(
       "decoder_layer_quantized(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
       "Tensor(a!) key_codes, Tensor(b!) value_codes, Tensor(c!) key_params, Tensor(d!) value_params, int kv_bits, "
       "Tensor slot_mapping, Tensor block_tables, Tensor query_starts, Tensor query_lens, Tensor context_lens, "
@@ -261,6 +340,7 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("decoder_layer", &decoder_layer);
+  m.impl("decoder_layers", &decoder_layers);
   m.impl("decoder_layer_quantized", &decoder_layer_quantized);
 }
 
@@ -268,5 +348,6 @@ TORCH_LIBRARY_IMPL(kiln, CPU, m) {
 // dispatch of a call that holds them: the same functions serve it.
 TORCH_LIBRARY_IMPL(kiln, MkldnnCPU, m) {
   m.impl("decoder_layer", &decoder_layer);
+  m.impl("decoder_layers", &decoder_layers);
   m.impl("decoder_layer_quantized", &decoder_layer_quantized);
 }
