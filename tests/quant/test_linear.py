@@ -191,6 +191,25 @@ needs_int8_packing = pytest.mark.skipif(
 )
 
 
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [17, 64])
+def test_w8a8_fused_steps_keep_the_bits_past_2_to_the_24(rows, dtype):
+    """Above the op's rows without a packed weight (torch._int_mm on VNNI CPUs, kiln's int8 GEMM without):
+    the fused quantize and epilogue give the ATen steps' bits where the int32 sums pass 2^24 (2,048
+    in-features, every value +-127 and +-1), so their rounding to fp32 is compared too."""
+    _, layer = _layer(parse_scheme("w8a8"), 2048, 65, bias=True)
+    generator = torch.Generator().manual_seed(rows)
+    layer.qweight = torch.where(torch.rand(65, 2048, generator=generator) < 0.5, 127, -127).to(torch.int8)
+    x = torch.where(torch.rand(rows, 2048, generator=generator) < 0.6, 1.0, -1.0).to(dtype)
+    q, x_scale = qw.quantize_rows(x)
+    expected = (torch._int_mm(q, layer.qweight.T).float() * x_scale * layer.scale.T).to(dtype)
+    expected = expected + layer.bias.to(dtype)
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.equal(got, expected)
+
+
 @needs_int8_packing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [17, 64, 300])
