@@ -9,7 +9,7 @@ Projections quantized weight-only (kiln/quant int8/int4) run there too, on the o
 as many rows (MAX_OP_ROWS for its dtype), and w8a8 projections on kiln::w8a8_linear as QuantizedLinear calls
 it (any number of rows); larger steps of a weight-only layer, and anything else (prompts, chunks, training,
 adapter layers) run the block's own forward. Where every block fits, the model's layer loop
-(`Transformer.run_layers`) is `CpuDecoderLayers`: a decode step over a float pool in which every layer takes
+(`Transformer.run_layers`) is `CpuDecoderLayers`: a decode step in which every layer takes
 the op runs them all in one `kiln::decoder_layers` call (one Python call a step instead of one a layer).
 """
 
@@ -181,11 +181,12 @@ class CpuDecoderForward:
 
 
 class CpuDecoderLayers:
-    """A Transformer's `run_layers`, set as the model's instance attribute: a step of decodes over a float
-    pool in which every block takes the C++ layer (its CpuDecoderForward finds its weights for this step)
-    runs all layers in one `kiln::decoder_layers` call, the same ops in the same order as the blocks one by
-    one, so the same bits; any other step runs the blocks in turn. At batch-1 decode of the 134M shape the
-    per-block Python (module call, weight checks, argument lists) cost ~0.2-0.6 ms of a 5-7 ms token."""
+    """A Transformer's `run_layers`, set as the model's instance attribute: a step of decodes (over a float
+    or quantized pool) in which every block takes the C++ layer (its CpuDecoderForward finds its weights for
+    this step) runs all layers in one `kiln::decoder_layers` call, the same ops in the same order as the
+    blocks one by one, so the same bits; any other step runs the blocks in turn. At batch-1 decode of the
+    134M shape the per-block Python (module call, weight checks, argument lists) cost ~0.2-0.6 ms of a
+    5-7 ms token."""
 
     __slots__ = ("model", "_stack", "_ids")
 
@@ -198,20 +199,23 @@ class CpuDecoderLayers:
         model = self.model()
         assert model is not None, "the Transformer these layers belong to is gone"
         step = getattr(inputs.backend, "decode_step", None)
-        if step is not None and kv_cache is None and not inputs.backend.pool.bits:
+        if step is not None and kv_cache is None:
             found = self._layers(model, x)
             if found is not None:
                 stack, limits = found
-                pool, blocks = inputs.backend.pool, model.layers._modules.values()
-                indices = [block.attn.layer_index for block in blocks]
+                pool, caches = inputs.backend.pool, []
+                for block in model.layers._modules.values():
+                    i = block.attn.layer_index
+                    caches += (pool.keys[i], pool.values[i])
+                    if pool.bits:
+                        caches += (pool.key_params[i], pool.value_params[i])
                 cos = sin = None
                 if inputs.cos is not None:
                     head_dim = inputs.cos.shape[-1]
                     cos, sin = inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
                 rows = decoder_layers(
-                    x.reshape(-1, x.shape[-1]), stack, cos, sin, [pool.keys[i] for i in indices],
-                    [pool.values[i] for i in indices], step, limits,
-                )  # fmt: skip
+                    x.reshape(-1, x.shape[-1]), stack, cos, sin, caches, pool.bits, step, limits
+                )
                 return rows.view(x.shape)
         return Transformer.run_layers(model, x, inputs, kv_cache)
 

@@ -124,16 +124,17 @@ def decoder_layers(
     stack: LayerStack,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
-    key_caches: list[torch.Tensor],
-    value_caches: list[torch.Tensor],
+    caches: list[torch.Tensor],
+    kv_bits: int,
     step: PagedDecode,
     max_linear_rows: list[int],
 ) -> torch.Tensor:
-    """`decoder_layer` for each layer of `stack` in turn, in one call (`kiln::decoder_layers`);
-    key/value_caches and max_linear_rows hold one entry per layer."""
+    """`decoder_layer` (kv_bits 0: caches = [key_cache, value_cache] a layer) or `decoder_layer_quantized`
+    (kv_bits 8/4: [key_codes, value_codes, key_params, value_params] a layer) for each layer of `stack` in
+    turn, in one call (`kiln::decoder_layers`); max_linear_rows holds one entry per layer."""
     layer = stack.layers[0]
     return torch.ops.kiln.decoder_layers(
-        x, stack.weights, stack.biases, stack.eps, cos, sin, key_caches, value_caches, step.slot_mapping,
+        x, stack.weights, stack.biases, stack.eps, cos, sin, caches, kv_bits, step.slot_mapping,
         step.block_tables, step.query_starts, step.query_lens, step.context_lens, step.block_size, step.scale,
         step.alibi_slopes, step.sliding_window or 0, max_linear_rows, stack.scales, stack.offsets, stack.bits,
         stack.packed, stack.packed_rows, layer.w8a8_max_op_rows, layer.w8a8_int8_mm,

@@ -146,16 +146,17 @@ def _generate(llm, prompts, params=GREEDY):
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
 @pytest.mark.parametrize("case", ["llama-gqa3-untied", "mistral-gqa4-window"])
 def test_quantized_decoder_layers_in_cpp_equal_the_python_forward(case, kv_cache_dtype, dtype, hf_model_dir):
-    """kiln::decoder_layer_quantized (decode steps in one C++ call per layer) gives exactly the tokens and
-    logprobs of the blocks' Python forward over the same backend, and the torch backend's tokens."""
+    """kiln::decoder_layers over the quantized pool (a decode step's layers in one C++ call) gives exactly
+    the tokens and logprobs of kiln::decoder_layer_quantized called per layer, and of the blocks' Python
+    forward over the same backend, and the torch backend's tokens."""
     from kiln.engine import cpu_decoder
 
     calls = []
-    real = cpu_decoder.decoder_layer_quantized
+    real = cpu_decoder.decoder_layers
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(x, stack, *args, **kwargs):
+        calls.extend([1] * len(stack.layers))
+        return real(x, stack, *args, **kwargs)
 
     prompts = random_prompts([3, 11, 30, 7], seed=1)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
@@ -167,9 +168,11 @@ def test_quantized_decoder_layers_in_cpp_equal_the_python_forward(case, kv_cache
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_decoder, "decoder_layer_quantized", spy)
+        patch.setattr(cpu_decoder, "decoder_layers", spy)
         fused = run()
     assert len(calls) >= llm.engine.model.config.num_layers * (params.max_tokens - 1)
+    llm.engine.model.__dict__.pop("run_layers")  # kiln::decoder_layer_quantized, layer by layer
+    assert run() == fused
     for block in llm.engine.model.layers:
         block.__dict__.pop("forward", None)  # the Python forward from here on
     assert run() == fused

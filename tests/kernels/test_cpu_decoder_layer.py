@@ -114,11 +114,15 @@ def test_op_matches_reference(shape, dtype, variant):
     assert_close(values[written], ref_values[written], dtype)
 
 
+@pytest.mark.parametrize("kv_bits", [0, 8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 20])
-def test_layers_in_one_call_equal_the_layers_one_by_one(rows, dtype):
+def test_layers_in_one_call_equal_the_layers_one_by_one(rows, dtype, kv_bits):
     """kiln::decoder_layers over three layers (float with biases, int4, w8a8 beside float projections; each
-    with its own pool) gives decoder_layer's bits layer after layer, and writes the same keys/values."""
+    with its own pool, float or quantized) gives decoder_layer's (decoder_layer_quantized's) bits layer after
+    layer, and writes the same pool entries."""
+    from kiln.kernels.cpu_decoder_layer import decoder_layer_quantized
+    from kiln.kernels.kv_quant import quantize_kv
     from kiln.quant import QuantizedLinear, parse_scheme
 
     generator = torch.Generator().manual_seed(rows)
@@ -130,9 +134,8 @@ def test_layers_in_one_call_equal_the_layers_one_by_one(rows, dtype):
     bits, scales = list(layers[2].bits), list(layers[2].scales)
     for i, name in enumerate(["q", "k", "v", "o", "gate", "up", "down"]):
         if name not in ("o", "up"):
-            quantized = QuantizedLinear.from_float(
-                getattr(layers[2], name).float(), None, parse_scheme("w8a8")
-            )
+            weight = getattr(layers[2], name).float()
+            quantized = QuantizedLinear.from_float(weight, None, parse_scheme("w8a8"))
             setattr(layers[2], name, quantized.qweight)
             bits[i], scales[i] = W8A8_BITS, quantized.scale
     layers[2].bits, layers[2].scales = tuple(bits), tuple(scales)
@@ -142,29 +145,29 @@ def test_layers_in_one_call_equal_the_layers_one_by_one(rows, dtype):
         keys, values, step = decode_step(
             contexts, kv_heads, head_dim, 16, dtype, torch.Generator().manual_seed(7)
         )
-        pools.append((keys, values))
+        if kv_bits:
+            (key_codes, key_params), (value_codes, value_params) = (
+                quantize_kv(keys, kv_bits),
+                quantize_kv(values, kv_bits),
+            )
+            pools.append([key_codes, value_codes, key_params, value_params])
+        else:
+            pools.append([keys, values])
     angles = torch.rand(rows, head_dim // 2, generator=generator) * 6
-    cos, sin = (
-        torch.cat((angles, angles), -1).cos().to(dtype),
-        torch.cat((angles, angles), -1).sin().to(dtype),
-    )
+    angles = torch.cat((angles, angles), -1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     x = torch.randn(rows, hidden, generator=generator).to(dtype)
-    one_by_one, copies = x, [(k.clone(), v.clone()) for k, v in pools]
-    for layer, (keys, values) in zip(layers, copies, strict=True):
-        one_by_one = decoder_layer(one_by_one, layer, cos, sin, keys, values, step, 16)
-    got = decoder_layers(
-        x,
-        LayerStack.of(tuple(layers)),
-        cos,
-        sin,
-        [k for k, _ in pools],
-        [v for _, v in pools],
-        step,
-        [16] * 3,
-    )
+    one_by_one, copies = x, [[t.clone() for t in pool] for pool in pools]
+    for layer, pool in zip(layers, copies, strict=True):
+        if kv_bits:
+            one_by_one = decoder_layer_quantized(one_by_one, layer, cos, sin, tuple(pool), kv_bits, step, 16)
+        else:
+            one_by_one = decoder_layer(one_by_one, layer, cos, sin, *pool, step, 16)
+    caches = [t for pool in pools for t in pool]
+    got = decoder_layers(x, LayerStack.of(tuple(layers)), cos, sin, caches, kv_bits, step, [16] * 3)
     assert torch.equal(got, one_by_one)
-    for (keys, values), (ref_keys, ref_values) in zip(pools, copies, strict=True):
-        assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+    for pool, reference in zip(pools, copies, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(pool, reference, strict=True))
 
 
 def test_layer_lists_of_the_wrong_length_are_refused():
@@ -173,11 +176,14 @@ def test_layer_lists_of_the_wrong_length_are_refused():
         tuple(random_layer(16, 2, 2, 8, 24, torch.float32, False, generator) for _ in range(2))
     )
     keys, values, step = decode_step([3], 2, 8, 4, torch.float32, generator)
-    with pytest.raises(RuntimeError, match="one entry per layer"):
-        decoder_layers(torch.randn(1, 16), stack, None, None, [keys, keys], [values], step, [64, 64])
+    x = torch.randn(1, 16)
+    with pytest.raises(RuntimeError, match="caches need 2 tensors a layer"):
+        decoder_layers(x, stack, None, None, [keys, values, keys], 0, step, [64, 64])
+    with pytest.raises(RuntimeError, match="caches need 4 tensors a layer"):
+        decoder_layers(x, stack, None, None, [keys, values] * 2, 8, step, [64, 64])
     stack.weights.pop()
     with pytest.raises(RuntimeError, match="9 tensors a layer"):
-        decoder_layers(torch.randn(1, 16), stack, None, None, [keys, keys], [values, values], step, [64, 64])
+        decoder_layers(x, stack, None, None, [keys, values] * 2, 0, step, [64, 64])
 
 
 def test_bad_weight_lists_are_refused():

@@ -22,7 +22,7 @@
 // as QuantizedLinear gives its op (a w8a8 layer: any decode step). The new tokens' keys/values are written
 // into key_cache/value_cache (slots, KVH, D) at slot_mapping before attention reads the pool in place.
 // kiln::decoder_layer_quantized is the same layer over a quantized KV pool (kv_cache_dtype int8/int4), and
-// kiln::decoder_layers runs L layers over a float pool in turn in one call (the engine's decode step).
+// kiln::decoder_layers runs L layers in turn in one call (the engine's decode step).
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -246,41 +246,40 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                    max_linear_rows, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
 }
 
-// kiln::decoder_layers: L such layers in turn over a float pool, in one call (one Python call per decode step
-// instead of L): weights holds the layers' nine tensors back to back (9 * L), the per-projection lists seven
-// entries a layer (7 * L), key/value_caches and max_linear_rows / packed_rows one entry a layer. Each layer runs
-// exactly as kiln::decoder_layer runs it, so the result is that op's, layer after layer, bit for bit.
-at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
-                          double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::TensorList key_caches,
-                          at::TensorList value_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                          const at::Tensor& query_starts, const at::Tensor& query_lens,
-                          const at::Tensor& context_lens, int64_t block_size, double scale,
-                          const OptionalTensor& alibi_slopes, int64_t sliding_window, at::IntArrayRef max_linear_rows,
-                          const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
-                          at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, at::IntArrayRef packed_rows,
-                          int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
-  constexpr const char* op = "kiln::decoder_layers";
-  const size_t L = key_caches.size();
-  TORCH_CHECK(value_caches.size() == L && max_linear_rows.size() == L && packed_rows.size() == L, op,
-              ": key_caches, value_caches, max_linear_rows and packed_rows need one entry per layer");
-  TORCH_CHECK(weights.size() == 9 * L && biases.size() == 7 * L, op, ": weights must hold 9 tensors a layer and ",
-              "biases 7, for ", L, " layers");
-  TORCH_CHECK(scales.size() == 7 * L && offsets.size() == 7 * L && bits.size() == 7 * L && packed.size() == 7 * L,
-              op, ": scales, offsets, bits and packed must hold 7 entries a layer");
-  at::Tensor h = x;
-  for (size_t layer = 0; layer < L; ++layer) {
-    at::Tensor key_cache = key_caches[layer], value_cache = value_caches[layer];
-    const FloatPool attend{key_cache,    value_cache, slot_mapping, block_tables, query_starts,  query_lens,
-                           context_lens, block_size,  scale,        alibi_slopes, sliding_window};
-    const Projections p{biases, scales, offsets, bits, packed, 7 * layer};
-    h = run_layer(op, h, weights.slice(9 * layer, 9), p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
-                  w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
-  }
-  return h;
-}
+// Quantizes rows' keys/values into a quantized pool (kv_quant.py): codes (slots, KVH, D or D / 2) and params
+// (slots, KVH, 3), and attends with kiln::paged_attention_quantized.
+struct QuantizedPool {
+  at::Tensor& key_codes;
+  at::Tensor& value_codes;
+  at::Tensor& key_params;
+  at::Tensor& value_params;
+  int64_t kv_bits;
+  const at::Tensor& slot_mapping;
+  const at::Tensor& block_tables;
+  const at::Tensor& query_starts;
+  const at::Tensor& query_lens;
+  const at::Tensor& context_lens;
+  int64_t block_size;
+  double scale;
+  const OptionalTensor& alibi_slopes;
+  int64_t sliding_window;
 
-// decoder_layer over a quantized pool (kv_quant.py): the new keys/values are quantized and written as codes
-// (slots, KVH, D or D / 2) and params (slots, KVH, 3), and attention is kiln::paged_attention_quantized.
+  at::Tensor operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
+    const int64_t N = q.size(0), kv_heads = key_codes.size(1), D = k.size(1) / kv_heads;
+    auto [k_codes, k_params] = quantize_kv(k.view({N, kv_heads, D}), kv_bits);
+    auto [v_codes, v_params] = quantize_kv(v.view({N, kv_heads, D}), kv_bits);
+    key_codes.index_copy_(0, slot_mapping, k_codes);
+    key_params.index_copy_(0, slot_mapping, k_params);
+    value_codes.index_copy_(0, slot_mapping, v_codes);
+    value_params.index_copy_(0, slot_mapping, v_params);
+    return paged_attention_quantized(q.view({N, -1, D}), key_codes, value_codes, key_params, value_params, kv_bits,
+                                     block_tables, query_starts, query_lens, context_lens, block_size, scale,
+                                     alibi_slopes, sliding_window);
+  }
+};
+
+// decoder_layer over a quantized pool: the new keys/values are quantized and written as codes and params, and
+// attention is kiln::paged_attention_quantized.
 at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                    const c10::List<OptionalTensor>& biases, double eps, const OptionalTensor& cos,
                                    const OptionalTensor& sin, at::Tensor& key_codes, at::Tensor& value_codes,
@@ -294,22 +293,57 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                    const c10::List<OptionalTensor>& packed, int64_t packed_rows,
                                    int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
   TORCH_CHECK(kv_bits == 8 || kv_bits == 4, "kiln::decoder_layer_quantized: kv_bits must be 8 or 4");
-  const int64_t N = x.size(0), kv_heads = key_codes.size(1);
-  auto attend = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-    const int64_t D = k.size(1) / kv_heads;
-    auto [k_codes, k_params] = quantize_kv(k.view({N, kv_heads, D}), kv_bits);
-    auto [v_codes, v_params] = quantize_kv(v.view({N, kv_heads, D}), kv_bits);
-    key_codes.index_copy_(0, slot_mapping, k_codes);
-    key_params.index_copy_(0, slot_mapping, k_params);
-    value_codes.index_copy_(0, slot_mapping, v_codes);
-    value_params.index_copy_(0, slot_mapping, v_params);
-    return paged_attention_quantized(q.view({N, -1, D}), key_codes, value_codes, key_params, value_params, kv_bits,
-                                     block_tables, query_starts, query_lens, context_lens, block_size, scale,
-                                     alibi_slopes, sliding_window);
-  };
   constexpr const char* op = "kiln::decoder_layer_quantized";
+  const QuantizedPool attend{key_codes,    value_codes, key_params, value_params,  kv_bits,
+                             slot_mapping, block_tables, query_starts, query_lens, context_lens,
+                             block_size,   scale,        alibi_slopes, sliding_window};
   return run_layer(op, x, weights, one_layer(op, biases, scales, offsets, bits, packed), eps, cos, sin,
                    max_linear_rows, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+}
+
+// kiln::decoder_layers: L layers in turn, in one call (one Python call per decode step instead of L): weights
+// holds the layers' nine tensors back to back (9 * L), the per-projection lists seven entries a layer (7 * L),
+// max_linear_rows / packed_rows one entry a layer, and caches each layer's pool: [key_cache, value_cache] a
+// layer over a float pool (kv_bits 0), [key_codes, value_codes, key_params, value_params] over a quantized one
+// (kv_bits 8 or 4). Each layer runs exactly as kiln::decoder_layer / decoder_layer_quantized runs it, so the
+// result is that op's, layer after layer, bit for bit.
+at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
+                          double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::TensorList caches,
+                          int64_t kv_bits, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                          const at::Tensor& query_starts, const at::Tensor& query_lens,
+                          const at::Tensor& context_lens, int64_t block_size, double scale,
+                          const OptionalTensor& alibi_slopes, int64_t sliding_window, at::IntArrayRef max_linear_rows,
+                          const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
+                          at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, at::IntArrayRef packed_rows,
+                          int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
+  constexpr const char* op = "kiln::decoder_layers";
+  TORCH_CHECK(kv_bits == 0 || kv_bits == 8 || kv_bits == 4, op, ": kv_bits must be 0 (a float pool), 8 or 4");
+  const size_t L = max_linear_rows.size(), per_layer = kv_bits == 0 ? 2 : 4;
+  TORCH_CHECK(caches.size() == per_layer * L && packed_rows.size() == L, op, ": caches need ", per_layer,
+              " tensors a layer and max_linear_rows and packed_rows one entry a layer, for ", L, " layers");
+  TORCH_CHECK(weights.size() == 9 * L && biases.size() == 7 * L, op, ": weights must hold 9 tensors a layer and ",
+              "biases 7, for ", L, " layers");
+  TORCH_CHECK(scales.size() == 7 * L && offsets.size() == 7 * L && bits.size() == 7 * L && packed.size() == 7 * L,
+              op, ": scales, offsets, bits and packed must hold 7 entries a layer");
+  at::Tensor h = x;
+  for (size_t layer = 0; layer < L; ++layer) {
+    const Projections p{biases, scales, offsets, bits, packed, 7 * layer};
+    std::vector<at::Tensor> pool(caches.begin() + per_layer * layer, caches.begin() + per_layer * (layer + 1));
+    const at::TensorList layer_weights = weights.slice(9 * layer, 9);
+    if (kv_bits == 0) {
+      const FloatPool attend{pool[0],      pool[1],    slot_mapping, block_tables, query_starts,  query_lens,
+                             context_lens, block_size, scale,        alibi_slopes, sliding_window};
+      h = run_layer(op, h, layer_weights, p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
+                    w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+    } else {
+      const QuantizedPool attend{pool[0],      pool[1],      pool[2],      pool[3],    kv_bits,
+                                 slot_mapping, block_tables, query_starts, query_lens, context_lens,
+                                 block_size,   scale,        alibi_slopes, sliding_window};
+      h = run_layer(op, h, layer_weights, p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
+                    w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+    }
+  }
+  return h;
 }
 
 }  // namespace
@@ -324,7 +358,7 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "-> Tensor");
   m.def(
       "decoder_layers(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
-      "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor slot_mapping, Tensor block_tables, "
+      "Tensor(a!)[] caches, int kv_bits, Tensor slot_mapping, Tensor block_tables, "
       "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
       "Tensor? alibi_slopes, int sliding_window, int[] max_linear_rows, Tensor?[] scales, Tensor?[] offsets, "
       "int[] bits, Tensor?[] packed, int[] packed_rows, int w8a8_max_op_rows=16, bool w8a8_kiln_int8_mm=False) "
