@@ -170,6 +170,32 @@ def test_layers_in_one_call_equal_the_layers_one_by_one(rows, dtype, kv_bits):
         assert all(torch.equal(a, b) for a, b in zip(pool, reference, strict=True))
 
 
+@pytest.mark.parametrize("kv_bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_pool_rows_are_quantize_kv_of_the_keys(kv_bits, dtype):
+    """decoder_layer_quantized writes each new key/value row as kv_quant.quantize_kv would quantize the row
+    decoder_layer writes into a float pool (codes and params bit for bit), and leaves other slots alone."""
+    from kiln.kernels.cpu_decoder_layer import decoder_layer_quantized
+    from kiln.kernels.kv_quant import quantize_kv
+
+    generator = torch.Generator().manual_seed(kv_bits)
+    hidden, heads, kv_heads, head_dim, inner = 64, 4, 2, 16, 96
+    layer = random_layer(hidden, heads, kv_heads, head_dim, inner, dtype, True, generator)
+    contexts = [3, 17, 40, 1, 9]
+    keys, values, step = decode_step(contexts, kv_heads, head_dim, 16, dtype, generator)
+    x = torch.randn(len(contexts), hidden, generator=generator).to(dtype) * 4
+    x[3] = 0  # a row of zeros: its keys/values are the biases alone
+    decoder_layer(x, layer, None, None, keys, values, step, 16)
+    (key_codes, key_params), (value_codes, value_params) = (
+        quantize_kv(keys, kv_bits),
+        quantize_kv(values, kv_bits),
+    )
+    pool = [t.clone() for t in (key_codes, value_codes, key_params, value_params)]
+    decoder_layer_quantized(x, layer, None, None, tuple(pool), kv_bits, step, 16)
+    for written, expected in zip(pool, (key_codes, value_codes, key_params, value_params), strict=True):
+        assert torch.equal(written, expected)
+
+
 def test_layer_lists_of_the_wrong_length_are_refused():
     generator = torch.Generator().manual_seed(0)
     stack = LayerStack.of(
