@@ -245,10 +245,8 @@ Projections one_layer(const char* op, const c10::List<OptionalTensor>& biases, c
   return {biases, scales, offsets, bits, packed, 0};
 }
 
-// Writes rows' keys/values (N, KVH*D) into a float pool (slots, KVH, D) and attends over it in place.
-struct FloatPool {
-  at::Tensor& key_cache;
-  at::Tensor& value_cache;
+// Where a step's rows go in the pool and what each sequence attends (kiln/kernels/cpu_paged_attention.py).
+struct Step {
   const at::Tensor& slot_mapping;
   const at::Tensor& block_tables;
   const at::Tensor& query_starts;
@@ -258,13 +256,21 @@ struct FloatPool {
   double scale;
   const OptionalTensor& alibi_slopes;
   int64_t sliding_window;
+};
+
+// Writes rows' keys/values (N, KVH*D) into a float pool (slots, KVH, D) and attends over it in place.
+struct FloatPool {
+  at::Tensor& key_cache;
+  at::Tensor& value_cache;
+  const Step& step;
 
   at::Tensor operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
     const int64_t N = q.size(0), D = key_cache.size(2), kv_heads = key_cache.size(1);
-    key_cache.index_copy_(0, slot_mapping, k.view({N, kv_heads, D}));
-    value_cache.index_copy_(0, slot_mapping, v.view({N, kv_heads, D}));
-    return paged_attention(q.view({N, -1, D}), key_cache, value_cache, block_tables, query_starts, query_lens,
-                           context_lens, block_size, scale, alibi_slopes, sliding_window);
+    key_cache.index_copy_(0, step.slot_mapping, k.view({N, kv_heads, D}));
+    value_cache.index_copy_(0, step.slot_mapping, v.view({N, kv_heads, D}));
+    return paged_attention(q.view({N, -1, D}), key_cache, value_cache, step.block_tables, step.query_starts,
+                           step.query_lens, step.context_lens, step.block_size, step.scale, step.alibi_slopes,
+                           step.sliding_window);
   }
 };
 
@@ -278,8 +284,9 @@ at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10:
                          at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, int64_t packed_rows,
                          int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
   constexpr const char* op = "kiln::decoder_layer";
-  const FloatPool attend{key_cache,  value_cache, slot_mapping, block_tables,  query_starts, query_lens,
-                         context_lens, block_size,  scale,        alibi_slopes, sliding_window};
+  const Step step{slot_mapping, block_tables, query_starts,  query_lens,    context_lens,
+                  block_size,   scale,        alibi_slopes, sliding_window};
+  const FloatPool attend{key_cache, value_cache, step};
   return run_layer(op, x, weights, one_layer(op, biases, scales, offsets, bits, packed), eps, cos, sin,
                    max_linear_rows, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
 }
@@ -292,23 +299,15 @@ struct QuantizedPool {
   at::Tensor& key_params;
   at::Tensor& value_params;
   int64_t kv_bits;
-  const at::Tensor& slot_mapping;
-  const at::Tensor& block_tables;
-  const at::Tensor& query_starts;
-  const at::Tensor& query_lens;
-  const at::Tensor& context_lens;
-  int64_t block_size;
-  double scale;
-  const OptionalTensor& alibi_slopes;
-  int64_t sliding_window;
+  const Step& step;
 
   at::Tensor operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
     const int64_t N = q.size(0), D = k.size(1) / key_codes.size(1);
-    write_quantized(k, key_codes, key_params, slot_mapping, kv_bits);
-    write_quantized(v, value_codes, value_params, slot_mapping, kv_bits);
+    write_quantized(k, key_codes, key_params, step.slot_mapping, kv_bits);
+    write_quantized(v, value_codes, value_params, step.slot_mapping, kv_bits);
     return paged_attention_quantized(q.view({N, -1, D}), key_codes, value_codes, key_params, value_params, kv_bits,
-                                     block_tables, query_starts, query_lens, context_lens, block_size, scale,
-                                     alibi_slopes, sliding_window);
+                                     step.block_tables, step.query_starts, step.query_lens, step.context_lens,
+                                     step.block_size, step.scale, step.alibi_slopes, step.sliding_window);
   }
 };
 
@@ -328,9 +327,9 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
                                    int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
   TORCH_CHECK(kv_bits == 8 || kv_bits == 4, "kiln::decoder_layer_quantized: kv_bits must be 8 or 4");
   constexpr const char* op = "kiln::decoder_layer_quantized";
-  const QuantizedPool attend{key_codes,    value_codes, key_params, value_params,  kv_bits,
-                             slot_mapping, block_tables, query_starts, query_lens, context_lens,
-                             block_size,   scale,        alibi_slopes, sliding_window};
+  const Step step{slot_mapping, block_tables, query_starts,  query_lens,    context_lens,
+                  block_size,   scale,        alibi_slopes, sliding_window};
+  const QuantizedPool attend{key_codes, value_codes, key_params, value_params, kv_bits, step};
   return run_layer(op, x, weights, one_layer(op, biases, scales, offsets, bits, packed), eps, cos, sin,
                    max_linear_rows, packed_rows, w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
 }
@@ -359,20 +358,19 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10
               "biases 7, for ", L, " layers");
   TORCH_CHECK(scales.size() == 7 * L && offsets.size() == 7 * L && bits.size() == 7 * L && packed.size() == 7 * L,
               op, ": scales, offsets, bits and packed must hold 7 entries a layer");
+  const Step step{slot_mapping, block_tables, query_starts,  query_lens,    context_lens,
+                  block_size,   scale,        alibi_slopes, sliding_window};
   at::Tensor h = x;
   for (size_t layer = 0; layer < L; ++layer) {
     const Projections p{biases, scales, offsets, bits, packed, 7 * layer};
     std::vector<at::Tensor> pool(caches.begin() + per_layer * layer, caches.begin() + per_layer * (layer + 1));
     const at::TensorList layer_weights = weights.slice(9 * layer, 9);
     if (kv_bits == 0) {
-      const FloatPool attend{pool[0],      pool[1],    slot_mapping, block_tables, query_starts,  query_lens,
-                             context_lens, block_size, scale,        alibi_slopes, sliding_window};
+      const FloatPool attend{pool[0], pool[1], step};
       h = run_layer(op, h, layer_weights, p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
                     w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
     } else {
-      const QuantizedPool attend{pool[0],      pool[1],      pool[2],      pool[3],    kv_bits,
-                                 slot_mapping, block_tables, query_starts, query_lens, context_lens,
-                                 block_size,   scale,        alibi_slopes, sliding_window};
+      const QuantizedPool attend{pool[0], pool[1], pool[2], pool[3], kv_bits, step};
       h = run_layer(op, h, layer_weights, p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
                     w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
     }
