@@ -189,6 +189,8 @@ class Engine:
             # What the quantized cache buys: tokens per byte against the model dtype's cache.
             ratio = kv_bytes_per_token(config, self.dtype) / self.kv_bytes_per_token
             kv = f"{self.config.kv_cache_dtype}, {ratio:.2f}x the tokens of a {dtype} cache, "
+        # every layer on the C++ op: a decode step runs them all in one call (cpu_decoder.CpuDecoderLayers)
+        calls = "a step" if self.num_cpu_layers == len(getattr(self.model, "layers", ())) else "each"
         return (
             f"model: {parameters / 1e6:.2f}M parameters{active} ({weights}) "
             f"on {self.device}; KV cache: {capacity:,} tokens ({kv}{self.block_manager.num_blocks} blocks of "
@@ -197,7 +199,11 @@ class Engine:
             f"attention: {self.runner.attention.__name__}"
             + (f", {self.num_threads} CPU threads" if self.num_threads else "")
             + (f", {self.num_cpu_linears} linears on kiln's C++ op" if self.num_cpu_linears else "")
-            + (f", {self.num_cpu_layers} decode layers in one C++ call each" if self.num_cpu_layers else "")
+            + (
+                f", {self.num_cpu_layers} decode layers in one C++ call {calls}"
+                if self.num_cpu_layers
+                else ""
+            )
             + (
                 f", {dtype} linears also packed for oneDNN (+{self.packed_bytes / 2**20:.1f}MiB)"
                 if self.packed_bytes

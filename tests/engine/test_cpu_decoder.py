@@ -74,7 +74,7 @@ def test_layers_in_cpp_equal_the_python_forward(case, dtype, tmp_path, op_calls)
     llm = LLM(tmp_path, dtype=dtype, block_size=4, enable_prefix_caching=False, verbose=False)
     num_layers = llm.engine.model.config.num_layers
     assert llm.engine.num_cpu_layers == num_layers
-    assert "decode layers in one C++ call" in llm.engine.startup_summary()
+    assert f"{num_layers} decode layers in one C++ call a step" in llm.engine.startup_summary()
     fused = generate(llm, prompts)
     assert len(op_calls) >= num_layers * (PARAMS.max_tokens - 1), "the decode steps did not take the op"
     assert max(op_calls) == len(prompts)  # a step of all five decodes ran as one call per layer
