@@ -108,6 +108,14 @@ def _parameters(block: Block) -> list:
     return found
 
 
+def _rope_rows(inputs: AttentionInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The step's RoPE cos/sin as (rows, head_dim), as the layer ops take them (None without RoPE)."""
+    if inputs.cos is None:
+        return None, None
+    head_dim = inputs.cos.shape[-1]
+    return inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
+
+
 class CpuDecoderForward:
     """A Block's forward, set as the module's instance attribute `forward`: the C++ layer for a step of
     decodes, the class's forward otherwise. Holds the block weakly (no module -> forward -> module loop).
@@ -133,10 +141,7 @@ class CpuDecoderForward:
         if layer is None:
             return Block.forward(block, x, inputs, kv_cache)
         pool, index = inputs.backend.pool, block.attn.layer_index
-        cos = sin = None
-        if inputs.cos is not None:
-            head_dim = inputs.cos.shape[-1]
-            cos, sin = inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
+        cos, sin = _rope_rows(inputs)
         limit = op_rows(x.dtype, self._versions != ())  # kiln's op, then the packed copies where made
         if pool.bits:
             caches = (pool.keys[index], pool.values[index], pool.key_params[index], pool.value_params[index])
@@ -209,10 +214,7 @@ class CpuDecoderLayers:
                     caches += (pool.keys[i], pool.values[i])
                     if pool.bits:
                         caches += (pool.key_params[i], pool.value_params[i])
-                cos = sin = None
-                if inputs.cos is not None:
-                    head_dim = inputs.cos.shape[-1]
-                    cos, sin = inputs.cos.reshape(-1, head_dim), inputs.sin.reshape(-1, head_dim)
+                cos, sin = _rope_rows(inputs)
                 rows = decoder_layers(
                     x.reshape(-1, x.shape[-1]), stack, cos, sin, caches, pool.bits, step, limits
                 )

@@ -126,23 +126,46 @@ inline T finish(float sum, float x_scale, float scale, const T* bias) {
   return bias != nullptr ? static_cast<T>(static_cast<float>(t) + static_cast<float>(*bias)) : t;
 }
 
-// The w8a8 branch with kiln's int8 GEMM: the rows quantized straight into its int16 layout and each int32 sum
-// scaled, cast and biased where it lands, op for op as the ATen steps in w8a8_linear below round them:
-// float(sum) * x_scale, then * scale, cast to T, then + bias cast to T. tests/quant/test_linear.py checks the
-// bits against those steps.
+// a / b rounded once, as torch divides: -ffast-math would otherwise multiply by a reciprocal of a constant b.
+inline float divide(float a, float b) {
+  asm volatile("" : "+x"(a), "+x"(b));
+  return a / b;
+}
+
+// One row's x_scale as quantize_rows computes it: max |x| / 127, at least TINY (the max is exact in x's dtype).
 template <typename T>
-at::Tensor w8a8_int8_gemm(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& qweight,
-                          const at::Tensor& scale, const OptionalTensor& bias) {
+float row_scale(const T* x, int64_t K) {
+  float amax = 0.0f;
+  int64_t k = 0;
+#if defined(KILN_AVX512)
+  __m512 top = _mm512_setzero_ps();
+  for (; k < K; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load_ps(x + k, tail_mask(K - k))));
+  amax = _mm512_reduce_max_ps(top);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
+  return std::max(divide(amax, 127.0f), static_cast<float>(TINY));
+}
+
+// The w8a8 branch with kiln's int8 GEMM: each row's scale (row_scale) and the row quantized straight into the
+// GEMM's int16 layout, and each int32 sum scaled, cast and biased where it lands, op for op as the ATen steps in
+// w8a8_linear below round them: float(sum) * x_scale, then * scale, cast to T, then + bias cast to T.
+// tests/quant/test_linear.py checks the bits against those steps.
+template <typename T>
+at::Tensor w8a8_int8_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                          const OptionalTensor& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), Kp = kiln_int8::padded(K);
   const at::Tensor xc = x.contiguous(), wc = qweight.contiguous(), sc = scale.contiguous();
-  const at::Tensor xs = x_scale.contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type()).contiguous();
   std::vector<int16_t> q(M * Kp, 0);
+  std::vector<float> x_scale(M);
   const T* x_data = xc.const_data_ptr<T>();
-  const float* xs_data = xs.const_data_ptr<float>();
+  const float* xs_data = x_scale.data();
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) quantize_row<T, int16_t>(x_data + m * K, xs_data[m], q.data() + m * Kp, K);
+    for (int64_t m = begin; m < end; ++m) {
+      x_scale[m] = row_scale(x_data + m * K, K);
+      quantize_row<T, int16_t>(x_data + m * K, x_scale[m], q.data() + m * Kp, K);
+    }
   });
   at::Tensor out = at::empty({M, N}, x.options());
   T* o = out.mutable_data_ptr<T>();
@@ -154,26 +177,11 @@ at::Tensor w8a8_int8_gemm(const at::Tensor& x, const at::Tensor& x_scale, const 
   return out;
 }
 
-// a / b rounded once, as torch divides: -ffast-math would otherwise multiply by a reciprocal of a constant b.
-inline float divide(float a, float b) {
-  asm volatile("" : "+x"(a), "+x"(b));
-  return a / b;
-}
-
-// One row's x_scale as quantize_rows computes it (max |x| / 127, at least TINY; the max is exact in x's
-// dtype), then the row quantized to int8 as quantize_row does. Returns the scale.
+// One row's row_scale, then the row quantized to int8 as quantize_row does. Returns the scale.
 template <typename T>
 float quantize_row_int8(const T* x, int8_t* q, int64_t K) {
-  float amax = 0.0f;
+  const float scale = row_scale(x, K);
   int64_t k = 0;
-#if defined(KILN_AVX512)
-  __m512 top = _mm512_setzero_ps();
-  for (; k < K; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load_ps(x + k, tail_mask(K - k))));
-  amax = _mm512_reduce_max_ps(top);
-#endif
-  for (; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
-  const float scale = std::max(divide(amax, 127.0f), static_cast<float>(TINY));
-  k = 0;
 #if defined(KILN_AVX512)
   const __m512 low = _mm512_set1_ps(-127.0f), high = _mm512_set1_ps(127.0f);
   __m512 s = _mm512_set1_ps(scale);
@@ -264,10 +272,8 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   }
   if (kiln_int8_mm && x.size(0) > max_op_rows && x.size(0) > 0 && qweight.size(0) > 0 && x.size(1) > 0 &&
       x.size(1) < (int64_t(1) << 17) && fused_dtype) {
-    // max |x| is exact in x's dtype, so the scale equals the one below from fp32
-    const at::Tensor x_scale = (x.abs().amax(-1, true).to(at::kFloat) / 127).clamp_min(TINY);
-    return x.scalar_type() == at::kFloat ? w8a8_int8_gemm<float>(x, x_scale, qweight, scale, bias)
-                                         : w8a8_int8_gemm<at::BFloat16>(x, x_scale, qweight, scale, bias);
+    return x.scalar_type() == at::kFloat ? w8a8_int8_gemm<float>(x, qweight, scale, bias)
+                                         : w8a8_int8_gemm<at::BFloat16>(x, qweight, scale, bias);
   }
   const at::Tensor xf = x.to(at::kFloat);
   const at::Tensor x_scale = (xf.abs().amax(-1, true) / 127).clamp_min(TINY);
