@@ -4,6 +4,13 @@ A sequence's keys and values live in the blocks of its block table, `block_size`
 block is keyed by a hash chained over every token up to its end, so two sequences that share a prefix
 map it to the same blocks (reference-counted, never written again). Freed blocks keep their contents and
 stay findable until they are reused, least recently freed first.
+
+Where it can, a sequence's blocks are consecutive in memory: a new sequence starts at a run of blank blocks
+(free, holding nothing the prefix cache keeps) long enough for its whole length, found next-fit, and grows
+into the block after its last. Attention then reads its context as one stream rather than as blocks at
+scattered addresses, which on CPUs costs up to 2x in read bandwidth (BENCHMARKS.md, "KV blocks in
+address-ordered runs"). Blank blocks always precede the cached ones in the eviction order, so taking them
+out of order leaves the prefix cache's order as it was.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ class BlockManager:
         # revived by a prefix hit until they reach the front and are reused.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[bytes, int] = {}  # block hash -> block holding those tokens
+        # 1 where a block is blank (free and uncached): runs of them are found by bytearray.find, in C.
+        self._blank = bytearray(b"\x01") * num_blocks
+        self._cursor = 0  # where the search for a new sequence's run starts (next-fit)
 
     @property
     def num_free_blocks(self) -> int:
@@ -105,7 +115,8 @@ class BlockManager:
         if cached_blocks:
             seq.block_table = list(cached_blocks)
             seq.num_cached_blocks = len(cached_blocks)
-        seq.block_table.extend(self._take_free_block() for _ in range(num_needed))
+        for _ in range(num_needed):
+            seq.block_table.append(self._next_block(seq))
         return num_cached_tokens
 
     def free(self, seq: Sequence) -> None:
@@ -118,11 +129,44 @@ class BlockManager:
                 self._free[block] = None
                 if self._block_hashes[block] is None:  # nothing worth keeping: reuse it first
                     self._free.move_to_end(block, last=False)
+                    self._blank[block] = 1
         seq.block_table = []
         seq.num_cached_blocks = 0
 
+    def _next_block(self, seq: Sequence) -> int:
+        """A free block for `seq`'s next one: the block after its last if blank, else the start of a blank
+        run with room for the rest of the sequence (or a shorter one), else any blank block, else the least
+        recently freed cached block."""
+        table = seq.block_table
+        if table:
+            after = table[-1] + 1
+            if after < self.num_blocks and self._blank[after]:
+                return self._take(after)
+        want = max(self.blocks_for(seq.max_total_tokens) - len(table), 1)
+        for length in dict.fromkeys((want, min(want, 8), 1)):
+            start = self._find_blank_run(length)
+            if start >= 0:
+                self._cursor = start + length
+                return self._take(start)
+        return self._take_free_block()
+
+    def _find_blank_run(self, length: int) -> int:
+        """First block of `length` blank blocks at or after the cursor, wrapping around; -1 if none."""
+        run = b"\x01" * length
+        start = self._blank.find(run, self._cursor)
+        if start < 0:
+            start = self._blank.find(run, 0, min(self._cursor + length - 1, self.num_blocks))
+        return start
+
+    def _take(self, block: int) -> int:
+        del self._free[block]
+        self._blank[block] = 0
+        self._ref_counts[block] = 1
+        return block
+
     def _take_free_block(self) -> int:
         block, _ = self._free.popitem(last=False)
+        self._blank[block] = 0
         block_hash = self._block_hashes[block]
         if block_hash is not None:  # evict it from the prefix cache
             if self._cached.get(block_hash) == block:

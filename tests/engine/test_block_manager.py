@@ -62,3 +62,69 @@ def test_prefix_caching_can_be_switched_off(enabled):
     manager = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=enabled)
     compute(manager, make_seq([1, 2, 3, 4, 5]), 5)
     assert bool(manager.cached_prefix(make_seq([1, 2, 3, 4, 9], seq_id=1))) is enabled
+
+
+def test_interleaved_sequences_each_grow_in_consecutive_blocks():
+    """Decode hands out blocks one at a time across sequences; each sequence's still come out consecutive,
+    since a new sequence starts at a blank run long enough for all of it (next-fit)."""
+    manager = BlockManager(num_blocks=40, block_size=4)
+    seqs = [make_seq(list(range(10 * i, 10 * i + 8)), seq_id=i) for i in range(3)]
+    for seq in seqs:
+        seq.max_total_tokens = 48  # 12 blocks
+        compute(manager, seq, 8)
+    for _ in range(40):  # one token a step, round robin
+        for seq in seqs:
+            seq.token_ids.append(0)
+            compute(manager, seq, 1)
+    for seq in seqs:
+        assert len(seq.block_table) == 12
+        assert seq.block_table == list(range(seq.block_table[0], seq.block_table[0] + 12))
+    assert len({seq.block_table[0] for seq in seqs}) == 3
+
+
+def test_blocks_placed_in_runs_leave_the_prefix_cache_as_front_first_allocation_would():
+    """Against the plain policy (always the front of the free list), random allocations, prefix hits and
+    frees keep the same cached prefixes and free counts: placement only picks among blank blocks."""
+    import random
+
+    class FrontFirst(BlockManager):
+        def _next_block(self, seq):
+            return self._take_free_block()
+
+    rng = random.Random(0)
+    placed, plain = BlockManager(num_blocks=24, block_size=2), FrontFirst(num_blocks=24, block_size=2)
+    live: dict[int, tuple[Sequence, Sequence]] = {}
+    for step in range(400):
+        if live and (rng.random() < 0.35 or len(live) > 5):
+            a, b = live.pop(rng.choice(list(live)))
+            placed.free(a)
+            plain.free(b)
+        elif live and rng.random() < 0.5:  # grow a live sequence by a few tokens
+            a, b = live[rng.choice(list(live))]
+            new = [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
+            got = [m.allocate(s, len(new)) for m, s in ((placed, a), (plain, b))]
+            assert (got[0] is None) == (got[1] is None)
+            if got[0] is not None:
+                for m, s in ((placed, a), (plain, b)):
+                    s.token_ids.extend(new)
+                    s.num_computed_tokens += len(new)
+                    m.cache_full_blocks(s)
+        else:  # a new sequence from a small token alphabet, so prefixes repeat
+            tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 9))]
+            a, b = make_seq(tokens, seq_id=step), make_seq(tokens, seq_id=step)
+            a.max_total_tokens = b.max_total_tokens = len(tokens) + rng.randrange(1, 12)
+            hits = [placed.cached_prefix(a), plain.cached_prefix(b)]
+            assert len(hits[0]) == len(hits[1])
+            new = len(tokens) - len(hits[0]) * 2
+            got = [placed.allocate(a, new, hits[0]), plain.allocate(b, new, hits[1])]
+            assert got[0] == got[1]
+            if got[0] is not None:
+                for m, s, n in ((placed, a, got[0]), (plain, b, got[1])):
+                    s.num_computed_tokens += n + new
+                    m.cache_full_blocks(s)
+                live[step] = (a, b)
+        assert placed.num_free_blocks == plain.num_free_blocks
+        assert set(placed._cached) == set(plain._cached)
+        blank = [block for block in placed._free if placed._block_hashes[block] is None]
+        assert list(placed._free)[: len(blank)] == blank  # blank blocks precede the cached ones
+        assert [i for i, flag in enumerate(placed._blank) if flag] == sorted(blank)
