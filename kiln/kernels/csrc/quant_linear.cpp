@@ -53,7 +53,7 @@ struct QuantArgs {
   float* out;           // (M, N) fp32
   int64_t M, K, N, G, group, row_bytes;
   int bits;
-  float zero_shift = 0.0f;  // added to every zero point (cols_int4_bf16's weights are 128 + u, not u)
+  float zero_shift = 0.0f;  // added to every zero point (the bf16 int4 tiles' weights are 128 + u, not u)
 };
 
 // The offset term and bias of output column n for row m.
@@ -89,38 +89,57 @@ void tile_scalar(const QuantArgs& a, int64_t m0, int64_t n) {
 }
 
 #if defined(__AVX512F__)
+// Row m's result: its lanes' sum, less the zero points' term (offset + zero_shift * scale) . xsum taken as
+// vectors of 16 groups into the same lanes (a chain of scalar multiply-subtracts per group cost an int4
+// layer 6-15% on the Zen 5 EPYC), plus the bias.
 template <int R>
 inline void finish(const QuantArgs& a, int64_t m0, int64_t n, __m512 (&total)[R]) {
+  if (a.xsum != nullptr) {
+    const float* offset = a.offset != nullptr ? a.offset + n * a.G : nullptr;
+    const float* scale = a.scale + n * a.G;
+    const __m512 shift = _mm512_set1_ps(a.zero_shift);
+    for (int64_t g = 0; g < a.G; g += 16) {
+      const __mmask16 mask = a.G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (a.G - g)) - 1);
+      __m512 o = offset != nullptr ? _mm512_maskz_loadu_ps(mask, offset + g) : _mm512_setzero_ps();
+      if (a.zero_shift != 0.0f) o = _mm512_fmadd_ps(shift, _mm512_maskz_loadu_ps(mask, scale + g), o);
+      for (int m = 0; m < R; ++m)
+        total[m] = _mm512_fnmadd_ps(o, _mm512_maskz_loadu_ps(mask, a.xsum + (m0 + m) * a.G + g), total[m]);
+    }
+  }
   for (int m = 0; m < R; ++m)
-    a.out[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(total[m]) + correction(a, m0 + m, n);
+    a.out[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(total[m]) + (a.bias != nullptr ? a.bias[n] : 0.0f);
 }
 
-// The tiles below take one weight row (output n) and R rows of x, and keep two accumulators per x row that
-// alternate between the steps along k: one chain of dependent multiply-adds per row held the int8 and int4
-// kernels to ~25 GB/s on the Zen 4 EPYC (a 4-cycle FMA per 16-byte step), the bf16 linear's rate.
+// The tiles below take one weight row (output n) and R rows of x, and keep two (int8: four) accumulators per
+// x row that take the steps along k in turn: one chain of dependent multiply-adds per row held the int8 and
+// int4 kernels to ~25 GB/s on the Zen 4 EPYC (a 4-cycle FMA per 16-byte step), the bf16 linear's rate; on
+// the Zen 5 EPYC (full-width 512-bit units) four chains ran int8 layers 5-20% faster than two.
 
-// int8: 16 weights per step, masked tail (zeros add nothing); one group (per-channel scale).
+// int8: 16 weights per step, masked tail (zeros add nothing); one group (per-channel scale). Four
+// accumulators per x row take the steps in turn (summed in one fixed order at the end, whatever R is).
 template <int R>
 void tile_int8(const QuantArgs& a, int64_t m0, int64_t n) {
-  __m512 acc[2][R];
-  for (int h = 0; h < 2; ++h)
+  constexpr int CHAINS = 4;
+  __m512 acc[CHAINS][R];
+  for (int h = 0; h < CHAINS; ++h)
     for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
   const int8_t* w = reinterpret_cast<const int8_t*>(a.w + n * a.row_bytes);
+  const int64_t K = a.K;
+  const float* xr[R];
+  for (int m = 0; m < R; ++m) xr[m] = a.x + (m0 + m) * K;
   auto step = [&](int64_t k, __mmask16 mask, __m512 (&sums)[R]) {
     const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + k)));
-    for (int m = 0; m < R; ++m)
-      sums[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a.x + (m0 + m) * a.K + k), wv, sums[m]);
+    for (int m = 0; m < R; ++m) sums[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, xr[m] + k), wv, sums[m]);
   };
   constexpr __mmask16 all = 0xFFFF;
   int64_t k = 0;
-  for (; k + 32 <= a.K; k += 32) {
-    step(k, all, acc[0]);
-    step(k + 16, all, acc[1]);
-  }
-  if (k + 16 <= a.K) step(k, all, acc[0]), k += 16;
-  if (k < a.K) step(k, static_cast<__mmask16>((1u << (a.K - k)) - 1), acc[1]);
+  for (; k + 16 * CHAINS <= K; k += 16 * CHAINS)
+    for (int h = 0; h < CHAINS; ++h) step(k + 16 * h, all, acc[h]);
+  for (int h = 0; h < CHAINS; ++h, k += 16)  // the last K % 64, a fixed count of steps (unrolled)
+    if (k < K) step(k, K - k >= 16 ? all : static_cast<__mmask16>((1u << (K - k)) - 1), acc[h]);
   const __m512 s = _mm512_set1_ps(a.scale[n]);
-  for (int m = 0; m < R; ++m) acc[0][m] = _mm512_mul_ps(_mm512_add_ps(acc[0][m], acc[1][m]), s);
+  for (int m = 0; m < R; ++m)
+    acc[0][m] = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m])), s);
   finish<R>(a, m0, n, acc[0]);
 }
 
@@ -154,35 +173,36 @@ void tile_int4(const QuantArgs& a, int64_t m0, int64_t n) {
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define KILN_INT4_BF16 1
-// int4 with a bf16 x (the bf16 models' decode): 64 weights (32 bytes) per step, turned into bf16 by a
-// 16-entry table lookup and multiplied with vdpbf16ps, about half the instructions per weight of
-// tile_int4's widen-convert-fma (which left int4 compute-bound: BENCHMARKS.md, "Quantized weights").
+// int4 with a bf16 x (the bf16 models' decode): 64 weights (32 bytes) per step, each nibble u made the bf16
+// of 128 + u by setting the bits of 128.0 (0x4300) above it (exact: 128 + u needs 8 significant bits), and
+// multiplied with vdpbf16ps, about half the instructions per weight of tile_int4's widen-convert-fma; the 128
+// is taken back through the zero-point term (QuantArgs::zero_shift). 2-vCPU Zen 5 EPYC, one row, 134M
+// shapes: 5-8% faster than the 16-entry table lookup (vpermw) it replaced; four accumulator chains instead
+// of two gave nothing.
 // The step's 32 bytes widened to 16-bit lanes hold, in lane j < 16, elements j (low nibble) and j + 16
 // (high) of the first chunk, in lane 16 + j elements 32 + j and 48 + j of the second: so the low nibbles
 // pair with x[0..15], x[32..47] and the high ones with x[16..31], x[48..63], which is how quant_linear lays
-// out `xb` per 64 elements. Products of a bf16 x and an integer below 16 are exact in fp32, so only the
+// out `xb` per 64 elements. Products of a bf16 x and an integer below 256 are exact in fp32, so only the
 // fp32 accumulation order differs from the reference. Groups are multiples of 64 here.
 template <int R>
 void tile_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n) {
   __m512 total[R];
   for (int m = 0; m < R; ++m) total[m] = _mm512_setzero_ps();
   const uint8_t* w = a.w + n * a.row_bytes;
-  alignas(64) static const uint16_t bf16_of[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0,
-                                                   0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
-                                                   0x4160, 0x4170};  // bf16 bits of 0..15
-  const __m512i table = _mm512_load_si512(bf16_of), low_nibble = _mm512_set1_epi16(0xF);
+  const __m512i bf16_128 = _mm512_set1_epi16(0x4300), low_nibble = _mm512_set1_epi16(0xF);
+  const uint16_t* xr[R];
+  for (int m = 0; m < R; ++m) xr[m] = a.xb + (m0 + m) * a.K;
   for (int64_t g = 0; g < a.G; ++g) {
     __m512 acc[2][R];
     for (int h = 0; h < 2; ++h)
       for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
     for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 64) {
       const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
-      const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low_nibble), table);
-      const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(v, low_nibble, bf16_128, 0xEA);  // (v & 0xF) | 0x4300
+      const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), bf16_128);
       for (int m = 0; m < R; ++m) {
-        const uint16_t* xr = a.xb + (m0 + m) * a.K + k;
-        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)_mm512_loadu_si512(xr), lo);
-        acc[1][m] = _mm512_dpbf16_ps(acc[1][m], (__m512bh)_mm512_loadu_si512(xr + 32), hi);
+        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)_mm512_loadu_si512(xr[m] + k), lo);
+        acc[1][m] = _mm512_dpbf16_ps(acc[1][m], (__m512bh)_mm512_loadu_si512(xr[m] + k + 32), hi);
       }
     }
     const __m512 s = _mm512_set1_ps(a.scale[n * a.G + g]);
@@ -296,7 +316,7 @@ void cols_int4(const QuantArgs& a, int64_t m0, int64_t n0) {
 }
 
 #if defined(KILN_INT4_BF16)
-// int4, bf16 x: tile_int4_bf16's 64-weight steps (its table lookup and x layout), C rows side by side.
+// int4, bf16 x: tile_int4_bf16's 64-weight steps (its nibble conversion and x layout), C rows side by side.
 template <int R, int C>
 void cols_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
   __m512 total[R][C];
@@ -304,8 +324,6 @@ void cols_int4_bf16(const QuantArgs& a, int64_t m0, int64_t n0) {
     for (int c = 0; c < C; ++c) total[m][c] = _mm512_setzero_ps();
   const uint8_t* w = a.w + n0 * a.row_bytes;
   const int64_t ahead = prefetch_distance(a);
-  // A nibble u becomes the bf16 of 128 + u by setting the bits of 128.0 (0x4300) above it: exact, as 128 + u
-  // needs 8 significant bits; the 128 is taken back through the zero-point term (QuantArgs::zero_shift).
   const __m512i bf16_128 = _mm512_set1_epi16(0x4300), low_nibble = _mm512_set1_epi16(0xF);
   for (int64_t g = 0; g < a.G; ++g) {
     __m512 acc[R][C];
@@ -558,7 +576,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                  b.defined() ? b.const_data_ptr<float>() : nullptr,
                  out_data,
                  M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
-  if (!xb.empty() && column_tiles()) args.zero_shift = 128.0f;  // cols_int4_bf16's weights are 128 + u
+  if (!xb.empty()) args.zero_shift = 128.0f;  // the bf16 int4 tiles' weights are 128 + u, not u
   std::vector<float> xsum;  // (M, G): each group's sum of x, for the zero points' term (and the shift's)
   if (off.defined() || args.zero_shift != 0.0f) {
     xsum.assign(M * G, 0.0f);
