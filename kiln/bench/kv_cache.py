@@ -71,10 +71,17 @@ def demo_quality(model_dir: Path, val_shard: Path, num_prompts: int = 64, new_to
         if reference is None:
             reference = continuations
         fed = [p + c for p, c in zip(prompts, reference, strict=True)]
-        logprobs = [_token_logprobs(o) for o in llm.generate(fed, forced)]
+        scored = llm.generate(fed, forced)
+        logprobs = [_token_logprobs(o) for o in scored]
         nll = [-x for o in llm.generate(texts, score) for x in _token_logprobs(o)]
+        pairs = list(zip(continuations, reference, strict=True))
         entry = {
-            "identical": sum(a == b for a, b in zip(continuations, reference, strict=True)),
+            # whole continuations equal to the reference's (one flipped near-tie anywhere counts the prompt)
+            "identical": sum(a == b for a, b in pairs),
+            # of the prompts x new_tokens generated tokens, those equal to the reference's at the same index
+            "identical_tokens": sum(x == y for a, b in pairs for x, y in zip(a, b, strict=True)),
+            # of the reference's continuation tokens fed back, those this cache also ranks first
+            "forced_top1": sum(rank == 1 for o in scored for rank in _token_ranks(o)[-new_tokens:]),
             "logprobs": logprobs,
             "perplexity": math.exp(sum(nll) / len(nll)),
         }
@@ -95,6 +102,11 @@ def demo_quality(model_dir: Path, val_shard: Path, num_prompts: int = 64, new_to
 def _token_logprobs(output) -> list[float]:
     """The logprob of each prompt token after the first (prompt_logprobs=0 lists the token itself first)."""
     return [next(iter(entry.values())).logprob for entry in output.prompt_logprobs[1:]]
+
+
+def _token_ranks(output) -> list[int]:
+    """The rank (1 = the model's top choice) of each prompt token after the first."""
+    return [next(iter(entry.values())).rank for entry in output.prompt_logprobs[1:]]
 
 
 @torch.no_grad()
