@@ -121,6 +121,34 @@ def test_a_replaced_linear_is_seen_and_its_layer_runs_in_python(tmp_path, op_cal
     assert generate(llm, prompts) == with_replacement
 
 
+def test_later_decode_steps_reuse_the_layers_until_a_weight_is_replaced(tmp_path, op_calls, monkeypatch):
+    """After one decode step has found every layer, the next ones skip the per-block lookups; a parameter
+    replaced on a module (a new tensor object, the module itself kept) is still seen by the next step."""
+    build_hf_model("llama-gqa3-untied", tmp_path)
+    prompts = random_prompts([6, 11], seed=4)
+    llm = LLM(tmp_path, block_size=4, enable_prefix_caching=False, verbose=False)
+    num_layers = llm.engine.model.config.num_layers
+    lookups = []
+    real = cpu_decoder.CpuDecoderForward._layer_for
+
+    def counted(self, block, x):
+        lookups.append(x.shape)
+        return real(self, block, x)
+
+    monkeypatch.setattr(cpu_decoder.CpuDecoderForward, "_layer_for", counted)
+    generate(llm, prompts)
+    assert op_calls.stacked >= PARAMS.max_tokens - 1
+    # the prompt step and the first decode step look every block up; the other ten decode steps do not
+    assert len(lookups) <= 2 * num_layers
+    q_proj = llm.engine.model.layers[1].attn.q_proj
+    q_proj.weight = nn.Parameter(q_proj.weight.detach() * 0.5)
+    op_calls.clear()
+    replaced = generate(llm, prompts)
+    assert op_calls.stacked >= PARAMS.max_tokens - 1  # still one call a step, with the new weight
+    remove_layers(llm)
+    assert generate(llm, prompts) == replaced
+
+
 def _quantized_llm(directory, dtype: str, scheme: str):
     """A 2-layer random Llama saved to `directory`, loaded quantized under `scheme`: (llm, its config)."""
     from kiln.config import ModelConfig
