@@ -138,8 +138,10 @@ void tile_int8(const QuantArgs& a, int64_t m0, int64_t n) {
   for (int h = 0; h < CHAINS; ++h, k += 16)  // the last K % 64, a fixed count of steps (unrolled)
     if (k < K) step(k, K - k >= 16 ? all : static_cast<__mmask16>((1u << (K - k)) - 1), acc[h]);
   const __m512 s = _mm512_set1_ps(a.scale[n]);
-  for (int m = 0; m < R; ++m)
-    acc[0][m] = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m])), s);
+  for (int m = 0; m < R; ++m) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), _mm512_add_ps(acc[2][m], acc[3][m]));
+    acc[0][m] = _mm512_mul_ps(sum, s);
+  }
   finish<R>(a, m0, n, acc[0]);
 }
 
