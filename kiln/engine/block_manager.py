@@ -35,6 +35,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # block hash -> block holding those tokens
         # 1 where a block is blank (free and uncached): runs of them are found by bytearray.find, in C.
         self._blank = bytearray(b"\x01") * num_blocks
+        self._num_blank = num_blocks  # so that a pool with no blank block left skips the searches
         self._cursor = 0  # where the search for a new sequence's run starts (next-fit)
 
     @property
@@ -130,6 +131,7 @@ class BlockManager:
                 if self._block_hashes[block] is None:  # nothing worth keeping: reuse it first
                     self._free.move_to_end(block, last=False)
                     self._blank[block] = 1
+                    self._num_blank += 1
         seq.block_table = []
         seq.num_cached_blocks = 0
 
@@ -144,7 +146,7 @@ class BlockManager:
                 return self._take(after)
         want = max(self.blocks_for(seq.max_total_tokens) - len(table), 1)
         for length in dict.fromkeys((want, min(want, 8), 1)):
-            start = self._find_blank_run(length)
+            start = self._find_blank_run(length) if length <= self._num_blank else -1
             if start >= 0:
                 self._cursor = start + length
                 return self._take(start)
@@ -161,11 +163,13 @@ class BlockManager:
     def _take(self, block: int) -> int:
         del self._free[block]
         self._blank[block] = 0
+        self._num_blank -= 1
         self._ref_counts[block] = 1
         return block
 
     def _take_free_block(self) -> int:
         block, _ = self._free.popitem(last=False)
+        self._num_blank -= self._blank[block]
         self._blank[block] = 0
         block_hash = self._block_hashes[block]
         if block_hash is not None:  # evict it from the prefix cache

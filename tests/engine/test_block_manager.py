@@ -128,3 +128,4 @@ def test_blocks_placed_in_runs_leave_the_prefix_cache_as_front_first_allocation_
         blank = [block for block in placed._free if placed._block_hashes[block] is None]
         assert list(placed._free)[: len(blank)] == blank  # blank blocks precede the cached ones
         assert [i for i, flag in enumerate(placed._blank) if flag] == sorted(blank)
+        assert placed._num_blank == len(blank)
