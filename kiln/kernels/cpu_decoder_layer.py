@@ -134,10 +134,9 @@ def decoder_layers(
     turn, in one call (`kiln::decoder_layers`); max_linear_rows holds one entry per layer."""
     layer = stack.layers[0]
     return torch.ops.kiln.decoder_layers(
-        x, stack.weights, stack.biases, stack.eps, cos, sin, caches, kv_bits, step.slot_mapping,
-        step.block_tables, step.query_starts, step.query_lens, step.context_lens, step.block_size, step.scale,
-        step.alibi_slopes, step.sliding_window or 0, max_linear_rows, stack.scales, stack.offsets, stack.bits,
-        stack.packed, stack.packed_rows, layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
+        x, stack.weights, stack.biases, stack.eps, cos, sin, caches, kv_bits, *_placement(step),
+        max_linear_rows, stack.scales, stack.offsets, stack.bits, stack.packed, stack.packed_rows,
+        layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
     )  # fmt: skip
 
 
@@ -163,10 +162,16 @@ def _step_arguments(step: PagedDecode, layer: LayerWeights, max_linear_rows: int
     """The arguments both ops take after the pool: the step's placement and attention options, then the
     layer's quantized-projection parameters."""
     return (
+        *_placement(step), max_linear_rows, list(layer.scales), list(layer.offsets), list(layer.bits),
+        list(layer.packed), _packed_rows(layer), layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
+    )  # fmt: skip
+
+
+def _placement(step: PagedDecode) -> tuple:
+    """The step's placement and attention options, as every layer op takes them after the pool."""
+    return (
         step.slot_mapping, step.block_tables, step.query_starts, step.query_lens, step.context_lens,
-        step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0, max_linear_rows,
-        list(layer.scales), list(layer.offsets), list(layer.bits), list(layer.packed), _packed_rows(layer),
-        layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
+        step.block_size, step.scale, step.alibi_slopes, step.sliding_window or 0,
     )  # fmt: skip
 
 
