@@ -259,8 +259,8 @@ class CpuDecoderLayers:
             return None
         ids = tuple(map(id, layers))
         if ids != self._ids:
-            if len({(layer.eps, layer.w8a8_max_op_rows, layer.w8a8_int8_mm) for layer in layers}) != 1:
-                return None  # the op takes one eps and one w8a8 setting for all layers
+            if not LayerStack.takes(tuple(layers)):
+                return None
             self._stack, self._ids = LayerStack.of(tuple(layers)), ids
         # Up to these rows each block's _layer_for answers from its weights alone (no packed-copy versions to
         # compare, no quantized projection past its op's rows), so an unchanged snapshot gives this answer.

@@ -103,19 +103,20 @@ class LayerStack:
     packed_rows: list[int]  # 1 a layer
     eps: float
 
+    @staticmethod
+    def takes(layers: tuple[LayerWeights, ...]) -> bool:
+        """Whether the op can run `layers` together: it takes one eps and one w8a8 setting for all."""
+        return len({(layer.eps, layer.w8a8_max_op_rows, layer.w8a8_int8_mm) for layer in layers}) == 1
+
     @classmethod
     def of(cls, layers: tuple[LayerWeights, ...]) -> LayerStack:
-        eps = {layer.eps for layer in layers}
-        w8a8 = {(layer.w8a8_max_op_rows, layer.w8a8_int8_mm) for layer in layers}
-        assert len(eps) == 1 and len(w8a8) == 1, (
-            "decoder_layers takes layers with one eps and one w8a8 setting"
-        )
+        assert cls.takes(layers), "decoder_layers takes layers with one eps and one w8a8 setting"
         return cls(
             layers, [w for layer in layers for w in layer.weights()],
             [b for layer in layers for b in layer.biases], [s for layer in layers for s in layer.scales],
             [o for layer in layers for o in layer.offsets], [b for layer in layers for b in layer.bits],
             [p for layer in layers for p in layer.packed], [_packed_rows(layer) for layer in layers],
-            eps.pop(),
+            layers[0].eps,
         )  # fmt: skip
 
 
