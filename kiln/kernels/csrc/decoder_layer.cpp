@@ -36,6 +36,8 @@
 #include <tuple>
 #include <vector>
 
+#include "simd.h"  // divide
+
 namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
@@ -134,12 +136,6 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_
                                          const OptionalTensor&, int64_t)>();
   return op.call(q, key_codes, value_codes, key_params, value_params, bits, block_tables, query_starts, query_lens,
                  context_lens, block_size, scale, slopes, window);
-}
-
-// a / b rounded once, as torch divides: the build's -ffast-math would otherwise multiply by a reciprocal.
-inline float divide(float a, float b) {
-  asm volatile("" : "+x"(a), "+x"(b));
-  return a / b;
 }
 
 // Rows' keys or values (N, KVH * D), quantized as kiln/kernels/kv_quant.py's quantize_kv does it, written
@@ -258,7 +254,7 @@ struct Step {
   int64_t sliding_window;
 };
 
-// rows (N, KVH*D), unit stride along a row) into cache rows (slots, KVH, D) at slot_mapping: index_copy_'s
+// rows (N, KVH*D; unit stride along a row) into cache rows (slots, KVH, D) at slot_mapping: index_copy_'s
 // result, by one memcpy a row where the pool is contiguous and of the rows' dtype (index_copy_'s dispatch,
 // checks and TensorIterator cost ~1.6 us a call beyond a view's on the Zen 5 EPYC, two calls a layer: ~40 us
 // of a 134M batch-1 step).

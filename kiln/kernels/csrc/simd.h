@@ -23,6 +23,13 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// a / b rounded once, as torch divides: the ops' -ffast-math build would otherwise multiply by a reciprocal
+// (w8a8_linear.cpp's row scales, decoder_layer.cpp's KV quantization match their ATen steps bit for bit).
+inline float divide(float a, float b) {
+  asm volatile("" : "+x"(a), "+x"(b));
+  return a / b;
+}
+
 #ifdef KILN_AVX512
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 

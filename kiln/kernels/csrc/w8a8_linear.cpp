@@ -126,12 +126,6 @@ inline T finish(float sum, float x_scale, float scale, const T* bias) {
   return bias != nullptr ? static_cast<T>(static_cast<float>(t) + static_cast<float>(*bias)) : t;
 }
 
-// a / b rounded once, as torch divides: -ffast-math would otherwise multiply by a reciprocal of a constant b.
-inline float divide(float a, float b) {
-  asm volatile("" : "+x"(a), "+x"(b));
-  return a / b;
-}
-
 // One row's x_scale as quantize_rows computes it: max |x| / 127, at least TINY (the max is exact in x's dtype).
 template <typename T>
 float row_scale(const T* x, int64_t K) {
