@@ -103,6 +103,43 @@ def test_int4_op_without_offsets(rows, dtype):
 
 @needs_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_features", [4197, 8192])
+def test_int8_op_on_long_rows_at_the_extremes(in_features, dtype):
+    """The int8 op's integer sums (x in fixed point on VNNI CPUs) over rows longer than one 4096-element
+    chunk, with weights at +-127 and x mixing its largest values with ones 10^10 smaller: no int32 overflow,
+    no precision lost beyond fp32's rounding of the sums."""
+    generator = torch.Generator().manual_seed(in_features)
+    q = torch.where(torch.rand(5, in_features, generator=generator) < 0.5, 127, -127).to(torch.int8)
+    q[0] = 127  # every product of row 0 with the all-max x row at its largest
+    scale = torch.rand(5, 1, generator=generator) + 0.5
+    x = torch.randn(3, in_features, generator=generator) * 1e-6
+    x[0] = 3.0e4
+    x[1, ::3] = -2.5e4
+    x = x.to(dtype)
+    got = torch.ops.kiln.quant_linear(x, q, scale, None, None, 8)
+    exact = x.double() @ (q.double() * scale.double()).T
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    assert (got.double() - exact).abs().max().item() <= tolerance * exact.abs().max().item()
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_op_rows_holding_inf_or_nan(dtype):
+    """A row with an inf or NaN gives the reference's inf/NaN outputs, and the finite rows beside it the bits
+    they have alone."""
+    _, layer = _layer(parse_scheme("int8"), 100, 9, bias=True)
+    x = torch.randn(4, 100, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[1, 7] = float("inf")
+    x[3, 50] = float("nan")
+    with torch.no_grad():
+        got = layer(x)
+        assert torch.equal(got[0], layer(x[0:1])[0]) and torch.equal(got[2], layer(x[2:3])[0])
+        torch.testing.assert_close(got[1:2], layer.reference(x[1:2]), equal_nan=True, rtol=0.02, atol=0.02)
+    assert got[3].isnan().all() and not got[[0, 2]].isnan().any()
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scheme", SCHEMES[:4], ids=lambda s: s.describe())
 def test_op_gives_a_row_the_same_bits_at_any_row_count(scheme, dtype):
     # the op's tiles take 1-4 x rows at a time (one weight row wide on AMD, four on Intel, 67 outputs leaving
