@@ -15,7 +15,7 @@
 // x is converted to fp32 once; products of a bf16/fp32 x and a small integer are exact in fp32, and the
 // sums accumulate in fp32 (AVX-512F), so the result matches the torch reference (dequantize, then matmul
 // in fp32) to fp32 rounding. int8 on AMD CPUs with AVX512-VNNI sums in integers instead (tile_int8_vnni):
-// x in 30-bit fixed point per row, exact int32 multiply-adds, one rounding to fp32 per 16 lanes. With AVX2
+// x in 23-bit fixed point per row, exact integer multiply-adds, one rounding at the end. With AVX2
 // and FMA but no AVX-512, 256-bit versions of the float tiles; without either, a scalar loop computes the
 // same sums. Tiles are one weight row against 1-4 x rows on AMD (one
 // sequential stream per thread, the Zen 4 EPYC's fastest read) and four weight rows side by side on Intel
@@ -58,10 +58,11 @@ struct QuantArgs {
   int64_t M, K, N, G, group, row_bytes;
   int bits;
   float zero_shift = 0.0f;  // added to every zero point (the bf16 int4 tiles' weights are 128 + u, not u)
-  // int8 in integers (tile_int8_vnni): x's rows in fixed point, x[m, k] ~ (hi * 2^15 + lo) * x_unit[m], as
-  // int16 digits (M, K rounded up to 64, zeros past K); null where the float tiles run.
-  const int16_t* x_hi = nullptr;
-  const int16_t* x_lo = nullptr;
+  // int8 in integers (tile_int8_vnni, x_digits): x's rows in fixed point, x[m, k] = (d0 + 2^8 d1 + 2^16 d2)
+  // * x_unit[m] in signed byte digits (3, M, x_stride), and x_sum[m] = sum_k of the fixed-point values; null
+  // where the float tiles run.
+  const int8_t* x_digits = nullptr;
+  const int64_t* x_sum = nullptr;
   const float* x_unit = nullptr;
   int64_t x_stride = 0;
 };
@@ -157,15 +158,18 @@ void tile_int8(const QuantArgs& a, int64_t m0, int64_t n) {
 
 #if defined(__AVX512VNNI__) && defined(KILN_AVX512)
 #define KILN_INT8_VNNI 1
-// int8 with x in fixed point (x_digits below): int16 multiply-adds of the weight and each of x's two digits
-// (vpdpwssd: 32 products summed in pairs into 16 int32 lanes), exact in integers, so a step of 32 weights is
-// one widening and two multiply-adds where tile_int8 widens twice, converts twice and multiply-adds twice,
-// the conversions being what held it (one thread, weight in L3, Zen 5 EPYC: ~2 cycles per 16 weights; 30 ->
-// 37 GB/s over the 134M layers; the 85 int8 linears of a batch-1 token from memory, 2 threads: 2.35-2.67 ->
-// 2.22-2.49 ms). The int32 lanes are taken to fp32 every CHUNK elements of k, long before they could
-// overflow (|w| <= 127, |hi| <= 2^14, lo < 2^15: under 2^23 per lane per step; a chunk's 128 steps spread over
-// H accumulators). x's rounding to its fixed point, at most 2^-30 of the row's largest |x|, is far below
-// the sums' fp32 rounding.
+// int8 with x in fixed point (x_digits below): x[m, k] = (d0 + 2^8 d1 + 2^16 d2) * unit[m] with signed byte
+// digits, and vpdpbusd (64 unsigned x signed byte products summed in fours into 16 int32 lanes) of the weight
+// made unsigned (w + 128, one xor per 64 weights) with each digit: a step of 64 weights is a load, an xor and
+// three multiply-adds, with no widening or conversion of the weight. tile_int8 widened and converted every 16
+// weights (two 512-bit ops besides its multiply-add), and those conversions were what held it. One thread,
+// weights in L3, 2-vCPU Zen 5 EPYC, in-features 768 / 2048 / 6144: tile_int8 29-31 / 36-41 / 32-45 GB/s (~2
+// cycles per 16 weights); int16 digits with vpdpwssd (a widening and two multiply-adds per 32 weights) 30-35 /
+// 41-42 / 26-45; these 32 / 49 / 37 (the VM's phase moves each by 15-30%). The sums are exact integers:
+// per lane and step at most 4 * 255 * 128 < 2^17, a chunk's 64 steps under 2^23, summed into int64 per chunk;
+// the 128 taken back as 128 * sum_k x (the row's fixed-point sum, also exact). So the result is the exact dot
+// product of the weight with x rounded to 23 bits of its row's largest |x| (at most 2^-23 of it per element,
+// below fp32's rounding of the products' sum), times unit and scale, rounded once.
 // The weight is prefetched VNNI_PREFETCH_BYTES ahead of the step (the rows follow each other in memory, so
 // this runs into the thread's next rows): the 134M model's 85 int8 linears of a batch-1 token, from memory,
 // 2 threads, Zen 5 EPYC, alternating runs: 2.4-3.2 ms without, 2.4-2.6 at 8 KB, 2.4-2.8 at 16-24 KB.
@@ -174,47 +178,49 @@ constexpr int64_t VNNI_PREFETCH_BYTES = 8 * 1024;
 template <int R>
 void tile_int8_vnni(const QuantArgs& a, int64_t m0, int64_t n) {
   constexpr int64_t CHUNK = 4096;
-  constexpr int H = R == 1 ? 4 : 2;  // accumulators per digit and x row, taking the 32-weight steps in turn
-  __m512 total[R];
-  for (int m = 0; m < R; ++m) total[m] = _mm512_setzero_ps();
-  const int8_t* w = reinterpret_cast<const int8_t*>(a.w + n * a.row_bytes);
-  const int64_t K = a.K;
+  constexpr int H = R == 1 ? 2 : 1;  // accumulators per digit and x row, taking the steps in turn
+  int64_t total[3][R] = {};
+  const uint8_t* w = a.w + n * a.row_bytes;
+  const int64_t K = a.K, plane = a.M * a.x_stride;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
     const int64_t k1 = std::min(K, k0 + CHUNK);
-    __m512i hi[H][R], lo[H][R];
+    __m512i acc[H][3][R];
     for (int h = 0; h < H; ++h)
-      for (int m = 0; m < R; ++m) hi[h][m] = lo[h][m] = _mm512_setzero_si512();
-    auto step = [&](int64_t k, __m512i wv, __m512i (&high)[R], __m512i (&low)[R]) {
+      for (int d = 0; d < 3; ++d)
+        for (int m = 0; m < R; ++m) acc[h][d][m] = _mm512_setzero_si512();
+    auto step = [&](int64_t k, __m512i wv, __m512i (&sums)[3][R]) {
+      wv = _mm512_xor_si512(wv, flip);  // w + 128: unsigned
       for (int m = 0; m < R; ++m) {
-        const int64_t at = (m0 + m) * a.x_stride + k;
-        high[m] = _mm512_dpwssd_epi32(high[m], wv, _mm512_loadu_si512(a.x_hi + at));
-        low[m] = _mm512_dpwssd_epi32(low[m], wv, _mm512_loadu_si512(a.x_lo + at));
+        const int8_t* xd = a.x_digits + (m0 + m) * a.x_stride + k;
+        for (int d = 0; d < 3; ++d)
+          sums[d][m] = _mm512_dpbusd_epi32(sums[d][m], wv, _mm512_loadu_si512(xd + d * plane));
       }
     };
-    auto weights = [&](int64_t k) {
-      return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
-    };
     int64_t k = k0;
-    for (; k + 32 * H <= k1; k += 32 * H) {
-      for (int h = 0; h < H; h += 2)  // one cache line per 64 weights
-        _mm_prefetch(reinterpret_cast<const char*>(w + k + 32 * h + VNNI_PREFETCH_BYTES), _MM_HINT_T0);
-      for (int h = 0; h < H; ++h) step(k + 32 * h, weights(k + 32 * h), hi[h], lo[h]);
+    for (; k + 64 * H <= k1; k += 64 * H) {
+      for (int h = 0; h < H; ++h)  // a cache line per 64 weights
+        _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 * h + VNNI_PREFETCH_BYTES), _MM_HINT_T0);
+      for (int h = 0; h < H; ++h) step(k + 64 * h, _mm512_loadu_si512(w + k + 64 * h), acc[h]);
     }
-    // the last 1..32H-1 elements: masked weight loads (x's digits are 0 past K)
-    for (int h = 0; h < H && k < k1; k += 32, ++h) {
-      const __mmask32 mask = k1 - k >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << (k1 - k)) - 1);
-      step(k, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + k)), hi[h], lo[h]);
+    for (int h = 0; h < H && k < k1; k += 64, ++h) {
+      const __mmask64 mask = k1 - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k1 - k)) - 1;
+      step(k, _mm512_maskz_loadu_epi8(mask, w + k), acc[h]);
     }
-    const __m512 radix = _mm512_set1_ps(32768.0f);
-    for (int m = 0; m < R; ++m) {
-      __m512i high = hi[0][m], low = lo[0][m];
-      for (int h = 1; h < H; ++h) high = _mm512_add_epi32(high, hi[h][m]), low = _mm512_add_epi32(low, lo[h][m]);
-      total[m] = _mm512_add_ps(total[m], _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), radix, _mm512_cvtepi32_ps(low)));
-    }
+    for (int d = 0; d < 3; ++d)
+      for (int m = 0; m < R; ++m) {
+        __m512i sum = acc[0][d][m];
+        for (int h = 1; h < H; ++h) sum = _mm512_add_epi32(sum, acc[h][d][m]);
+        total[d][m] += _mm512_reduce_add_epi32(sum);
+      }
   }
-  for (int m = 0; m < R; ++m) total[m] = _mm512_mul_ps(total[m], _mm512_set1_ps(a.scale[n] * a.x_unit[m0 + m]));
-  finish<R>(a, m0, n, total);
+  for (int m = 0; m < R; ++m) {
+    const int64_t sums = total[0][m] + 256 * total[1][m] + 65536 * total[2][m] - 128 * a.x_sum[m0 + m];
+    a.out[(m0 + m) * a.N + n] = static_cast<float>(static_cast<double>(sums) * a.x_unit[m0 + m] * a.scale[n]) +
+                                (a.bias != nullptr ? a.bias[n] : 0.0f);
+  }
 }
+
 #endif
 
 // int4: 32 weights (16 bytes) per step, the low nibbles into one accumulator and the high into the other;
@@ -547,7 +553,7 @@ template <int R>
 inline void run_tile(const QuantArgs& a, int64_t m0, int64_t n) {
 #if defined(__AVX512F__)
 #if defined(KILN_INT8_VNNI)
-  if (a.bits == 8 && a.x_hi != nullptr) return tile_int8_vnni<R>(a, m0, n);
+  if (a.bits == 8 && a.x_digits != nullptr) return tile_int8_vnni<R>(a, m0, n);
 #endif
   if (a.bits == 8) return tile_int8<R>(a, m0, n);
 #if defined(KILN_INT4_BF16)
@@ -611,36 +617,42 @@ void convert(const float* src, T* dst, int64_t n) {
 
 #if defined(KILN_INT8_VNNI)
 // x's rows (M, K) fp32 as tile_int8_vnni takes them: each row scaled by a power of two so its largest |x|
-// lands in [2^28, 2^29), rounded to an integer v, and v split into digits hi = v >> 15 (|hi| <= 2^14) and
-// lo = v & 0x7FFF, so x = (hi * 2^15 + lo) * unit with unit = that power of two's inverse. A row holding an
-// inf or NaN gets unit NaN (its digits 0): its sums must come out inf/NaN as the reference's do, so
-// quant_linear computes such rows again with the float tile.
-void x_digits(const float* x, int64_t M, int64_t K, int64_t stride, std::vector<int16_t>& hi,
-              std::vector<int16_t>& lo, std::vector<float>& unit) {
-  hi.assign(M * stride, 0), lo.assign(M * stride, 0), unit.assign(M, 0.0f);
+// lands in [2^21, 2^22), rounded to an integer v (nearest, even), and v split into signed byte digits
+// d0 + 2^8 d1 + 2^16 d2 (|d2| <= 64), with unit = that power of two's inverse and the row's sum of v. A row
+// holding an inf or NaN gets unit NaN (its digits 0): its sums must come out inf/NaN as the reference's do,
+// so quant_linear computes such rows again with the float tile. digits: (3, M, stride), zeros past K.
+void x_digits(const float* x, int64_t M, int64_t K, int64_t stride, std::vector<int8_t>& digits,
+             std::vector<int64_t>& sums, std::vector<float>& unit) {
+  digits.assign(3 * M * stride, 0), sums.assign(M, 0), unit.assign(M, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
     __m512 peak = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(load_ps(row + k, tail_mask(K - k))));
-    const float largest = _mm512_reduce_max_ps(peak);  // NaN lanes: max_ps keeps its second operand, so check
+    const float largest = _mm512_reduce_max_ps(peak);
     bool finite = std::isfinite(largest);
     for (int64_t k = 0; k < K && finite; ++k) finite = std::isfinite(row[k]);
     if (!finite) {
       unit[m] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    if (largest == 0.0f) continue;  // digits 0
+    if (largest == 0.0f) continue;
     int exponent = 0;
-    std::frexp(largest, &exponent);  // largest = f * 2^exponent, f in [0.5, 1)
-    const __m512 to_fixed = _mm512_set1_ps(std::ldexp(1.0f, 29 - exponent));
-    unit[m] = std::ldexp(1.0f, exponent - 29);
+    std::frexp(largest, &exponent);
+    const __m512 to_fixed = _mm512_set1_ps(std::ldexp(1.0f, 22 - exponent));
+    unit[m] = std::ldexp(1.0f, exponent - 22);
+    __m512i total = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 mask = tail_mask(K - k);
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load_ps(row + k, mask), to_fixed));  // nearest, even
-      _mm256_mask_storeu_epi16(hi.data() + m * stride + k, mask, _mm512_cvtepi32_epi16(_mm512_srai_epi32(v, 15)));
-      _mm256_mask_storeu_epi16(lo.data() + m * stride + k, mask,
-                               _mm512_cvtepi32_epi16(_mm512_and_si512(v, _mm512_set1_epi32(0x7FFF))));
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load_ps(row + k, mask), to_fixed));
+      total = _mm512_add_epi64(total, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                       _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+      for (int d = 0; d < 3; ++d) {
+        const __m512i digit = d < 2 ? _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24) : v;  // low byte, signed
+        _mm_mask_storeu_epi8(digits.data() + (d * M + m) * stride + k, mask, _mm512_cvtepi32_epi8(digit));
+        v = _mm512_srai_epi32(_mm512_sub_epi32(v, digit), 8);
+      }
     }
+    sums[m] = _mm512_reduce_add_epi64(total);
   }
 }
 #endif
@@ -691,12 +703,13 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
                  M, K, N, G, K / G, wc.size(1), static_cast<int>(bits)};
   if (!xb.empty()) args.zero_shift = 128.0f;  // the bf16 int4 tiles' weights are 128 + u, not u
 #if defined(KILN_INT8_VNNI)
-  std::vector<int16_t> x_hi, x_lo;  // int8 on AMD: x in fixed point for tile_int8_vnni
+  std::vector<int8_t> x_digit_bytes;  // int8 on AMD: x in fixed point for tile_int8_vnni
+  std::vector<int64_t> x_sum;
   std::vector<float> x_unit;
   if (bits == 8 && !column_tiles()) {
-    args.x_stride = (K + 63) / 64 * 64;
-    x_digits(x_data, M, K, args.x_stride, x_hi, x_lo, x_unit);
-    args.x_hi = x_hi.data(), args.x_lo = x_lo.data(), args.x_unit = x_unit.data();
+    args.x_stride = (K + 127) / 128 * 128;
+    x_digits(x_data, M, K, args.x_stride, x_digit_bytes, x_sum, x_unit);
+    args.x_digits = x_digit_bytes.data(), args.x_sum = x_sum.data(), args.x_unit = x_unit.data();
   }
 #endif
   std::vector<float> xsum;  // (M, G): each group's sum of x, for the zero points' term (and the shift's)
