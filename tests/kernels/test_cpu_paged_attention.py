@@ -94,6 +94,18 @@ def test_op_matches_reference(shape, dtype, variant, decode_pass, monkeypatch):
     assert_close(got, paged_attention_reference(*inputs, **options), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contexts", [[1000], [33, 1000], [40, 97, 2000, 1], [48, 48, 48]], ids=str)
+def test_few_decodes_split_along_their_context(contexts, dtype):
+    # Fewer decodes than the threads want (4 items a thread): each is split into parts of whole 16-token
+    # tiles, every kv head in a part, and the parts' unnormalised results combined; with ALiBi and a window
+    # (the parts start past the window's first key), and contexts that split unevenly or not at all.
+    inputs = op_inputs([1] * len(contexts), contexts, 8, 2, 64, 16, dtype)
+    for options in ({}, {"alibi_slopes": alibi_slopes(8)}, {"sliding_window": 300}, {"sliding_window": 40}):
+        got = paged_attention(*inputs, **options)
+        assert_close(got, paged_attention_reference(*inputs, **options), dtype)
+
+
 def test_fp16_and_a_custom_scale():
     inputs = op_inputs([1, 6, 1], [17, 20, 1000], 6, 3, 40, 16, torch.float16)
     options = dict(scale=0.3, alibi_slopes=alibi_slopes(6), sliding_window=100)

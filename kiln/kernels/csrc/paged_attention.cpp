@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -71,6 +72,11 @@ struct Problem {
 // h0 + r / (tq * G), query t0 + (r / G) % tq, query head (that kv head) * G + r % G, for tq = t1 - t0.
 struct Item {
   int64_t seq, t0, t1, h0, h1;
+  // A decode split along its context (run: batch-1 decodes): this item takes part `part` of `parts` of the
+  // context's tiles and writes its unnormalised result to `partial` (rows x (D + 2): acc, max, sum) for run
+  // to combine; parts 1 writes the output itself.
+  int64_t part = 0, parts = 1;
+  float* partial = nullptr;
 };
 
 // Per-thread buffers, sized once for the largest item.
@@ -273,6 +279,65 @@ void attend_item(const Problem<T>& P, Scratch& w, const Item& item, bool decode_
   }
 }
 
+// Items that split each sequence's context into parts of whole decode tiles (at least kMinPartTiles each),
+// about `wanted` items in all, with room in `partials` for their unnormalised results. False (nothing
+// split) unless every sequence is a single-query decode and some context is long enough to split.
+constexpr int64_t kMinPartTiles = 2;
+
+// The keys sequence s's decode attends: its context, or the last `window` of it.
+template <typename T>
+int64_t decode_length(const Problem<T>& P, int64_t s) {
+  const int64_t context = P.context_lens[s];
+  return P.window > 0 ? std::min<int64_t>(P.window, context) : context;
+}
+
+template <typename T>
+bool split_decodes(const Problem<T>& P, int64_t num_seqs, int64_t wanted, std::vector<Item>& items,
+                   std::vector<float>& partials) {
+  const int64_t per_seq = (wanted + num_seqs - 1) / num_seqs, rows = P.num_heads, width = P.head_dim + 2;
+  std::vector<int64_t> parts(num_seqs);
+  bool split = false;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    if (P.query_lens[s] != 1) return false;
+    const int64_t tiles = (decode_length(P, s) + kDecodeTile - 1) / kDecodeTile;
+    parts[s] = std::clamp<int64_t>(tiles / kMinPartTiles, 1, per_seq);
+    split = split || parts[s] > 1;
+  }
+  if (!split) return false;
+  int64_t total = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) total += parts[s];
+  partials.resize(total * rows * width);
+  float* next = partials.data();
+  for (int64_t s = 0; s < num_seqs; ++s)
+    for (int64_t p = 0; p < parts[s]; ++p, next += rows * width)
+      items.push_back({s, 0, 1, 0, P.num_kv_heads, p, parts[s], parts[s] > 1 ? next : nullptr});
+  return true;
+}
+
+// Sequence s's output from its parts' partials (a sequence of one part wrote its output already): each
+// part's accumulator and sum scaled by exp(its max - the overall max), summed, and divided.
+template <typename T>
+void combine_parts(const Problem<T>& P, const std::vector<Item>& items, int64_t s) {
+  std::vector<const float*> parts;
+  for (const Item& item : items)
+    if (item.seq == s && item.partial != nullptr) parts.push_back(item.partial);
+  if (parts.empty()) return;
+  const int64_t D = P.head_dim, width = D + 2;
+  std::vector<float> acc(D), factor(parts.size());
+  for (int64_t r = 0; r < P.num_heads; ++r) {
+    float best = kNegInf, sum = 0.0f;
+    for (const float* part : parts) best = std::max(best, part[r * width + D]);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (size_t p = 0; p < parts.size(); ++p) {
+      const float* part = parts[p] + r * width;
+      factor[p] = part[D] == kNegInf ? 0.0f : std::exp(part[D] - best);
+      sum += factor[p] * part[D + 1];
+      for (int64_t d = 0; d < D; ++d) acc[d] += factor[p] * part[d];
+    }
+    from_float(acc.data(), 1.0f / sum, P.out + (P.query_starts[s] * P.num_heads + r) * D, D);
+  }
+}
+
 // Items of (sequence, query tile) with all kv heads, or with ranges of them when there are too few
 // sequences and tiles to keep every thread busy (batch-1 decode).
 template <typename T>
@@ -284,7 +349,26 @@ void run(const Problem<T>& P, int64_t num_seqs) {
   const int64_t splits = std::clamp<int64_t>((wanted_items + num_tiles - 1) / std::max<int64_t>(num_tiles, 1), 1,
                                              P.num_kv_heads);
   const int64_t heads_per_item = (P.num_kv_heads + splits - 1) / splits;
+  const char* decode_env = std::getenv("KILN_PA_DECODE");
+  const std::string_view decode_setting = decode_env != nullptr ? decode_env : "";
+  const bool decodes_supported = P.bits == 0 && decode_supported<T>(P.head_dim) && decode_setting != "0";
   std::vector<Item> items;
+  std::vector<float> partials;
+  if (decodes_supported && splits > 1 && split_decodes(P, num_seqs, wanted_items, items, partials)) {
+    // Too few decodes to keep every thread busy: each is split along its context, every kv head in an item
+    // (a token's KVH x D row read in one piece), where splitting the heads read each token's row in pieces a
+    // row apart. 2-vCPU Zen 5 EPYC, the 134M shape's batch-1 decodes inside the engine (bf16 pool, 12 x 64
+    // heads, 2 threads, torch.profiler): 15.4 / 26.1 / 41.7 us a call at 32 / 80 / 144 context with the
+    // heads split, 9.7 / 13.1 / 20.6 split along the context.
+#pragma omp parallel if (items.size() > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < int64_t(items.size()); ++i) attend_decode(P, items[i]);
+#pragma omp for
+      for (int64_t s = 0; s < num_seqs; ++s) combine_parts(P, items, s);
+    }
+    return;
+  }
   for (int64_t s = 0; s < num_seqs; ++s)
     for (int64_t t0 = 0; t0 < P.query_lens[s]; t0 += P.tile_queries)
       for (int64_t h0 = 0; h0 < P.num_kv_heads; h0 += heads_per_item)
@@ -296,10 +380,7 @@ void run(const Problem<T>& P, int64_t num_seqs) {
   // and on the Zen 4 EPYC a batch-1 decode at 2k context ran 1.7-2.2x slower that way than in the tile
   // loop). KILN_PA_DECODE=0 sends them all through the tile loop, =1 all that the op supports (the tests
   // run both).
-  const char* decode_env = std::getenv("KILN_PA_DECODE");
-  const std::string_view decode_setting = decode_env != nullptr ? decode_env : "";
-  const bool decode_path = P.bits == 0 && decode_supported<T>(P.head_dim) && decode_setting != "0" &&
-                           (heads_per_item == P.num_kv_heads || decode_setting == "1");
+  const bool decode_path = decodes_supported && (heads_per_item == P.num_kv_heads || decode_setting == "1");
 #pragma omp parallel if (items.size() > 1)
   {
     thread_local Scratch w;

@@ -65,6 +65,12 @@ struct DecodeScratch {
 template <typename T>
 void attend_decode(const Problem<T>& P, const Item& item) {
   constexpr int64_t kTile = kDecodeTile;
+  const int64_t position = P.context_lens[item.seq] - 1;  // the query's position
+  const int64_t first = P.window > 0 ? std::max<int64_t>(0, position - P.window + 1) : 0;
+  // this item's keys [begin, position + 1) ... of part `part` of `parts`: whole tiles from `first`
+  const int64_t tiles = (position + 1 - first + kTile - 1) / kTile, per_part = (tiles + item.parts - 1) / item.parts;
+  const int64_t begin = std::min(position + 1, first + item.part * per_part * kTile);
+  const int64_t end = std::min(position + 1, begin + per_part * kTile);
   thread_local DecodeScratch w;
   const int64_t G = P.num_heads / P.num_kv_heads, D = P.head_dim, heads = item.h1 - item.h0;
   const int64_t rows = heads * G;
@@ -75,9 +81,7 @@ void attend_decode(const Problem<T>& P, const Item& item) {
   constexpr bool kBf16 = false;
   const int64_t width = D;
 #endif
-  const int64_t position = P.context_lens[item.seq] - 1;  // the query's position
-  const int64_t begin = P.window > 0 ? std::max<int64_t>(0, position - P.window + 1) : 0;
-  const int64_t n = position + 1 - begin;
+  const int64_t n = end - begin;
   const int64_t token = P.query_starts[item.seq];
   const int32_t* table = P.block_tables + item.seq * P.table_width;
   w.scores.resize(rows * n);
@@ -124,8 +128,8 @@ void attend_decode(const Problem<T>& P, const Item& item) {
   // visit(r, its kv head's tile rows, the tile's first score index, count) for every tile of `cache` in
   // token order and every row r of the item.
   auto walk = [&](const T* cache, int64_t stride_slot, int64_t stride_head, auto&& visit) {
-    for (int64_t j0 = begin; j0 <= position; j0 += kTile) {
-      const int64_t count = std::min<int64_t>(kTile, position + 1 - j0);
+    for (int64_t j0 = begin; j0 < end; j0 += kTile) {
+      const int64_t count = std::min<int64_t>(kTile, end - j0);
       point(cache, stride_slot, stride_head, j0, count);
       for (int64_t r = 0; r < rows; ++r) visit(r, tile_rows + r / G * kTile, j0 - begin, count);
     }
@@ -152,7 +156,8 @@ void attend_decode(const Problem<T>& P, const Item& item) {
     }
     float best = kNegInf;
     for (int64_t i = 0; i < n; ++i) best = std::max(best, s[i]);
-    w.sums[r] = exp_and_sum(s, n, best);
+    w.sums[r] = n > 0 ? exp_and_sum(s, n, best) : 0.0f;
+    if (item.partial != nullptr) item.partial[r * (D + 2) + D] = best;
   }
   // Pass 2: values, tile by tile; each row's weights of the tile against its kv head's value rows.
   walk(P.values, P.v_stride_slot, P.v_stride_head, [&](int64_t r, const T* const* values, int64_t i0, int64_t count) {
@@ -175,11 +180,17 @@ void attend_decode(const Problem<T>& P, const Item& item) {
       acc = w.row.data();
     }
 #endif
+    if (item.partial != nullptr) {  // unnormalised, with its max (set above) and sum, for combine_parts
+      std::copy(acc, acc + D, item.partial + r * (D + 2));
+      item.partial[r * (D + 2) + D + 1] = w.sums[r];
+      continue;
+    }
     from_float(acc, 1.0f / w.sums[r], P.out + (token * P.num_heads + item.h0 * G + r) * D, D);
   }
 }
 
 #else
+constexpr int64_t kDecodeTile = 16;
 template <typename T>
 constexpr bool kDecodeType = false;
 template <typename T>
