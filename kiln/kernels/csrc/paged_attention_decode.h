@@ -100,22 +100,26 @@ void attend_decode(const Problem<T>& P, const Item& item) {
     }
   }
   const T** tile_rows = reinterpret_cast<const T**>(w.rows.data());  // [h * kTile + k]
-#ifdef KILN_BF16_PAIRS
-  // A bf16 pool's tile is first read once in address order, 64 bytes at a time (`point`), then head by head:
-  // the head-by-head order alone (rows a slot apart) kept the DRAM reads from overlapping the arithmetic. On
-  // a 2-vCPU Zen 4 (2026-12-07), 64 decodes over 12 layers' pools at 192 context: the op 12.7-14.0 ->
-  // 14.4-17.6 GB/s in five interleaved rounds, the engine's bf16 offline 64 x (128, 128) 1.00-1.07x in
-  // three; an fp32 pool read no faster (24.4 -> 20.9 GB/s), so only bf16 pairs touch.
+#ifdef KILN_AVX512
+  // A tile is first read once in address order, 64 bytes at a time (`point`), then head by head: the
+  // head-by-head order alone (rows a slot apart) kept the DRAM reads from overlapping the arithmetic. On a
+  // 2-vCPU Zen 4 (2026-12-07), 64 decodes over 12 layers' pools at 192 context, bf16: the op 12.7-14.0 ->
+  // 14.4-17.6 GB/s in five interleaved rounds, the engine's bf16 offline 64 x (128, 128) 1.00-1.07x in three.
+  // fp32 pools read no faster that way at the 134M shape there (24.4 -> 20.9 GB/s) or on a Zen 5 (64 x 256
+  // decodes, 12 x 64 heads: 2.66-3.00 vs 2.81 ms a layer call), so stop 28 kept it to bf16; but at the demo
+  // shape (6 heads over 2 kv heads of 32 fp32 values: 128-byte row pieces) the head-by-head walk alone ran
+  // 2.4x slower (Zen 5, 8 decodes at 2k context, 4 layers: 2.90-2.99 -> 1.20-1.28 ms; the token-by-token walk
+  // before stop 26 took 1.13-1.16), so every pool type touches (AVX-512; the AVX2 walk is unchanged).
   __m512i touched = _mm512_setzero_si512();
 #endif
-  // Point tile_rows at tokens [j0, j0 + count)'s rows of every kv head of the item in `cache` (bf16 pairs:
+  // Point tile_rows at tokens [j0, j0 + count)'s rows of every kv head of the item in `cache` (AVX-512:
   // reading each token's rows once on the way).
   auto point = [&](const T* cache, int64_t stride_slot, int64_t stride_head, int64_t j0, int64_t count) {
     int64_t block = j0 / P.block_size, offset = j0 % P.block_size;
     for (int64_t k = 0; k < count; ++k) {
       const T* slot = cache + (int64_t(table[block]) * P.block_size + offset) * stride_slot + item.h0 * stride_head;
-#ifdef KILN_BF16_PAIRS
-      if constexpr (kBf16) {
+#ifdef KILN_AVX512
+      {
         const char* bytes = reinterpret_cast<const char*>(slot);
         for (int64_t b = 0; b + 64 <= heads * stride_head * int64_t(sizeof(T)); b += 64)
           touched = _mm512_or_si512(touched, _mm512_loadu_si512(bytes + b));
@@ -169,8 +173,8 @@ void attend_decode(const Problem<T>& P, const Item& item) {
 #endif
     accumulate(w.acc.data() + r * width, 1.0f, scores + r * n + i0, values, count, D);
   });
-#ifdef KILN_BF16_PAIRS
-  if constexpr (kBf16) asm volatile("" : : "v"(touched));  // keep the touching loads
+#ifdef KILN_AVX512
+  asm volatile("" : : "v"(touched));  // keep the touching loads
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     const float* acc = w.acc.data() + r * width;
