@@ -67,7 +67,7 @@ void attend_decode(const Problem<T>& P, const Item& item) {
   constexpr int64_t kTile = kDecodeTile;
   const int64_t position = P.context_lens[item.seq] - 1;  // the query's position
   const int64_t first = P.window > 0 ? std::max<int64_t>(0, position - P.window + 1) : 0;
-  // this item's keys [begin, position + 1) ... of part `part` of `parts`: whole tiles from `first`
+  // this item's keys [begin, end): part `part` of `parts` of the context's tiles from `first` (parts 1: all)
   const int64_t tiles = (position + 1 - first + kTile - 1) / kTile, per_part = (tiles + item.parts - 1) / item.parts;
   const int64_t begin = std::min(position + 1, first + item.part * per_part * kTile);
   const int64_t end = std::min(position + 1, begin + per_part * kTile);
