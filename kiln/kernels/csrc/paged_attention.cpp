@@ -279,18 +279,11 @@ void attend_item(const Problem<T>& P, Scratch& w, const Item& item, bool decode_
   }
 }
 
+constexpr int64_t kMinPartTiles = 2;
+
 // Items that split each sequence's context into parts of whole decode tiles (at least kMinPartTiles each),
 // about `wanted` items in all, with room in `partials` for their unnormalised results. False (nothing
 // split) unless every sequence is a single-query decode and some context is long enough to split.
-constexpr int64_t kMinPartTiles = 2;
-
-// The keys sequence s's decode attends: its context, or the last `window` of it.
-template <typename T>
-int64_t decode_length(const Problem<T>& P, int64_t s) {
-  const int64_t context = P.context_lens[s];
-  return P.window > 0 ? std::min<int64_t>(P.window, context) : context;
-}
-
 template <typename T>
 bool split_decodes(const Problem<T>& P, int64_t num_seqs, int64_t wanted, std::vector<Item>& items,
                    std::vector<float>& partials) {

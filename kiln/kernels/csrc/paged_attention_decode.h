@@ -26,6 +26,13 @@
 
 namespace {
 
+// The keys sequence s's decode attends: its context, or the last `window` of it.
+template <typename T>
+int64_t decode_length(const Problem<T>& P, int64_t s) {
+  const int64_t context = P.context_lens[s];
+  return P.window > 0 ? std::min<int64_t>(P.window, context) : context;
+}
+
 #if defined(KILN_AVX512) || defined(KILN_AVX2)
 
 #if defined(KILN_AVX512)
@@ -66,7 +73,7 @@ template <typename T>
 void attend_decode(const Problem<T>& P, const Item& item) {
   constexpr int64_t kTile = kDecodeTile;
   const int64_t position = P.context_lens[item.seq] - 1;  // the query's position
-  const int64_t first = P.window > 0 ? std::max<int64_t>(0, position - P.window + 1) : 0;
+  const int64_t first = position + 1 - decode_length(P, item.seq);
   // this item's keys [begin, end): part `part` of `parts` of the context's tiles from `first` (parts 1: all)
   const int64_t tiles = (position + 1 - first + kTile - 1) / kTile, per_part = (tiles + item.parts - 1) / item.parts;
   const int64_t begin = std::min(position + 1, first + item.part * per_part * kTile);

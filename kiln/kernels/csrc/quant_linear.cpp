@@ -27,7 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "simd.h"  // KILN_AVX2: hsum8; load_ps, tail_mask
+#include "simd.h"  // KILN_AVX2: hsum8; abs_max, load_ps, tail_mask
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -626,9 +626,7 @@ void x_digits(const float* x, int64_t M, int64_t K, int64_t stride, std::vector<
   digits.assign(3 * M * stride, 0), sums.assign(M, 0), unit.assign(M, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
-    __m512 peak = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(load_ps(row + k, tail_mask(K - k))));
-    const float largest = _mm512_reduce_max_ps(peak);
+    const float largest = abs_max(row, K);
     bool finite = std::isfinite(largest);
     for (int64_t k = 0; k < K && finite; ++k) finite = std::isfinite(row[k]);
     if (!finite) {

@@ -8,6 +8,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -155,5 +157,21 @@ inline void store8_ps(c10::BFloat16* p, __m256 x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 #endif
+
+// max |x[k]| over k < n, widened to fp32 (AVX-512 over 16 lanes, else a scalar loop): w8a8_linear.cpp's row
+// scales and quant_linear.cpp's fixed-point rows. A NaN may be dropped (vmaxps keeps its second operand), so
+// callers that must see one check isfinite themselves.
+template <typename T>
+inline float abs_max(const T* x, int64_t n) {
+  float amax = 0.0f;
+  int64_t k = 0;
+#ifdef KILN_AVX512
+  __m512 top = _mm512_setzero_ps();
+  for (; k < n; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load_ps(x + k, tail_mask(n - k))));
+  amax = _mm512_reduce_max_ps(top);
+#endif
+  for (; k < n; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
+  return amax;
+}
 
 }  // namespace

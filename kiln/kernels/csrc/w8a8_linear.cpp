@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "int8_gemm.h"
-#include "simd.h"  // KILN_AVX512: tail_mask, load_ps, store_ps, round_ps
+#include "simd.h"  // KILN_AVX512: tail_mask, load_ps, store_ps, round_ps; abs_max, divide
 
 namespace {
 
@@ -129,15 +129,7 @@ inline T finish(float sum, float x_scale, float scale, const T* bias) {
 // One row's x_scale as quantize_rows computes it: max |x| / 127, at least TINY (the max is exact in x's dtype).
 template <typename T>
 float row_scale(const T* x, int64_t K) {
-  float amax = 0.0f;
-  int64_t k = 0;
-#if defined(KILN_AVX512)
-  __m512 top = _mm512_setzero_ps();
-  for (; k < K; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load_ps(x + k, tail_mask(K - k))));
-  amax = _mm512_reduce_max_ps(top);
-#endif
-  for (; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
-  return std::max(divide(amax, 127.0f), static_cast<float>(TINY));
+  return std::max(divide(abs_max(x, K), 127.0f), static_cast<float>(TINY));
 }
 
 // The w8a8 branch with kiln's int8 GEMM: each row's scale (row_scale) and the row quantized straight into the
