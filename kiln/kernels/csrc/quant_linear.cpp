@@ -713,7 +713,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   std::vector<float> xsum;  // (M, G): each group's sum of x, for the zero points' term (and the shift's)
   if (off.defined() || args.zero_shift != 0.0f) {
     xsum.assign(M * G, 0.0f);
-    for (int64_t i = 0; i < M * K; ++i) xsum[i / (K / G)] += x_data[i];
+    const int64_t group = K / G;
+    for (int64_t mg = 0; mg < M * G; ++mg) {  // a plain reduction per group, which the compiler vectorises
+      float sum = 0.0f;
+      for (int64_t k = 0; k < group; ++k) sum += x_data[mg * group + k];
+      xsum[mg] = sum;
+    }
     args.xsum = xsum.data();
   }
   // AMD: one weight row per tile, so each thread reads its slab of the weight as one sequential stream (four
