@@ -237,7 +237,8 @@ from kiln.quant.weights import pack_int4
 
 source = Path(sys.argv[1])
 for name in ("linear.cpp", "quant_linear.cpp", "paged_attention.cpp", "paged_attention_simd.h",
-             "paged_attention_decode.h", "simd.h", "w8a8_linear.cpp", "int8_mm.cpp", "int8_gemm.h"):
+             "paged_attention_decode.h", "simd.h", "w8a8_linear.cpp", "int8_mm.cpp", "int8_gemm.h",
+             "loki_attention.cpp"):
     shutil.copy(ext.CSRC / name, source / name)
 ext.CSRC = source
 ext.FLAGS = ext.FLAGS + sys.argv[2].split()
@@ -286,6 +287,15 @@ for shape in SHAPES[1:5]:
     for dtype in (torch.float32, torch.bfloat16):
         inputs = op_inputs(*shape, dtype)
         assert_close(paged_attention(*inputs), paged_attention_reference(*inputs), dtype)
+# Loki's op (scores, selection: the vector paths are AVX-512 only) against its torch path, short and long
+from tests.kernels.test_loki_attention import _inputs, _paged
+from kiln.kernels.loki_attention import loki_decode_attention
+for length in (40, 700):
+    q, k, v = _inputs(batch=1, length=length)
+    keys, values, tables = _paged(k, v, 16)
+    args = (q[:, :, -1], keys, values, tables, torch.tensor([length], dtype=torch.int32), 16, 6, 0.25)
+    cpp, reference = loki_decode_attention(*args, use_cpp=True), loki_decode_attention(*args, use_cpp=False)
+    torch.testing.assert_close(cpp, reference, atol=2e-6, rtol=1e-5)
 print("fallback ok")
 """
 
@@ -299,8 +309,9 @@ print("fallback ok")
     ],
 )
 def test_fallback_builds_match_reference(tmp_path, flags):
-    """The linear, quantized linear, w8a8 (on a packed weight, where int8 packing is on) and paged-attention
-    ops built without AVX-512, and without AVX2 (separate builds and processes), give the same results."""
+    """The linear, quantized linear, w8a8 (on a packed weight, where int8 packing is on), paged-attention
+    and Loki ops built without AVX-512, and without AVX2 (separate builds and processes), give the same
+    results."""
     source = tmp_path / "csrc"
     source.mkdir()
     completed = subprocess.run(

@@ -100,3 +100,42 @@ def test_cpp_op_bf16_and_sliding_window_match_torch():
         cpp = loki_decode_attention(*args, use_cpp=True)
         torch_out = loki_decode_attention(*args, use_cpp=False)
         torch.testing.assert_close(cpp.float(), torch_out.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("top_k", [0.02, 0.25, 0.9])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "length"),
+    [(6, 2, 32, 1500), (18, 1, 24, 700), (4, 4, 64, 3000)],  # 18 heads a KV head: past rank_scores' 16
+)
+def test_cpp_op_long_contexts_match_the_reference(top_k, heads, kv_heads, head_dim, length):
+    """Contexts long enough for the vector selection (256+ keys), ranks of 6, 8 and 16 (tails of the 8-wide
+    transposes), and more query heads a KV head than the keys-in-lanes scores take."""
+    q, k, v = _inputs(batch=1, heads=heads, kv_heads=kv_heads, length=length, head_dim=head_dim, seed=3)
+    keys, values, tables = _paged(k, v, block_size=16)
+    lens = torch.tensor([length], dtype=torch.int32)
+    args = (q[:, :, -1], keys, values, tables, lens, 16, head_dim // 4, top_k)
+    # the torch paged decode: checked against loki_attention_reference above
+    torch.testing.assert_close(
+        loki_decode_attention(*args, use_cpp=True),
+        loki_decode_attention(*args, use_cpp=False),
+        atol=2e-6,
+        rtol=1e-5,
+    )
+
+
+@needs_cpp
+def test_cpp_op_breaks_ties_towards_earlier_keys():
+    """Small-integer queries and keys: every rank-r score is exact in any summation order and most tie. The
+    op keeps ties to the earlier position, as loki_attention_reference's stable sort does, past the vector
+    selection's bracket (which cannot split a tie and hands the whole tied band to nth_element)."""
+    generator = torch.Generator().manual_seed(5)
+    length = 600
+    q = torch.randint(-1, 3, (1, 6, length, 24), generator=generator).float()
+    k = torch.randint(-1, 2, (1, 2, length, 24), generator=generator).float()
+    v = torch.randn(1, 2, length, 24, generator=generator)
+    expected = loki_attention_reference(q, k, v, rank=6, top_k=0.25)[:, :, -1]
+    keys, values, tables = _paged(k, v, block_size=16)
+    lens = torch.tensor([length], dtype=torch.int32)
+    out = loki_decode_attention(q[:, :, -1], keys, values, tables, lens, 16, 6, 0.25, use_cpp=True)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)

@@ -4,11 +4,15 @@
 // coordinates of each key are its top principal components.
 //
 // One work item per (sequence, KV head), run under OpenMP: score each visible key on its first `rank`
-// coordinates for all the KV head's query heads (paged_attention_simd.h's `dots`, 8 or 16 keys at a time),
-// per query head keep the top `count` (`select_top`: a histogram pass and a compaction pass, O(n)), then
+// coordinates for all the KV head's query heads (AVX-512: `rank_scores`, the keys transposed into lanes so
+// each head's scores are `rank` FMAs a 16-key tile; else paged_attention_simd.h's `dots`), per query head
+// keep the top `count` (AVX-512 from 256 keys: `select_top_vector`, compare-and-count passes that bracket
+// the count-th score; else `select_top`, a histogram pass and a compaction pass; both O(n) and exact), then
 // run exact softmax attention over those only, in fp32, again with the SIMD helpers over the kept rows'
 // pointers (several scattered rows' loads in flight at once). With count = n nothing is scored or selected
-// and every key is attended, in position order.
+// and every key is attended, in position order. The demo shape (6 heads over 2 KV heads of 32, rank 8, top
+// 25%; `python -m kiln.bench.loki decode`) spent ~70% of the op scoring and selecting before the two AVX-512
+// paths; see BENCHMARKS.md.
 
 #include <ATen/ATen.h>
 #include <omp.h>
@@ -17,6 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -27,6 +33,8 @@ namespace {
 
 constexpr int kBuckets = 256;
 constexpr int64_t kValueTile = 16;  // value rows per accumulate call: each read whole while acc stays in registers
+constexpr int64_t kVectorSelect = 256;  // keys from which select_top_vector runs
+constexpr int64_t kMaxLokiGroup = 16;  // query heads a KV head that rank_scores takes (more: `dots` per head)
 
 // Keep the `count` largest of scores[0, n): a 256-bucket histogram of the scores between their min and max
 // finds the bucket the count-th largest falls in; one pass then keeps every key above that bucket and
@@ -74,6 +82,125 @@ inline int64_t select_top(const float* scores, int64_t n, int64_t count, int32_t
   return num_kept;
 }
 
+#ifdef KILN_AVX512
+// select_top with vector passes only, for n of a few hundred and more: returns the kept count, or -1 where
+// select_top must run instead (all scores equal, or so many ties that the bracket cannot shrink). Brackets
+// the count-th largest score v between lo and hi (at least count scores above lo, fewer than count above
+// hi) from the scores' min and max, and narrows it four ways a pass: one pass over the scores counts those
+// above three thresholds at once (compare masks into vector counters, no branch per score). Once at most
+// kBand scores lie in (lo, hi], one pass compress-stores the indices of those above hi into `kept` (in pool
+// order) and of those inside into `band`, where nth_element picks the rest (ties to the lower index). Exact:
+// the same set as select_top. ~5 passes at 4k keys, against select_top's scalar histogram and marking.
+inline int64_t select_top_vector(const float* scores, int64_t n, int64_t count, int32_t* kept, int32_t* band) {
+  constexpr int64_t kBand = 48;
+  __m512 vmin = _mm512_set1_ps(std::numeric_limits<float>::max());
+  __m512 vmax = _mm512_set1_ps(std::numeric_limits<float>::lowest());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(m, scores + j);
+    vmin = _mm512_mask_min_ps(vmin, m, vmin, v);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+  }
+  float lo = _mm512_reduce_min_ps(vmin);
+  float hi = _mm512_reduce_max_ps(vmax);
+  if (!(hi > lo)) return -1;
+  // above(lo) counts the scores equal to the min out: step lo just below it
+  lo = std::nextafter(lo, std::numeric_limits<float>::lowest());
+  int64_t above_lo = n, above_hi = 0;
+  for (int pass = 0; pass < 16 && above_lo - above_hi > kBand; ++pass) {
+    const float step = (hi - lo) / 4;
+    const float t1 = lo + step, t2 = lo + 2 * step, t3 = hi - step;
+    if (!(t1 > lo && t3 < hi && t2 > t1 && t3 > t2)) break;  // the bracket is a few ulps wide: ties
+    const __m512 v1 = _mm512_set1_ps(t1), v2 = _mm512_set1_ps(t2), v3 = _mm512_set1_ps(t3);
+    __m512i c1 = _mm512_setzero_si512(), c2 = c1, c3 = c1;
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      const __m512 v = _mm512_maskz_loadu_ps(m, scores + j);
+      c1 = _mm512_mask_add_epi32(c1, _mm512_mask_cmp_ps_mask(m, v, v1, _CMP_GT_OQ), c1, one);
+      c2 = _mm512_mask_add_epi32(c2, _mm512_mask_cmp_ps_mask(m, v, v2, _CMP_GT_OQ), c2, one);
+      c3 = _mm512_mask_add_epi32(c3, _mm512_mask_cmp_ps_mask(m, v, v3, _CMP_GT_OQ), c3, one);
+    }
+    const int64_t n1 = _mm512_reduce_add_epi32(c1), n2 = _mm512_reduce_add_epi32(c2);
+    const int64_t n3 = _mm512_reduce_add_epi32(c3);
+    if (n3 >= count) {
+      lo = t3, above_lo = n3;
+    } else if (n2 >= count) {
+      lo = t2, above_lo = n2, hi = t3, above_hi = n3;
+    } else if (n1 >= count) {
+      lo = t1, above_lo = n1, hi = t2, above_hi = n2;
+    } else {
+      hi = t1, above_hi = n1;
+    }
+  }
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t above = 0, inside = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(m, scores + j);
+    const __mmask16 over = _mm512_mask_cmp_ps_mask(m, v, vhi, _CMP_GT_OQ);
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(m, v, vlo, _CMP_GT_OQ) & ~over;
+    _mm512_mask_compressstoreu_epi32(kept + above, over, index);
+    _mm512_mask_compressstoreu_epi32(band + inside, in, index);
+    above += _mm_popcnt_u32(over);
+    inside += _mm_popcnt_u32(in);
+    index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+  }
+  if (above >= count || above + inside < count) return -1;  // cannot happen (the bracket's invariant)
+  const int64_t within = count - above;
+  std::nth_element(band, band + (within - 1), band + inside, [&](int32_t x, int32_t y) {
+    return scores[x] > scores[y] || (scores[x] == scores[y] && x < y);
+  });
+  std::copy(band, band + within, kept + above);
+  return count;
+}
+
+// Rank-r scores of 16 keys for each of G query heads, keys in lanes: the keys' first r coordinates are
+// transposed 8 at a time (16 rows x 8 values -> 8 vectors of 16 keys), then each head's scores are r FMAs
+// with its query's coordinates broadcast. `dots` instead does one FMA per key and a 45-op transposing sum
+// per head and 16 keys: at rank 8 with 3 heads a KV head, 72 vector ops a tile against 231. out[g * stride +
+// k] for k < count (<= 16); rows[k] for k >= count are not read.
+template <typename T>
+inline void rank_scores(const float* q, int64_t D, int64_t G, const T* const* rows, int64_t count, int64_t rank,
+                        float* out, int64_t stride) {
+  __m512 acc[kMaxLokiGroup];
+  for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  // 128-bit lanes (a0, b0, a2, b2) and (a1, b1, a3, b3) of two vectors: the AVX 8x8 transpose's last step
+  // (permute2f128) in each 256-bit half
+  const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t d0 = 0; d0 < rank; d0 += 8) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(8, rank - d0));
+    __m512 z[8], t[8], u[8];
+    for (int64_t i = 0; i < 8; ++i) {  // z[i] = (row i, row i + 8), 8 values each
+      const __m512 a = i < count ? load_ps(rows[i] + d0, m) : _mm512_setzero_ps();
+      const __m512 b = i + 8 < count ? load_ps(rows[i + 8] + d0, m) : _mm512_setzero_ps();
+      z[i] = _mm512_insertf32x8(a, _mm512_castps512_ps256(b), 1);
+    }
+    for (int64_t i = 0; i < 8; i += 2) {
+      t[i] = _mm512_unpacklo_ps(z[i], z[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(z[i], z[i + 1]);
+    }
+    for (int64_t i = 0; i < 8; i += 4) {
+      u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+      u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int64_t i = 0; i < 4; ++i) {  // z[d]: coordinate d0 + d of keys 0..15, one per lane
+      z[i] = _mm512_permutex2var_ps(u[i], low, u[i + 4]);
+      z[i + 4] = _mm512_permutex2var_ps(u[i], high, u[i + 4]);
+    }
+    const int64_t width = std::min<int64_t>(8, rank - d0);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < width; ++d)
+        acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * D + d0 + d]), z[d], acc[g]);
+  }
+  for (int64_t g = 0; g < G; ++g) _mm512_mask_storeu_ps(out + g * stride, tail_mask(count), acc[g]);
+}
+#endif
+
 template <typename T>
 void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t* tables, const int32_t* lens,
                int64_t num_seqs, int64_t table_width, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
@@ -104,18 +231,31 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
       int64_t count = static_cast<int64_t>(std::ceil(top_k * n - 1e-9));
       count = std::max<int64_t>(1, std::min(count, n));
       const bool sparse = count < n;
-      if (sparse) {  // rank-r scores of all G heads, 8 or 16 keys at a time (paged_attention_simd.h's dots)
+      if (sparse) {  // rank-r scores of all G heads
         approx.resize(group * n);
         rows.resize(n);
         for (int64_t j = 0; j < n; ++j) rows[j] = keys + base[j];
-        for (int64_t g = 0; g < group; ++g) dots(qf.data() + g * D, rows.data(), n, rank, approx.data() + g * n);
+#ifdef KILN_AVX512
+        if (group <= kMaxLokiGroup) {
+          for (int64_t j0 = 0; j0 < n; j0 += 16)
+            rank_scores(qf.data(), D, group, rows.data() + j0, std::min<int64_t>(16, n - j0), rank,
+                        approx.data() + j0, n);
+        } else
+#endif
+          for (int64_t g = 0; g < group; ++g) dots(qf.data() + g * D, rows.data(), n, rank, approx.data() + g * n);
       }
       kept.resize(n);
       buckets.resize(n);
       for (int64_t g = 0; g < group; ++g) {
         int64_t num_kept = n;
         if (sparse) {
-          num_kept = select_top(approx.data() + g * n, n, count, kept.data(), buckets.data(), bucket_members);
+          num_kept = -1;
+#ifdef KILN_AVX512
+          if (n >= kVectorSelect)
+            num_kept = select_top_vector(approx.data() + g * n, n, count, kept.data(), buckets.data());
+#endif
+          if (num_kept < 0)
+            num_kept = select_top(approx.data() + g * n, n, count, kept.data(), buckets.data(), bucket_members);
         } else {
           std::iota(kept.begin(), kept.end(), 0);
         }
