@@ -86,6 +86,10 @@ SHAPES = [
     ([1, 1, 13], [17, 15, 1000], 12, 3, 8, 1),
     ([1, 40, 1], [33, 1000, 16], 6, 6, 128, 32),
     ([1], [1000], 10, 5, 72, 16),
+    # decodes the two-pass walk over codes takes (head dim a multiple of 16, int4: of 32)
+    ([1], [1000], 8, 2, 64, 16),  # batch 1: split along the context across threads, GQA 4
+    ([1, 1, 1], [2000, 33, 1], 6, 2, 32, 16),  # the demo model's shape (GQA 3, head dim 32)
+    ([1, 1], [700, 90], 12, 12, 64, 16),  # MHA at the 134M model's head size
 ]
 
 
@@ -93,7 +97,11 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("variant", ["plain", "alibi", "window"])
-def test_cpu_op_equals_dequantize_then_reference(shape, bits, variant):
+@pytest.mark.parametrize("decode_pass", ["two-pass", "tiles"])
+def test_cpu_op_equals_dequantize_then_reference(shape, bits, variant, decode_pass, monkeypatch):
+    # Decodes take the two-pass walk over the codes where it supports the head dim unless KILN_PA_DECODE=0
+    # sends them through the key-tile loop (which dequantizes each tile); both must match the reference.
+    monkeypatch.setenv("KILN_PA_DECODE", "1" if decode_pass == "two-pass" else "0")
     from kiln.kernels.cpu_paged_attention import (
         paged_attention_quantized,
         paged_attention_quantized_reference,
@@ -129,6 +137,11 @@ def test_cpu_op_with_a_16_bit_query(dtype):
     got = paged_attention_quantized(q, *pool, 4, tables, *metadata, 16)
     assert got.dtype == dtype
     assert_close(got, paged_attention_quantized_reference(q, *pool, 4, tables, *metadata, 16), 2e-2)
+    *pool, tables = _pool([300, 20], 2, 64, 16, 8, generator)  # the two-pass walk over int8 codes
+    q = torch.randn(2, 8, 64, generator=generator).to(dtype)
+    got = paged_attention_quantized(q, *pool, 8, tables, *metadata, 16)
+    assert got.dtype == dtype
+    assert_close(got, paged_attention_quantized_reference(q, *pool, 8, tables, *metadata, 16), 2e-2)
 
 
 @needs_cpu_ops

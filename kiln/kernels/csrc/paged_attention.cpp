@@ -212,13 +212,18 @@ int64_t row_token_and_head(const Problem<T>& P, const Item& item, int64_t r, int
 }  // namespace
 
 #include "paged_attention_decode.h"  // attend_decode: needs Problem and Item above
+#include "paged_attention_decode_quantized.h"  // attend_decode_quantized: the same over int8 / int4 codes
 
 namespace {
 
 template <typename T>
 void attend_item(const Problem<T>& P, Scratch& w, const Item& item, bool decode_path) {
-  if constexpr (kDecodeType<T>) {
-    if (decode_path && item.t1 - item.t0 == 1 && P.query_lens[item.seq] == 1) {
+  if (decode_path && item.t1 - item.t0 == 1 && P.query_lens[item.seq] == 1) {
+    if (P.bits) {
+      attend_decode_quantized(P, item);
+      return;
+    }
+    if constexpr (kDecodeType<T>) {
       attend_decode(P, item);
       return;
     }
@@ -344,7 +349,9 @@ void run(const Problem<T>& P, int64_t num_seqs) {
   const int64_t heads_per_item = (P.num_kv_heads + splits - 1) / splits;
   const char* decode_env = std::getenv("KILN_PA_DECODE");
   const std::string_view decode_setting = decode_env != nullptr ? decode_env : "";
-  const bool decodes_supported = P.bits == 0 && decode_supported<T>(P.head_dim) && decode_setting != "0";
+  const bool supported =
+      P.bits ? quantized_decode_supported(P.bits, P.head_dim) : decode_supported<T>(P.head_dim);
+  const bool decodes_supported = supported && decode_setting != "0";
   std::vector<Item> items;
   std::vector<float> partials;
   if (decodes_supported && splits > 1 && split_decodes(P, num_seqs, wanted_items, items, partials)) {
@@ -356,7 +363,12 @@ void run(const Problem<T>& P, int64_t num_seqs) {
 #pragma omp parallel if (items.size() > 1)
     {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < int64_t(items.size()); ++i) attend_decode(P, items[i]);
+      for (int64_t i = 0; i < int64_t(items.size()); ++i) {
+        if (P.bits)
+          attend_decode_quantized(P, items[i]);
+        else
+          attend_decode(P, items[i]);
+      }
 #pragma omp for
       for (int64_t s = 0; s < num_seqs; ++s) combine_parts(P, items, s);
     }
@@ -368,8 +380,8 @@ void run(const Problem<T>& P, int64_t num_seqs) {
         items.push_back({s, t0, std::min<int64_t>(t0 + P.tile_queries, P.query_lens[s]), h0,
                          std::min(h0 + heads_per_item, P.num_kv_heads)});
   const int64_t rows = P.tile_queries * (P.num_heads / P.num_kv_heads) * heads_per_item;
-  // Decodes of an unquantized pool take attend_decode where it supports the head dim and an item holds
-  // every kv head (its walk streams each token's KVH x D row; an item of a few heads reads them strided,
+  // Decodes take attend_decode (attend_decode_quantized over a quantized pool) where it supports the head
+  // dim and an item holds every kv head (its walk streams each token's KVH x D row; an item of a few heads reads them strided,
   // and on the Zen 4 EPYC a batch-1 decode at 2k context ran 1.7-2.2x slower that way than in the tile
   // loop). KILN_PA_DECODE=0 sends them all through the tile loop, =1 all that the op supports (the tests
   // run both).
