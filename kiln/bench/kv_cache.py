@@ -124,8 +124,10 @@ def decode_speed(directory: Path, dtype: str, kv_cache_dtype: str | None, contex
     for _ in range(batch):
         engine.add_request(torch.randint(3, vocab_size, (context,), generator=generator).tolist(), params)
     counters = engine.counters
-    while counters.num_generation_tokens < batch:  # prefill: every sequence has its first token
-        engine.step()
+    started: set[str] = set()
+    while len(started) < batch:  # prefill: every sequence has its first token (a count of tokens would stop
+        # early: a sequence prefilled first decodes while the later ones still prefill)
+        started.update(out.request_id for out in engine.step() if any(c.token_ids for c in out.outputs))
     start, first_token, steps = time.perf_counter(), counters.num_generation_tokens, 0
     while engine.has_unfinished_requests():
         engine.step()
