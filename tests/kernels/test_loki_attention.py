@@ -139,3 +139,13 @@ def test_cpp_op_breaks_ties_towards_earlier_keys():
     lens = torch.tensor([length], dtype=torch.int32)
     out = loki_decode_attention(q[:, :, -1], keys, values, tables, lens, 16, 6, 0.25, use_cpp=True)
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_cpp
+def test_cpp_op_long_context_bf16_pool_matches_torch():
+    """A bf16 pool through the keys-in-lanes scores and the vector selection (bf16 rows widened on load)."""
+    q, k, v = _inputs(batch=1, length=1500, head_dim=32, seed=4, dtype=torch.bfloat16)
+    keys, values, tables = _paged(k, v, block_size=16)
+    args = (q[:, :, -1], keys, values, tables, torch.tensor([1500], dtype=torch.int32), 16, 8, 0.25)
+    cpp, reference = loki_decode_attention(*args, use_cpp=True), loki_decode_attention(*args, use_cpp=False)
+    torch.testing.assert_close(cpp.float(), reference.float(), atol=2e-2, rtol=2e-2)
