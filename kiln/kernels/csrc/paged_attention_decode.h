@@ -56,6 +56,45 @@ inline bool decode_supported(int64_t head_dim) {
 }
 #endif
 
+// Keys [*begin, *end) of a decode item: part item.part of item.parts of its context's tiles of `tile` tokens
+// (parts 1: all of it).
+template <typename T>
+inline void decode_keys(const Problem<T>& P, const Item& item, int64_t tile, int64_t* begin, int64_t* end) {
+  const int64_t position = P.context_lens[item.seq] - 1;  // the query's position
+  const int64_t first = position + 1 - decode_length(P, item.seq);
+  const int64_t tiles = (position + 1 - first + tile - 1) / tile, per_part = (tiles + item.parts - 1) / item.parts;
+  *begin = std::min(position + 1, first + item.part * per_part * tile);
+  *end = std::min(position + 1, *begin + per_part * tile);
+}
+
+// Softmax in place of item row r's scores s of keys [begin, begin + n) (ALiBi: slope * (j - p), as the tile
+// loop adds it): returns the sum; an item that is a part of its decode keeps the max in its partial.
+template <typename T>
+inline float decode_softmax(const Problem<T>& P, const Item& item, int64_t r, float* s, int64_t n, int64_t begin) {
+  const int64_t G = P.num_heads / P.num_kv_heads, position = P.context_lens[item.seq] - 1;
+  if (P.slopes) {
+    const float slope = P.slopes[item.h0 * G + r];
+    for (int64_t i = 0; i < n; ++i) s[i] += slope * float(begin + i - position);
+  }
+  float best = kNegInf;
+  for (int64_t i = 0; i < n; ++i) best = std::max(best, s[i]);
+  if (item.partial != nullptr) item.partial[r * (P.head_dim + 2) + P.head_dim] = best;
+  return n > 0 ? exp_and_sum(s, n, best) : 0.0f;
+}
+
+// Item row r's fp32 accumulator: divided by its sum into the output, or for a part of a decode unnormalised
+// with its sum (beside the max decode_softmax kept) for combine_parts.
+template <typename T>
+inline void decode_write(const Problem<T>& P, const Item& item, int64_t r, const float* acc, float sum) {
+  const int64_t G = P.num_heads / P.num_kv_heads, D = P.head_dim;
+  if (item.partial != nullptr) {
+    std::copy(acc, acc + D, item.partial + r * (D + 2));
+    item.partial[r * (D + 2) + D + 1] = sum;
+    return;
+  }
+  from_float(acc, 1.0f / sum, P.out + (P.query_starts[item.seq] * P.num_heads + item.h0 * G + r) * D, D);
+}
+
 // Per-thread buffers of attend_decode, grown as needed.
 struct DecodeScratch {
   std::vector<float> scores, acc, sums, qf, row;
@@ -72,12 +111,8 @@ struct DecodeScratch {
 template <typename T>
 void attend_decode(const Problem<T>& P, const Item& item) {
   constexpr int64_t kTile = kDecodeTile;
-  const int64_t position = P.context_lens[item.seq] - 1;  // the query's position
-  const int64_t first = position + 1 - decode_length(P, item.seq);
-  // this item's keys [begin, end): part `part` of `parts` of the context's tiles from `first` (parts 1: all)
-  const int64_t tiles = (position + 1 - first + kTile - 1) / kTile, per_part = (tiles + item.parts - 1) / item.parts;
-  const int64_t begin = std::min(position + 1, first + item.part * per_part * kTile);
-  const int64_t end = std::min(position + 1, begin + per_part * kTile);
+  int64_t begin, end;  // this item's keys
+  decode_keys(P, item, kTile, &begin, &end);
   thread_local DecodeScratch w;
   const int64_t G = P.num_heads / P.num_kv_heads, D = P.head_dim, heads = item.h1 - item.h0;
   const int64_t rows = heads * G;
@@ -156,19 +191,11 @@ void attend_decode(const Problem<T>& P, const Item& item) {
 #endif
     dots(w.qf.data() + r * D, keys, count, D, scores + r * n + i0);
   });
-  // Softmax of each row (ALiBi: slope * (j - p), as the tile loop adds it).
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {  // softmax of each row
     float* s = scores + r * n;
     if constexpr (kBf16)
       for (int64_t i = 0; i < n; ++i) s[i] *= P.scale;
-    if (P.slopes) {
-      const float slope = P.slopes[item.h0 * G + r];
-      for (int64_t i = 0; i < n; ++i) s[i] += slope * float(begin + i - position);
-    }
-    float best = kNegInf;
-    for (int64_t i = 0; i < n; ++i) best = std::max(best, s[i]);
-    w.sums[r] = n > 0 ? exp_and_sum(s, n, best) : 0.0f;
-    if (item.partial != nullptr) item.partial[r * (D + 2) + D] = best;
+    w.sums[r] = decode_softmax(P, item, r, s, n, begin);
   }
   // Pass 2: values, tile by tile; each row's weights of the tile against its kv head's value rows.
   walk(P.values, P.v_stride_slot, P.v_stride_head, [&](int64_t r, const T* const* values, int64_t i0, int64_t count) {
@@ -191,12 +218,7 @@ void attend_decode(const Problem<T>& P, const Item& item) {
       acc = w.row.data();
     }
 #endif
-    if (item.partial != nullptr) {  // unnormalised, with its max (set above) and sum, for combine_parts
-      std::copy(acc, acc + D, item.partial + r * (D + 2));
-      item.partial[r * (D + 2) + D + 1] = w.sums[r];
-      continue;
-    }
-    from_float(acc, 1.0f / w.sums[r], P.out + (token * P.num_heads + item.h0 * G + r) * D, D);
+    decode_write(P, item, r, acc, w.sums[r]);
   }
 }
 

@@ -98,11 +98,8 @@ struct QuantizedDecodeScratch {
 template <typename T>
 void attend_decode_quantized(const Problem<T>& P, const Item& item) {
   constexpr int64_t kTile = 16;
-  const int64_t position = P.context_lens[item.seq] - 1;
-  const int64_t first = position + 1 - decode_length(P, item.seq);
-  const int64_t tiles = (position + 1 - first + kTile - 1) / kTile, per_part = (tiles + item.parts - 1) / item.parts;
-  const int64_t begin = std::min(position + 1, first + item.part * per_part * kTile);
-  const int64_t end = std::min(position + 1, begin + per_part * kTile);
+  int64_t begin, end;  // this item's keys
+  decode_keys(P, item, kTile, &begin, &end);
   thread_local QuantizedDecodeScratch w;
   const int64_t G = P.num_heads / P.num_kv_heads, D = P.head_dim, heads = item.h1 - item.h0, rows = heads * G;
   const int64_t n = end - begin;
@@ -149,17 +146,7 @@ void attend_decode_quantized(const Problem<T>& P, const Item& item) {
       for (int64_t k = 0; k < count; ++k) s[k] *= w.scales[h * kTile + k];
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {  // softmax of each row (ALiBi as attend_decode adds it)
-    float* s = scores + r * n;
-    if (P.slopes) {
-      const float slope = P.slopes[item.h0 * G + r];
-      for (int64_t i = 0; i < n; ++i) s[i] += slope * float(begin + i - position);
-    }
-    float best = kNegInf;
-    for (int64_t i = 0; i < n; ++i) best = std::max(best, s[i]);
-    w.sums[r] = n > 0 ? exp_and_sum(s, n, best) : 0.0f;
-    if (item.partial != nullptr) item.partial[r * (D + 2) + D] = best;
-  }
+  for (int64_t r = 0; r < rows; ++r) w.sums[r] = decode_softmax(P, item, r, scores + r * n, n, begin);
   for (int64_t j0 = begin; j0 < end; j0 += kTile) {  // pass 2: values, each weight times its row's scale
     const int64_t count = std::min<int64_t>(kTile, end - j0);
     point(P.value_codes, P.value_params, j0, count);
@@ -171,15 +158,7 @@ void attend_decode_quantized(const Problem<T>& P, const Item& item) {
                        count, D, P.bits);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* acc = w.acc.data() + r * D;
-    if (item.partial != nullptr) {  // unnormalised, with its max (set above) and sum, for combine_parts
-      std::copy(acc, acc + D, item.partial + r * (D + 2));
-      item.partial[r * (D + 2) + D + 1] = w.sums[r];
-      continue;
-    }
-    from_float(acc, 1.0f / w.sums[r], P.out + (token * P.num_heads + item.h0 * G + r) * D, D);
-  }
+  for (int64_t r = 0; r < rows; ++r) decode_write(P, item, r, w.acc.data() + r * D, w.sums[r]);
 }
 
 #else
