@@ -381,9 +381,9 @@ void run(const Problem<T>& P, int64_t num_seqs) {
                          std::min(h0 + heads_per_item, P.num_kv_heads)});
   const int64_t rows = P.tile_queries * (P.num_heads / P.num_kv_heads) * heads_per_item;
   // Decodes take attend_decode (attend_decode_quantized over a quantized pool) where it supports the head
-  // dim and an item holds every kv head (its walk streams each token's KVH x D row; an item of a few heads reads them strided,
-  // and on the Zen 4 EPYC a batch-1 decode at 2k context ran 1.7-2.2x slower that way than in the tile
-  // loop). KILN_PA_DECODE=0 sends them all through the tile loop, =1 all that the op supports (the tests
+  // dim and an item holds every kv head (its walk streams each token's KVH x D row; an item of a few heads
+  // reads them strided, and on the Zen 4 EPYC a batch-1 decode at 2k context ran 1.7-2.2x slower that way
+  // than in the tile loop). KILN_PA_DECODE=0 sends them all through the tile loop, =1 all that the op supports (the tests
   // run both).
   const bool decode_path = decodes_supported && (heads_per_item == P.num_kv_heads || decode_setting == "1");
 #pragma omp parallel if (items.size() > 1)
