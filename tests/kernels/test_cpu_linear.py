@@ -287,6 +287,23 @@ for shape in SHAPES[1:5]:
     for dtype in (torch.float32, torch.bfloat16):
         inputs = op_inputs(*shape, dtype)
         assert_close(paged_attention(*inputs), paged_attention_reference(*inputs), dtype)
+# the quantized pool's decode walk (AVX2: 8 lanes) and tile loop against dequantize-then-reference
+import os
+from tests.kernels.test_kv_quant import SHAPES as KV_SHAPES, _pool
+from kiln.kernels.cpu_paged_attention import paged_attention_quantized, paged_attention_quantized_reference
+for query_lens, context_lens, heads, kv_heads, head_dim, block_size in KV_SHAPES[-3:]:
+    for bits in (8, 4):
+        g = torch.Generator().manual_seed(bits)
+        *pool, tables = _pool(context_lens, kv_heads, head_dim, block_size, bits, g)
+        q = torch.randn(sum(query_lens), heads, head_dim, generator=g)
+        starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
+        meta = [torch.tensor(x, dtype=torch.int32) for x in (starts, query_lens, context_lens)]
+        args = (q, *pool, bits, tables, *meta, block_size)
+        for setting in ("1", "0"):
+            os.environ["KILN_PA_DECODE"] = setting
+            got, expected = paged_attention_quantized(*args), paged_attention_quantized_reference(*args)
+            assert_close(got, expected, torch.float32)
+os.environ.pop("KILN_PA_DECODE")
 # Loki's op (scores, selection: the vector paths are AVX-512 only) against its torch path, short and long
 from tests.kernels.test_loki_attention import _inputs, _paged
 from kiln.kernels.loki_attention import loki_decode_attention
@@ -310,8 +327,8 @@ print("fallback ok")
 )
 def test_fallback_builds_match_reference(tmp_path, flags):
     """The linear, quantized linear, w8a8 (on a packed weight, where int8 packing is on), paged-attention
-    and Loki ops built without AVX-512, and without AVX2 (separate builds and processes), give the same
-    results."""
+    (model-dtype and quantized pools) and Loki ops built without AVX-512, and without AVX2 (separate builds
+    and processes), give the same results."""
     source = tmp_path / "csrc"
     source.mkdir()
     completed = subprocess.run(

@@ -1,7 +1,7 @@
 // Decode items of paged_attention.cpp over a quantized pool (int8 / int4 KV rows, kv_quant.py's layout:
-// codes, then an fp16 scale and a uint8 zero point a row), AVX-512: the two passes of attend_decode
-// (paged_attention_decode.h) reading the codes in place, with each row's scale and zero point folded out
-// of the inner loops:
+// codes, then an fp16 scale and a uint8 zero point a row), AVX-512 (16 lanes) or AVX2 + FMA (8): the two
+// passes of attend_decode (paged_attention_decode.h) reading the codes in place, with each row's scale and
+// zero point folded out of the inner loops:
 //   score_j = scale_j * (q . (c_j - zero_j))          (the codes widened, the zero subtracted as integers)
 //   acc    += (p_j * scale_j) * (c_j - zero_j)        (value rows the same way)
 // so a code costs a widen, an integer subtract, a convert and an FMA. The tile loop it replaces dequantized
@@ -19,13 +19,16 @@
 
 namespace {
 
-#ifdef KILN_AVX512
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
 
 // int8 rows of D codes, int4 rows of D / 2 bytes (low nibbles values [0, D / 2), high ones the rest): the
-// walk takes D / 2 a multiple of 16 (int4) or D a multiple of 16 (int8), up to 256 values.
+// walk takes D (int8) or D / 2 (int4) a multiple of the vector width, up to 256 values.
+constexpr int64_t kCodeLanes = kDecodeTile;  // 16 (AVX-512) or 8 (AVX2): fp32 lanes, and keys a tile
 inline bool quantized_decode_supported(int64_t bits, int64_t head_dim) {
-  return head_dim <= 256 && head_dim % (bits == 4 ? 32 : 16) == 0;
+  return head_dim <= 256 && head_dim % (bits == 4 ? 2 * kCodeLanes : kCodeLanes) == 0;
 }
+
+#ifdef KILN_AVX512
 
 // 16 codes at `codes` minus `zero`, as fp32.
 inline __m512 codes8(const uint8_t* codes, __m512i zero) {
@@ -86,6 +89,66 @@ inline void accumulate_codes(float* acc, const float* weights, const uint8_t* co
   }
 }
 
+#else  // AVX2 + FMA: the same over 8 lanes and 8-key tiles
+inline __m256 codes8(const uint8_t* codes, __m256i zero) {
+  const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(x, zero));
+}
+
+inline void dots_codes(const float* q, const uint8_t* const* rows, const int32_t* zeros, int64_t count, int64_t D,
+                       int64_t bits, float* out) {
+  __m256 p[8];
+  for (int64_t i = 0; i < 8; ++i) p[i] = _mm256_setzero_ps();
+  const __m256i low_bits = _mm256_set1_epi32(15);
+  for (int64_t i = 0; i < count; ++i) {
+    const __m256i zero = _mm256_set1_epi32(zeros[i]);
+    if (bits == 8) {
+      for (int64_t d = 0; d < D; d += 8)
+        p[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), codes8(rows[i] + d, zero), p[i]);
+    } else {
+      const int64_t half = D / 2;
+      for (int64_t d = 0; d < half; d += 8) {
+        const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[i] + d)));
+        const __m256 low = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(x, low_bits), zero));
+        const __m256 high = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(x, 4), zero));
+        p[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), low, p[i]);
+        p[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + half + d), high, p[i]);
+      }
+    }
+  }
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, sum8(p));
+  std::copy(sums, sums + count, out);
+}
+
+inline void accumulate_codes(float* acc, const float* weights, const uint8_t* const* rows, const int32_t* zeros,
+                             int64_t count, int64_t D, int64_t bits) {
+  const __m256i low_bits = _mm256_set1_epi32(15);
+  if (bits == 8) {
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 a = _mm256_loadu_ps(acc + d);
+      for (int64_t k = 0; k < count; ++k)
+        a = _mm256_fmadd_ps(_mm256_set1_ps(weights[k]), codes8(rows[k] + d, _mm256_set1_epi32(zeros[k])), a);
+      _mm256_storeu_ps(acc + d, a);
+    }
+    return;
+  }
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; d += 8) {
+    __m256 low = _mm256_loadu_ps(acc + d), high = _mm256_loadu_ps(acc + half + d);
+    for (int64_t k = 0; k < count; ++k) {
+      const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[k] + d)));
+      const __m256i zero = _mm256_set1_epi32(zeros[k]);
+      const __m256 weight = _mm256_set1_ps(weights[k]);
+      low = _mm256_fmadd_ps(weight, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(x, low_bits), zero)), low);
+      high = _mm256_fmadd_ps(weight, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(x, 4), zero)), high);
+    }
+    _mm256_storeu_ps(acc + d, low);
+    _mm256_storeu_ps(acc + half + d, high);
+  }
+}
+#endif
+
 // Per-thread buffers of attend_decode_quantized, grown as needed.
 struct QuantizedDecodeScratch {
   std::vector<float> scores, acc, sums, qf, scales, weights;
@@ -97,7 +160,7 @@ struct QuantizedDecodeScratch {
 // `parts` of its context) over a quantized pool.
 template <typename T>
 void attend_decode_quantized(const Problem<T>& P, const Item& item) {
-  constexpr int64_t kTile = 16;
+  constexpr int64_t kTile = kCodeLanes;
   int64_t begin, end;  // this item's keys
   decode_keys(P, item, kTile, &begin, &end);
   thread_local QuantizedDecodeScratch w;
