@@ -84,13 +84,14 @@ inline int64_t select_top(const float* scores, int64_t n, int64_t count, int32_t
 
 #ifdef KILN_AVX512
 // select_top with vector passes only, for n of a few hundred and more: returns the kept count, or -1 where
-// select_top must run instead (all scores equal, or so many ties that the bracket cannot shrink). Brackets
+// select_top must run instead (all scores equal). Brackets
 // the count-th largest score v between lo and hi (at least count scores above lo, fewer than count above
 // hi) from the scores' min and max, and narrows it four ways a pass: one pass over the scores counts those
 // above three thresholds at once (compare masks into vector counters, no branch per score). Once at most
 // kBand scores lie in (lo, hi], one pass compress-stores the indices of those above hi into `kept` (in pool
 // order) and of those inside into `band`, where nth_element picks the rest (ties to the lower index). Exact:
-// the same set as select_top. ~5 passes at 4k keys, against select_top's scalar histogram and marking.
+// the same set as select_top. Ties the bracket cannot split (it stops narrowing once it is a few ulps wide)
+// stay inside it for nth_element. ~5 passes at 4k keys, against select_top's scalar histogram and marking.
 inline int64_t select_top_vector(const float* scores, int64_t n, int64_t count, int32_t* kept, int32_t* band) {
   constexpr int64_t kBand = 48;
   __m512 vmin = _mm512_set1_ps(std::numeric_limits<float>::max());
@@ -199,9 +200,7 @@ inline void rank_scores(const float* q, int64_t D, int64_t G, const T* const* ro
   }
   for (int64_t g = 0; g < G; ++g) _mm512_mask_storeu_ps(out + g * stride, tail_mask(count), acc[g]);
 }
-#endif
 
-#ifdef KILN_AVX512
 // Whether rank_scores beats `dots` per head, by their vector ops a 16-key tile: 48 (16 loads, 24 shuffles,
 // 8 inserts) per 8 coordinates plus rank FMAs per head, against (16 loads + 16 FMAs) per 16 coordinates
 // plus a 45-op sum per head. At rank 8 with 3 heads a KV head 72 against 231; at rank 32 with one head (MHA,
@@ -262,7 +261,7 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
           num_kept = -1;
 #ifdef KILN_AVX512
           if (n >= kVectorSelect)
-            num_kept = select_top_vector(approx.data() + g * n, n, count, kept.data(), buckets.data());
+            num_kept = select_top_vector(approx.data() + g * n, n, count, kept.data(), buckets.data());  // band scratch
 #endif
           if (num_kept < 0)
             num_kept = select_top(approx.data() + g * n, n, count, kept.data(), buckets.data(), bucket_members);

@@ -216,17 +216,20 @@ int64_t row_token_and_head(const Problem<T>& P, const Item& item, int64_t r, int
 
 namespace {
 
+// A decode item through the two-pass walk of its pool: the codes of a quantized one, else the rows.
+template <typename T>
+void walk_decode(const Problem<T>& P, const Item& item) {
+  if (P.bits)
+    attend_decode_quantized(P, item);
+  else
+    attend_decode(P, item);
+}
+
 template <typename T>
 void attend_item(const Problem<T>& P, Scratch& w, const Item& item, bool decode_path) {
-  if (decode_path && item.t1 - item.t0 == 1 && P.query_lens[item.seq] == 1) {
-    if (P.bits) {
-      attend_decode_quantized(P, item);
-      return;
-    }
-    if constexpr (kDecodeType<T>) {
-      attend_decode(P, item);
-      return;
-    }
+  if (decode_path && item.t1 - item.t0 == 1 && P.query_lens[item.seq] == 1) {  // run checked the walk supports it
+    walk_decode(P, item);
+    return;
   }
   const int64_t D = P.head_dim, tq = item.t1 - item.t0;
   const int64_t rows = (item.h1 - item.h0) * tq * (P.num_heads / P.num_kv_heads);
@@ -363,12 +366,7 @@ void run(const Problem<T>& P, int64_t num_seqs) {
 #pragma omp parallel if (items.size() > 1)
     {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < int64_t(items.size()); ++i) {
-        if (P.bits)
-          attend_decode_quantized(P, items[i]);
-        else
-          attend_decode(P, items[i]);
-      }
+      for (int64_t i = 0; i < int64_t(items.size()); ++i) walk_decode(P, items[i]);
 #pragma omp for
       for (int64_t s = 0; s < num_seqs; ++s) combine_parts(P, items, s);
     }
@@ -383,8 +381,8 @@ void run(const Problem<T>& P, int64_t num_seqs) {
   // Decodes take attend_decode (attend_decode_quantized over a quantized pool) where it supports the head
   // dim and an item holds every kv head (its walk streams each token's KVH x D row; an item of a few heads
   // reads them strided, and on the Zen 4 EPYC a batch-1 decode at 2k context ran 1.7-2.2x slower that way
-  // than in the tile loop). KILN_PA_DECODE=0 sends them all through the tile loop, =1 all that the op supports (the tests
-  // run both).
+  // than in the tile loop). KILN_PA_DECODE=0 sends them all through the tile loop, =1 all that the op
+  // supports (the tests run both).
   const bool decode_path = decodes_supported && (heads_per_item == P.num_kv_heads || decode_setting == "1");
 #pragma omp parallel if (items.size() > 1)
   {
