@@ -133,6 +133,7 @@ def train_command(
     summary = trainer.train()
     trainer.distributed.close()
     if not trainer.distributed.is_main:
+        trainer.distributed.exit_worker()
         return
     table = Table(title=f"kiln train --recipe {recipe}", show_header=False)
     rows = {
@@ -149,6 +150,7 @@ def train_command(
     for key, value in rows.items():
         table.add_row(key, value)
     Console().print(table)
+    trainer.distributed.exit_worker()
 
 
 def plan_command(

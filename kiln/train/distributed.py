@@ -9,6 +9,7 @@ the job, which resumes from the last complete checkpoint.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -113,8 +114,23 @@ class Distributed:
         return found
 
     def close(self) -> None:
+        """Leave the process group once every rank is done with its collectives."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+
+    def exit_worker(self) -> None:
+        """End a torchrun worker whose run is finished and written (call `close` first) without the
+        interpreter's teardown. destroy_process_group does not free the gloo process groups the model's
+        FSDP/TP state still holds; they, and their worker threads, are torn down while Python finalizes,
+        where a worker that drops a tensor takes the GIL and the process aborts ("terminate called
+        without an active exception", exit -6: pytorch/pytorch#190489, seen once in CI after a restarted
+        run), and torchrun then fails the finished job. One process (no torchrun) returns normally."""
+        if not self.enabled:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def setup(layout_args: dict[str, int], device: torch.device, timeout_s: float) -> Distributed:

@@ -60,6 +60,10 @@ def finetune_command(
     )
     trainer, summary = run_finetune(config, resume=resume, console=Console(stderr=True))
     trainable, total = count_trainable_parameters(trainer.model)
+    trainer.distributed.close()
+    if not trainer.distributed.is_main:
+        trainer.distributed.exit_worker()
+        return
     table = Table(title=f"kiln finetune --method {method}", show_header=False)
     rows = {
         "trainable parameters": f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
@@ -72,3 +76,4 @@ def finetune_command(
     for key, value in rows.items():
         table.add_row(key, value)
     Console().print(table)
+    trainer.distributed.exit_worker()
