@@ -353,3 +353,87 @@ def batch_command(
         )
     Console(width=max(Console().width, 110)).print(table)
     Console().print(f"wrote {output}")
+
+
+@bench_app.command("loki")
+def loki_command(
+    mode: Annotated[
+        str,
+        typer.Argument(
+            help="decode: attention time per decode step; perplexity: Loki vs dense on a trained model."
+        ),
+    ] = "decode",
+    model: Annotated[
+        Path, typer.Option(help="perplexity: a model calibrated by `kiln calibrate-loki`.")
+    ] = Path.home() / ".cache/kiln/models/demo",
+    val: Annotated[Path, typer.Option(help="perplexity: its validation token shard (.npy).")] = Path.home()
+    / ".cache/kiln/data/stdlib-bpe8k/val_00000.npy",
+    seq_len: Annotated[int, typer.Option(help="perplexity: tokens per window.")] = 1024,
+    num_windows: Annotated[int, typer.Option(help="perplexity: windows of the validation shard.")] = 32,
+    rank: Annotated[int | None, typer.Option(help="Scored dimensions (default head_dim / 4).")] = None,
+    top_k: Annotated[float, typer.Option(help="Fraction of the context each query keeps.")] = 0.25,
+    batch: Annotated[int, typer.Option(help="decode: sequences in the step.")] = 8,
+    heads: Annotated[int, typer.Option(help="decode: query heads (default: the demo model's).")] = 6,
+    kv_heads: Annotated[int, typer.Option(help="decode: KV heads.")] = 2,
+    head_dim: Annotated[int, typer.Option(help="decode: head dimension.")] = 32,
+    contexts: Annotated[
+        str, typer.Option(help="decode: comma-separated context lengths.")
+    ] = "512,1024,2048,4096,8192",
+    repeats: Annotated[int, typer.Option(help="decode: round-robin rounds; the best of each counts.")] = 20,
+    threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
+    output: Annotated[Path | None, typer.Option(help="Where to write the JSON result.")] = None,
+) -> None:
+    """Loki sparse attention vs dense: attention time per decode step (the engine's dense C++ paged attention,
+    the torch one, Loki's C++ op and its torch code) or the perplexity of a calibrated model."""
+    import argparse
+
+    import torch
+
+    from kiln.bench.loki import decode, perplexity
+    from kiln.bench.results import write_result
+
+    if mode not in ("decode", "perplexity"):
+        raise typer.BadParameter(f"mode must be decode or perplexity, got {mode!r}")
+    if mode == "perplexity":
+        for path, what in ((model, "--model (`make demo` trains the default one)"), (val, "--val")):
+            if not path.expanduser().exists():
+                raise typer.BadParameter(f"{path} does not exist: pass {what}")
+    torch.set_num_threads(threads)
+    args = argparse.Namespace(
+        model=model.expanduser(), val=val.expanduser(), seq_len=seq_len, num_windows=num_windows, rank=rank,
+        top_k=top_k, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        contexts=[int(c) for c in contexts.split(",") if c], repeats=repeats,
+    )  # fmt: skip
+    result = decode(args) if mode == "decode" else perplexity(args)
+    target = output or Path(f"benchmarks/loki_{mode}.json")
+    write_result(result, target)
+    Console().print(f"wrote {target}")
+
+
+@bench_app.command("bigbird")
+def bigbird_command(
+    lengths: Annotated[str, typer.Option(help="Comma-separated sequence lengths.")] = "1024,2048,4096,8192",
+    repeats: Annotated[int, typer.Option(help="Timed runs per length; the best counts.")] = 5,
+    backward: Annotated[bool, typer.Option(help="Also time forward + backward.")] = True,
+    flex: Annotated[bool, typer.Option(help="Also time compiled FlexAttention (slow to compile).")] = False,
+    threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "benchmarks/bigbird.json"
+    ),
+) -> None:
+    """BigBird block-sparse attention vs dense causal attention by sequence length: time and FLOPs of one
+    layer's attention on the demo shape (they should grow linearly for BigBird, quadratically for dense)."""
+    import argparse
+
+    import torch
+
+    from kiln.bench.bigbird import scaling
+    from kiln.bench.results import write_result
+
+    torch.set_num_threads(threads)
+    args = argparse.Namespace(
+        lengths=[int(n) for n in lengths.split(",") if n], repeats=repeats, backward=backward, flex=flex
+    )
+    result = scaling(args)
+    write_result(result, output)
+    Console().print(f"wrote {output}")

@@ -1,7 +1,7 @@
 """Loki sparse attention (kiln/engine/loki.py): quality and decode attention time against dense attention.
 
-python -m kiln.bench.loki perplexity --model DIR --val VAL.npy     # dense vs Loki perplexity, whole windows
-python -m kiln.bench.loki decode                                    # attention time per decode step
+kiln bench loki decode          # attention time per decode step (or: python -m kiln.bench.loki decode)
+kiln bench loki perplexity      # dense vs Loki perplexity of the demo model (--model DIR --val VAL.npy)
 
 `perplexity` runs every query of each --seq-len window of the validation tokens as Loki would at decode
 (query t keeps ceil(top_k * (t + 1)) keys; kiln.engine.loki.LokiSequenceAttention) against the model's dense

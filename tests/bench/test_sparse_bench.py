@@ -1,0 +1,89 @@
+"""`kiln bench loki` and `kiln bench bigbird` end to end at tiny sizes (seconds)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kiln.cli import app
+from kiln.config import preset
+from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.models.hf.io import save_model
+from kiln.models.transformer import Transformer
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_bench_loki_decode_times_every_backend(tmp_path):
+    output = tmp_path / "decode.json"
+    invoke("loki", "decode", "--contexts", "64,200", "--batch", "2", "--repeats", "1", "--threads", "1",
+           "--output", str(output))  # fmt: skip
+    written = json.loads(output.read_text())
+    assert written["batch"] == 2 and written["rank"] == 8 and written["top_k"] == 0.25
+    backends = {"dense torch", "Loki torch"} | (
+        {"dense C++ (engine default)", "Loki C++"} if cpu_ops_available() else set()
+    )
+    assert set(written["seconds"]) == {"64", "200"}
+    for row in written["seconds"].values():
+        assert set(row) == backends and all(seconds > 0 for seconds in row.values())
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A tiny random model calibrated by `kiln calibrate-loki`, and a token shard as its validation."""
+    directory = tmp_path_factory.mktemp("loki-bench")
+    torch.manual_seed(0)
+    save_model(Transformer(preset("tiny", max_position_embeddings=256, initializer_range=0.3)), directory)
+    tokens = directory / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4096).astype(np.uint16))
+    result = CliRunner().invoke(
+        app,
+        ["calibrate-loki", str(directory), "--data", str(tokens), "--seq-len", "64", "--num-tokens", "1024"],
+    )
+    assert result.exit_code == 0, result.output
+    return directory, tokens
+
+
+def perplexity(calibrated, tmp_path, top_k: str) -> dict:
+    directory, tokens = calibrated
+    output = tmp_path / f"ppl-{top_k}.json"
+    invoke("loki", "perplexity", "--model", str(directory), "--val", str(tokens), "--seq-len", "64",
+           "--num-windows", "3", "--top-k", top_k, "--threads", "1", "--output", str(output))  # fmt: skip
+    return json.loads(output.read_text())
+
+
+def test_bench_loki_perplexity_equals_dense_when_every_key_is_kept(calibrated, tmp_path):
+    kept_all = perplexity(calibrated, tmp_path, "1.0")
+    assert kept_all["num_windows"] == 3 and kept_all["seq_len"] == 64
+    assert kept_all["loki_perplexity"] == pytest.approx(kept_all["dense_perplexity"], rel=1e-5)
+    sparse = perplexity(calibrated, tmp_path, "0.1")
+    assert sparse["dense_perplexity"] == pytest.approx(kept_all["dense_perplexity"], rel=1e-6)
+    assert sparse["loki_perplexity"] != pytest.approx(sparse["dense_perplexity"], rel=1e-4)
+
+
+def test_bench_loki_says_what_is_missing(tmp_path):
+    wide = {"COLUMNS": "300", "TERMINAL_WIDTH": "300"}
+    result = CliRunner().invoke(
+        app, ["bench", "loki", "perplexity", "--model", str(tmp_path / "none")], env=wide
+    )
+    assert result.exit_code != 0 and "does not exist: pass --model" in result.output
+    result = CliRunner().invoke(app, ["bench", "loki", "speed"], env=wide)
+    assert result.exit_code != 0 and "decode or perplexity" in result.output
+
+
+def test_bench_bigbird_counts_linear_flops(tmp_path):
+    output = tmp_path / "bigbird.json"
+    invoke("bigbird", "--lengths", "1024,2048", "--repeats", "1", "--no-backward", "--threads", "1",
+           "--output", str(output))  # fmt: skip
+    rows = json.loads(output.read_text())["rows"]
+    assert set(rows) == {"1024", "2048"}
+    sparse = {length: rows[length]["bigbird block-sparse"] for length in rows}
+    assert all(row["forward_s"] > 0 for row in sparse.values())
+    # each query block attends a fixed number of key blocks: twice the tokens, twice the work
+    assert sparse["2048"]["gflop"] == pytest.approx(2 * sparse["1024"]["gflop"], rel=0.1)
