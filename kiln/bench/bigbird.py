@@ -2,7 +2,7 @@
 
 kiln bench bigbird          # 1k, 2k, 4k, 8k tokens, forward and forward + backward
 kiln bench bigbird --flex   # also FlexAttention's block mask, compiled (slow to compile)
-(or python -m kiln.bench.bigbird with the same flags)
+(python -m kiln.bench.bigbird runs the same, with --lengths space-separated)
 
 One layer's attention on the demo shape (6 heads, 2 KV heads, head_dim 32, batch 1, fp32), pattern of
 64-token blocks with 3 window, 1 global and 1 random block. FLOPs count the multiply-adds of QK^T and PV
