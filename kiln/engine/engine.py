@@ -474,6 +474,7 @@ def _attention_backend(config: EngineConfig, model_config, weight: torch.Tensor)
         config.loki_basis, model_config, config.loki_rank, config.loki_top_k, weight.dtype, weight.device
     )
     settings.use_cpp = _uses_cpu_ops(config.kernels, weight)
+    settings.use_triton = use_triton(config.kernels, weight)
     return loki_backend(settings)
 
 

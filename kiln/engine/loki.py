@@ -6,7 +6,8 @@ variance. With `loki_top_k` set, the engine's backend `LokiPagedAttention` rotat
 and queries by that basis before they reach the pool, so the pool holds rotated keys (q . k is unchanged:
 the basis is orthogonal). Prompts and prefill chunks then attend exactly (the torch backend's SDPA groups,
 over the rotated keys); each decode scores its whole context on the first `loki_rank` coordinates, keeps the
-top `loki_top_k` fraction of the tokens and attends exactly over those. Values are stored as they are.
+top `loki_top_k` fraction of the tokens and attends exactly over those (the C++ op on CPU, the Triton kernels
+on CUDA, else torch: kiln/kernels/loki_attention.py). Values are stored as they are.
 
 Post-RoPE keys, because the pool holds post-RoPE keys and the score is taken after RoPE: only a basis of
 that space turns the stored keys' first r coordinates into the rank-r score with no projection per step.
@@ -36,6 +37,7 @@ class LokiSettings:
     rank: int  # leading principal coordinates the approximate scores use
     top_k: float  # fraction of the context each decode attends
     use_cpp: bool | None = None  # the C++ op for decodes; None = on CPU where it is built
+    use_triton: bool = False  # the Triton kernels for decodes (CUDA, or Triton's interpreter)
 
 
 def save_loki_basis(path: str | Path, basis: torch.Tensor, eigenvalues: torch.Tensor) -> None:
@@ -114,6 +116,7 @@ class LokiPagedAttention:
         self.block_tables = torch.tensor(tables, dtype=torch.int32, device=device).reshape(
             len(decodes), width
         )
+        self.max_context = max((batch.context_lens[i] for i in decodes), default=1)
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""
@@ -131,7 +134,7 @@ class LokiPagedAttention:
             result = loki_decode_attention(
                 q_rows.index_select(0, self.decode_rows), keys, values, self.block_tables, self.context_lens,
                 self.pool.block_size, self.settings.rank, self.settings.top_k, self.scale, self.window,
-                self.settings.use_cpp,
+                self.settings.use_cpp, self.settings.use_triton, self.max_context,
             )  # fmt: skip  # (M, H, D)
             out.index_copy_(0, self.decode_rows, result)
         return out.transpose(0, 1)[None]

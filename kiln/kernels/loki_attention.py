@@ -7,12 +7,13 @@ explained variance. Since P is orthogonal, q . k = (q P) . (k P): attention over
 rotated query is the same attention, and the first r coordinates of k P are the keys' top-r principal
 components, read without any extra projection at decode time. Values are not rotated.
 
-Three implementations of one rule, tested against each other (tests/kernels/test_loki_attention.py):
+Four implementations of one rule, tested against each other (tests/kernels/test_loki_attention.py):
 - `loki_attention_reference`: dense (B, H, T, D) queries over (B, KVH, S, D) rotated keys, causal; every
   query is treated as a decode over the keys before it. The perplexity evaluation runs this.
 - `loki_decode_attention`: the engine's decodes over the paged pool (vectorised torch).
 - the C++ op (csrc/loki_attention.cpp, `torch.ops.kiln.loki_decode_attention`) behind the same function
-  on CPU where kiln's C++ ops are built.
+  on CPU where kiln's C++ ops are built;
+- the Triton kernels (loki_attention_triton.py) behind it too, for CUDA (tested in Triton's interpreter).
 
 A query at position p sees the n = p + 1 keys 0..p (the last `sliding_window` of them when one is set) and
 keeps k = ceil(top_k * n) of them, at least 1; with k = n every key is kept and the result is dense
@@ -75,13 +76,25 @@ def loki_decode_attention(
     scale: float | None = None,
     sliding_window: int | None = None,
     use_cpp: bool | None = None,
+    use_triton: bool = False,
+    max_context: int | None = None,
 ) -> torch.Tensor:
     """One decode query per sequence: q (M, H, D) rotated; key_cache (slots, KVH, D) rotated keys,
     value_cache (slots, KVH, D); block_tables int32 (M, max_blocks); context_lens int32 (M,) -> (M, H, D).
 
     Each query head picks its own top-k keys (GQA heads of one KV head may pick different tokens).
-    `use_cpp` None runs the C++ op on CPU where it is built, else this torch code."""
+    `use_triton` runs the Triton kernels (kiln/kernels/loki_attention_triton.py; `max_context`, at least
+    every context length, saves reading context_lens back); else `use_cpp` None runs the C++ op on CPU where
+    it is built, else this torch code."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_triton:
+        from kiln.kernels.loki_attention_triton import loki_decode_triton
+
+        most = max_context if max_context is not None else int(context_lens.max())
+        return loki_decode_triton(
+            q.contiguous(), key_cache, value_cache, block_tables, context_lens, block_size, rank, top_k,
+            scale, sliding_window, most,
+        )  # fmt: skip
     if use_cpp is None:
         use_cpp = q.device.type == "cpu" and cpu_ops_available()
     elif use_cpp and not cpu_ops_available():  # the call also loads the library

@@ -15,6 +15,7 @@ from kiln.engine import LLM, SamplingParams
 from kiln.engine.loki import LOKI_FILE, LokiSequenceAttention, load_loki_settings
 from kiln.errors import KilnError
 from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.kernels.runtime import triton_available
 from kiln.models.hf.io import load_model, save_model
 from kiln.models.transformer import Transformer
 from tests.engine.conftest import random_prompts
@@ -22,6 +23,10 @@ from tests.engine.conftest import random_prompts
 KERNELS = [
     "torch",
     pytest.param("auto", marks=pytest.mark.skipif(not cpu_ops_available(), reason="no C++ ops")),
+    # the Triton kernels in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+    pytest.param(
+        "triton", marks=pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+    ),
 ]
 
 

@@ -1,5 +1,6 @@
 """Loki sparse attention (kiln/kernels/loki_attention.py): the dense-sequence reference, the engine's paged
-decode in torch and the C++ op agree; with top_k = 1 every one is dense causal attention."""
+decode in torch, the C++ op and the Triton kernels (in Triton's interpreter) agree; with top_k = 1 every one
+is dense causal attention."""
 
 import pytest
 import torch
@@ -8,8 +9,10 @@ import torch.nn.functional as F
 from kiln.kernels.cpu_extension import cpu_ops_available
 from kiln.kernels.cpu_paged_attention import paged_attention_reference
 from kiln.kernels.loki_attention import loki_attention_reference, loki_decode_attention, num_selected
+from kiln.kernels.runtime import triton_available
 
 needs_cpp = pytest.mark.skipif(not cpu_ops_available(), reason="kiln's C++ CPU ops are not built here")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 
 def _paged(k: torch.Tensor, v: torch.Tensor, block_size: int, seed: int = 0):
@@ -149,3 +152,87 @@ def test_cpp_op_long_context_bf16_pool_matches_torch():
     args = (q[:, :, -1], keys, values, tables, torch.tensor([1500], dtype=torch.int32), 16, 8, 0.25)
     cpp, reference = loki_decode_attention(*args, use_cpp=True), loki_decode_attention(*args, use_cpp=False)
     torch.testing.assert_close(cpp.float(), reference.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [0.02, 0.25, 1.0])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "length", "block_size"),
+    [(6, 2, 24, 37, 16), (4, 4, 32, 300, 4), (8, 1, 16, 9, 8), (18, 1, 64, 700, 16)],
+)
+def test_triton_decode_matches_the_reference_last_query(top_k, heads, kv_heads, head_dim, length, block_size):
+    q, k, v = _inputs(heads=heads, kv_heads=kv_heads, length=length, head_dim=head_dim)
+    rank = max(1, head_dim // 4) + 1  # not a power of two: the kernel masks the rank's columns
+    expected = loki_attention_reference(q, k, v, rank, top_k)[:, :, -1]
+    keys, values, tables = _paged(k, v, block_size)
+    lens = torch.full((q.shape[0],), length, dtype=torch.int32)
+    out = loki_decode_attention(
+        q[:, :, -1], keys, values, tables, lens, block_size, rank, top_k, use_triton=True
+    )
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_decode_at_top_k_one_equals_dense_paged_attention():
+    q, k, v = _inputs(length=45)
+    keys, values, tables = _paged(k, v, block_size=16)
+    lens = torch.tensor([45, 30], dtype=torch.int32)  # different lengths: the scores past 30 are -inf
+    queries = torch.stack([q[0, :, 44], q[1, :, 29]])
+    starts, ones = torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    dense = paged_attention_reference(queries, keys, values, tables, starts, ones, lens, 16)
+    for max_context in (None, 45, 64):  # read back from context_lens, or given (at least the longest)
+        out = loki_decode_attention(
+            queries,
+            keys,
+            values,
+            tables,
+            lens,
+            16,
+            rank=6,
+            top_k=1.0,
+            use_triton=True,
+            max_context=max_context,
+        )
+        torch.testing.assert_close(out, dense, atol=1e-6, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_sliding_window_and_bf16_match_torch(dtype):
+    q, k, v = _inputs(length=200, dtype=dtype)
+    keys, values, tables = _paged(k, v, block_size=16)
+    lens = torch.tensor([200, 77], dtype=torch.int32)
+    queries = torch.stack([q[0, :, 199], q[1, :, 76]])
+    tolerance = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    for window in (None, 50):
+        args = (queries, keys, values, tables, lens, 16, 6, 0.25, None, window)
+        triton_out = loki_decode_attention(*args, use_triton=True)
+        torch_out = loki_decode_attention(*args, use_cpp=False)
+        assert triton_out.dtype == dtype
+        torch.testing.assert_close(triton_out.float(), torch_out.float(), **tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_decode_full_size_on_gpu(dtype):
+    """The Llama-style shape of the Loki paper (32 heads over 8 KV heads of 128, rank 32, top 25%) on CUDA."""
+    lengths = [1, 17, 1000, 4096, 16384, 333]
+    generator = torch.Generator().manual_seed(0)
+    block_size, num_blocks = 16, sum(-(-n // 16) for n in lengths) + 4
+    keys = torch.randn(num_blocks * block_size, 8, 128, generator=generator).to("cuda", dtype)
+    values = torch.randn(num_blocks * block_size, 8, 128, generator=generator).to("cuda", dtype)
+    order = torch.randperm(num_blocks, generator=generator)
+    width = max(-(-n // block_size) for n in lengths)
+    tables = torch.zeros(len(lengths), width, dtype=torch.int32)
+    used = 0
+    for seq, n in enumerate(lengths):
+        blocks = -(-n // block_size)
+        tables[seq, :blocks] = order[used : used + blocks].int()
+        used += blocks
+    q = torch.randn(len(lengths), 32, 128, generator=generator).to("cuda", dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    args = (q, keys, values, tables.cuda(), lens.cuda(), block_size, 32, 0.25)
+    out = loki_decode_attention(*args, use_triton=True, max_context=max(lengths))
+    expected = loki_decode_attention(*args, use_cpp=False)
+    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), expected.float(), **tolerance)
