@@ -2,7 +2,8 @@
 
 `install_cpu_decoder_layers(model)` points each Llama-style block of a kiln Transformer (RMSNorm, SwiGLU MLP,
 plain linears) at `CpuDecoderForward`, from outside, so the model code stays unchanged. When a step holds
-only decodes on the C++ paged attention backend (`CppPagedAttention.decode_step`), the block runs as
+only decodes on the C++ paged attention backend (`CppPagedAttention.decode_step`; Loki's backend sets one
+too, which only the whole-stack call below takes), the block runs as
 `kiln::decoder_layer` (kiln/kernels/cpu_decoder_layer.py): the same registered ops as the Python forward,
 called from C++, equal to it bit for bit (`kiln::decoder_layer_quantized` over an int8/int4 KV pool).
 Projections quantized weight-only (kiln/quant int8/int4) run there too, on the op QuantizedLinear uses for
@@ -138,6 +139,8 @@ class CpuDecoderForward:
         block = self.block()
         assert block is not None, "the Block this forward belongs to is gone"
         step = getattr(inputs.backend, "decode_step", None)
+        if step is not None and step.loki_basis is not None:  # Loki runs in decoder_layers only
+            step = None
         layer = None if step is None or kv_cache is not None else self._layer_for(block, x)
         if layer is None:
             return Block.forward(block, x, inputs, kv_cache)
@@ -218,15 +221,17 @@ class CpuDecoderLayers:
             found = self._layers(model, x)
             if found is not None:
                 stack, limits = found
-                pool, caches = inputs.backend.pool, []
+                pool, caches, bases = inputs.backend.pool, [], []
                 for block in model.layers._modules.values():
                     i = block.attn.layer_index
                     caches += (pool.keys[i], pool.values[i])
                     if pool.bits:
                         caches += (pool.key_params[i], pool.value_params[i])
+                    if step.loki_basis is not None:
+                        bases.append(step.loki_basis[i])
                 cos, sin = _rope_rows(inputs)
                 rows = decoder_layers(
-                    x.reshape(-1, x.shape[-1]), stack, cos, sin, caches, pool.bits, step, limits
+                    x.reshape(-1, x.shape[-1]), stack, cos, sin, caches, pool.bits, step, limits, bases
                 )
                 return rows.view(x.shape)
         return Transformer.run_layers(model, x, inputs, kv_cache)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from kiln.config import ModelConfig
 from kiln.engine.attention import KVPool, PagedBatch, TorchPagedAttention
 from kiln.errors import KilnError
+from kiln.kernels.cpu_decoder_layer import PagedDecode
 from kiln.kernels.loki_attention import loki_decode_attention
 
 # In a folder of its own: kiln's loader reads every *.safetensors at the top of a model directory as weights.
@@ -117,6 +118,17 @@ class LokiPagedAttention:
             len(decodes), width
         )
         self.max_context = max((batch.context_lens[i] for i in decodes), default=1)
+        # A step of decodes only, on the C++ op, can run every layer in one kiln::decoder_layers call
+        # (kiln/engine/cpu_decoder.py): it rotates, writes and attends as __call__ does, layer by layer.
+        self.decode_step = None
+        if decodes and not several and settings.use_cpp:
+            self.decode_step = PagedDecode(
+                slot_mapping=self.slot_mapping, block_tables=self.block_tables,
+                query_starts=torch.arange(len(decodes), dtype=torch.int32), query_lens=torch.ones(
+                    len(decodes), dtype=torch.int32), context_lens=self.context_lens,
+                block_size=pool.block_size, scale=self.scale, sliding_window=self.window,
+                loki_basis=settings.basis, loki_rank=settings.rank, loki_top_k=settings.top_k,
+            )  # fmt: skip
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, KVH, N, D) for the N new tokens -> attention output (1, H, N, D)."""

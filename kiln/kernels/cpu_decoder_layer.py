@@ -69,6 +69,11 @@ class PagedDecode:
     scale: float
     alibi_slopes: torch.Tensor | None = None
     sliding_window: int | None = None
+    # Loki (kiln/engine/loki.py), decoder_layers only: the (num_layers, KVH, D, D) bases the keys and queries
+    # are rotated by, the scored coordinates and the fraction of the context kept
+    loki_basis: torch.Tensor | None = None
+    loki_rank: int = 0
+    loki_top_k: float = 1.0
 
 
 def decoder_layer(
@@ -129,15 +134,18 @@ def decoder_layers(
     kv_bits: int,
     step: PagedDecode,
     max_linear_rows: list[int],
+    loki_bases: list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """`decoder_layer` (kv_bits 0: caches = [key_cache, value_cache] a layer) or `decoder_layer_quantized`
     (kv_bits 8/4: [key_codes, value_codes, key_params, value_params] a layer) for each layer of `stack` in
-    turn, in one call (`kiln::decoder_layers`); max_linear_rows holds one entry per layer."""
+    turn, in one call (`kiln::decoder_layers`); max_linear_rows holds one entry per layer. With `loki_bases`
+    (one (KVH, D, D) basis a layer, a float pool, a step of decodes) each layer attends by Loki, with
+    step.loki_rank and step.loki_top_k."""
     layer = stack.layers[0]
     return torch.ops.kiln.decoder_layers(
         x, stack.weights, stack.biases, stack.eps, cos, sin, caches, kv_bits, *_placement(step),
         max_linear_rows, stack.scales, stack.offsets, stack.bits, stack.packed, stack.packed_rows,
-        layer.w8a8_max_op_rows, layer.w8a8_int8_mm,
+        layer.w8a8_max_op_rows, layer.w8a8_int8_mm, list(loki_bases), step.loki_rank, step.loki_top_k,
     )  # fmt: skip
 
 

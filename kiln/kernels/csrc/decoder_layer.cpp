@@ -138,6 +138,17 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_
                  context_lens, block_size, scale, slopes, window);
 }
 
+at::Tensor loki_decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                 const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+                                 int64_t rank, double top_k, double scale, int64_t window) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("kiln::loki_decode_attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double,
+                                         int64_t)>();
+  return op.call(q, keys, values, block_tables, context_lens, block_size, rank, top_k, scale, window);
+}
+
 // Rows' keys or values (N, KVH * D), quantized as kiln/kernels/kv_quant.py's quantize_kv does it, written
 // straight into the pool at slot_mapping: codes (slots, KVH, D or D / 2) and params (slots, KVH, 3). Per (row,
 // head), op for op as the ATen steps round them (the engine's tests compare with the Python forward bit for
@@ -294,6 +305,36 @@ struct FloatPool {
   }
 };
 
+// rows (N, KVH * G * D) times each row's KV head's basis (KVH, D, D): kiln/engine/loki.py's `rotate`, the same
+// bmm over the same (KVH, N * G, D) operand, so the same bits. Returns (N, KVH * G, D), contiguous.
+at::Tensor rotate(const at::Tensor& rows, const at::Tensor& basis) {
+  const int64_t N = rows.size(0), KVH = basis.size(0), D = basis.size(1);
+  const at::Tensor grouped = rows.reshape({N, KVH, -1, D}).transpose(0, 1).reshape({KVH, -1, D});
+  return at::bmm(grouped, basis).view({KVH, N, -1, D}).transpose(0, 1).contiguous().view({N, -1, D});
+}
+
+// Loki (kiln/engine/loki.py) for a step of decodes, one row per sequence in order: the query and the new keys
+// rotated by the layer's basis, the keys written rotated and the values as they are, and each row attended
+// by kiln::loki_decode_attention over its top `top_k` keys scored on the first `rank` coordinates.
+struct LokiPool {
+  at::Tensor& key_cache;
+  at::Tensor& value_cache;
+  const at::Tensor& basis;  // (KVH, D, D)
+  int64_t rank;
+  double top_k;
+  const Step& step;
+
+  at::Tensor operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
+    const int64_t N = q.size(0);
+    TORCH_CHECK(step.context_lens.size(0) == N, "kiln::decoder_layers: Loki takes steps of decodes only (",
+                step.context_lens.size(0), " sequences for ", N, " rows)");
+    write_rows(rotate(k, basis).view({N, -1}), key_cache, step.slot_mapping);
+    write_rows(v, value_cache, step.slot_mapping);
+    return loki_decode_attention(rotate(q, basis), key_cache, value_cache, step.block_tables, step.context_lens,
+                                 step.block_size, rank, top_k, step.scale, step.sliding_window);
+  }
+};
+
 at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
                          double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::Tensor& key_cache,
                          at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
@@ -359,7 +400,8 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
 // max_linear_rows / packed_rows one entry a layer, and caches each layer's pool: [key_cache, value_cache] a
 // layer over a float pool (kv_bits 0), [key_codes, value_codes, key_params, value_params] over a quantized one
 // (kv_bits 8 or 4). Each layer runs exactly as kiln::decoder_layer / decoder_layer_quantized runs it, so the
-// result is that op's, layer after layer, bit for bit.
+// result is that op's, layer after layer, bit for bit. With loki_bases (one (KVH, D, D) basis a layer, a float
+// pool) each layer attends by Loki instead (LokiPool: what kiln/engine/loki.py's backend does for decodes).
 at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
                           double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::TensorList caches,
                           int64_t kv_bits, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
@@ -368,7 +410,8 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10
                           const OptionalTensor& alibi_slopes, int64_t sliding_window, at::IntArrayRef max_linear_rows,
                           const c10::List<OptionalTensor>& scales, const c10::List<OptionalTensor>& offsets,
                           at::IntArrayRef bits, const c10::List<OptionalTensor>& packed, at::IntArrayRef packed_rows,
-                          int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm) {
+                          int64_t w8a8_max_op_rows, bool w8a8_kiln_int8_mm, at::TensorList loki_bases,
+                          int64_t loki_rank, double loki_top_k) {
   constexpr const char* op = "kiln::decoder_layers";
   TORCH_CHECK(kv_bits == 0 || kv_bits == 8 || kv_bits == 4, op, ": kv_bits must be 0 (a float pool), 8 or 4");
   const size_t L = max_linear_rows.size(), per_layer = kv_bits == 0 ? 2 : 4;
@@ -378,6 +421,8 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10
               "biases 7, for ", L, " layers");
   TORCH_CHECK(scales.size() == 7 * L && offsets.size() == 7 * L && bits.size() == 7 * L && packed.size() == 7 * L,
               op, ": scales, offsets, bits and packed must hold 7 entries a layer");
+  TORCH_CHECK(loki_bases.empty() || (loki_bases.size() == L && kv_bits == 0 && !alibi_slopes.has_value()), op,
+              ": loki_bases needs one basis a layer, a float pool and no ALiBi");
   const Step step{slot_mapping, block_tables, query_starts,  query_lens,    context_lens,
                   block_size,   scale,        alibi_slopes, sliding_window};
   at::Tensor h = x;
@@ -385,7 +430,11 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10
     const Projections p{biases, scales, offsets, bits, packed, 7 * layer};
     std::vector<at::Tensor> pool(caches.begin() + per_layer * layer, caches.begin() + per_layer * (layer + 1));
     const at::TensorList layer_weights = weights.slice(9 * layer, 9);
-    if (kv_bits == 0) {
+    if (!loki_bases.empty()) {
+      const LokiPool attend{pool[0], pool[1], loki_bases[layer], loki_rank, loki_top_k, step};
+      h = run_layer(op, h, layer_weights, p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
+                    w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
+    } else if (kv_bits == 0) {
       const FloatPool attend{pool[0], pool[1], step};
       h = run_layer(op, h, layer_weights, p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
                     w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
@@ -413,8 +462,8 @@ TORCH_LIBRARY_FRAGMENT(kiln, m) {
       "Tensor(a!)[] caches, int kv_bits, Tensor slot_mapping, Tensor block_tables, "
       "Tensor query_starts, Tensor query_lens, Tensor context_lens, int block_size, float scale, "
       "Tensor? alibi_slopes, int sliding_window, int[] max_linear_rows, Tensor?[] scales, Tensor?[] offsets, "
-      "int[] bits, Tensor?[] packed, int[] packed_rows, int w8a8_max_op_rows=16, bool w8a8_kiln_int8_mm=False) "
-      "-> Tensor");
+      "int[] bits, Tensor?[] packed, int[] packed_rows, int w8a8_max_op_rows=16, bool w8a8_kiln_int8_mm=False, "
+      "Tensor[] loki_bases, int loki_rank=0, float loki_top_k=1.0) -> Tensor");
   m.def(
       "decoder_layer_quantized(Tensor x, Tensor[] weights, Tensor?[] biases, float eps, Tensor? cos, Tensor? sin, "
       "Tensor(a!) key_codes, Tensor(b!) value_codes, Tensor(c!) key_params, Tensor(d!) value_params, int kv_bits, "
