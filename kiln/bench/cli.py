@@ -360,7 +360,8 @@ def loki_command(
     mode: Annotated[
         str,
         typer.Argument(
-            help="decode: attention time per decode step; perplexity: Loki vs dense on a trained model."
+            help="decode: attention time per decode step; engine: the engine's decode tokens/s on --model; "
+            "perplexity: Loki vs dense on --model."
         ),
     ] = "decode",
     model: Annotated[
@@ -377,34 +378,43 @@ def loki_command(
     kv_heads: Annotated[int, typer.Option(help="decode: KV heads.")] = 2,
     head_dim: Annotated[int, typer.Option(help="decode: head dimension.")] = 32,
     contexts: Annotated[
-        str, typer.Option(help="decode: comma-separated context lengths.")
-    ] = "512,1024,2048,4096,8192",
+        str | None, typer.Option(help="decode / engine: comma-separated context lengths.")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="decode: round-robin rounds; the best of each counts.")] = 20,
+    batches: Annotated[str, typer.Option(help="engine: comma-separated numbers of sequences.")] = "1,8",
+    new_tokens: Annotated[int, typer.Option(help="engine: decode steps timed after the prefill.")] = 64,
+    rounds: Annotated[
+        int, typer.Option(help="engine: alternating dense / Loki rounds; the best counts.")
+    ] = 2,
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
     output: Annotated[Path | None, typer.Option(help="Where to write the JSON result.")] = None,
 ) -> None:
     """Loki sparse attention vs dense: attention time per decode step (the engine's dense C++ paged attention,
-    the torch one, Loki's C++ op and its torch code) or the perplexity of a calibrated model."""
+    the torch one, Loki's C++ op and its torch code), the whole engine's decode speed on a calibrated model,
+    or that model's perplexity. --contexts defaults to 512..8192 for decode, 2048,4096 for engine."""
     import argparse
 
     import torch
 
-    from kiln.bench.loki import decode, perplexity
+    from kiln.bench.loki import decode, engine, perplexity
     from kiln.bench.results import write_result
 
-    if mode not in ("decode", "perplexity"):
-        raise typer.BadParameter(f"mode must be decode or perplexity, got {mode!r}")
-    if mode == "perplexity":
+    if mode not in ("decode", "engine", "perplexity"):
+        raise typer.BadParameter(f"mode must be decode, engine or perplexity, got {mode!r}")
+    needed = {"decode": [], "engine": [model], "perplexity": [model, val]}[mode]
+    if needed:
         for path, what in ((model, "--model (`make demo` trains the default one)"), (val, "--val")):
-            if not path.expanduser().exists():
+            if path in needed and not path.expanduser().exists():
                 raise typer.BadParameter(f"{path} does not exist: pass {what}")
     torch.set_num_threads(threads)
+    default_contexts = "2048,4096" if mode == "engine" else "512,1024,2048,4096,8192"
     args = argparse.Namespace(
         model=model.expanduser(), val=val.expanduser(), seq_len=seq_len, num_windows=num_windows, rank=rank,
         top_k=top_k, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        contexts=[int(c) for c in contexts.split(",") if c], repeats=repeats,
+        contexts=[int(c) for c in (contexts or default_contexts).split(",") if c], repeats=repeats,
+        batches=[int(b) for b in batches.split(",") if b], new_tokens=new_tokens, rounds=rounds,
     )  # fmt: skip
-    result = decode(args) if mode == "decode" else perplexity(args)
+    result = {"decode": decode, "engine": engine, "perplexity": perplexity}[mode](args)
     target = output or Path(f"benchmarks/loki_{mode}.json")
     write_result(result, target)
     Console().print(f"wrote {target}")

@@ -111,13 +111,14 @@ def _token_ranks(output) -> list[int]:
 
 @torch.no_grad()
 def decode_speed(directory: Path, dtype: str, kv_cache_dtype: str | None, context: int, batch: int,
-                 new_tokens: int, vocab_size: int) -> dict[str, Any]:  # fmt: skip
-    """Seconds per decode step of `batch` sequences at `context` tokens (prefill excluded)."""
+                 new_tokens: int, vocab_size: int, **options: Any) -> dict[str, Any]:  # fmt: skip
+    """Seconds per decode step of `batch` sequences at `context` tokens (prefill excluded); `options` are
+    further engine options (e.g. loki_top_k)."""
     from kiln.engine import Engine, SamplingParams
 
     engine = Engine.from_dir(
         directory, dtype=dtype, kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False,
-        max_num_seqs=batch, max_num_batched_tokens=2048, max_model_len=context + new_tokens + 1,
+        max_num_seqs=batch, max_num_batched_tokens=2048, max_model_len=context + new_tokens + 1, **options,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(batch)
     params = SamplingParams(temperature=0, max_tokens=new_tokens + 1, ignore_eos=True)

@@ -1,11 +1,15 @@
 """Loki sparse attention (kiln/engine/loki.py): quality and decode attention time against dense attention.
 
 kiln bench loki decode          # attention time per decode step (or: python -m kiln.bench.loki decode)
+kiln bench loki engine          # the whole engine's decode tokens/s, dense vs Loki, on the demo model
 kiln bench loki perplexity      # dense vs Loki perplexity of the demo model (--model DIR --val VAL.npy)
 
 `perplexity` runs every query of each --seq-len window of the validation tokens as Loki would at decode
 (query t keeps ceil(top_k * (t + 1)) keys; kiln.engine.loki.LokiSequenceAttention) against the model's dense
 attention. The model directory needs `kiln calibrate-loki` first.
+
+`engine` times the whole engine's decode steps (kiln.Engine on --model, random prompts of each --contexts
+length, --batches sequences, --new-tokens steps after the prefill) with dense attention and with Loki.
 
 `decode` times one engine decode step's attention (all layers: the backend call per layer, which writes the
 new key/value and attends) for --batch sequences at each --contexts length on the demo shape (6 heads, 2 KV
@@ -18,6 +22,7 @@ does not depend on the basis).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +65,50 @@ class DecodeResult:
     threads: int
     # context length -> backend -> seconds of attention per decode step (all layers)
     seconds: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineResult:
+    model: str
+    rank: int | None
+    top_k: float
+    threads: int
+    new_tokens: int
+    # one row per (context, batch): dense and Loki decode tokens/s of the whole engine step, and their ratio
+    rows: list[dict] = field(default_factory=list)
+
+
+def engine(args: argparse.Namespace) -> EngineResult:
+    """Decode tokens/s of the whole engine (kiln.Engine on --model, prefix caching off, random prompts of
+    each context length) with dense attention and with Loki, in alternating rounds; the best round counts."""
+    from kiln.bench.kv_cache import decode_speed
+
+    config = json.loads((args.model / "config.json").read_text())
+    result = EngineResult(
+        model=str(args.model), rank=args.rank, top_k=args.top_k, threads=torch.get_num_threads(),
+        new_tokens=args.new_tokens,
+    )  # fmt: skip
+    loki = {"loki_top_k": args.top_k, "loki_rank": args.rank}
+    for context in args.contexts:
+        for batch in args.batches:
+            best: dict[str, float] = {}
+            for _ in range(args.rounds):
+                for name, options in (("dense", {}), ("loki", loki)):
+                    vocab = config["vocab_size"]
+                    row = decode_speed(
+                        args.model, "auto", None, context, batch, args.new_tokens, vocab, **options
+                    )
+                    best[name] = max(best.get(name, 0.0), row["tokens_per_second"])
+            ratio = best["loki"] / best["dense"]
+            result.rows.append(
+                {"context": context, "batch": batch, "dense_tokens_per_second": best["dense"],
+                 "loki_tokens_per_second": best["loki"], "loki_speed_vs_dense": ratio}
+            )  # fmt: skip
+            print(
+                f"context {context:>5}, batch {batch}: dense {best['dense']:,.1f} tok/s, Loki "
+                f"{best['loki']:,.1f} tok/s ({ratio:.2f}x dense's speed)"
+            )
+    return result
 
 
 @torch.no_grad()
@@ -163,7 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["perplexity", "decode"])
+    parser.add_argument("mode", choices=["perplexity", "decode", "engine"])
     parser.add_argument("--model", type=Path, help="HF model directory calibrated by `kiln calibrate-loki`.")
     parser.add_argument("--val", type=Path, help="Validation token shard (.npy).")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -176,9 +225,12 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=32, help="decode: head dimension.")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="engine: sequences decoding.")
+    parser.add_argument("--new-tokens", type=int, default=64, help="engine: decode steps timed.")
+    parser.add_argument("--rounds", type=int, default=2, help="engine: alternating dense / Loki rounds.")
     parser.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
     args = parser.parse_args()
-    result = perplexity(args) if args.mode == "perplexity" else decode(args)
+    result = {"perplexity": perplexity, "decode": decode, "engine": engine}[args.mode](args)
     if args.out is not None:
         write_result(result, args.out)
 

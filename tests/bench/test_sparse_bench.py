@@ -67,6 +67,19 @@ def test_bench_loki_perplexity_equals_dense_when_every_key_is_kept(calibrated, t
     assert sparse["loki_perplexity"] != pytest.approx(sparse["dense_perplexity"], rel=1e-4)
 
 
+def test_bench_loki_engine_times_dense_and_loki_decodes(calibrated, tmp_path):
+    directory, _ = calibrated
+    output = tmp_path / "engine.json"
+    invoke("loki", "engine", "--model", str(directory), "--contexts", "40,70", "--batches", "1,2",
+           "--new-tokens", "3", "--rounds", "1", "--threads", "1", "--output", str(output))  # fmt: skip
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["context"], row["batch"]) for row in rows] == [(40, 1), (40, 2), (70, 1), (70, 2)]
+    for row in rows:
+        assert row["dense_tokens_per_second"] > 0 and row["loki_tokens_per_second"] > 0
+        ratio = row["loki_tokens_per_second"] / row["dense_tokens_per_second"]
+        assert row["loki_speed_vs_dense"] == pytest.approx(ratio)
+
+
 def test_bench_loki_says_what_is_missing(tmp_path):
     wide = {"COLUMNS": "300", "TERMINAL_WIDTH": "300"}
     result = CliRunner().invoke(
@@ -74,7 +87,7 @@ def test_bench_loki_says_what_is_missing(tmp_path):
     )
     assert result.exit_code != 0 and "does not exist: pass --model" in result.output
     result = CliRunner().invoke(app, ["bench", "loki", "speed"], env=wide)
-    assert result.exit_code != 0 and "decode or perplexity" in result.output
+    assert result.exit_code != 0 and "decode, engine or perplexity" in result.output
 
 
 def test_bench_bigbird_counts_linear_flops(tmp_path):
