@@ -88,13 +88,12 @@ def engine(args: argparse.Namespace) -> EngineResult:
         model=str(args.model), rank=args.rank, top_k=args.top_k, threads=torch.get_num_threads(),
         new_tokens=args.new_tokens,
     )  # fmt: skip
-    loki = {"loki_top_k": args.top_k, "loki_rank": args.rank}
+    loki, vocab = {"loki_top_k": args.top_k, "loki_rank": args.rank}, config["vocab_size"]
     for context in args.contexts:
         for batch in args.batches:
             best: dict[str, float] = {}
             for _ in range(args.rounds):
                 for name, options in (("dense", {}), ("loki", loki)):
-                    vocab = config["vocab_size"]
                     row = decode_speed(
                         args.model, "auto", None, context, batch, args.new_tokens, vocab, **options
                     )
