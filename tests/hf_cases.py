@@ -208,3 +208,27 @@ def build_text_model(directory: Path) -> Path:
     )
     kiln.save_model(kiln.Transformer(config), directory, tokenizer=tokenizer)
     return directory
+
+
+def build_loki_model(directory: Path) -> Path:
+    """A tiny random kiln model (head_dim 16, GQA 4:2) saved in `directory` and calibrated by `kiln
+    calibrate-loki` on random tokens; returns the token shard (it stands in for validation data too)."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+    from kiln.config import preset
+    from kiln.models.hf.io import save_model
+    from kiln.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    # large initial weights give sharp attention, so which keys Loki keeps shows in the logits
+    save_model(Transformer(preset("tiny", max_position_embeddings=256, initializer_range=0.3)), directory)
+    tokens = directory / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4096).astype(np.uint16))
+    result = CliRunner().invoke(
+        app,
+        ["calibrate-loki", str(directory), "--data", str(tokens), "--seq-len", "64", "--num-tokens", "1024"],
+    )
+    assert result.exit_code == 0, result.output
+    return tokens

@@ -2,16 +2,12 @@
 
 import json
 
-import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kiln.cli import app
-from kiln.config import preset
 from kiln.kernels.cpu_extension import cpu_ops_available
-from kiln.models.hf.io import save_model
-from kiln.models.transformer import Transformer
+from tests.hf_cases import build_loki_model
 
 
 def invoke(*args: str):
@@ -38,16 +34,7 @@ def test_bench_loki_decode_times_every_backend(tmp_path):
 def calibrated(tmp_path_factory):
     """A tiny random model calibrated by `kiln calibrate-loki`, and a token shard as its validation."""
     directory = tmp_path_factory.mktemp("loki-bench")
-    torch.manual_seed(0)
-    save_model(Transformer(preset("tiny", max_position_embeddings=256, initializer_range=0.3)), directory)
-    tokens = directory / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4096).astype(np.uint16))
-    result = CliRunner().invoke(
-        app,
-        ["calibrate-loki", str(directory), "--data", str(tokens), "--seq-len", "64", "--num-tokens", "1024"],
-    )
-    assert result.exit_code == 0, result.output
-    return directory, tokens
+    return directory, build_loki_model(directory)
 
 
 def perplexity(calibrated, tmp_path, top_k: str) -> dict:

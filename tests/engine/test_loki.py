@@ -19,6 +19,7 @@ from kiln.kernels.runtime import triton_available
 from kiln.models.hf.io import load_model, save_model
 from kiln.models.transformer import Transformer
 from tests.engine.conftest import random_prompts
+from tests.hf_cases import build_loki_model
 
 KERNELS = [
     "torch",
@@ -34,16 +35,7 @@ KERNELS = [
 def model_dir(tmp_path_factory):
     """A tiny random model (head_dim 16, GQA 4:2), calibrated by `kiln calibrate-loki` on random tokens."""
     directory = tmp_path_factory.mktemp("loki-model")
-    torch.manual_seed(0)
-    # large initial weights give sharp attention, so which keys Loki keeps shows in the logits
-    save_model(Transformer(preset("tiny", max_position_embeddings=256, initializer_range=0.3)), directory)
-    tokens = directory / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, 1024, 4096).astype(np.uint16))
-    result = CliRunner().invoke(
-        app,
-        ["calibrate-loki", str(directory), "--data", str(tokens), "--seq-len", "64", "--num-tokens", "1024"],
-    )
-    assert result.exit_code == 0, result.output
+    build_loki_model(directory)
     return directory
 
 
