@@ -365,7 +365,7 @@ def loki_command(
         ),
     ] = "decode",
     model: Annotated[
-        Path, typer.Option(help="perplexity: a model calibrated by `kiln calibrate-loki`.")
+        Path, typer.Option(help="engine / perplexity: a model calibrated by `kiln calibrate-loki`.")
     ] = Path.home() / ".cache/kiln/models/demo",
     val: Annotated[Path, typer.Option(help="perplexity: its validation token shard (.npy).")] = Path.home()
     / ".cache/kiln/data/stdlib-bpe8k/val_00000.npy",
@@ -387,7 +387,9 @@ def loki_command(
         int, typer.Option(help="engine: alternating dense / Loki rounds; the best counts.")
     ] = 2,
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
-    output: Annotated[Path | None, typer.Option(help="Where to write the JSON result.")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Where to write the JSON result (default benchmarks/loki_MODE.json).")
+    ] = None,
 ) -> None:
     """Loki sparse attention vs dense: attention time per decode step (the engine's dense C++ paged attention,
     the torch one, Loki's C++ op and its torch code), the whole engine's decode speed on a calibrated model,
