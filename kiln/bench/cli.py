@@ -401,13 +401,15 @@ def loki_command(
     from kiln.bench.loki import decode, engine, perplexity
     from kiln.bench.results import write_result
 
-    if mode not in ("decode", "engine", "perplexity"):
+    runs = {"decode": decode, "engine": engine, "perplexity": perplexity}
+    if mode not in runs:
         raise typer.BadParameter(f"mode must be decode, engine or perplexity, got {mode!r}")
-    needed = {"decode": [], "engine": [model], "perplexity": [model, val]}[mode]
-    if needed:
-        for path, what in ((model, "--model (`make demo` trains the default one)"), (val, "--val")):
-            if path in needed and not path.expanduser().exists():
-                raise typer.BadParameter(f"{path} does not exist: pass {what}")
+    inputs = [] if mode == "decode" else [(model, "--model (`make demo` trains the default one)")]
+    if mode == "perplexity":
+        inputs.append((val, "--val"))
+    for path, what in inputs:
+        if not path.expanduser().exists():
+            raise typer.BadParameter(f"{path} does not exist: pass {what}")
     torch.set_num_threads(threads)
     default_contexts = "2048,4096" if mode == "engine" else "512,1024,2048,4096,8192"
     args = argparse.Namespace(
@@ -416,7 +418,7 @@ def loki_command(
         contexts=[int(c) for c in (contexts or default_contexts).split(",") if c], repeats=repeats,
         batches=[int(b) for b in batches.split(",") if b], new_tokens=new_tokens, rounds=rounds,
     )  # fmt: skip
-    result = {"decode": decode, "engine": engine, "perplexity": perplexity}[mode](args)
+    result = runs[mode](args)
     target = output or Path(f"benchmarks/loki_{mode}.json")
     write_result(result, target)
     Console().print(f"wrote {target}")
