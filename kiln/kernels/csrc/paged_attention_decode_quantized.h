@@ -36,12 +36,18 @@ inline __m512 codes8(const uint8_t* codes, __m512i zero) {
   return _mm512_cvtepi32_ps(_mm512_sub_epi32(x, zero));
 }
 
+// 16 bytes of int4 codes at `codes` minus `zero`, as fp32: their low nibbles in *low, high ones in *high.
+inline void codes4(const uint8_t* codes, __m512i zero, __m512* low, __m512* high) {
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  *low = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(x, _mm512_set1_epi32(15)), zero));
+  *high = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(x, 4), zero));
+}
+
 // out[k] = q . (rows[k] - zeros[k]) for k < count (<= 16): D values a row, `bits` 8 or 4.
 inline void dots_codes(const float* q, const uint8_t* const* rows, const int32_t* zeros, int64_t count, int64_t D,
                        int64_t bits, float* out) {
   __m512 p[16];
   for (int64_t i = 0; i < 16; ++i) p[i] = _mm512_setzero_ps();
-  const __m512i low_bits = _mm512_set1_epi32(15);
   for (int64_t i = 0; i < count; ++i) {
     const __m512i zero = _mm512_set1_epi32(zeros[i]);
     if (bits == 8) {
@@ -50,9 +56,8 @@ inline void dots_codes(const float* q, const uint8_t* const* rows, const int32_t
     } else {
       const int64_t half = D / 2;
       for (int64_t d = 0; d < half; d += 16) {
-        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + d)));
-        const __m512 low = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(x, low_bits), zero));
-        const __m512 high = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(x, 4), zero));
+        __m512 low, high;
+        codes4(rows[i] + d, zero, &low, &high);
         p[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), low, p[i]);
         p[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + half + d), high, p[i]);
       }
@@ -64,7 +69,6 @@ inline void dots_codes(const float* q, const uint8_t* const* rows, const int32_t
 // acc (D,) += weights[k] * (rows[k] - zeros[k]) for k < count.
 inline void accumulate_codes(float* acc, const float* weights, const uint8_t* const* rows, const int32_t* zeros,
                              int64_t count, int64_t D, int64_t bits) {
-  const __m512i low_bits = _mm512_set1_epi32(15);
   if (bits == 8) {
     for (int64_t d = 0; d < D; d += 16) {
       __m512 a = _mm512_loadu_ps(acc + d);
@@ -78,11 +82,11 @@ inline void accumulate_codes(float* acc, const float* weights, const uint8_t* co
   for (int64_t d = 0; d < half; d += 16) {
     __m512 low = _mm512_loadu_ps(acc + d), high = _mm512_loadu_ps(acc + half + d);
     for (int64_t k = 0; k < count; ++k) {
-      const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[k] + d)));
-      const __m512i zero = _mm512_set1_epi32(zeros[k]);
+      __m512 row_low, row_high;
+      codes4(rows[k] + d, _mm512_set1_epi32(zeros[k]), &row_low, &row_high);
       const __m512 weight = _mm512_set1_ps(weights[k]);
-      low = _mm512_fmadd_ps(weight, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(x, low_bits), zero)), low);
-      high = _mm512_fmadd_ps(weight, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(x, 4), zero)), high);
+      low = _mm512_fmadd_ps(weight, row_low, low);
+      high = _mm512_fmadd_ps(weight, row_high, high);
     }
     _mm512_storeu_ps(acc + d, low);
     _mm512_storeu_ps(acc + half + d, high);
@@ -95,11 +99,16 @@ inline __m256 codes8(const uint8_t* codes, __m256i zero) {
   return _mm256_cvtepi32_ps(_mm256_sub_epi32(x, zero));
 }
 
+inline void codes4(const uint8_t* codes, __m256i zero, __m256* low, __m256* high) {
+  const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  *low = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(x, _mm256_set1_epi32(15)), zero));
+  *high = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(x, 4), zero));
+}
+
 inline void dots_codes(const float* q, const uint8_t* const* rows, const int32_t* zeros, int64_t count, int64_t D,
                        int64_t bits, float* out) {
   __m256 p[8];
   for (int64_t i = 0; i < 8; ++i) p[i] = _mm256_setzero_ps();
-  const __m256i low_bits = _mm256_set1_epi32(15);
   for (int64_t i = 0; i < count; ++i) {
     const __m256i zero = _mm256_set1_epi32(zeros[i]);
     if (bits == 8) {
@@ -108,9 +117,8 @@ inline void dots_codes(const float* q, const uint8_t* const* rows, const int32_t
     } else {
       const int64_t half = D / 2;
       for (int64_t d = 0; d < half; d += 8) {
-        const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[i] + d)));
-        const __m256 low = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(x, low_bits), zero));
-        const __m256 high = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(x, 4), zero));
+        __m256 low, high;
+        codes4(rows[i] + d, zero, &low, &high);
         p[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), low, p[i]);
         p[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + half + d), high, p[i]);
       }
@@ -123,7 +131,6 @@ inline void dots_codes(const float* q, const uint8_t* const* rows, const int32_t
 
 inline void accumulate_codes(float* acc, const float* weights, const uint8_t* const* rows, const int32_t* zeros,
                              int64_t count, int64_t D, int64_t bits) {
-  const __m256i low_bits = _mm256_set1_epi32(15);
   if (bits == 8) {
     for (int64_t d = 0; d < D; d += 8) {
       __m256 a = _mm256_loadu_ps(acc + d);
@@ -137,11 +144,11 @@ inline void accumulate_codes(float* acc, const float* weights, const uint8_t* co
   for (int64_t d = 0; d < half; d += 8) {
     __m256 low = _mm256_loadu_ps(acc + d), high = _mm256_loadu_ps(acc + half + d);
     for (int64_t k = 0; k < count; ++k) {
-      const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[k] + d)));
-      const __m256i zero = _mm256_set1_epi32(zeros[k]);
+      __m256 row_low, row_high;
+      codes4(rows[k] + d, _mm256_set1_epi32(zeros[k]), &row_low, &row_high);
       const __m256 weight = _mm256_set1_ps(weights[k]);
-      low = _mm256_fmadd_ps(weight, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(x, low_bits), zero)), low);
-      high = _mm256_fmadd_ps(weight, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(x, 4), zero)), high);
+      low = _mm256_fmadd_ps(weight, row_low, low);
+      high = _mm256_fmadd_ps(weight, row_high, high);
     }
     _mm256_storeu_ps(acc + d, low);
     _mm256_storeu_ps(acc + half + d, high);
