@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <numeric>
 #include <utility>
@@ -84,13 +83,12 @@ inline int64_t select_top(const float* scores, int64_t n, int64_t count, int32_t
 
 #ifdef KILN_AVX512
 // select_top with vector passes only, for n of a few hundred and more: returns the kept count, or -1 where
-// select_top must run instead (all scores equal). Brackets
-// the count-th largest score v between lo and hi (at least count scores above lo, fewer than count above
-// hi) from the scores' min and max, and narrows it four ways a pass: one pass over the scores counts those
-// above three thresholds at once (compare masks into vector counters, no branch per score). Once at most
-// kBand scores lie in (lo, hi], one pass compress-stores the indices of those above hi into `kept` (in pool
-// order) and of those inside into `band`, where nth_element picks the rest (ties to the lower index). Exact:
-// the same set as select_top. Ties the bracket cannot split (it stops narrowing once it is a few ulps wide)
+// select_top must run instead (all scores equal). Brackets the count-th largest score v between lo and hi
+// (at least count scores above lo, fewer than count above hi) from the scores' min and max, and narrows it
+// four ways a pass: one pass over the scores counts those above three thresholds at once (compare masks
+// into vector counters, no branch per score). Once at most kBand scores lie in (lo, hi], one pass
+// compress-stores the indices of those above hi into `kept` (in pool order) and of those inside into `band`,
+// where nth_element picks the rest (ties to the lower index). Exact: the same set as select_top. Ties the bracket cannot split (it stops narrowing once it is a few ulps wide)
 // stay inside it for nth_element. ~5 passes at 4k keys, against select_top's scalar histogram and marking.
 inline int64_t select_top_vector(const float* scores, int64_t n, int64_t count, int32_t* kept, int32_t* band) {
   constexpr int64_t kBand = 48;
