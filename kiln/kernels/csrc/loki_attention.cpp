@@ -89,7 +89,8 @@ inline int64_t select_top(const float* scores, int64_t n, int64_t count, int32_t
 // into vector counters, no branch per score). Once at most kBand scores lie in (lo, hi], one pass
 // compress-stores the indices of those above hi into `kept` (in pool order) and of those inside into `band`,
 // where nth_element picks the rest (ties to the lower index). Exact: the same set as select_top. Ties the
-// bracket cannot split (it stops narrowing once it is a few ulps wide) stay inside it for nth_element. ~5 passes at 4k keys, against select_top's scalar histogram and marking.
+// bracket cannot split (it stops narrowing once it is a few ulps wide) stay inside it for nth_element. ~5
+// passes at 4k keys, against select_top's scalar histogram and marking.
 inline int64_t select_top_vector(const float* scores, int64_t n, int64_t count, int32_t* kept, int32_t* band) {
   constexpr int64_t kBand = 48;
   __m512 vmin = _mm512_set1_ps(std::numeric_limits<float>::max());
