@@ -86,17 +86,29 @@ def quantize(
     ] = False,
     calibration: Annotated[
         list[Path] | None,
-        typer.Option(help="int4: text files to calibrate on (GPTQ); without them, round to nearest."),
+        typer.Option(
+            help="Text files to calibrate on: int4 runs GPTQ on them (without them, round to nearest); "
+            "w8a8 measures its activations for --smooth-alpha."
+        ),
     ] = None,
     calibration_tokens: Annotated[int, typer.Option(help="Tokens of the calibration text to use.")] = 2048,
+    smooth_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="w8a8: SmoothQuant with this migration strength in (0, 1] (0.5 is the paper's default): "
+            "divides outlier activation channels by per-channel powers of two folded into the norms "
+            "before them and multiplies them into the weights. Needs --calibration."
+        ),
+    ] = None,
 ) -> None:
     """Quantize a model's Linear weights into a directory vLLM, transformers and kiln read."""
     from kiln.models.hf.quantize import quantize_dir
     from kiln.quant import parse_scheme
 
     parsed = parse_scheme(scheme, group_size if scheme == "int4" else None, symmetric=not zero_point)
-    count, before, after = quantize_dir(model, output, parsed, calibration, calibration_tokens)
+    count, before, after = quantize_dir(model, output, parsed, calibration, calibration_tokens, smooth_alpha)
     method = " (GPTQ)" if calibration and parsed.name == "int4" else ""
+    method += f" (SmoothQuant, alpha {smooth_alpha:g})" if smooth_alpha is not None else ""
     console.print(
         f"quantized {count} linears to {parsed.describe()}{method}: weights {before / 2**20:.1f}MiB -> "
         f"{after / 2**20:.1f}MiB; wrote {output}"

@@ -115,12 +115,43 @@ def kl_to_bf16(directory: Path, schemes: tuple[str, ...], seed: int = 0) -> dict
 
 
 # The demo model's hidden size is 192, which group 128 does not divide: its int4 uses group 64.
+# label -> (scheme, calibration: None, "gptq" or "smoothquant", outlier channels planted first)
 DEMO_SCHEMES = {
-    "int8": ("int8", False),
-    "int4 g64": (parse_scheme("int4", 64), False),
-    "int4 g64 GPTQ": (parse_scheme("int4", 64), True),
-    "w8a8": ("w8a8", False),
+    "int8": ("int8", None, False),
+    "int4 g64": (parse_scheme("int4", 64), None, False),
+    "int4 g64 GPTQ": (parse_scheme("int4", 64), "gptq", False),
+    "w8a8": ("w8a8", None, False),
+    "w8a8 SmoothQuant": ("w8a8", "smoothquant", False),
+    "w8a8, outlier channels": ("w8a8", None, True),
+    "w8a8 SmoothQuant, outlier channels": ("w8a8", "smoothquant", True),
 }
+SMOOTH_ALPHA = 0.5
+OUTLIER_CHANNELS, OUTLIER_FACTOR = 4, 64.0
+
+
+@torch.no_grad()
+def plant_outlier_channels(
+    model, channels: int = OUTLIER_CHANNELS, factor: float = OUTLIER_FACTOR, seed: int = 0
+):
+    """Give kiln Transformer `model` the outlier activation channels of larger LLMs (LLM.int8(), "massive
+    activations"), which the small demo model lacks, without changing what it computes: in every block,
+    `channels` random hidden channels of both norms' weights times `factor` (a power of two) and the
+    columns of the linears reading them divided by it. Returns the channels of each layer."""
+    generator = torch.Generator().manual_seed(seed)
+    planted = []
+    for block in model.layers:
+        picked = torch.randperm(model.config.hidden_size, generator=generator)[:channels]
+        attn, mlp = block.attn, block.mlp
+        readers = {block.attn_norm: (attn.q_proj, attn.k_proj, attn.v_proj)}
+        readers[block.mlp_norm] = tuple(
+            linear for linear in (mlp.gate_proj, mlp.up_proj) if linear is not None
+        )
+        for norm, linears in readers.items():
+            norm.weight[picked] *= factor
+            for linear in linears:
+                linear.weight[:, picked] /= factor
+        planted.append(picked.tolist())
+    return planted
 
 
 @torch.no_grad()
@@ -128,10 +159,13 @@ def demo_perplexity(
     model_dir: Path, val_shard: Path, window: int = 256, max_windows: int = 64, calibration_tokens: int = 2048
 ) -> tuple[dict[str, float], int]:
     """Validation perplexity of the demo model, unquantized ("float") and per DEMO_SCHEMES entry (fp32
-    activations), over the first `max_windows` non-overlapping windows of its val shard; GPTQ calibrates
-    on the first `calibration_tokens` of the train shard beside it. Also returns the tokens scored."""
+    activations), over the first `max_windows` non-overlapping windows of its val shard; GPTQ and
+    SmoothQuant calibrate on the first `calibration_tokens` of the train shard beside it. Also returns the
+    tokens scored. The planted outlier channels leave the float model's perplexity as it was."""
     from kiln.models.hf.io import load_model
-    from kiln.quant.calibration import collect_hessians
+    from kiln.models.hf.quantize import smoothing_groups
+    from kiln.quant.calibration import collect_hessians, collect_input_maxima
+    from kiln.quant.smoothing import smooth
 
     tokens = np.load(val_shard, mmap_mode="r")
     count = min(max_windows, (len(tokens) - 1) // window)
@@ -140,10 +174,14 @@ def demo_perplexity(
     train = np.load(val_shard.with_name("train_00000.npy"), mmap_mode="r")
     calibration = torch.from_numpy(np.asarray(train[:calibration_tokens], dtype=np.int64)).view(-1, window)
     out = {}
-    for label, (scheme, calibrate) in {"float": (None, False), **DEMO_SCHEMES}.items():
+    for label, (scheme, method, outliers) in {"float": (None, None, False), **DEMO_SCHEMES}.items():
         model = load_model(model_dir, dtype="float32")
+        if outliers:
+            plant_outlier_channels(model)
+        if method == "smoothquant":
+            smooth(smoothing_groups(model), collect_input_maxima(model, calibration.split(2)), SMOOTH_ALPHA)
         if scheme is not None:
-            hessians = collect_hessians(model, calibration.split(2)) if calibrate else None
+            hessians = collect_hessians(model, calibration.split(2)) if method == "gptq" else None
             quantize_model(model, scheme, hessians=hessians)
         losses = [
             F.cross_entropy(model(inputs[i : i + 8]).flatten(0, 1), targets[i : i + 8].flatten()).item()

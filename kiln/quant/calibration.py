@@ -4,12 +4,13 @@ inputs (H = X^T X over a few hundred calibration tokens), so the layer's *output
 little as possible. Groups take their scale and zero point from the error-updated weights as they start.
 
 `collect_hessians` runs calibration batches through any module tree (kiln's Transformer included) and
-sums X^T X at the input of every plain nn.Linear.
+sums X^T X at the input of every plain nn.Linear; `collect_input_maxima` keeps each input channel's largest
+|x| there instead (SmoothQuant's statistic, kiln/quant/smoothing.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -20,18 +21,17 @@ DAMPING = 0.01  # fraction of the mean diagonal added to H, as the GPTQ referenc
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Dotted Linear name -> mean X^T X (K, K) fp32 of its inputs over `model(batch)` for every batch."""
-    sums: dict[str, list] = {}
+def _observe_linear_inputs(
+    model: nn.Module, batches: Iterable[torch.Tensor], observe: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Run `model` over `batches`, calling observe(dotted name, x (rows, in_features) fp32 on CPU) at the
+    input of every plain nn.Linear."""
     handles = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
-            sums[name] = [torch.zeros(module.in_features, module.in_features), 0]
 
             def hook(_module, args, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-                sums[name][0] += x.T @ x
-                sums[name][1] += x.shape[0]
+                observe(name, args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
 
             handles.append(module.register_forward_pre_hook(hook))
     head = getattr(model, "lm_head", None)
@@ -43,7 +43,31 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[
     finally:
         for handle in handles:
             handle.remove()
+
+
+def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dotted Linear name -> mean X^T X (K, K) fp32 of its inputs over `model(batch)` for every batch."""
+    sums: dict[str, list] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        total = sums.setdefault(name, [torch.zeros(x.shape[1], x.shape[1]), 0])
+        total[0] += x.T @ x
+        total[1] += x.shape[0]
+
+    _observe_linear_inputs(model, batches, observe)
     return {name: total / max(count, 1) for name, (total, count) in sums.items() if count}
+
+
+def collect_input_maxima(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dotted Linear name -> (in_features,) fp32 largest |x| per input channel over `model(batch)`."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        largest = x.abs().amax(dim=0)
+        maxima[name] = torch.maximum(maxima[name], largest) if name in maxima else largest
+
+    _observe_linear_inputs(model, batches, observe)
+    return maxima
 
 
 def _group_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
