@@ -118,6 +118,11 @@ class LokiPagedAttention:
             len(decodes), width
         )
         self.max_context = max((batch.context_lens[i] for i in decodes), default=1)
+        self.counts = None  # the Triton kernels' kept keys per decode, the same in every layer of the step
+        if decodes and settings.use_triton:
+            from kiln.kernels.loki_attention_triton import loki_counts
+
+            self.counts = loki_counts(self.context_lens, settings.top_k, self.window)
         # A step of decodes only, on the C++ op, can run every layer in one kiln::decoder_layers call
         # (kiln/engine/cpu_decoder.py): it rotates, writes and attends as __call__ does, layer by layer.
         self.decode_step = None
@@ -146,7 +151,7 @@ class LokiPagedAttention:
             result = loki_decode_attention(
                 q_rows.index_select(0, self.decode_rows), keys, values, self.block_tables, self.context_lens,
                 self.pool.block_size, self.settings.rank, self.settings.top_k, self.scale, self.window,
-                self.settings.use_cpp, self.settings.use_triton, self.max_context,
+                self.settings.use_cpp, self.settings.use_triton, self.max_context, self.counts,
             )  # fmt: skip  # (M, H, D)
             out.index_copy_(0, self.decode_rows, result)
         return out.transpose(0, 1)[None]

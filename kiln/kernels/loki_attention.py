@@ -78,14 +78,16 @@ def loki_decode_attention(
     use_cpp: bool | None = None,
     use_triton: bool = False,
     max_context: int | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode query per sequence: q (M, H, D) rotated; key_cache (slots, KVH, D) rotated keys,
     value_cache (slots, KVH, D); block_tables int32 (M, max_blocks); context_lens int32 (M,) -> (M, H, D).
 
     Each query head picks its own top-k keys (GQA heads of one KV head may pick different tokens).
     `use_triton` runs the Triton kernels (kiln/kernels/loki_attention_triton.py; `max_context`, at least
-    every context length, saves reading context_lens back); else `use_cpp` None runs the C++ op on CPU where
-    it is built, else this torch code."""
+    every context length, saves reading context_lens back, and `counts`, the kept keys per sequence of
+    loki_attention_triton.loki_counts, a few small ops a layer); else `use_cpp` None runs the C++ op on CPU
+    where it is built, else this torch code."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_triton:
         from kiln.kernels.loki_attention_triton import loki_decode_triton
@@ -93,7 +95,7 @@ def loki_decode_attention(
         most = max_context if max_context is not None else int(context_lens.max())
         return loki_decode_triton(
             q.contiguous(), key_cache, value_cache, block_tables, context_lens, block_size, rank, top_k,
-            scale, sliding_window, most,
+            scale, sliding_window, most, counts,
         )  # fmt: skip
     if use_cpp is None:
         use_cpp = q.device.type == "cpu" and cpu_ops_available()

@@ -101,6 +101,15 @@ def _loki_attend_kernel(
              mask=col_ok)  # fmt: skip
 
 
+def loki_counts(context_lens: torch.Tensor, top_k: float, sliding_window: int | None) -> torch.Tensor:
+    """(M,) int32 keys each sequence keeps: num_selected of its visible keys (the window's, with one), on
+    context_lens' device. The same for every layer of a step: the engine computes it once a step."""
+    window = sliding_window or 0
+    visible = context_lens.long().clamp(max=window) if window else context_lens.long()
+    counts = torch.ceil(top_k * visible.double() - 1e-9).long().clamp(min=1)
+    return torch.minimum(counts, visible).to(torch.int32)
+
+
 def loki_decode_triton(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -113,15 +122,16 @@ def loki_decode_triton(
     scale: float,
     sliding_window: int | None,
     max_context: int,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """loki_decode_attention's arguments (q (M, H, D) rotated, pools (slots, KVH, D)), with `max_context`
-    at least every context_lens entry -> (M, H, D) in q's dtype."""
+    at least every context_lens entry and `counts` loki_counts(context_lens, top_k, sliding_window) where
+    the caller has it -> (M, H, D) in q's dtype."""
     num_seqs, num_heads, head_dim = q.shape
     group = num_heads // key_cache.shape[1]
     window = sliding_window or 0
-    visible = context_lens.long().clamp(max=window) if window else context_lens.long()
-    counts = torch.ceil(top_k * visible.double() - 1e-9).long().clamp(min=1)
-    counts = torch.minimum(counts, visible)
+    if counts is None:
+        counts = loki_counts(context_lens, top_k, sliding_window)
     # count grows with the visible keys, so the longest context sets the most kept: no sync to find it
     most_visible = min(max_context, window) if window else max_context
     most_kept = max(1, min(most_visible, math.ceil(top_k * most_visible - 1e-9)))
@@ -136,7 +146,7 @@ def loki_decode_triton(
     kept = scores.topk(most_kept, dim=-1, sorted=True).indices.to(torch.int32)  # (M, H, most_kept)
     out = torch.empty_like(q)
     _loki_attend_kernel[(num_seqs, num_heads)](
-        q, key_cache, value_cache, block_tables, kept, counts.to(torch.int32), out,
+        q, key_cache, value_cache, block_tables, kept, counts, out,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), value_cache.stride(0),
         value_cache.stride(1), block_tables.stride(0), kept.stride(0), kept.stride(1), out.stride(0),
         out.stride(1), scale * LOG2_E,

@@ -212,6 +212,26 @@ def test_triton_decode_sliding_window_and_bf16_match_torch(dtype):
         torch.testing.assert_close(triton_out.float(), torch_out.float(), **tolerance)
 
 
+@needs_triton
+def test_loki_counts_is_num_selected_of_the_visible_keys_and_the_kernels_take_it():
+    from kiln.kernels.loki_attention_triton import loki_counts
+
+    lens = torch.tensor([1, 3, 4, 77, 200, 1000], dtype=torch.int32)
+    for top_k in (0.1, 0.25, 1 / 3, 1.0):
+        for window in (None, 50):
+            visible = [min(n, window) if window else n for n in lens.tolist()]
+            counts = loki_counts(lens, top_k, window)
+            assert counts.dtype == torch.int32
+            assert counts.tolist() == [num_selected(n, top_k) for n in visible]
+    q, k, v = _inputs(length=200)
+    keys, values, tables = _paged(k, v, block_size=16)
+    lens = torch.tensor([200, 77], dtype=torch.int32)
+    queries = torch.stack([q[0, :, 199], q[1, :, 76]])
+    args = (queries, keys, values, tables, lens, 16, 6, 0.25, None, 50, None, True, 200)
+    given = loki_decode_attention(*args, counts=loki_counts(lens, 0.25, 50))
+    torch.testing.assert_close(given, loki_decode_attention(*args), atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_decode_full_size_on_gpu(dtype):
