@@ -386,6 +386,10 @@ def loki_command(
     rounds: Annotated[
         int, typer.Option(help="engine: alternating dense / Loki rounds; the best counts.")
     ] = 2,
+    kv_cache_dtype: Annotated[
+        str | None,
+        typer.Option(help="engine: int8 or int4 KV cache on both sides (default: the model dtype)."),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Intra-op threads.")] = 2,
     output: Annotated[
         Path | None, typer.Option(help="Where to write the JSON result (default benchmarks/loki_MODE.json).")
@@ -417,6 +421,7 @@ def loki_command(
         top_k=top_k, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         contexts=[int(c) for c in (contexts or default_contexts).split(",") if c], repeats=repeats,
         batches=[int(b) for b in batches.split(",") if b], new_tokens=new_tokens, rounds=rounds,
+        kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
     result = runs[mode](args)
     target = output or Path(f"benchmarks/loki_{mode}.json")

@@ -74,19 +74,21 @@ class EngineResult:
     top_k: float
     threads: int
     new_tokens: int
+    kv_cache_dtype: str | None
     # one row per (context, batch): dense and Loki decode tokens/s of the whole engine step, and their ratio
     rows: list[dict] = field(default_factory=list)
 
 
 def engine(args: argparse.Namespace) -> EngineResult:
     """Decode tokens/s of the whole engine (kiln.Engine on --model, prefix caching off, random prompts of
-    each context length) with dense attention and with Loki, in alternating rounds; the best round counts."""
+    each context length) with dense attention and with Loki, in alternating rounds; the best round counts.
+    Both sides use --kv-cache-dtype (None: the model dtype)."""
     from kiln.bench.kv_cache import decode_speed
 
     config = json.loads((args.model / "config.json").read_text())
     result = EngineResult(
         model=str(args.model), rank=args.rank, top_k=args.top_k, threads=torch.get_num_threads(),
-        new_tokens=args.new_tokens,
+        new_tokens=args.new_tokens, kv_cache_dtype=args.kv_cache_dtype,
     )  # fmt: skip
     loki, vocab = {"loki_top_k": args.top_k, "loki_rank": args.rank}, config["vocab_size"]
     for context in args.contexts:
@@ -95,7 +97,14 @@ def engine(args: argparse.Namespace) -> EngineResult:
             for _ in range(args.rounds):
                 for name, options in (("dense", {}), ("loki", loki)):
                     row = decode_speed(
-                        args.model, "auto", None, context, batch, args.new_tokens, vocab, **options
+                        args.model,
+                        "auto",
+                        args.kv_cache_dtype,
+                        context,
+                        batch,
+                        args.new_tokens,
+                        vocab,
+                        **options,
                     )
                     best[name] = max(best.get(name, 0.0), row["tokens_per_second"])
             ratio = best["loki"] / best["dense"]

@@ -71,11 +71,6 @@ class EngineConfig:
             raise KilnError(f"loki_top_k is a fraction of the context in (0, 1], got {self.loki_top_k}")
         if self.loki_rank is not None and self.loki_rank <= 0:
             raise KilnError(f"loki_rank must be positive or None, got {self.loki_rank}")
-        if self.loki_top_k is not None and kv_cache_bits(self.kv_cache_dtype):
-            raise KilnError(
-                "Loki reads a full-precision KV pool; drop kv_cache_dtype (or loki_top_k): the two do not "
-                "combine yet"
-            )
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise KilnError(f"{name} must be positive, got {getattr(self, name)}")

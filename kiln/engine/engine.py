@@ -475,6 +475,11 @@ def _attention_backend(config: EngineConfig, model_config, weight: torch.Tensor)
     )
     settings.use_cpp = _uses_cpu_ops(config.kernels, weight)
     settings.use_triton = use_triton(config.kernels, weight)
+    if settings.use_triton and kv_cache_bits(config.kv_cache_dtype):
+        raise KilnError(
+            "Loki over an int8/int4 KV cache runs on CPU (the C++ op or torch); the Triton kernels read a "
+            "model-dtype pool: drop kv_cache_dtype, or pick kernels='torch' to run Loki's torch code"
+        )
     return loki_backend(settings)
 
 

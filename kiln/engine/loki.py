@@ -7,7 +7,9 @@ and queries by that basis before they reach the pool, so the pool holds rotated 
 the basis is orthogonal). Prompts and prefill chunks then attend exactly (the torch backend's SDPA groups,
 over the rotated keys); each decode scores its whole context on the first `loki_rank` coordinates, keeps the
 top `loki_top_k` fraction of the tokens and attends exactly over those (the C++ op on CPU, the Triton kernels
-on CUDA, else torch: kiln/kernels/loki_attention.py). Values are stored as they are.
+on CUDA, else torch: kiln/kernels/loki_attention.py). Values are stored as they are. Over an int8/int4 KV
+cache (`kv_cache_dtype`) the rotated keys and the values are quantized as they are written, and decodes read
+the codes through the C++ op or torch (not Triton), layer by layer.
 
 Post-RoPE keys, because the pool holds post-RoPE keys and the score is taken after RoPE: only a basis of
 that space turns the stored keys' first r coordinates into the rank-r score with no projection per step.
@@ -125,8 +127,10 @@ class LokiPagedAttention:
             self.counts = loki_counts(self.context_lens, settings.top_k, self.window)
         # A step of decodes only, on the C++ op, can run every layer in one kiln::decoder_layers call
         # (kiln/engine/cpu_decoder.py): it rotates, writes and attends as __call__ does, layer by layer.
-        self.decode_step = None
-        if decodes and not several and settings.use_cpp:
+        self.decode_step = (
+            None  # (not over an int8/int4 pool: the one-call step's Loki reads model-dtype pools)
+        )
+        if decodes and not several and settings.use_cpp and not pool.bits:
             self.decode_step = PagedDecode(
                 slot_mapping=self.slot_mapping, block_tables=self.block_tables,
                 query_starts=torch.arange(len(decodes), dtype=torch.int32), query_lens=torch.ones(
@@ -141,9 +145,18 @@ class LokiPagedAttention:
         q_rows = rotate(q[0].transpose(0, 1), basis)  # (N, H, D)
         k_rows = rotate(k[0].transpose(0, 1), basis)  # (N, KVH, D)
         v_rows = v[0].transpose(0, 1)
-        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]  # (slots, KVH, D)
-        keys.index_copy_(0, self.slot_mapping, k_rows)
-        values.index_copy_(0, self.slot_mapping, v_rows)
+        pool = self.pool
+        keys, values = pool.keys[layer_index], pool.values[layer_index]  # (slots, KVH, D or int4's D / 2)
+        quantized = {}
+        if pool.bits:  # int8/int4 codes, their scales and zero points beside them
+            pool.write(layer_index, self.slot_mapping, k_rows, v_rows)
+            params = dict(
+                key_params=pool.key_params[layer_index], value_params=pool.value_params[layer_index]
+            )
+            quantized = dict(bits=pool.bits, **params)
+        else:
+            keys.index_copy_(0, self.slot_mapping, k_rows)
+            values.index_copy_(0, self.slot_mapping, v_rows)
         out = torch.empty_like(q_rows)
         if self.torch_backend is not None:
             self.torch_backend.attend(layer_index, q_rows, k_rows, v_rows, out)
@@ -151,7 +164,7 @@ class LokiPagedAttention:
             result = loki_decode_attention(
                 q_rows.index_select(0, self.decode_rows), keys, values, self.block_tables, self.context_lens,
                 self.pool.block_size, self.settings.rank, self.settings.top_k, self.scale, self.window,
-                self.settings.use_cpp, self.settings.use_triton, self.max_context, self.counts,
+                self.settings.use_cpp, self.settings.use_triton, self.max_context, self.counts, **quantized,
             )  # fmt: skip  # (M, H, D)
             out.index_copy_(0, self.decode_rows, result)
         return out.transpose(0, 1)[None]

@@ -15,6 +15,9 @@ Four implementations of one rule, tested against each other (tests/kernels/test_
   on CPU where kiln's C++ ops are built;
 - the Triton kernels (loki_attention_triton.py) behind it too, for CUDA (tested in Triton's interpreter).
 
+Over an int8/int4 KV pool (kiln/kernels/kv_quant.py) the C++ op and the torch code read the codes and
+dequantize the rows they touch (the scored keys' first r coordinates, the kept keys and values) as they go.
+
 A query at position p sees the n = p + 1 keys 0..p (the last `sliding_window` of them when one is set) and
 keeps k = ceil(top_k * n) of them, at least 1; with k = n every key is kept and the result is dense
 attention over the rotated keys.
@@ -28,6 +31,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kernels.cpu_extension import cpu_ops_available
+from kiln.kernels.kv_quant import dequantize_kv
 
 
 def num_selected(num_keys: int, top_k: float) -> int:
@@ -79,6 +83,9 @@ def loki_decode_attention(
     use_triton: bool = False,
     max_context: int | None = None,
     counts: torch.Tensor | None = None,
+    key_params: torch.Tensor | None = None,
+    value_params: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> torch.Tensor:
     """One decode query per sequence: q (M, H, D) rotated; key_cache (slots, KVH, D) rotated keys,
     value_cache (slots, KVH, D); block_tables int32 (M, max_blocks); context_lens int32 (M,) -> (M, H, D).
@@ -87,8 +94,16 @@ def loki_decode_attention(
     `use_triton` runs the Triton kernels (kiln/kernels/loki_attention_triton.py; `max_context`, at least
     every context length, saves reading context_lens back, and `counts`, the kept keys per sequence of
     loki_attention_triton.loki_counts, a few small ops a layer); else `use_cpp` None runs the C++ op on CPU
-    where it is built, else this torch code."""
+    where it is built, else this torch code. With `bits` 8 or 4 the caches are a quantized pool's uint8
+    codes (slots, KVH, D or D / 2) and `key_params` / `value_params` its (slots, KVH, 3) scales and zero
+    points; rows are dequantized to fp32 as they are read (the C++ op or torch: Triton reads model-dtype
+    pools only)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if bits and use_triton:
+        raise KilnError(
+            "Loki over an int8/int4 KV cache runs on CPU (the C++ op or torch); the Triton kernels read a "
+            "model-dtype pool: drop kv_cache_dtype or run Loki on CPU"
+        )
     if use_triton:
         from kiln.kernels.loki_attention_triton import loki_decode_triton
 
@@ -104,14 +119,27 @@ def loki_decode_attention(
     if use_cpp:
         return torch.ops.kiln.loki_decode_attention(
             q.contiguous(), key_cache, value_cache, block_tables, context_lens, block_size, rank, top_k,
-            scale, sliding_window or 0,
+            scale, sliding_window or 0, key_params, value_params, bits,
         )  # fmt: skip
     out = torch.empty_like(q)
     for seq in range(q.shape[0]):
-        out[seq] = _decode_one(
-            q[seq], key_cache, value_cache, block_tables[seq], int(context_lens[seq]), block_size,
-            rank, top_k, scale, sliding_window,
-        )  # fmt: skip
+        cache, table, length = (key_cache, value_cache), block_tables[seq], int(context_lens[seq])
+        window, size = sliding_window, block_size
+        if bits:  # the sequence's visible rows dequantized into a one-block cache of their own
+            first = max(0, length - sliding_window) if sliding_window else 0
+            positions = torch.arange(first, length, device=q.device)
+            slots = table.long()[positions // block_size] * block_size + positions % block_size
+            cache = tuple(
+                dequantize_kv(codes[slots], params[slots], bits, torch.float32)
+                for codes, params in ((key_cache, key_params), (value_cache, value_params))
+            )
+            table, length, window, size = (
+                torch.zeros(1, dtype=torch.int32, device=q.device),
+                len(slots),
+                None,
+                len(slots),
+            )
+        out[seq] = _decode_one(q[seq], *cache, table, length, size, rank, top_k, scale, window)
     return out
 
 
@@ -143,7 +171,8 @@ def _decode_one(
         low = key_cache[:, :, :rank].index_select(0, slots).float()  # (n, KVH, r)
         low = low.permute(1, 2, 0).repeat_interleave(group, 0)  # (H, r, n)
         approx = torch.bmm(q[:, None, :rank].float(), low)[:, 0]  # (H, n)
-        chosen = approx.topk(count, -1, sorted=False).indices  # (H, k)
+        # a stable sort breaks ties towards the earlier key, as the C++ op does (a quantized pool's keys tie)
+        chosen = approx.sort(dim=-1, descending=True, stable=True).indices[:, :count]  # (H, k)
         chosen_slots = slots[chosen]  # (H, k)
     else:
         chosen_slots = slots.expand(num_heads, num_keys)

@@ -54,12 +54,16 @@ def test_bench_loki_perplexity_equals_dense_when_every_key_is_kept(calibrated, t
     assert sparse["loki_perplexity"] != pytest.approx(sparse["dense_perplexity"], rel=1e-4)
 
 
-def test_bench_loki_engine_times_dense_and_loki_decodes(calibrated, tmp_path):
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+def test_bench_loki_engine_times_dense_and_loki_decodes(calibrated, tmp_path, kv_cache_dtype):
     directory, _ = calibrated
     output = tmp_path / "engine.json"
+    extra = ["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else []
     invoke("loki", "engine", "--model", str(directory), "--contexts", "40,70", "--batches", "1,2",
-           "--new-tokens", "3", "--rounds", "1", "--threads", "1", "--output", str(output))  # fmt: skip
-    rows = json.loads(output.read_text())["rows"]
+           "--new-tokens", "3", "--rounds", "1", "--threads", "1", "--output", str(output), *extra)  # fmt: skip
+    result = json.loads(output.read_text())
+    assert result["kv_cache_dtype"] == kv_cache_dtype
+    rows = result["rows"]
     assert [(row["context"], row["batch"]) for row in rows] == [(40, 1), (40, 2), (70, 1), (70, 2)]
     for row in rows:
         assert row["dense_tokens_per_second"] > 0 and row["loki_tokens_per_second"] > 0

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kiln.errors import KilnError
 from kiln.kernels.cpu_extension import cpu_ops_available
 from kiln.kernels.cpu_paged_attention import paged_attention_reference
+from kiln.kernels.kv_quant import dequantize_kv, quantize_kv
 from kiln.kernels.loki_attention import loki_attention_reference, loki_decode_attention, num_selected
 from kiln.kernels.runtime import triton_available
 
@@ -103,6 +105,54 @@ def test_cpp_op_bf16_and_sliding_window_match_torch():
         cpp = loki_decode_attention(*args, use_cpp=True)
         torch_out = loki_decode_attention(*args, use_cpp=False)
         torch.testing.assert_close(cpp.float(), torch_out.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "length", "rank"),
+    [(6, 2, 24, 300, 6), (4, 4, 32, 700, 20), (18, 1, 16, 260, 8)],  # rank 20 > D / 2: high nibbles scored
+)
+def test_decode_over_a_quantized_pool_is_decode_over_its_dequantized_rows(
+    bits, dtype, heads, kv_heads, head_dim, length, rank
+):
+    """The C++ op and the torch code over an int8/int4 pool's codes equal the torch code over the same pool
+    dequantized (what the rows hold), with a window and at top_k 1 (dense attention over those rows)."""
+    q, k, v = _inputs(heads=heads, kv_heads=kv_heads, head_dim=head_dim, length=length, dtype=dtype)
+    keys, values, tables = _paged(k, v, block_size=16)
+    (key_codes, key_params), (value_codes, value_params) = quantize_kv(keys, bits), quantize_kv(values, bits)
+    rows = [
+        dequantize_kv(c, p, bits, torch.float32)
+        for c, p in ((key_codes, key_params), (value_codes, value_params))
+    ]
+    lens = torch.tensor([length, length // 2 + 3], dtype=torch.int32)
+    queries = torch.stack([q[0, :, length - 1], q[1, :, length // 2 + 2]])  # (M, H, D)
+    tolerance = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    quantized = dict(key_params=key_params, value_params=value_params, bits=bits)
+    for top_k, window in ((0.25, None), (0.1, 50), (1.0, None)):
+        args = (tables, lens, 16, rank, top_k, None, window)
+        expected = loki_decode_attention(queries.float(), *rows, *args, use_cpp=False)
+        paths = [False, True] if cpu_ops_available() else [False]
+        for use_cpp in paths:
+            out = loki_decode_attention(queries, key_codes, value_codes, *args, use_cpp=use_cpp, **quantized)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.float(), expected, **tolerance)
+        if top_k == 1.0:
+            starts, ones = torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+            dense = paged_attention_reference(queries.float(), *rows, tables, starts, ones, lens, 16)
+            torch.testing.assert_close(expected, dense, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_decode_refuses_a_quantized_pool():
+    q, k, v = _inputs(length=40)
+    keys, values, tables = _paged(k, v, block_size=16)
+    (codes, params), lens = quantize_kv(keys, 8), torch.tensor([40, 20], dtype=torch.int32)
+    with pytest.raises(KilnError, match="runs on CPU"):
+        loki_decode_attention(
+            q[:, :, -1], codes, codes, tables, lens, 16, 6, 0.25, use_triton=True, key_params=params,
+            value_params=params, bits=8,
+        )  # fmt: skip
 
 
 @needs_cpp

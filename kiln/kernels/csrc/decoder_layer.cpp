@@ -145,8 +145,9 @@ at::Tensor loki_decode_attention(const at::Tensor& q, const at::Tensor& keys, co
                        .findSchemaOrThrow("kiln::loki_decode_attention", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double,
-                                         int64_t)>();
-  return op.call(q, keys, values, block_tables, context_lens, block_size, rank, top_k, scale, window);
+                                         int64_t, const OptionalTensor&, const OptionalTensor&, int64_t)>();
+  return op.call(q, keys, values, block_tables, context_lens, block_size, rank, top_k, scale, window,
+                 c10::nullopt, c10::nullopt, 0);
 }
 
 // Rows' keys or values (N, KVH * D), quantized as kiln/kernels/kv_quant.py's quantize_kv does it, written

@@ -209,19 +209,94 @@ inline bool transposed_scores_pay(int64_t rank, int64_t group) {
 }
 #endif
 
+// Where loki_impl reads pool rows (row r = slot * KVH + kv head). PoolRows: a model-dtype pool, pointers into
+// it. QuantizedRows: an int8/int4 pool (kiln/kernels/kv_quant.py: codes, then an fp16 scale and a zero point
+// per row), each row dequantized into fp32 scratch the first time the item reads it: the scored keys' first
+// `rank` coordinates into one buffer, the kept keys' and values' whole rows into others, so the GQA heads of
+// a KV head, whose kept sets overlap, share them. A reader is per thread and per work item (reset).
 template <typename T>
-void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t* tables, const int32_t* lens,
-               int64_t num_seqs, int64_t table_width, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
-               int64_t rank, double top_k, float scale, int64_t window) {
+struct PoolRows {
+  using Row = T;
+  const T* keys;
+  const T* values;
+  int64_t D;
+  struct Reader {
+    const PoolRows& pool;
+    void reset(int64_t /*n*/, int64_t /*rank*/) {}
+    const T* scored_key(int64_t /*j*/, int64_t r) { return pool.keys + r * pool.D; }
+    const T* key(int64_t /*j*/, int64_t r) { return pool.keys + r * pool.D; }
+    const T* value(int64_t /*j*/, int64_t r) { return pool.values + r * pool.D; }
+  };
+  Reader reader() const { return Reader{*this}; }
+};
+
+struct QuantizedRows {
+  using Row = float;
+  const uint8_t* keys;  // (rows, P) codes, P = D (int8) or D / 2 (int4)
+  const uint8_t* values;
+  const uint8_t* key_params;  // (rows, 3): fp16 scale bits (little-endian), zero point
+  const uint8_t* value_params;
+  int64_t D;
+  int bits;
+
+  // row r's first `count` values into out: (code - zero) * scale, as dequantize_kv computes them
+  void dequantize(const uint8_t* codes, const uint8_t* params, int64_t r, int64_t count, float* out) const {
+    const uint8_t* c = codes + r * (bits == 8 ? D : D / 2);
+    const uint8_t* p = params + r * 3;
+    const float scale = static_cast<float>(c10::Half(static_cast<uint16_t>(p[0] | (p[1] << 8)), c10::Half::from_bits()));
+    const float zero = static_cast<float>(p[2]);
+    if (bits == 8) {
+      for (int64_t d = 0; d < count; ++d) out[d] = (static_cast<float>(c[d]) - zero) * scale;
+      return;
+    }
+    const int64_t half = D / 2, low = std::min(count, half);  // value d: low nibble of byte d, d + D/2: high
+    for (int64_t d = 0; d < low; ++d) out[d] = (static_cast<float>(c[d] & 15) - zero) * scale;
+    for (int64_t d = half; d < count; ++d) out[d] = (static_cast<float>(c[d - half] >> 4) - zero) * scale;
+  }
+
+  struct Reader {
+    const QuantizedRows& pool;
+    int64_t rank = 0;
+    std::vector<float> low, key_rows, value_rows;  // (n, rank), (n, D), (n, D)
+    std::vector<uint8_t> have_key, have_value;  // whether row j of the item is in key_rows / value_rows
+    void reset(int64_t n, int64_t scored_rank) {
+      rank = scored_rank;
+      low.resize(n * rank);
+      key_rows.resize(n * pool.D), value_rows.resize(n * pool.D);
+      have_key.assign(n, 0), have_value.assign(n, 0);
+    }
+    const float* scored_key(int64_t j, int64_t r) {
+      pool.dequantize(pool.keys, pool.key_params, r, rank, low.data() + j * rank);
+      return low.data() + j * rank;
+    }
+    const float* key(int64_t j, int64_t r) { return row(pool.keys, pool.key_params, have_key, key_rows, j, r); }
+    const float* value(int64_t j, int64_t r) {
+      return row(pool.values, pool.value_params, have_value, value_rows, j, r);
+    }
+    const float* row(const uint8_t* codes, const uint8_t* params, std::vector<uint8_t>& have,
+                     std::vector<float>& rows, int64_t j, int64_t r) {
+      float* out = rows.data() + j * pool.D;
+      if (!have[j]) pool.dequantize(codes, params, r, pool.D, out), have[j] = 1;
+      return out;
+    }
+  };
+  Reader reader() const { return Reader{*this}; }
+};
+
+template <typename T, typename Pool>
+void loki_impl(const T* q, const Pool& pool, T* out, const int32_t* tables, const int32_t* lens, int64_t num_seqs,
+               int64_t table_width, int64_t H, int64_t KVH, int64_t D, int64_t block_size, int64_t rank,
+               double top_k, float scale, int64_t window) {
+  using R = typename Pool::Row;
   const int64_t group = H / KVH;
-  const int64_t row = KVH * D;  // elements per pool slot
 #pragma omp parallel
   {
     std::vector<float> approx, scores, qf(group * D), acc(D);
     std::vector<int64_t> base;
     std::vector<int32_t> kept, buckets;
-    std::vector<const T*> rows, key_rows, value_rows;
+    std::vector<const R*> rows, key_rows, value_rows;
     std::vector<std::pair<float, int32_t>> bucket_members;
+    auto reader = pool.reader();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < num_seqs * KVH; ++item) {
       const int64_t seq = item / KVH, kv = item % KVH;
@@ -229,11 +304,12 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
       const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
       const int64_t n = length - first;
       const int32_t* table = tables + seq * table_width;
-      base.resize(n);
+      base.resize(n);  // each visible key's pool row, slot * KVH + kv
       for (int64_t j = 0, p = first; j < n;) {  // block by block: no division per token
         const int64_t start = static_cast<int64_t>(table[p / block_size]) * block_size;
-        for (int64_t o = p % block_size; o < block_size && j < n; ++o, ++j, ++p) base[j] = (start + o) * row + kv * D;
+        for (int64_t o = p % block_size; o < block_size && j < n; ++o, ++j, ++p) base[j] = (start + o) * KVH + kv;
       }
+      reader.reset(n, rank);
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[(seq * H + kv * group + g) * D + d]);
       int64_t count = static_cast<int64_t>(std::ceil(top_k * n - 1e-9));
@@ -242,7 +318,7 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
       if (sparse) {  // rank-r scores of all G heads
         approx.resize(group * n);
         rows.resize(n);
-        for (int64_t j = 0; j < n; ++j) rows[j] = keys + base[j];
+        for (int64_t j = 0; j < n; ++j) rows[j] = reader.scored_key(j, base[j]);
 #ifdef KILN_AVX512
         if (group <= kMaxLokiGroup && transposed_scores_pay(rank, group)) {
           for (int64_t j0 = 0; j0 < n; j0 += 16)
@@ -274,8 +350,8 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
         key_rows.resize(num_kept);
         value_rows.resize(num_kept);
         for (int64_t i = 0; i < num_kept; ++i) {
-          key_rows[i] = keys + base[kept[i]];
-          value_rows[i] = values + base[kept[i]];
+          key_rows[i] = reader.key(kept[i], base[kept[i]]);
+          value_rows[i] = reader.value(kept[i], base[kept[i]]);
         }
         dots(qg, key_rows.data(), num_kept, D, scores.data());
         float best = -INFINITY;
@@ -295,33 +371,64 @@ void loki_impl(const T* q, const T* keys, const T* values, T* out, const int32_t
   }
 }
 
+template <typename T>
+void run_loki(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+              const c10::optional<at::Tensor>& key_params, const c10::optional<at::Tensor>& value_params,
+              int64_t bits, at::Tensor& out, const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
+              int64_t rank, double top_k, float scale, int64_t window) {
+  const int64_t M = q.size(0), H = q.size(1), D = q.size(2), KVH = key_cache.size(1), width = tables.size(1);
+  const T* qp = q.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  const int32_t *t = tables.const_data_ptr<int32_t>(), *l = lens.const_data_ptr<int32_t>();
+  if (bits == 0) {
+    const PoolRows<T> pool{key_cache.const_data_ptr<T>(), value_cache.const_data_ptr<T>(), D};
+    loki_impl<T>(qp, pool, o, t, l, M, width, H, KVH, D, block_size, rank, top_k, scale, window);
+  } else {
+    const QuantizedRows pool{key_cache.const_data_ptr<uint8_t>(),   value_cache.const_data_ptr<uint8_t>(),
+                             key_params->const_data_ptr<uint8_t>(), value_params->const_data_ptr<uint8_t>(),
+                             D,                                     static_cast<int>(bits)};
+    loki_impl<T>(qp, pool, o, t, l, M, width, H, KVH, D, block_size, rank, top_k, scale, window);
+  }
+}
+
 at::Tensor loki_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                 int64_t block_size, int64_t rank, double top_k, double scale, int64_t window) {
+                                 int64_t block_size, int64_t rank, double top_k, double scale, int64_t window,
+                                 const c10::optional<at::Tensor>& key_params,
+                                 const c10::optional<at::Tensor>& value_params, int64_t bits) {
   TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 3 && value_cache.dim() == 3, "q and the caches are 3-D");
   TORCH_CHECK(q.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "q and the caches must be contiguous");
-  TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() && q.scalar_type() == value_cache.scalar_type(),
-              "q and the caches must share a dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens are int32");
+  TORCH_CHECK(bits == 0 || bits == 8 || bits == 4, "bits is 0 (a model-dtype pool), 8 or 4");
+  const int64_t H = q.size(1), D = q.size(2), KVH = key_cache.size(1);
+  TORCH_CHECK(H % KVH == 0 && rank >= 1 && rank <= D, "bad shapes or rank");
+  if (bits == 0) {
+    TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() && q.scalar_type() == value_cache.scalar_type(),
+                "q and the caches must share a dtype");
+    TORCH_CHECK(key_cache.size(2) == D, "bad shapes or rank");
+  } else {
+    TORCH_CHECK(key_cache.scalar_type() == at::kByte && value_cache.scalar_type() == at::kByte,
+                "a quantized pool holds uint8 codes");
+    TORCH_CHECK(key_cache.size(2) == (bits == 8 ? D : D / 2) && value_cache.sizes() == key_cache.sizes(),
+                "the codes' row length does not match head_dim and bits");
+    TORCH_CHECK(key_params.has_value() && value_params.has_value(), "a quantized pool needs key/value params");
+    for (const auto& params : {*key_params, *value_params})
+      TORCH_CHECK(params.scalar_type() == at::kByte && params.is_contiguous() && params.dim() == 3 &&
+                      params.size(0) == key_cache.size(0) && params.size(1) == KVH && params.size(2) == 3,
+                  "key/value params are contiguous (slots, KVH, 3) uint8");
+  }
   const auto tables = block_tables.contiguous();
   const auto lens = context_lens.contiguous();
-  const int64_t M = q.size(0), H = q.size(1), D = q.size(2), KVH = key_cache.size(1);
-  TORCH_CHECK(H % KVH == 0 && key_cache.size(2) == D && rank >= 1 && rank <= D, "bad shapes or rank");
   auto out = at::empty_like(q);
-  const int64_t width = tables.size(1);
   const float s = static_cast<float>(scale);
   if (q.scalar_type() == at::kFloat) {
-    loki_impl<float>(q.const_data_ptr<float>(), key_cache.const_data_ptr<float>(),
-                     value_cache.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
-                     tables.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), M, width, H, KVH, D,
-                     block_size, rank, top_k, s, window);
+    run_loki<float>(q, key_cache, value_cache, key_params, value_params, bits, out, tables, lens, block_size, rank,
+                    top_k, s, window);
   } else if (q.scalar_type() == at::kBFloat16) {
-    loki_impl<at::BFloat16>(q.const_data_ptr<at::BFloat16>(), key_cache.const_data_ptr<at::BFloat16>(),
-                            value_cache.const_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>(),
-                            tables.const_data_ptr<int32_t>(), lens.const_data_ptr<int32_t>(), M, width, H, KVH,
-                            D, block_size, rank, top_k, s, window);
+    run_loki<at::BFloat16>(q, key_cache, value_cache, key_params, value_params, bits, out, tables, lens,
+                           block_size, rank, top_k, s, window);
   } else {
     TORCH_CHECK(false, "loki_decode_attention takes fp32 or bf16");
   }
@@ -333,7 +440,8 @@ at::Tensor loki_decode_attention(const at::Tensor& q, const at::Tensor& key_cach
 TORCH_LIBRARY_FRAGMENT(kiln, m) {
   m.def(
       "loki_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor context_lens, int block_size, int rank, float top_k, float scale, int window) -> Tensor");
+      "Tensor context_lens, int block_size, int rank, float top_k, float scale, int window, "
+      "Tensor? key_params=None, Tensor? value_params=None, int bits=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("loki_decode_attention", &loki_decode_attention); }
