@@ -9,7 +9,7 @@ over the rotated keys); each decode scores its whole context on the first `loki_
 top `loki_top_k` fraction of the tokens and attends exactly over those (the C++ op on CPU, the Triton kernels
 on CUDA, else torch: kiln/kernels/loki_attention.py). Values are stored as they are. Over an int8/int4 KV
 cache (`kv_cache_dtype`) the rotated keys and the values are quantized as they are written, and decodes read
-the codes through the C++ op or torch (not Triton), layer by layer.
+the codes through the C++ op (in the one-call step too) or torch (not Triton).
 
 Post-RoPE keys, because the pool holds post-RoPE keys and the score is taken after RoPE: only a basis of
 that space turns the stored keys' first r coordinates into the rank-r score with no projection per step.
@@ -127,10 +127,8 @@ class LokiPagedAttention:
             self.counts = loki_counts(self.context_lens, settings.top_k, self.window)
         # A step of decodes only, on the C++ op, can run every layer in one kiln::decoder_layers call
         # (kiln/engine/cpu_decoder.py): it rotates, writes and attends as __call__ does, layer by layer.
-        self.decode_step = (
-            None  # (not over an int8/int4 pool: the one-call step's Loki reads model-dtype pools)
-        )
-        if decodes and not several and settings.use_cpp and not pool.bits:
+        self.decode_step = None
+        if decodes and not several and settings.use_cpp:
             self.decode_step = PagedDecode(
                 slot_mapping=self.slot_mapping, block_tables=self.block_tables,
                 query_starts=torch.arange(len(decodes), dtype=torch.int32), query_lens=torch.ones(

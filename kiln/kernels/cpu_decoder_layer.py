@@ -139,7 +139,7 @@ def decoder_layers(
     """`decoder_layer` (kv_bits 0: caches = [key_cache, value_cache] a layer) or `decoder_layer_quantized`
     (kv_bits 8/4: [key_codes, value_codes, key_params, value_params] a layer) for each layer of `stack` in
     turn, in one call (`kiln::decoder_layers`); max_linear_rows holds one entry per layer. With `loki_bases`
-    (one (KVH, D, D) basis a layer, a float pool, a step of decodes) each layer attends by Loki, with
+    (one (KVH, D, D) basis a layer, a step of decodes) each layer attends by Loki, with
     step.loki_rank and step.loki_top_k."""
     layer = stack.layers[0]
     return torch.ops.kiln.decoder_layers(

@@ -104,23 +104,26 @@ def test_sparse_decodes_equal_the_whole_sequence_reference(model_dir, kernels):
 
 
 @pytest.mark.skipif(not cpu_ops_available(), reason="no C++ ops")
-def test_decode_steps_in_one_cpp_call_equal_the_layer_by_layer_path(model_dir, monkeypatch):
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8", "int4"])
+def test_decode_steps_in_one_cpp_call_equal_the_layer_by_layer_path(model_dir, monkeypatch, kv_cache_dtype):
     """With kernels=auto a step of decodes runs every layer in one kiln::decoder_layers call (rotation, pool
-    writes and the Loki op in C++); layer by layer in Python, the same ops give the same bits."""
+    writes (quantized ones too) and the Loki op in C++); layer by layer in Python, the same ops give the same
+    bits."""
     from kiln.engine import cpu_decoder
 
     prompts = random_prompts([1, 2, 7, 30], seed=4, vocab_size=1024)
     calls = []
     real = cpu_decoder.decoder_layers
     monkeypatch.setattr(cpu_decoder, "decoder_layers", lambda *a: calls.append(len(a[-1])) or real(*a))
-    stacked = _generate(model_dir, prompts, 24, 1.0, kernels="auto", loki_top_k=0.25, loki_rank=4)
+    options = dict(loki_top_k=0.25, loki_rank=4, kv_cache_dtype=kv_cache_dtype)
+    stacked = _generate(model_dir, prompts, 24, 1.0, kernels="auto", **options)
     assert calls and all(n == 2 for n in calls)  # the tiny model's two layers, each with its basis
 
     def one_by_one(self, x, inputs, kv_cache=None):
         return Transformer.run_layers(self.model(), x, inputs, kv_cache)
 
     monkeypatch.setattr(cpu_decoder.CpuDecoderLayers, "__call__", one_by_one)
-    layered = _generate(model_dir, prompts, 24, 1.0, kernels="auto", loki_top_k=0.25, loki_rank=4)
+    layered = _generate(model_dir, prompts, 24, 1.0, kernels="auto", **options)
     for got, want in zip(stacked, layered, strict=True):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         assert got.outputs[0].logprobs == want.outputs[0].logprobs

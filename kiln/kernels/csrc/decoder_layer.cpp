@@ -140,14 +140,16 @@ at::Tensor paged_attention_quantized(const at::Tensor& q, const at::Tensor& key_
 
 at::Tensor loki_decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
-                                 int64_t rank, double top_k, double scale, int64_t window) {
+                                 int64_t rank, double top_k, double scale, int64_t window,
+                                 const OptionalTensor& key_params, const OptionalTensor& value_params,
+                                 int64_t kv_bits) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("kiln::loki_decode_attention", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double,
                                          int64_t, const OptionalTensor&, const OptionalTensor&, int64_t)>();
-  return op.call(q, keys, values, block_tables, context_lens, block_size, rank, top_k, scale, window,
-                 c10::nullopt, c10::nullopt, 0);
+  return op.call(q, keys, values, block_tables, context_lens, block_size, rank, top_k, scale, window, key_params,
+                 value_params, kv_bits);
 }
 
 // Rows' keys or values (N, KVH * D), quantized as kiln/kernels/kv_quant.py's quantize_kv does it, written
@@ -315,11 +317,13 @@ at::Tensor rotate(const at::Tensor& rows, const at::Tensor& basis) {
 }
 
 // Loki (kiln/engine/loki.py) for a step of decodes, one row per sequence in order: the query and the new keys
-// rotated by the layer's basis, the keys written rotated and the values as they are, and each row attended
-// by kiln::loki_decode_attention over its top `top_k` keys scored on the first `rank` coordinates.
+// rotated by the layer's basis, the keys written rotated and the values as they are (over an int8/int4 pool
+// quantized as QuantizedPool writes them), and each row attended by kiln::loki_decode_attention over its top
+// `top_k` keys scored on the first `rank` coordinates. pool: [keys, values] (kv_bits 0) or [key_codes,
+// value_codes, key_params, value_params].
 struct LokiPool {
-  at::Tensor& key_cache;
-  at::Tensor& value_cache;
+  std::vector<at::Tensor>& pool;
+  int64_t kv_bits;
   const at::Tensor& basis;  // (KVH, D, D)
   int64_t rank;
   double top_k;
@@ -329,10 +333,19 @@ struct LokiPool {
     const int64_t N = q.size(0);
     TORCH_CHECK(step.context_lens.size(0) == N, "kiln::decoder_layers: Loki takes steps of decodes only (",
                 step.context_lens.size(0), " sequences for ", N, " rows)");
-    write_rows(rotate(k, basis).view({N, -1}), key_cache, step.slot_mapping);
-    write_rows(v, value_cache, step.slot_mapping);
-    return loki_decode_attention(rotate(q, basis), key_cache, value_cache, step.block_tables, step.context_lens,
-                                 step.block_size, rank, top_k, step.scale, step.sliding_window);
+    const at::Tensor keys = rotate(k, basis).view({N, -1});
+    OptionalTensor key_params, value_params;
+    if (kv_bits == 0) {
+      write_rows(keys, pool[0], step.slot_mapping);
+      write_rows(v, pool[1], step.slot_mapping);
+    } else {
+      write_quantized(keys, pool[0], pool[2], step.slot_mapping, kv_bits);
+      write_quantized(v, pool[1], pool[3], step.slot_mapping, kv_bits);
+      key_params = pool[2], value_params = pool[3];
+    }
+    return loki_decode_attention(rotate(q, basis), pool[0], pool[1], step.block_tables, step.context_lens,
+                                 step.block_size, rank, top_k, step.scale, step.sliding_window, key_params,
+                                 value_params, kv_bits);
   }
 };
 
@@ -401,8 +414,8 @@ at::Tensor decoder_layer_quantized(const at::Tensor& x, at::TensorList weights,
 // max_linear_rows / packed_rows one entry a layer, and caches each layer's pool: [key_cache, value_cache] a
 // layer over a float pool (kv_bits 0), [key_codes, value_codes, key_params, value_params] over a quantized one
 // (kv_bits 8 or 4). Each layer runs exactly as kiln::decoder_layer / decoder_layer_quantized runs it, so the
-// result is that op's, layer after layer, bit for bit. With loki_bases (one (KVH, D, D) basis a layer, a float
-// pool) each layer attends by Loki instead (LokiPool: what kiln/engine/loki.py's backend does for decodes).
+// result is that op's, layer after layer, bit for bit. With loki_bases (one (KVH, D, D) basis a layer) each
+// layer attends by Loki instead (LokiPool: what kiln/engine/loki.py's backend does for decodes).
 at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10::List<OptionalTensor>& biases,
                           double eps, const OptionalTensor& cos, const OptionalTensor& sin, at::TensorList caches,
                           int64_t kv_bits, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
@@ -422,8 +435,8 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10
               "biases 7, for ", L, " layers");
   TORCH_CHECK(scales.size() == 7 * L && offsets.size() == 7 * L && bits.size() == 7 * L && packed.size() == 7 * L,
               op, ": scales, offsets, bits and packed must hold 7 entries a layer");
-  TORCH_CHECK(loki_bases.empty() || (loki_bases.size() == L && kv_bits == 0 && !alibi_slopes.has_value()), op,
-              ": loki_bases needs one basis a layer, a float pool and no ALiBi");
+  TORCH_CHECK(loki_bases.empty() || (loki_bases.size() == L && !alibi_slopes.has_value()), op,
+              ": loki_bases needs one basis a layer and no ALiBi");
   const Step step{slot_mapping, block_tables, query_starts,  query_lens,    context_lens,
                   block_size,   scale,        alibi_slopes, sliding_window};
   at::Tensor h = x;
@@ -432,7 +445,7 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10
     std::vector<at::Tensor> pool(caches.begin() + per_layer * layer, caches.begin() + per_layer * (layer + 1));
     const at::TensorList layer_weights = weights.slice(9 * layer, 9);
     if (!loki_bases.empty()) {
-      const LokiPool attend{pool[0], pool[1], loki_bases[layer], loki_rank, loki_top_k, step};
+      const LokiPool attend{pool, kv_bits, loki_bases[layer], loki_rank, loki_top_k, step};
       h = run_layer(op, h, layer_weights, p, eps, cos, sin, max_linear_rows[layer], packed_rows[layer],
                     w8a8_max_op_rows, w8a8_kiln_int8_mm, attend);
     } else if (kv_bits == 0) {
