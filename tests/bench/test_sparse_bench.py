@@ -60,7 +60,8 @@ def test_bench_loki_engine_times_dense_and_loki_decodes(calibrated, tmp_path, kv
     output = tmp_path / "engine.json"
     extra = ["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else []
     invoke("loki", "engine", "--model", str(directory), "--contexts", "40,70", "--batches", "1,2",
-           "--new-tokens", "3", "--rounds", "1", "--threads", "1", "--output", str(output), *extra)  # fmt: skip
+           "--new-tokens", "3", "--rounds", "1", "--threads", "1", "--output", str(output),
+           *extra)  # fmt: skip
     result = json.loads(output.read_text())
     assert result["kv_cache_dtype"] == kv_cache_dtype
     rows = result["rows"]

@@ -238,7 +238,7 @@ from kiln.quant.weights import pack_int4
 source = Path(sys.argv[1])
 for name in ("linear.cpp", "quant_linear.cpp", "paged_attention.cpp", "paged_attention_simd.h",
              "paged_attention_decode.h", "simd.h", "w8a8_linear.cpp", "int8_mm.cpp", "int8_gemm.h",
-             "loki_attention.cpp", "paged_attention_decode_quantized.h"):
+             "loki_attention.cpp", "paged_attention_decode_quantized.h", "kv_code_rows.h"):
     shutil.copy(ext.CSRC / name, source / name)
 ext.CSRC = source
 ext.FLAGS = ext.FLAGS + sys.argv[2].split()

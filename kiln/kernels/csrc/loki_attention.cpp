@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "kv_code_rows.h"  // dots_codes, accumulate_codes
 #include "paged_attention_simd.h"  // dots, accumulate, exp_and_sum
 
 namespace {
@@ -209,11 +210,13 @@ inline bool transposed_scores_pay(int64_t rank, int64_t group) {
 }
 #endif
 
-// Where loki_impl reads pool rows (row r = slot * KVH + kv head). PoolRows: a model-dtype pool, pointers into
-// it. QuantizedRows: an int8/int4 pool (kiln/kernels/kv_quant.py: codes, then an fp16 scale and a zero point
-// per row), each row dequantized into fp32 scratch the first time the item reads it: the scored keys' first
-// `rank` coordinates into one buffer, the kept keys' and values' whole rows into others, so the GQA heads of
-// a KV head, whose kept sets overlap, share them. A reader is per thread and per work item (reset).
+// Where loki_impl reads pool rows (row r = slot * KVH + kv head): the scored keys' first `rank` coordinates
+// (scored_key) and the exact part's sums over the kept rows (key_dots, accumulate_values; dots and
+// accumulate take 8-16 rows at a time, so the scattered rows' loads overlap). PoolRows: a model-dtype pool,
+// pointers into it. QuantizedRows: an int8/int4 pool (kiln/kernels/kv_quant.py: codes, then an fp16 scale and
+// a zero point a row): the scored coordinates dequantized into a buffer, the kept rows read in place by
+// kv_code_rows.h's dots_codes / accumulate_codes (scale and zero point folded out), or, for a head_dim those
+// do not take, dequantized into fp32 rows once per work item (the GQA heads of a KV head share them).
 template <typename T>
 struct PoolRows {
   using Row = T;
@@ -222,10 +225,21 @@ struct PoolRows {
   int64_t D;
   struct Reader {
     const PoolRows& pool;
+    std::vector<const T*> rows;
     void reset(int64_t /*n*/, int64_t /*rank*/) {}
     const T* scored_key(int64_t /*j*/, int64_t r) { return pool.keys + r * pool.D; }
-    const T* key(int64_t /*j*/, int64_t r) { return pool.keys + r * pool.D; }
-    const T* value(int64_t /*j*/, int64_t r) { return pool.values + r * pool.D; }
+    void key_dots(const float* q, const int32_t* kept, const int64_t* base, int64_t count, float* out) {
+      rows.resize(count);
+      for (int64_t i = 0; i < count; ++i) rows[i] = pool.keys + base[kept[i]] * pool.D;
+      dots(q, rows.data(), count, pool.D, out);
+    }
+    void accumulate_values(float* acc, const float* weights, const int32_t* kept, const int64_t* base,
+                           int64_t count) {
+      rows.resize(count);
+      for (int64_t i = 0; i < count; ++i) rows[i] = pool.values + base[kept[i]] * pool.D;
+      for (int64_t i0 = 0; i0 < count; i0 += kValueTile)
+        accumulate(acc, 1.f, weights + i0, rows.data() + i0, std::min<int64_t>(kValueTile, count - i0), pool.D);
+    }
   };
   Reader reader() const { return Reader{*this}; }
 };
@@ -239,12 +253,16 @@ struct QuantizedRows {
   int64_t D;
   int bits;
 
+  int64_t width() const { return bits == 8 ? D : D / 2; }
+  static float scale_of(const uint8_t* p) {
+    return static_cast<float>(c10::Half(static_cast<uint16_t>(p[0] | (p[1] << 8)), c10::Half::from_bits()));
+  }
+
   // row r's first `count` values into out: (code - zero) * scale, as dequantize_kv computes them
   void dequantize(const uint8_t* codes, const uint8_t* params, int64_t r, int64_t count, float* out) const {
-    const uint8_t* c = codes + r * (bits == 8 ? D : D / 2);
+    const uint8_t* c = codes + r * width();
     const uint8_t* p = params + r * 3;
-    const float scale = static_cast<float>(c10::Half(static_cast<uint16_t>(p[0] | (p[1] << 8)), c10::Half::from_bits()));
-    const float zero = static_cast<float>(p[2]);
+    const float scale = scale_of(p), zero = static_cast<float>(p[2]);
     if (bits == 8) {
       for (int64_t d = 0; d < count; ++d) out[d] = (static_cast<float>(c[d]) - zero) * scale;
       return;
@@ -257,21 +275,67 @@ struct QuantizedRows {
   struct Reader {
     const QuantizedRows& pool;
     int64_t rank = 0;
-    std::vector<float> low, key_rows, value_rows;  // (n, rank), (n, D), (n, D)
+    std::vector<float> low, key_rows, value_rows, weights, scales;  // low (n, rank); rows (n, D) where dequantized
     std::vector<uint8_t> have_key, have_value;  // whether row j of the item is in key_rows / value_rows
+    std::vector<const float*> float_rows;
+    std::vector<const uint8_t*> code_rows;
+    std::vector<int32_t> zeros;
+
+    bool in_place() const { return quantized_decode_supported(pool.bits, pool.D); }
     void reset(int64_t n, int64_t scored_rank) {
       rank = scored_rank;
       low.resize(n * rank);
-      key_rows.resize(n * pool.D), value_rows.resize(n * pool.D);
-      have_key.assign(n, 0), have_value.assign(n, 0);
+      if (!in_place()) key_rows.resize(n * pool.D), value_rows.resize(n * pool.D);
+      have_key.assign(in_place() ? 0 : n, 0), have_value.assign(in_place() ? 0 : n, 0);
     }
     const float* scored_key(int64_t j, int64_t r) {
       pool.dequantize(pool.keys, pool.key_params, r, rank, low.data() + j * rank);
       return low.data() + j * rank;
     }
-    const float* key(int64_t j, int64_t r) { return row(pool.keys, pool.key_params, have_key, key_rows, j, r); }
-    const float* value(int64_t j, int64_t r) {
-      return row(pool.values, pool.value_params, have_value, value_rows, j, r);
+    void key_dots(const float* q, const int32_t* kept, const int64_t* base, int64_t count, float* out) {
+      if (!in_place()) {
+        float_rows.resize(count);
+        for (int64_t i = 0; i < count; ++i)
+          float_rows[i] = row(pool.keys, pool.key_params, have_key, key_rows, kept[i], base[kept[i]]);
+        return dots(q, float_rows.data(), count, pool.D, out);
+      }
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
+      for (int64_t i0 = 0; i0 < count; i0 += kCodeLanes) {
+        const int64_t tile = std::min<int64_t>(kCodeLanes, count - i0);
+        gather(pool.keys, pool.key_params, kept + i0, base, tile);
+        dots_codes(q, code_rows.data(), zeros.data(), tile, pool.D, pool.bits, out + i0);
+        for (int64_t k = 0; k < tile; ++k) out[i0 + k] *= scales[k];
+      }
+#endif
+    }
+    void accumulate_values(float* acc, const float* p, const int32_t* kept, const int64_t* base, int64_t count) {
+      if (!in_place()) {
+        float_rows.resize(count);
+        for (int64_t i = 0; i < count; ++i)
+          float_rows[i] = row(pool.values, pool.value_params, have_value, value_rows, kept[i], base[kept[i]]);
+        for (int64_t i0 = 0; i0 < count; i0 += kValueTile)
+          accumulate(acc, 1.f, p + i0, float_rows.data() + i0, std::min<int64_t>(kValueTile, count - i0), pool.D);
+        return;
+      }
+#if defined(KILN_AVX512) || defined(KILN_AVX2)
+      for (int64_t i0 = 0; i0 < count; i0 += kCodeLanes) {
+        const int64_t tile = std::min<int64_t>(kCodeLanes, count - i0);
+        gather(pool.values, pool.value_params, kept + i0, base, tile);
+        weights.resize(tile);
+        for (int64_t k = 0; k < tile; ++k) weights[k] = p[i0 + k] * scales[k];
+        accumulate_codes(acc, weights.data(), code_rows.data(), zeros.data(), tile, pool.D, pool.bits);
+      }
+#endif
+    }
+    // the code rows, zero points and scales of kept rows kept[0, tile)
+    void gather(const uint8_t* codes, const uint8_t* params, const int32_t* kept, const int64_t* base, int64_t tile) {
+      code_rows.resize(tile), zeros.resize(tile), scales.resize(tile);
+      for (int64_t k = 0; k < tile; ++k) {
+        const int64_t r = base[kept[k]];
+        code_rows[k] = codes + r * pool.width();
+        zeros[k] = params[r * 3 + 2];
+        scales[k] = scale_of(params + r * 3);
+      }
     }
     const float* row(const uint8_t* codes, const uint8_t* params, std::vector<uint8_t>& have,
                      std::vector<float>& rows, int64_t j, int64_t r) {
@@ -294,7 +358,7 @@ void loki_impl(const T* q, const Pool& pool, T* out, const int32_t* tables, cons
     std::vector<float> approx, scores, qf(group * D), acc(D);
     std::vector<int64_t> base;
     std::vector<int32_t> kept, buckets;
-    std::vector<const R*> rows, key_rows, value_rows;
+    std::vector<const R*> rows;
     std::vector<std::pair<float, int32_t>> bucket_members;
     auto reader = pool.reader();
 #pragma omp for schedule(dynamic)
@@ -343,17 +407,9 @@ void loki_impl(const T* q, const Pool& pool, T* out, const int32_t* tables, cons
         } else {
           std::iota(kept.begin(), kept.end(), 0);
         }
-        // exact attention over the kept rows: dots and accumulate (paged_attention_simd.h) take 8-16 rows at
-        // a time, so the scattered rows' loads overlap
-        const float* qg = qf.data() + g * D;
+        // exact attention over the kept rows
         scores.resize(num_kept);
-        key_rows.resize(num_kept);
-        value_rows.resize(num_kept);
-        for (int64_t i = 0; i < num_kept; ++i) {
-          key_rows[i] = reader.key(kept[i], base[kept[i]]);
-          value_rows[i] = reader.value(kept[i], base[kept[i]]);
-        }
-        dots(qg, key_rows.data(), num_kept, D, scores.data());
+        reader.key_dots(qf.data() + g * D, kept.data(), base.data(), num_kept, scores.data());
         float best = -INFINITY;
         for (int64_t i = 0; i < num_kept; ++i) {
           scores[i] *= scale;
@@ -361,9 +417,7 @@ void loki_impl(const T* q, const Pool& pool, T* out, const int32_t* tables, cons
         }
         const float total = exp_and_sum(scores.data(), num_kept, best);
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t i0 = 0; i0 < num_kept; i0 += kValueTile)
-          accumulate(acc.data(), 1.f, scores.data() + i0, value_rows.data() + i0,
-                     std::min<int64_t>(kValueTile, num_kept - i0), D);
+        reader.accumulate_values(acc.data(), scores.data(), kept.data(), base.data(), num_kept);
         T* o = out + (seq * H + kv * group + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] / total);
       }
