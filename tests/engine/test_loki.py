@@ -64,19 +64,26 @@ def _generate(model_dir, prompts, max_tokens, temperature=0.0, **options):
     return llm.generate(prompts, params)
 
 
+def _chosen_logprobs(outputs) -> list[float]:
+    return [
+        p[t].logprob
+        for o in outputs
+        for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
+    ]
+
+
+def _assert_same_tokens_and_logprobs(outputs, expected, tolerance=1e-4) -> None:
+    for got, want in zip(outputs, expected, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert _chosen_logprobs([got]) == pytest.approx(_chosen_logprobs([want]), abs=tolerance)
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_top_k_one_equals_dense_attention(model_dir, kernels):
     prompts = random_prompts([1, 3, 5, 9, 17, 31, 40], seed=1, vocab_size=1024)
     dense = _generate(model_dir, prompts, 12, kernels=kernels)
     loki = _generate(model_dir, prompts, 12, kernels=kernels, loki_top_k=1.0, loki_rank=4)
-    for got, want in zip(loki, dense, strict=True):
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
-        for got_position, want_position in zip(
-            got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True
-        ):
-            (token,) = want_position
-            # the rotation by the basis changes fp32 round-off only
-            assert got_position[token].logprob == pytest.approx(want_position[token].logprob, abs=1e-4)
+    _assert_same_tokens_and_logprobs(loki, dense)  # the rotation by the basis changes fp32 round-off only
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -167,22 +174,8 @@ def test_loki_over_a_quantized_kv_cache_cpp_equals_torch(model_dir, kv_cache_dty
     options = dict(loki_top_k=top_k, loki_rank=4, kv_cache_dtype=kv_cache_dtype)
     cpp, torch_path = (_generate(model_dir, prompts, 16, kernels=k, **options) for k in ("auto", "torch"))
     plain = _generate(model_dir, prompts, 16, kernels="torch", loki_top_k=top_k, loki_rank=4)
-    for got, want in zip(cpp, torch_path, strict=True):
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
-        for got_position, want_position in zip(
-            got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True
-        ):
-            (token,) = want_position
-            assert got_position[token].logprob == pytest.approx(want_position[token].logprob, abs=1e-4)
-
-    def chosen_logprobs(outputs):
-        return [
-            p[t].logprob
-            for o in outputs
-            for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
-        ]
-
-    quantized, unquantized = chosen_logprobs(torch_path), chosen_logprobs(plain)
+    _assert_same_tokens_and_logprobs(cpp, torch_path)
+    quantized, unquantized = _chosen_logprobs(torch_path), _chosen_logprobs(plain)
     assert quantized != unquantized  # the pool did hold codes
 
 

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from kiln.bench.quant import plant_outlier_channels
 from kiln.cli import app
-from kiln.config import ModelConfig
 from kiln.errors import KilnError
 from kiln.models.hf.io import load_model, save_model
 from kiln.models.hf.quantize import quantize_dir, smoothing_groups
@@ -18,17 +17,9 @@ from kiln.quant import QuantizedLinear, parse_scheme, quantize_model
 from kiln.quant.calibration import collect_input_maxima
 from kiln.quant.smoothing import smooth, smoothing_scales
 from tests.engine.conftest import CORPUS
+from tests.quant.test_formats import CONFIG
 
-LLAMA = ModelConfig(
-    vocab_size=256,
-    hidden_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    intermediate_size=256,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+LLAMA = CONFIG  # vocabulary 256, hidden 128, 2 layers, GQA 4:2, gated MLP 256
 GPT2 = LLAMA.replace(
     norm="layernorm", mlp="plain", activation="gelu", qkv_bias=True, mlp_bias=True, position="learned"
 )
