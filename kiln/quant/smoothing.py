@@ -48,12 +48,17 @@ def smoothing_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: flo
     return torch.exp2(torch.round(exponent)).where(usable, 1.0)
 
 
+def check_alpha(alpha: float) -> None:
+    """Refuse a migration strength outside (0, 1] (`kiln quantize --smooth-alpha` checks before loading)."""
+    if not 0 < alpha <= 1:
+        raise KilnError(f"SmoothQuant alpha (--smooth-alpha) must be in (0, 1], got {alpha}")
+
+
 @torch.no_grad()
 def smooth(groups: list[SmoothGroup], maxima: dict[str, torch.Tensor], alpha: float = 0.5) -> int:
     """Apply SmoothQuant to every group in place, given calibration input maxima by Linear name
     (kiln.quant.calibration.collect_input_maxima); returns how many groups were smoothed."""
-    if not 0 < alpha <= 1:
-        raise KilnError(f"SmoothQuant alpha must be in (0, 1], got {alpha}")
+    check_alpha(alpha)
     for group in groups:
         names = [name for name, _ in group.consumers]
         missing = [name for name in names if name not in maxima]

@@ -217,6 +217,13 @@ inline bool transposed_scores_pay(int64_t rank, int64_t group) {
 // a zero point a row): the scored coordinates dequantized into a buffer, the kept rows read in place by
 // kv_code_rows.h's dots_codes / accumulate_codes (scale and zero point folded out), or, for a head_dim those
 // do not take, dequantized into fp32 rows once per work item (the GQA heads of a KV head share them).
+// acc += sum_i weights[i] * rows[i] over `count` rows of D, kValueTile rows an accumulate call
+template <typename R>
+inline void accumulate_rows(float* acc, const float* weights, const R* const* rows, int64_t count, int64_t D) {
+  for (int64_t i0 = 0; i0 < count; i0 += kValueTile)
+    accumulate(acc, 1.f, weights + i0, rows + i0, std::min<int64_t>(kValueTile, count - i0), D);
+}
+
 template <typename T>
 struct PoolRows {
   using Row = T;
@@ -237,8 +244,7 @@ struct PoolRows {
                            int64_t count) {
       rows.resize(count);
       for (int64_t i = 0; i < count; ++i) rows[i] = pool.values + base[kept[i]] * pool.D;
-      for (int64_t i0 = 0; i0 < count; i0 += kValueTile)
-        accumulate(acc, 1.f, weights + i0, rows.data() + i0, std::min<int64_t>(kValueTile, count - i0), pool.D);
+      accumulate_rows(acc, weights, rows.data(), count, pool.D);
     }
   };
   Reader reader() const { return Reader{*this}; }
@@ -313,9 +319,7 @@ struct QuantizedRows {
         float_rows.resize(count);
         for (int64_t i = 0; i < count; ++i)
           float_rows[i] = row(pool.values, pool.value_params, have_value, value_rows, kept[i], base[kept[i]]);
-        for (int64_t i0 = 0; i0 < count; i0 += kValueTile)
-          accumulate(acc, 1.f, p + i0, float_rows.data() + i0, std::min<int64_t>(kValueTile, count - i0), pool.D);
-        return;
+        return accumulate_rows(acc, p, float_rows.data(), count, pool.D);
       }
 #if defined(KILN_AVX512) || defined(KILN_AVX2)
       for (int64_t i0 = 0; i0 < count; i0 += kCodeLanes) {

@@ -14,7 +14,7 @@ from kiln.models.layers import MLP
 from kiln.models.transformer import Block, Transformer
 from kiln.quant import QuantizedLinear, QuantScheme, quantize_model, weight_bytes
 from kiln.quant.calibration import collect_hessians, collect_input_maxima
-from kiln.quant.smoothing import SmoothGroup, smooth
+from kiln.quant.smoothing import SmoothGroup, check_alpha, smooth
 
 
 def calibration_batches(source: str | Path, files: list[Path], num_tokens: int, window: int = 256):
@@ -85,8 +85,7 @@ def quantize_dir(
             )
         if not calibration:
             raise KilnError("--smooth-alpha needs --calibration text files to measure the activations on")
-        if not 0 < smooth_alpha <= 1:
-            raise KilnError(f"--smooth-alpha must be in (0, 1], got {smooth_alpha}")
+        check_alpha(smooth_alpha)
     model = load_model(source)  # in its stored dtype, which the quantized dir keeps for what stays float
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise KilnError(f"{source} is already quantized; quantize the unquantized model instead")
